@@ -1,0 +1,72 @@
+/*
+ * adam.c - Adam and AdamW in torch 2.13's single-tensor operation order:
+ *   g = maximize ? -grad : grad
+ *   AdamW: p = p * (1 - lr * wd)        Adam: g = fma(p, wd, g)     (when wd != 0)
+ *   m = lerp(m, g, 1 - beta1);  v = fma((1 - beta2) * g, g, v * beta2)
+ *   amsgrad: vmax = maximum(vmax, v), used for v below
+ *   denom = sqrt(v) / bc2_sqrt + eps;  p = p + (-step_size * m) / denom
+ * with step_size = lr / (1 - beta1^t) and bc2_sqrt = (1 - beta2^t)^0.5 from the caller.
+ * eps is added after the bias correction of sqrt(v), as torch does (not the paper's form).
+ */
+#ifndef FO_T
+#include "fo_internal.h"
+#define FO_BODY "adam.c"
+#include "fo_expand.h"
+#else
+
+static inline __attribute__((always_inline)) void
+FO_FN(adam_loop)(const fo_adam_hyper *h, const fo_tensor *t, int64_t begin, int64_t end,
+                 const int l2, const int decoupled, const int amsgrad, const int small)
+{
+    FO_T *restrict p = (FO_T *)t->param;
+    const FO_T *restrict g = (const FO_T *)t->grad;
+    FO_T *restrict m = (FO_T *)t->state[0];
+    FO_T *restrict v = (FO_T *)t->state[1];
+    FO_T *restrict vmax = (FO_T *)t->state[2];
+    const FO_T neg_step = (FO_T)(-t->scalar[0]);
+    const FO_T bc2_sqrt = (FO_T)t->scalar[1];
+    const FO_T w = (FO_T)(1.0 - h->beta1), wm1 = w - (FO_T)1;
+    const FO_T beta2 = (FO_T)h->beta2;
+    const FO_T one_m_beta2 = (FO_T)(1.0 - h->beta2);
+    const FO_T eps = (FO_T)h->eps;
+    const FO_T wd = (FO_T)h->weight_decay;
+    const FO_T decay = (FO_T)(1.0 - h->lr * h->weight_decay);
+    const FO_T sign = h->maximize ? (FO_T)-1 : (FO_T)1;
+
+    for (int64_t i = begin; i < end; i++) {
+        FO_T gi = sign * g[i];
+        FO_T pi = p[i];
+        if (decoupled) pi = pi * decay;
+        if (l2) gi = FO_FMA(pi, wd, gi);
+        FO_T mi = FO_LERP(m[i], gi, w, wm1, small);
+        m[i] = mi;
+        FO_T vi = FO_FMA(one_m_beta2 * gi, gi, v[i] * beta2);
+        v[i] = vi;
+        if (amsgrad) {
+            vi = FO_MAXIMUM(vmax[i], vi);
+            vmax[i] = vi;
+        }
+        FO_T denom = FO_SQRT(vi) / bc2_sqrt + eps;
+        p[i] = pi + (neg_step * mi) / denom;
+    }
+}
+
+/* The flags are passed as constants so that each combination gets its own vector loop. */
+void FO_FN(adam)(const void *hyper, const fo_tensor *t, int64_t begin, int64_t end)
+{
+    const fo_adam_hyper *h = (const fo_adam_hyper *)hyper;
+    const int has_wd = h->weight_decay != 0.0;
+    const int l2 = has_wd && !h->decoupled, dec = has_wd && h->decoupled;
+    const int ams = h->amsgrad != 0;
+    const int small = fabs((double)(FO_T)(1.0 - h->beta1)) < 0.5;
+#define FO_CASE(L, D, A, S) \
+    if (l2 == L && dec == D && ams == A && small == S) { \
+        FO_FN(adam_loop)(h, t, begin, end, L, D, A, S); return; }
+    FO_CASE(0, 0, 0, 1) FO_CASE(0, 0, 1, 1) FO_CASE(1, 0, 0, 1) FO_CASE(1, 0, 1, 1)
+    FO_CASE(0, 1, 0, 1) FO_CASE(0, 1, 1, 1)
+    FO_CASE(0, 0, 0, 0) FO_CASE(0, 0, 1, 0) FO_CASE(1, 0, 0, 0) FO_CASE(1, 0, 1, 0)
+    FO_CASE(0, 1, 0, 0) FO_CASE(0, 1, 1, 0)
+#undef FO_CASE
+}
+
+#endif

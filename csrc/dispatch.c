@@ -1,0 +1,150 @@
+/*
+ * dispatch.c - runtime choice of the ISA level, and fo_run, which spreads a list of tensors
+ * over OpenMP threads. Compiled once, for the baseline ISA.
+ */
+#include <stdlib.h>
+#include <string.h>
+#include "fastopt.h"
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+extern const fo_kernel_table fo_table_baseline;
+#ifdef FO_HAVE_X86_LEVELS
+extern const fo_kernel_table fo_table_avx2;
+extern const fo_kernel_table fo_table_avx512;
+#endif
+
+static const char *const fo_names[FO_ISA_COUNT] = {"baseline", "avx2", "avx512"};
+static const fo_kernel_table *fo_current = NULL;
+static int fo_level = -1;
+static int fo_threads = 0;
+
+const char *fo_isa_name(int level)
+{
+    return (level >= 0 && level < FO_ISA_COUNT) ? fo_names[level] : "unknown";
+}
+
+static const fo_kernel_table *fo_table_of(int level)
+{
+    switch (level) {
+    case FO_ISA_BASELINE: return &fo_table_baseline;
+#ifdef FO_HAVE_X86_LEVELS
+    case FO_ISA_AVX2: return &fo_table_avx2;
+    case FO_ISA_AVX512: return &fo_table_avx512;
+#endif
+    default: return NULL;
+    }
+}
+
+int fo_isa_supported(int level)
+{
+    if (fo_table_of(level) == NULL) return 0;
+#ifdef FO_HAVE_X86_LEVELS
+    __builtin_cpu_init();
+    if (level == FO_ISA_AVX2)
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+               __builtin_cpu_supports("bmi2");
+    if (level == FO_ISA_AVX512)
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+               __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+    return level == FO_ISA_BASELINE;
+}
+
+int fo_isa_set(int level)
+{
+    if (!fo_isa_supported(level)) return -1;
+    fo_level = level;
+    fo_current = fo_table_of(level);
+    return 0;
+}
+
+static void fo_isa_init(void)
+{
+    const char *want = getenv("FASTOPT_CPU_CAPABILITY");
+    int best = FO_ISA_BASELINE;
+    for (int l = FO_ISA_COUNT - 1; l > FO_ISA_BASELINE; l--) {
+        if (fo_isa_supported(l)) { best = l; break; }
+    }
+    if (want != NULL && *want != '\0') {
+        for (int l = 0; l < FO_ISA_COUNT; l++) {
+            /* a level above what the CPU runs falls back to the best supported one */
+            if (strcmp(want, fo_names[l]) == 0) { best = fo_isa_supported(l) ? l : best; break; }
+        }
+    }
+    fo_isa_set(best);
+}
+
+const fo_kernel_table *fo_kernels(void)
+{
+    if (fo_current == NULL) fo_isa_init();
+    return fo_current;
+}
+
+int fo_isa_current(void)
+{
+    if (fo_current == NULL) fo_isa_init();
+    return fo_level;
+}
+
+int fo_have_openmp(void)
+{
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+void fo_set_num_threads(int n) { fo_threads = n < 1 ? 1 : n; }
+
+int fo_get_num_threads(void)
+{
+#ifdef _OPENMP
+    if (fo_threads == 0) fo_threads = omp_get_max_threads();
+    return fo_threads;
+#else
+    return 1;
+#endif
+}
+
+/* Update the elements [lo, hi) of the concatenation of ts[0..nt). */
+static void fo_run_range(fo_kernel_fn fn, const void *hyper, const fo_tensor *ts, int64_t nt,
+                         int64_t lo, int64_t hi)
+{
+    int64_t off = 0;
+    for (int64_t k = 0; k < nt && off < hi; k++) {
+        int64_t n = ts[k].numel;
+        int64_t b = lo > off ? lo - off : 0;
+        int64_t e = hi < off + n ? hi - off : n;
+        if (b < e) fn(hyper, &ts[k], b, e);
+        off += n;
+    }
+}
+
+void fo_run(fo_kernel_fn fn, const void *hyper, const fo_tensor *ts, int64_t nt, int serial)
+{
+    int64_t total = 0;
+    for (int64_t k = 0; k < nt; k++) total += ts[k].numel;
+    int nthr = serial ? 1 : fo_get_num_threads();
+    if ((int64_t)nthr > total / FO_GRAIN) nthr = (int)(total / FO_GRAIN);
+    if (nthr <= 1) {
+        for (int64_t k = 0; k < nt; k++)
+            if (ts[k].numel > 0) fn(hyper, &ts[k], 0, ts[k].numel);
+        return;
+    }
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthr)
+    {
+        int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
+        int64_t chunk = ((total + nth - 1) / nth + 15) & ~(int64_t)15;
+        int64_t lo = tid * chunk, hi = lo + chunk;
+        if (hi > total) hi = total;
+        if (lo < hi) fo_run_range(fn, hyper, ts, nt, lo, hi);
+    }
+#else
+    fo_run_range(fn, hyper, ts, nt, 0, total);
+#endif
+}

@@ -1,0 +1,29 @@
+"""fastopt: torch.optim for NumPy arrays, with hand-tuned C kernels.
+
+>>> import numpy as np, fastopt
+>>> w = fastopt.Parameter(np.zeros(3, dtype=np.float32))
+>>> opt = fastopt.Adam([w], lr=1e-3)
+>>> w.grad = np.ones(3, dtype=np.float32)
+>>> opt.step()
+"""
+from fastopt._parameter import Parameter
+from fastopt._config import get_num_threads, set_num_threads, show_config
+from fastopt.optimizer import Optimizer
+from fastopt.sgd import SGD
+from fastopt.adagrad import Adagrad
+from fastopt.rmsprop import RMSprop
+from fastopt.adam import Adam, AdamW
+
+__version__ = "0.1.0"
+
+#: Every optimizer by name, so tests and benchmarks cover a new one automatically.
+OPTIMIZERS = {
+    "SGD": SGD,
+    "Adagrad": Adagrad,
+    "RMSprop": RMSprop,
+    "Adam": Adam,
+    "AdamW": AdamW,
+}
+
+__all__ = ["Parameter", "Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW",
+           "OPTIMIZERS", "show_config", "set_num_threads", "get_num_threads"]

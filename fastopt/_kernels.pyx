@@ -1,0 +1,444 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Bindings between the Python optimizers and the C kernels in csrc/.
+
+A step of one parameter group goes through a ``Plan``: ``collect`` walks the group once,
+checks every parameter, gradient and state array it will touch (raising before anything is
+modified), and records raw pointers; the ``run_*`` functions then increment step counters,
+compute the per-tensor scalars and make one GIL-free call into ``fo_run`` per dtype.
+"""
+cimport numpy as cnp
+from cpython.dict cimport PyDict_GetItem
+from cpython.object cimport PyObject
+from libc.math cimport pow
+from libc.stdint cimport int64_t, uintptr_t
+from libc.stdlib cimport free, qsort, realloc
+
+import numpy as np
+
+cnp.import_array()
+
+cdef extern from *:
+    """
+    #ifndef FO_COMPILER
+    #define FO_COMPILER "unknown"
+    #endif
+    #ifndef FO_KERNEL_FLAGS
+    #define FO_KERNEL_FLAGS "unknown"
+    #endif
+    """
+    const char *FO_COMPILER
+    const char *FO_KERNEL_FLAGS
+
+# Set by fastopt's Python layer: the Parameter class, and an optional adapter for parameter
+# objects that are not ndarrays (callable(obj) -> (array, grad array or None)).
+_parameter_type = None
+_foreign_param = None
+
+
+cdef inline str _where(Py_ssize_t gi, Py_ssize_t pi):
+    return f"param_groups[{gi}]['params'][{pi}]"
+
+
+cdef inline bint _same_shape(cnp.ndarray a, cnp.ndarray b):
+    cdef int k, nd = cnp.PyArray_NDIM(a)
+    if nd != cnp.PyArray_NDIM(b):
+        return False
+    for k in range(nd):
+        if cnp.PyArray_DIM(a, k) != cnp.PyArray_DIM(b, k):
+            return False
+    return True
+
+
+cdef inline bint _usable(cnp.ndarray a):
+    # C-contiguous, aligned, native byte order, writable
+    return (cnp.PyArray_IS_C_CONTIGUOUS(a) and cnp.PyArray_ISALIGNED(a)
+            and cnp.PyArray_ISNOTSWAPPED(a) and cnp.PyArray_ISWRITEABLE(a))
+
+
+def check_param(obj, Py_ssize_t gi, Py_ssize_t pi):
+    """Raise unless ``obj`` (an ndarray) can be updated in place by the kernels."""
+    cdef cnp.ndarray a = obj
+    cdef int tn = cnp.PyArray_TYPE(a)
+    if (tn != cnp.NPY_FLOAT and tn != cnp.NPY_DOUBLE) or not cnp.PyArray_ISNOTSWAPPED(a):
+        raise TypeError(f"{_where(gi, pi)}: fastopt optimizes float32 and float64 arrays "
+                        f"in native byte order, got dtype {a.dtype}")
+    if not cnp.PyArray_IS_C_CONTIGUOUS(a) or not cnp.PyArray_ISALIGNED(a):
+        raise ValueError(f"{_where(gi, pi)}: the parameter must be a C-contiguous, aligned "
+                         f"array (wrap np.ascontiguousarray(x) instead)")
+    if not cnp.PyArray_ISWRITEABLE(a):
+        raise ValueError(f"{_where(gi, pi)}: the parameter's array is read-only")
+
+
+cdef cnp.ndarray _check_grad(cnp.ndarray p, object g, Py_ssize_t gi, Py_ssize_t pi):
+    if not cnp.PyArray_Check(g):
+        raise TypeError(f"{_where(gi, pi)}: .grad must be a numpy.ndarray or None, "
+                        f"got {type(g).__name__}")
+    cdef cnp.ndarray ga = <cnp.ndarray>g
+    if cnp.PyArray_TYPE(ga) != cnp.PyArray_TYPE(p) or not cnp.PyArray_ISNOTSWAPPED(ga):
+        raise TypeError(f"{_where(gi, pi)}: .grad has dtype {ga.dtype}, the parameter "
+                        f"{p.dtype}")
+    if not _same_shape(p, ga):
+        raise ValueError(f"{_where(gi, pi)}: .grad has shape {(<object>ga).shape}, the parameter "
+                         f"{(<object>p).shape}")
+    if not (cnp.PyArray_IS_C_CONTIGUOUS(ga) and cnp.PyArray_ISALIGNED(ga)):
+        ga = np.array(ga, order="C", copy=True)
+    return ga
+
+
+cdef int _cmp_ptr(const void *a, const void *b) noexcept nogil:
+    cdef uintptr_t x = (<uintptr_t *>a)[0], y = (<uintptr_t *>b)[0]
+    return (x > y) - (x < y)
+
+
+cdef class Plan:
+    """Pointers to every tensor of one dtype that one step of one group updates."""
+    cdef fo_tensor *ts
+    cdef float **steps
+    cdef Py_ssize_t n, cap
+    cdef list keep
+    cdef readonly int typenum
+
+    def __cinit__(self, int typenum):
+        self.typenum = typenum
+        self.keep = []
+        self.ts = NULL
+        self.steps = NULL
+        self.n = 0
+        self.cap = 0
+
+    def __dealloc__(self):
+        free(self.ts)
+        free(self.steps)
+
+    def __len__(self):
+        return self.n
+
+    def clear(self):
+        self.n = 0
+        self.keep = []
+
+    cdef Py_ssize_t _add(self, cnp.ndarray p, cnp.ndarray g) except -1:
+        cdef Py_ssize_t cap
+        cdef void *mem
+        if self.n == self.cap:
+            cap = 16 if self.cap == 0 else 2 * self.cap
+            mem = realloc(self.ts, cap * sizeof(fo_tensor))
+            if mem == NULL:
+                raise MemoryError()
+            self.ts = <fo_tensor *>mem
+            mem = realloc(self.steps, cap * sizeof(float *))
+            if mem == NULL:
+                raise MemoryError()
+            self.steps = <float **>mem
+            self.cap = cap
+        cdef fo_tensor *t = &self.ts[self.n]
+        t.param = cnp.PyArray_DATA(p)
+        t.grad = cnp.PyArray_DATA(g)
+        t.state[0] = NULL
+        t.state[1] = NULL
+        t.state[2] = NULL
+        t.numel = cnp.PyArray_SIZE(p)
+        t.scalar[0] = 0.0
+        t.scalar[1] = 0.0
+        t.flags = 0
+        self.steps[self.n] = NULL
+        self.keep.append(p)
+        self.keep.append(g)
+        self.n += 1
+        return self.n - 1
+
+    cdef int _bind(self, Py_ssize_t slot, object st, tuple keys, bint has_step,
+                   cnp.ndarray p, Py_ssize_t gi, Py_ssize_t pi) except -1:
+        cdef PyObject *item
+        cdef cnp.ndarray a
+        cdef Py_ssize_t j
+        if not isinstance(st, dict):
+            raise TypeError(f"{_where(gi, pi)}: optimizer.state entry must be a dict, "
+                            f"got {type(st).__name__}")
+        for j in range(len(keys)):
+            key = keys[j]
+            if key is None:
+                continue
+            item = PyDict_GetItem(st, key)
+            if item == NULL or (<object>item) is None:
+                raise KeyError(f"{_where(gi, pi)}: state has no {key!r} (was a flag such as "
+                               f"amsgrad, momentum or centered switched on after the first "
+                               f"step?)")
+            obj = <object>item
+            if not cnp.PyArray_Check(obj):
+                raise TypeError(f"{_where(gi, pi)}: state[{key!r}] must be a numpy.ndarray, "
+                                f"got {type(obj).__name__}")
+            a = <cnp.ndarray>obj
+            if cnp.PyArray_TYPE(a) != cnp.PyArray_TYPE(p) or not _same_shape(a, p):
+                raise ValueError(f"{_where(gi, pi)}: state[{key!r}] has dtype {a.dtype} and "
+                                 f"shape {(<object>a).shape}; the parameter has {p.dtype} {(<object>p).shape}")
+            if not _usable(a):
+                raise ValueError(f"{_where(gi, pi)}: state[{key!r}] must be a writable, "
+                                 f"C-contiguous, aligned array")
+            self.ts[slot].state[j] = cnp.PyArray_DATA(a)
+            self.keep.append(a)
+        if has_step:
+            item = PyDict_GetItem(st, "step")
+            if item == NULL:
+                raise KeyError(f"{_where(gi, pi)}: state has no 'step'")
+            obj = <object>item
+            if (not cnp.PyArray_Check(obj) or cnp.PyArray_TYPE(<cnp.ndarray>obj) != cnp.NPY_FLOAT
+                    or cnp.PyArray_SIZE(<cnp.ndarray>obj) != 1
+                    or not _usable(<cnp.ndarray>obj)):
+                raise TypeError(f"{_where(gi, pi)}: state['step'] must be a writable 0-d "
+                                f"float32 array, got {obj!r}")
+            self.steps[slot] = <float *>cnp.PyArray_DATA(<cnp.ndarray>obj)
+            self.keep.append(obj)
+        return 0
+
+    def bind(self, Py_ssize_t slot, st, tuple keys, bint has_step, bint first,
+             cnp.ndarray p, Py_ssize_t gi, Py_ssize_t pi):
+        """Point slot at the state dict ``st`` (used after creating new state)."""
+        self._bind(slot, st, keys, has_step, p, gi, pi)
+        if first:
+            self.ts[slot].flags |= FO_FIRST_STEP
+
+    cdef int _serial(self) noexcept:
+        """1 when the same parameter occurs twice and the work would be split over threads."""
+        cdef Py_ssize_t k
+        cdef int64_t total = 0
+        cdef uintptr_t *ptrs
+        if self.n < 2 or fo_get_num_threads() < 2:
+            return 0
+        for k in range(self.n):
+            total += self.ts[k].numel
+        if total < 2 * FO_GRAIN:
+            return 0
+        ptrs = <uintptr_t *>realloc(NULL, self.n * sizeof(uintptr_t))
+        if ptrs == NULL:
+            return 1
+        for k in range(self.n):
+            ptrs[k] = <uintptr_t>self.ts[k].param
+        qsort(ptrs, self.n, sizeof(uintptr_t), _cmp_ptr)
+        cdef int dup = 0
+        for k in range(1, self.n):
+            if ptrs[k] == ptrs[k - 1] and self.ts[k].numel > 0:
+                dup = 1
+                break
+        free(ptrs)
+        return dup
+
+    cdef void _advance_steps(self) noexcept:
+        cdef Py_ssize_t k
+        for k in range(self.n):
+            self.steps[k][0] = self.steps[k][0] + <float>1.0
+
+    cdef void _go(self, fo_kernel_fn fn, const void *hyper) noexcept:
+        cdef int serial = self._serial()
+        with nogil:
+            fo_run(fn, hyper, self.ts, self.n, serial)
+
+
+def collect(Plan p32, Plan p64, Py_ssize_t gi, list params, state, tuple keys,
+            bint has_step, int init_mode, list missing):
+    """Check group ``gi`` and add each parameter that has a gradient to ``p32``/``p64``.
+
+    init_mode 0: a parameter with empty state needs new state; 1: one whose state lacks
+    ``keys[0]`` (SGD's momentum buffer) does; 2: no state at all. Parameters that need new
+    state are appended to ``missing`` as (plan, slot, param, array, gi, pi) and left unbound.
+    """
+    cdef Py_ssize_t i, slot, n = len(params)
+    cdef cnp.ndarray arr, g
+    cdef Plan plan
+    cdef PyObject *item
+    cdef bint need
+    ptype = _parameter_type
+    for i in range(n):
+        obj = params[i]
+        if type(obj) is ptype or isinstance(obj, ptype):
+            gobj = obj.grad
+            if gobj is None:
+                continue
+            arr = <cnp.ndarray>obj
+        elif _foreign_param is not None and not cnp.PyArray_Check(obj):
+            a_obj, gobj = _foreign_param(obj, gi, i)
+            if gobj is None:
+                continue
+            arr = <cnp.ndarray>a_obj
+        else:
+            raise TypeError(f"{_where(gi, i)}: expected a fastopt.Parameter, got "
+                            f"{type(obj).__name__}; wrap arrays as fastopt.Parameter(x)")
+        check_param(arr, gi, i)
+        g = _check_grad(arr, gobj, gi, i)
+        plan = p32 if cnp.PyArray_TYPE(arr) == cnp.NPY_FLOAT else p64
+        slot = plan._add(arr, g)
+        if init_mode == 2:
+            continue
+        item = PyDict_GetItem(state, obj)
+        if init_mode == 0:
+            need = item == NULL or len(<object>item) == 0
+        else:
+            need = (item == NULL or not isinstance(<object>item, dict)
+                    or (<object>item).get(keys[0]) is None)
+        if need:
+            missing.append((plan, slot, obj, arr, gi, i))
+        else:
+            plan._bind(slot, <object>item, keys, has_step, arr, gi, i)
+
+
+cdef inline fo_kernel_fn _pick(Plan plan, fo_kernel_fn f32, fo_kernel_fn f64) noexcept:
+    return f32 if plan.typenum == cnp.NPY_FLOAT else f64
+
+
+def run_sgd(Plan plan, double lr, double momentum, double dampening, double weight_decay,
+            bint nesterov, bint maximize):
+    if plan.n == 0:
+        return
+    cdef fo_sgd_hyper h
+    h.lr = lr
+    h.momentum = momentum
+    h.dampening = dampening
+    h.weight_decay = weight_decay
+    h.nesterov = nesterov
+    h.maximize = maximize
+    cdef const fo_kernel_table *k = fo_kernels()
+    plan._go(_pick(plan, k.sgd_f32, k.sgd_f64), &h)
+
+
+def run_adagrad(Plan plan, double lr, double lr_decay, double weight_decay, double eps,
+                bint maximize):
+    if plan.n == 0:
+        return
+    cdef fo_adagrad_hyper h
+    cdef Py_ssize_t j
+    cdef double step
+    h.weight_decay = weight_decay
+    h.eps = eps
+    h.maximize = maximize
+    plan._advance_steps()
+    for j in range(plan.n):
+        step = plan.steps[j][0]
+        plan.ts[j].scalar[0] = lr / (1.0 + (step - 1.0) * lr_decay)
+    cdef const fo_kernel_table *k = fo_kernels()
+    plan._go(_pick(plan, k.adagrad_f32, k.adagrad_f64), &h)
+
+
+def run_rmsprop(Plan plan, double lr, double alpha, double eps, double weight_decay,
+                double momentum, bint centered, bint maximize):
+    if plan.n == 0:
+        return
+    cdef fo_rmsprop_hyper h
+    h.lr = lr
+    h.alpha = alpha
+    h.eps = eps
+    h.weight_decay = weight_decay
+    h.momentum = momentum
+    h.centered = centered
+    h.maximize = maximize
+    plan._advance_steps()
+    cdef const fo_kernel_table *k = fo_kernels()
+    plan._go(_pick(plan, k.rmsprop_f32, k.rmsprop_f64), &h)
+
+
+def run_adam(Plan plan, double lr, double beta1, double beta2, double eps, double weight_decay,
+             bint amsgrad, bint maximize, bint decoupled):
+    if plan.n == 0:
+        return
+    cdef fo_adam_hyper h
+    cdef Py_ssize_t j
+    cdef double step
+    h.lr = lr
+    h.beta1 = beta1
+    h.beta2 = beta2
+    h.eps = eps
+    h.weight_decay = weight_decay
+    h.amsgrad = amsgrad
+    h.maximize = maximize
+    h.decoupled = decoupled
+    plan._advance_steps()
+    for j in range(plan.n):
+        step = plan.steps[j][0]
+        # as torch: step_size = lr / (1 - beta1**t), bias_correction2_sqrt = (1 - beta2**t)**0.5
+        plan.ts[j].scalar[0] = lr / (1.0 - pow(beta1, step))
+        plan.ts[j].scalar[1] = pow(1.0 - pow(beta2, step), 0.5)
+    cdef const fo_kernel_table *k = fo_kernels()
+    plan._go(_pick(plan, k.adam_f32, k.adam_f64), &h)
+
+
+def average(list dst, list src, double weight, bint lerp):
+    """In place for every pair: dst = lerp(dst, src, weight) if lerp else
+    dst + (src - dst) / weight. Everything is checked before anything changes."""
+    if len(dst) != len(src):
+        raise ValueError(f"got {len(dst)} averaged arrays and {len(src)} current ones")
+    cdef Plan p32 = Plan(cnp.NPY_FLOAT), p64 = Plan(cnp.NPY_DOUBLE)
+    cdef Py_ssize_t i
+    cdef cnp.ndarray a, s
+    for i in range(len(dst)):
+        if not cnp.PyArray_Check(dst[i]) or not cnp.PyArray_Check(src[i]):
+            raise TypeError(f"array {i}: expected numpy arrays, got {type(dst[i]).__name__} "
+                            f"and {type(src[i]).__name__}")
+        a = dst[i]
+        if not _usable(a) or cnp.PyArray_TYPE(a) not in (cnp.NPY_FLOAT, cnp.NPY_DOUBLE):
+            raise ValueError(f"array {i}: the average must be a writable, C-contiguous "
+                             f"float32 or float64 array")
+        s = src[i]
+        if cnp.PyArray_TYPE(s) != cnp.PyArray_TYPE(a) or not _same_shape(a, s):
+            raise ValueError(f"array {i}: current value has dtype {s.dtype} shape {(<object>s).shape}, "
+                             f"the average {a.dtype} {(<object>a).shape}")
+        if not (cnp.PyArray_IS_C_CONTIGUOUS(s) and cnp.PyArray_ISALIGNED(s)
+                and cnp.PyArray_ISNOTSWAPPED(s)):
+            s = np.array(s, order="C", copy=True)
+        (p32 if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT else p64)._add(a, s)
+    cdef fo_average_hyper h
+    h.weight = weight
+    h.mode = FO_AVG_LERP if lerp else FO_AVG_DIV
+    cdef const fo_kernel_table *k = fo_kernels()
+    if p32.n:
+        p32._go(k.average_f32, &h)
+    if p64.n:
+        p64._go(k.average_f64, &h)
+
+
+# ---- configuration -------------------------------------------------------------------------
+
+def isa_levels():
+    """Names of all ISA levels, worst first."""
+    return [fo_isa_name(l).decode() for l in range(FO_ISA_COUNT)]
+
+
+def isa_supported(str name):
+    cdef int l
+    for l in range(FO_ISA_COUNT):
+        if fo_isa_name(l).decode() == name:
+            return bool(fo_isa_supported(l))
+    return False
+
+
+def get_isa():
+    """Name of the ISA level whose kernels run now."""
+    return fo_isa_name(fo_isa_current()).decode()
+
+
+def set_isa(str name):
+    """Run the kernels of ISA level ``name`` from now on (for tests and bug reports)."""
+    cdef int l
+    for l in range(FO_ISA_COUNT):
+        if fo_isa_name(l).decode() == name:
+            if fo_isa_set(l) != 0:
+                raise ValueError(f"ISA level {name!r} is not supported by this CPU or build")
+            return
+    raise ValueError(f"unknown ISA level {name!r}; expected one of {isa_levels()}")
+
+
+def set_num_threads(int n):
+    if n < 1:
+        raise ValueError(f"num_threads must be a positive integer, got {n}")
+    fo_set_num_threads(n)
+
+
+def get_num_threads():
+    return fo_get_num_threads()
+
+
+def have_openmp():
+    return bool(fo_have_openmp())
+
+
+def build_info():
+    return {"compiler": FO_COMPILER.decode(), "kernel_flags": FO_KERNEL_FLAGS.decode(),
+            "grain": FO_GRAIN}

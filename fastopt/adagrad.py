@@ -1,0 +1,92 @@
+"""Adagrad."""
+import numpy as np
+
+from fastopt import _kernels
+from fastopt.optimizer import Optimizer, _check_impl_flags, _check_nonneg
+
+__all__ = ["Adagrad"]
+
+
+class Adagrad(Optimizer):
+    r"""Adagrad, as ``torch.optim.Adagrad``.
+
+    .. math::
+        g &\leftarrow \pm\nabla f(\theta) + \lambda\theta, \qquad
+        \tilde\gamma = \gamma / (1 + (t - 1)\,\eta) \\
+        s &\leftarrow s + g^2, \qquad
+        \theta \leftarrow \theta - \tilde\gamma\, g / (\sqrt{s} + \epsilon)
+
+    Parameters
+    ----------
+    params : iterable
+        Parameters or parameter-group dicts.
+    lr : float, default 1e-2
+        Learning rate :math:`\gamma`.
+    lr_decay : float, default 0
+        Learning-rate decay :math:`\eta`.
+    weight_decay : float, default 0
+        L2 penalty :math:`\lambda`.
+    initial_accumulator_value : float, default 0
+        Starting value of the sum of squares :math:`s`.
+    eps : float, default 1e-10
+        Added to the square root of :math:`s`.
+    maximize : bool, default False
+        Maximize the objective instead of minimizing it.
+    foreach, differentiable, fused : optional
+        Accepted for compatibility with torch.optim; they change nothing here.
+
+    Notes
+    -----
+    As torch, the state (``step`` and ``sum``) is created by the constructor for every
+    parameter. Parameters added later with ``add_param_group`` are started lazily from the
+    *constructor's* ``initial_accumulator_value``; a per-group value is never used (torch's
+    behaviour, kept for parity).
+    """
+
+    _flag_defaults = {"foreach": None, "maximize": False, "differentiable": False,
+                      "fused": None}
+
+    def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0,
+                 initial_accumulator_value=0, eps=1e-10, foreach=None, *, maximize=False,
+                 differentiable=False, fused=None):
+        defaults = dict(lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
+                        initial_accumulator_value=initial_accumulator_value, foreach=foreach,
+                        maximize=maximize, differentiable=differentiable, fused=fused)
+        self._check_group(defaults)
+        self._constructing = True
+        super().__init__(params, defaults)
+        self._constructing = False
+        _check_impl_flags(defaults)
+
+    def _check_group(self, group):
+        _check_nonneg(group, "lr", "lr_decay", "weight_decay", "initial_accumulator_value",
+                      "eps")
+
+    def _on_new_group(self, group):
+        if getattr(self, "_constructing", False):
+            value = self.defaults["initial_accumulator_value"]
+            for p in group["params"]:
+                array = np.asarray(p) if isinstance(p, np.ndarray) else _array_of(p)
+                state = self.state[p]
+                if len(state) == 0:
+                    self._fill(state, array, value)
+
+    @staticmethod
+    def _fill(state, array, value):
+        state["step"] = np.array(0.0, dtype=np.float32)
+        state["sum"] = np.full(array.shape, value, dtype=array.dtype)
+
+    def _init_state(self, state, array, group):
+        self._fill(state, array, self.defaults["initial_accumulator_value"])
+
+    def _state_layout(self, group):
+        return ("sum",), True, 0
+
+    def _run_group(self, plan, group):
+        _kernels.run_adagrad(plan, group["lr"], group["lr_decay"], group["weight_decay"],
+                             group["eps"], group["maximize"])
+
+
+def _array_of(p):
+    from fastopt.optimizer import _foreign_arrays
+    return _foreign_arrays(p)

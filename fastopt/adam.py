@@ -1,0 +1,111 @@
+"""Adam and AdamW."""
+import numpy as np
+
+from fastopt import _kernels
+from fastopt.optimizer import Optimizer, _check_betas, _check_impl_flags, _check_nonneg
+
+__all__ = ["Adam", "AdamW"]
+
+
+class Adam(Optimizer):
+    r"""Adam, as ``torch.optim.Adam``.
+
+    .. math::
+        g &\leftarrow \pm\nabla f(\theta) + \lambda\theta \quad
+            (\text{decoupled: } \theta \leftarrow \theta(1 - \gamma\lambda) \text{ instead}) \\
+        m &\leftarrow \beta_1 m + (1 - \beta_1) g, \qquad
+        v \leftarrow \beta_2 v + (1 - \beta_2) g^2 \\
+        \theta &\leftarrow \theta - \frac{\gamma}{1 - \beta_1^t} \,
+            \frac{m}{\sqrt{v} / \sqrt{1 - \beta_2^t} + \epsilon}
+
+    Parameters
+    ----------
+    params : iterable
+        Parameters or parameter-group dicts.
+    lr : float, default 1e-3
+        Learning rate :math:`\gamma`.
+    betas : (float, float), default (0.9, 0.999)
+        Decay rates of the first and second moments; both must be floats in [0, 1).
+    eps : float, default 1e-8
+        Added to the bias-corrected square root of :math:`v`.
+    weight_decay : float, default 0
+        Weight decay :math:`\lambda` (an L2 penalty, or decoupled as in AdamW).
+    amsgrad : bool, default False
+        Use the running maximum of :math:`v` (AMSGrad).
+    maximize : bool, default False
+        Maximize the objective instead of minimizing it.
+    decoupled_weight_decay : bool, default False
+        Decay the weights directly (AdamW) instead of adding an L2 term to the gradient.
+    foreach, capturable, differentiable, fused : optional
+        Accepted for compatibility with torch.optim; they change nothing here.
+
+    Notes
+    -----
+    eps is added after the bias correction of :math:`\sqrt{v}`, as torch does (not the
+    paper's :math:`\hat\epsilon` form). As torch, ``betas`` given as ints (``(0, 0.99)``) are
+    a ValueError. The step counter is a float32 0-d array (torch's float32 ``step`` tensor),
+    so it stops growing at 2**24 steps, as torch's does.
+    """
+
+    _flag_defaults = {"amsgrad": False, "maximize": False, "foreach": None,
+                      "capturable": False, "differentiable": False,
+                      "decoupled_weight_decay": False, "fused": None}
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
+                 amsgrad=False, *, foreach=None, maximize=False, capturable=False,
+                 differentiable=False, fused=None, decoupled_weight_decay=False):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        amsgrad=amsgrad, maximize=maximize, foreach=foreach,
+                        capturable=capturable, differentiable=differentiable, fused=fused,
+                        decoupled_weight_decay=decoupled_weight_decay)
+        self._check_group(defaults)
+        if not (isinstance(betas[0], float) and isinstance(betas[1], float)):
+            raise ValueError("betas must be either both floats or both Tensors")
+        defaults["betas"] = tuple(betas)
+        super().__init__(params, defaults)
+        _check_impl_flags(defaults)
+
+    def _check_group(self, group):
+        _check_nonneg(group, "lr", "eps")
+        _check_betas(group["betas"])
+        _check_nonneg(group, "weight_decay")
+
+    def _state_layout(self, group):
+        if group["amsgrad"]:
+            return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), True, 0
+        return ("exp_avg", "exp_avg_sq"), True, 0
+
+    def _init_state(self, state, array, group):
+        state["step"] = np.array(0.0, dtype=np.float32)
+        state["exp_avg"] = np.zeros_like(array)
+        state["exp_avg_sq"] = np.zeros_like(array)
+        if group["amsgrad"]:
+            state["max_exp_avg_sq"] = np.zeros_like(array)
+
+    def _run_group(self, plan, group):
+        beta1, beta2 = group["betas"]
+        _kernels.run_adam(plan, group["lr"], beta1, beta2, group["eps"],
+                          group["weight_decay"], group["amsgrad"], group["maximize"],
+                          group["decoupled_weight_decay"])
+
+
+class AdamW(Adam):
+    r"""AdamW, as ``torch.optim.AdamW``: Adam with decoupled weight decay,
+    :math:`\theta \leftarrow \theta (1 - \gamma\lambda)` before the Adam update.
+
+    Same parameters as :class:`Adam` with ``weight_decay=1e-2`` by default and
+    ``decoupled_weight_decay`` always True (also after ``load_state_dict``).
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False, *, maximize=False, foreach=None, capturable=False,
+                 differentiable=False, fused=None):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
+                         maximize=maximize, capturable=capturable,
+                         differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True)
+
+    def _backfill(self, groups):
+        super()._backfill(groups)
+        for group in groups:
+            group["decoupled_weight_decay"] = True

@@ -1,0 +1,583 @@
+"""The ``Optimizer`` base class: torch.optim.Optimizer's contract on NumPy arrays.
+
+Subclasses describe their state layout and call one kernel per parameter group and dtype;
+this module does the bookkeeping: parameter groups, hooks, ``state_dict`` and
+``load_state_dict`` in torch's exact format, and the two-phase step (check everything, then
+update) that leaves nothing half-updated when an input is bad.
+"""
+from collections import OrderedDict, defaultdict
+from copy import deepcopy
+from itertools import chain
+import functools
+import warnings
+
+import numpy as np
+
+from fastopt import _kernels
+from fastopt._parameter import Parameter
+
+__all__ = [
+    "Optimizer",
+    "required",
+    "register_optimizer_step_pre_hook",
+    "register_optimizer_step_post_hook",
+]
+
+
+class _RequiredParameter:
+    """Singleton class representing a required parameter for an Optimizer."""
+
+    def __repr__(self):
+        return "<required parameter>"
+
+
+required = _RequiredParameter()
+
+_kernels._parameter_type = Parameter
+
+# Adapters for parameter objects that are not fastopt.Parameter (torch tensors, see
+# fastopt._torch). Each has accepts(obj), arrays(obj, gi, pi) -> (array, grad array or None)
+# and zero_grad(obj, set_to_none).
+_ADAPTERS = []
+
+
+def _adapter_for(obj):
+    for a in _ADAPTERS:
+        if a.accepts(obj):
+            return a
+    return None
+
+
+def _foreign_param(obj, gi, pi):
+    a = _adapter_for(obj)
+    if a is None:
+        raise TypeError(f"param_groups[{gi}]['params'][{pi}]: expected a fastopt.Parameter, "
+                        f"got {type(obj).__name__}")
+    return a.arrays(obj, gi, pi)
+
+
+_kernels._foreign_param = _foreign_param
+
+
+def _typename(obj):
+    t = type(obj)
+    return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+class RemovableHandle:
+    """Returned by the ``register_*_hook`` methods; ``remove()`` unregisters the hook."""
+
+    _next_id = 0
+
+    def __init__(self, hooks_dict):
+        self._hooks = hooks_dict
+        self.id = RemovableHandle._next_id
+        RemovableHandle._next_id += 1
+
+    def remove(self):
+        self._hooks.pop(self.id, None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+def _register(hooks, hook, prepend=False):
+    handle = RemovableHandle(hooks)
+    hooks[handle.id] = hook
+    if prepend:
+        hooks.move_to_end(handle.id, last=False)
+    return handle
+
+
+_global_step_pre_hooks = OrderedDict()
+_global_step_post_hooks = OrderedDict()
+
+
+def register_optimizer_step_pre_hook(hook):
+    """Register a pre-step hook for every optimizer: ``hook(optimizer, args, kwargs)``."""
+    return _register(_global_step_pre_hooks, hook)
+
+
+def register_optimizer_step_post_hook(hook):
+    """Register a post-step hook for every optimizer: ``hook(optimizer, args, kwargs)``."""
+    return _register(_global_step_post_hooks, hook)
+
+
+def _with_step_hooks(func):
+    """Wrap a subclass's ``step`` with the global and instance step hooks, in torch's order:
+    global pre, instance pre, step, instance post, global post."""
+
+    @functools.wraps(func)
+    def wrapper(self, *args, **kwargs):
+        for hook in chain(_global_step_pre_hooks.values(), self._optimizer_step_pre_hooks.values()):
+            result = hook(self, args, kwargs)
+            if result is not None:
+                if isinstance(result, tuple) and len(result) == 2:
+                    args, kwargs = result
+                else:
+                    raise RuntimeError(f"{func} must return None or a tuple of "
+                                       f"(new_args, new_kwargs), but got {result}.")
+        out = func(self, *args, **kwargs)
+        for hook in chain(self._optimizer_step_post_hooks.values(),
+                          _global_step_post_hooks.values()):
+            hook(self, args, kwargs)
+        return out
+
+    wrapper._fastopt_hooked = True
+    return wrapper
+
+
+class Optimizer:
+    """Base class of all fastopt optimizers, with torch.optim.Optimizer's interface.
+
+    Parameters
+    ----------
+    params : iterable
+        ``fastopt.Parameter`` objects, ``(name, Parameter)`` pairs, or dicts defining
+        parameter groups (a ``"params"`` entry plus per-group hyperparameters).
+    defaults : dict
+        Default hyperparameters, used by groups that do not set them.
+
+    Notes
+    -----
+    fastopt checks the hyperparameters of every group (torch checks only the constructor's
+    arguments), and before a step changes anything it checks every parameter, gradient and
+    state array of every group, so a failing step leaves the optimizer and the parameters
+    exactly as they were.
+    """
+
+    # Subclass interface ------------------------------------------------------------------
+    #: group flags back-filled with these values when a state dict lacks them (torch's
+    #: ``__setstate__`` does the same with hard-coded values).
+    _flag_defaults = {}
+    #: state entries that are scalars (never shaped like the parameter)
+    _scalar_state_keys = frozenset({"step"})
+
+    def _check_group(self, group):
+        """Raise ValueError for invalid hyperparameters in ``group``."""
+
+    def _state_layout(self, group):
+        """(keys of per-element state buffers, has a step counter, init mode); see
+        ``_kernels.collect`` for the init modes."""
+        raise NotImplementedError
+
+    def _init_state(self, state, array, group):
+        """Fill the empty dict ``state`` for a parameter whose data is ``array``."""
+        raise NotImplementedError
+
+    def _run_group(self, plan, group):
+        """Update every tensor in ``plan`` (one dtype of one group) with one kernel call."""
+        raise NotImplementedError
+
+    # -------------------------------------------------------------------------------------
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        step = cls.__dict__.get("step")
+        if step is not None and not getattr(step, "_fastopt_hooked", False):
+            cls.step = _with_step_hooks(step)
+
+    def __init__(self, params, defaults):
+        self.defaults = defaults
+        self._init_hooks()
+        if isinstance(params, np.ndarray) or _adapter_for(params) is not None:
+            raise TypeError("params argument given to the optimizer should be an iterable of "
+                            f"Tensors or dicts, but got {_typename(params)}")
+        self.state = defaultdict(dict)
+        self.param_groups = []
+        param_groups = list(params)
+        if len(param_groups) == 0:
+            raise ValueError("optimizer got an empty parameter list")
+        if not isinstance(param_groups[0], dict):
+            param_groups = [{"params": param_groups}]
+        for group in param_groups:
+            self.add_param_group(group)
+
+    def _init_hooks(self):
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._plans = []
+
+    def __getstate__(self):
+        return {"defaults": self.defaults, "state": self.state,
+                "param_groups": self.param_groups}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._init_hooks()
+        self.defaults.setdefault("differentiable", False)
+        self._backfill(self.param_groups)
+
+    def _backfill(self, groups):
+        for group in groups:
+            for key, value in self._flag_defaults.items():
+                group.setdefault(key, value)
+
+    def __repr__(self):
+        text = self.__class__.__name__ + " ("
+        for i, group in enumerate(self.param_groups):
+            text += "\n"
+            text += f"Parameter Group {i}\n"
+            for key in sorted(group.keys()):
+                if key != "params":
+                    text += f"    {key}: {group[key]}\n"
+        text += ")"
+        return text
+
+    # Parameter groups --------------------------------------------------------------------
+
+    def add_param_group(self, param_group):
+        """Add a parameter group, torch's rules: a dict with ``"params"``; missing
+        hyperparameters are taken from ``defaults``; a parameter already in another group is
+        a ValueError. On error the optimizer and the dict are left unchanged."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
+        params = param_group["params"]
+        if isinstance(params, Parameter) or _adapter_for(params) is not None:
+            params = [params]
+        elif isinstance(params, set):
+            raise TypeError("optimizer parameters need to be organized in ordered collections, "
+                            "but the ordering of tensors in sets will change between runs. "
+                            "Please use a list instead.")
+        elif isinstance(params, np.ndarray):
+            raise TypeError("optimizer can only optimize fastopt.Parameter objects, but the "
+                            "params entry is a numpy.ndarray; wrap it: fastopt.Parameter(x)")
+        else:
+            params = list(params)
+
+        tensors, names = [], []
+        for p in params:
+            if isinstance(p, tuple):
+                names.append(p[0])
+                tensors.append(p[1])
+            else:
+                tensors.append(p)
+        if names and len(names) != len(tensors):
+            raise ValueError("all optimizer params should be with/without names. "
+                             "Some param names are missing")
+
+        gi = len(self.param_groups)
+        for pi, p in enumerate(tensors):
+            if isinstance(p, Parameter):
+                _kernels.check_param(p, gi, pi)
+                continue
+            adapter = _adapter_for(p)
+            if adapter is not None:
+                adapter.check(p, gi, pi, self.defaults)
+                continue
+            if isinstance(p, np.ndarray):
+                raise TypeError("optimizer can only optimize fastopt.Parameter objects, but "
+                                f"param_groups[{gi}]['params'][{pi}] is a numpy.ndarray; wrap "
+                                "it: fastopt.Parameter(x)")
+            raise TypeError("optimizer can only optimize Tensors, but one of the params is "
+                            + _typename(p))
+
+        group = dict(param_group)
+        group["params"] = tensors
+        if names:
+            group["param_names"] = names
+        for name, default in self.defaults.items():
+            if default is required and name not in group:
+                raise ValueError("parameter group didn't specify a value of required "
+                                 f"optimization parameter {name}")
+            group.setdefault(name, default)
+        try:
+            self._check_group(group)
+        except ValueError as e:
+            raise ValueError(f"param_groups[{gi}]: {e}") from None
+
+        param_set = set()
+        for other in self.param_groups:
+            param_set.update(map(id, other["params"]))
+            if ("param_names" in group) != ("param_names" in other):
+                txt = "with names" if "param_names" in group else "without names"
+                raise ValueError("all optimizer param groups should be with/without names. "
+                                 f"cannot add param group {txt} to the optimizer")
+        if not param_set.isdisjoint(map(id, tensors)):
+            raise ValueError("some parameters appear in more than one parameter group")
+        if len(set(map(id, tensors))) != len(tensors):
+            warnings.warn("optimizer contains a parameter group with duplicate parameters; "
+                          "in future, this will cause an error; see "
+                          "github.com/pytorch/pytorch/issues/40967 for more information "
+                          "(the duplicate is updated twice per step)", stacklevel=3)
+
+        param_group.clear()
+        param_group.update(group)
+        self.param_groups.append(param_group)
+        self._on_new_group(param_group)
+
+    def _on_new_group(self, group):
+        """Called after a group was added (Adagrad creates its state eagerly here)."""
+
+    # Gradients ---------------------------------------------------------------------------
+
+    def zero_grad(self, set_to_none=True):
+        """Reset the gradients of all parameters: to None (default, as torch) or to zeros."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if isinstance(p, Parameter):
+                    if p.grad is None:
+                        continue
+                    if set_to_none:
+                        p.grad = None
+                    elif isinstance(p.grad, np.ndarray) and p.grad.flags.writeable:
+                        p.grad.fill(0)
+                    else:
+                        p.grad = np.zeros_like(p)
+                else:
+                    adapter = _adapter_for(p)
+                    if adapter is not None:
+                        adapter.zero_grad(p, set_to_none)
+
+    # Stepping ----------------------------------------------------------------------------
+
+    def step(self, closure=None):
+        """Perform one optimization step; returns ``closure()``'s value when given."""
+        loss = None
+        if closure is not None:
+            loss = closure()
+        self._update()
+        return loss
+
+    def _update(self):
+        groups = self.param_groups
+        plans = self._plans
+        while len(plans) < len(groups):
+            plans.append((_kernels.Plan(np.dtype(np.float32).num),
+                          _kernels.Plan(np.dtype(np.float64).num)))
+        missing = []
+        try:
+            # phase 1: check everything; nothing is modified
+            for gi, group in enumerate(groups):
+                try:
+                    self._check_group(group)
+                except (ValueError, TypeError) as e:
+                    raise type(e)(f"param_groups[{gi}]: {e}") from None
+                p32, p64 = plans[gi]
+                p32.clear()
+                p64.clear()
+                params = group["params"]
+                if type(params) is not list:
+                    params = list(params)
+                keys, has_step, mode = self._state_layout(group)
+                _kernels.collect(p32, p64, gi, params, self.state, keys, has_step, mode,
+                                 missing)
+            # phase 2: create state for parameters stepping for the first time
+            if missing:
+                self._create_state(missing)
+            # phase 3: update
+            for gi, group in enumerate(groups):
+                p32, p64 = plans[gi]
+                if len(p32):
+                    self._run_group(p32, group)
+                if len(p64):
+                    self._run_group(p64, group)
+        finally:
+            for p32, p64 in plans:
+                p32.clear()
+                p64.clear()
+
+    def _create_state(self, missing):
+        for plan, slot, obj, array, gi, pi in missing:
+            group = self.param_groups[gi]
+            keys, has_step, mode = self._state_layout(group)
+            state = self.state[obj]
+            if mode == 1:
+                # SGD: the buffer takes the gradient as is on this step (torch clones it)
+                if state.get(keys[0]) is None:
+                    state[keys[0]] = np.zeros_like(array)
+                plan.bind(slot, state, keys, has_step, True, array, gi, pi)
+            else:
+                if len(state) == 0:
+                    self._init_state(state, array, group)
+                plan.bind(slot, state, keys, has_step, False, array, gi, pi)
+
+    # Hooks -------------------------------------------------------------------------------
+
+    def register_step_pre_hook(self, hook):
+        """``hook(optimizer, args, kwargs) -> None or (args, kwargs)`` before each step."""
+        return _register(self._optimizer_step_pre_hooks, hook)
+
+    def register_step_post_hook(self, hook):
+        """``hook(optimizer, args, kwargs) -> None`` after each step."""
+        return _register(self._optimizer_step_post_hooks, hook)
+
+    def register_state_dict_pre_hook(self, hook, prepend=False):
+        """``hook(optimizer) -> None`` before ``state_dict()`` builds the dict."""
+        return _register(self._optimizer_state_dict_pre_hooks, hook, prepend)
+
+    def register_state_dict_post_hook(self, hook, prepend=False):
+        """``hook(optimizer, state_dict) -> state_dict or None`` after ``state_dict()``."""
+        return _register(self._optimizer_state_dict_post_hooks, hook, prepend)
+
+    def register_load_state_dict_pre_hook(self, hook, prepend=False):
+        """``hook(optimizer, state_dict) -> state_dict or None`` before loading."""
+        return _register(self._optimizer_load_state_dict_pre_hooks, hook, prepend)
+
+    def register_load_state_dict_post_hook(self, hook, prepend=False):
+        """``hook(optimizer) -> None`` after loading."""
+        return _register(self._optimizer_load_state_dict_post_hooks, hook, prepend)
+
+    # State dicts -------------------------------------------------------------------------
+
+    def state_dict(self):
+        """The optimizer's state in torch's format.
+
+        ``{"state": {index: {key: value}}, "param_groups": [{..., "params": [index, ...]}]}``:
+        parameters are numbered group after group; ``state`` follows the order in which
+        parameters first got state. Arrays are the live state arrays, not copies (as torch).
+        """
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        mapping = {}
+        start = 0
+        groups = []
+        for group in self.param_groups:
+            packed = {k: v for k, v in group.items() if k != "params"}
+            for i, p in enumerate(group["params"], start):
+                mapping.setdefault(id(p), i)
+            packed["params"] = [mapping[id(p)] for p in group["params"]]
+            start += len(packed["params"])
+            groups.append(packed)
+        state = {}
+        for k, v in self.state.items():
+            if isinstance(k, Parameter) or _adapter_for(k) is not None:
+                if id(k) in mapping:
+                    state[mapping[id(k)]] = v
+            else:
+                state[k] = v
+        sd = {"state": state, "param_groups": groups}
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, sd)
+            if result is not None:
+                sd = result
+        return sd
+
+    def _cast_state(self, param, array, value, key, where):
+        """A saved state value made ready for ``param`` (torch's policy: tensors cast to the
+        parameter's dtype, ``step`` kept as a float32 0-d array)."""
+        if isinstance(value, dict):
+            return {k: self._cast_state(param, array, v, k, where) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._cast_state(param, array, v, key, where) for v in value)
+        if type(value).__module__.startswith("torch") and hasattr(value, "detach"):
+            value = value.detach().cpu().numpy()
+        if key == "step" or key in self._scalar_state_keys:
+            if isinstance(value, (np.ndarray, np.generic, int, float)) and not isinstance(
+                    value, bool):
+                arr = np.asarray(value)
+                if arr.size != 1:
+                    raise ValueError(f"{where}: state[{key!r}] must be a scalar, got shape "
+                                     f"{arr.shape}")
+                if arr.dtype == np.float32 and arr.ndim == 0 and arr.flags.writeable:
+                    return arr
+                return np.array(float(arr.reshape(())), dtype=np.float32)
+            return value
+        if isinstance(value, np.ndarray):
+            if value.shape != array.shape:
+                raise ValueError(f"{where}: state[{key!r}] has shape {value.shape}, the "
+                                 f"parameter {array.shape}")
+            if not np.can_cast(value.dtype, np.float64) and value.dtype.kind != "f":
+                raise TypeError(f"{where}: state[{key!r}] has dtype {value.dtype}; expected "
+                                f"floating point")
+            out = np.asarray(value, dtype=array.dtype)
+            if not (out.flags.c_contiguous and out.flags.aligned and out.flags.writeable
+                    and out.dtype.isnative):
+                out = np.array(out, dtype=array.dtype, order="C", copy=True)
+            return out
+        return value
+
+    def load_state_dict(self, state_dict):
+        """Load a state dict made by ``state_dict()`` (of this library or, with tensors turned
+        into arrays, of torch.optim). Hyperparameters come from the saved groups, state arrays
+        are cast to each parameter's dtype. Mismatched group counts, group sizes or state
+        shapes raise ValueError and leave the optimizer unchanged."""
+        state_dict = dict(state_dict)
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        for key in ("state", "param_groups"):
+            if key not in state_dict:
+                raise KeyError(f"state_dict has no {key!r} entry")
+        groups = self.param_groups
+        saved_groups = deepcopy(state_dict["param_groups"])
+        if len(groups) != len(saved_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        if any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)):
+            raise ValueError("loaded state dict contains a parameter group that doesn't match "
+                             "the size of optimizer's group")
+        id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
+                          chain.from_iterable(g["params"] for g in groups)))
+        where_of = {}
+        for gi, g in enumerate(groups):
+            for pi, p in enumerate(g["params"]):
+                where_of.setdefault(id(p), f"param_groups[{gi}]['params'][{pi}]")
+        state = defaultdict(dict)
+        for k, v in state_dict["state"].items():
+            if k in id_map:
+                param = id_map[k]
+                array = param if isinstance(param, Parameter) else _foreign_arrays(param)
+                where = where_of[id(param)] + f" (saved id {k})"
+                if not isinstance(v, dict):
+                    raise TypeError(f"{where}: saved state must be a dict, got "
+                                    f"{type(v).__name__}")
+                state[param] = self._cast_state(param, array, v, None, where)
+            else:
+                state[k] = v
+        new_groups = []
+        for gi, (group, saved) in enumerate(zip(groups, saved_groups)):
+            saved["params"] = group["params"]
+            if "param_names" in group and "param_names" not in saved:
+                saved["param_names"] = group["param_names"]
+            new_groups.append(saved)
+        self._backfill(new_groups)
+        for gi, group in enumerate(new_groups):
+            try:
+                self._check_group(group)
+            except (ValueError, TypeError) as e:
+                raise type(e)(f"loaded param_groups[{gi}]: {e}") from None
+        self.state = state
+        self.param_groups = new_groups
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+
+Optimizer.step = _with_step_hooks(Optimizer.step)
+
+
+def _foreign_arrays(obj):
+    return _adapter_for(obj).arrays(obj, 0, 0)[0]
+
+
+def _check_betas(betas):
+    if not 0.0 <= betas[0] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+    if not 0.0 <= betas[1] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+
+
+def _check_nonneg(group, *keys):
+    """torch's ``if not 0.0 <= x`` checks (also reject NaN), with torch's messages."""
+    names = {"lr": "learning rate", "eps": "epsilon value"}
+    for key in keys:
+        value = group[key]
+        if not 0.0 <= value:
+            label = names.get(key, f"{key} value")
+            raise ValueError(f"Invalid {label}: {value}")
+
+
+def _check_impl_flags(defaults):
+    """foreach/fused/differentiable are accepted and ignored, with torch's conflicts."""
+    if defaults.get("fused"):
+        if defaults.get("differentiable"):
+            raise RuntimeError("`fused` does not support `differentiable`")
+        if defaults.get("foreach"):
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")

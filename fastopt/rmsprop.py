@@ -1,0 +1,82 @@
+"""RMSprop, plain, centered and with momentum."""
+import numpy as np
+
+from fastopt import _kernels
+from fastopt.optimizer import Optimizer, _check_impl_flags, _check_nonneg
+
+__all__ = ["RMSprop"]
+
+
+class RMSprop(Optimizer):
+    r"""RMSprop, as ``torch.optim.RMSprop``.
+
+    .. math::
+        g &\leftarrow \pm\nabla f(\theta) + \lambda\theta, \qquad
+        v \leftarrow \alpha v + (1 - \alpha) g^2 \\
+        \bar g &\leftarrow \alpha \bar g + (1 - \alpha) g, \quad
+        d = \sqrt{v - \bar g^2} + \epsilon \text{ (centered) else } \sqrt{v} + \epsilon \\
+        b &\leftarrow \mu b + g / d, \quad \theta \leftarrow \theta - \gamma b
+        \quad (\mu > 0) \text{ else } \theta \leftarrow \theta - \gamma g / d
+
+    Parameters
+    ----------
+    params : iterable
+        Parameters or parameter-group dicts.
+    lr : float, default 1e-2
+        Learning rate :math:`\gamma`.
+    alpha : float, default 0.99
+        Smoothing constant :math:`\alpha`.
+    eps : float, default 1e-8
+        Added outside the square root.
+    weight_decay : float, default 0
+        L2 penalty :math:`\lambda`.
+    momentum : float, default 0
+        Momentum factor :math:`\mu`.
+    centered : bool, default False
+        Normalise by an estimate of the gradient's variance.
+    capturable, foreach, differentiable : optional
+        Accepted for compatibility with torch.optim; they change nothing here.
+    maximize : bool, default False
+        Maximize the objective instead of minimizing it.
+
+    Notes
+    -----
+    As torch, ``alpha`` is only checked to be non-negative (``alpha > 1`` is accepted), and
+    state is ``step``, ``square_avg`` and, when used, ``momentum_buffer`` and ``grad_avg``.
+    """
+
+    _flag_defaults = {"momentum": 0, "centered": False, "foreach": None, "maximize": False,
+                      "differentiable": False, "capturable": False}
+
+    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0,
+                 centered=False, capturable=False, foreach=None, maximize=False,
+                 differentiable=False):
+        defaults = dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,
+                        weight_decay=weight_decay, capturable=capturable, foreach=foreach,
+                        maximize=maximize, differentiable=differentiable)
+        self._check_group(defaults)
+        super().__init__(params, defaults)
+        _check_impl_flags(defaults)
+
+    def _check_group(self, group):
+        _check_nonneg(group, "lr", "eps", "momentum", "weight_decay", "alpha")
+
+    def _state_layout(self, group):
+        # kernel slots: square_avg, momentum_buffer, grad_avg (None: not used)
+        return (("square_avg",
+                 "momentum_buffer" if group["momentum"] > 0 else None,
+                 "grad_avg" if group["centered"] else None), True, 0)
+
+    def _init_state(self, state, array, group):
+        state["step"] = np.array(0.0, dtype=np.float32)
+        state["square_avg"] = np.zeros_like(array)
+        if group["momentum"] > 0:
+            state["momentum_buffer"] = np.zeros_like(array)
+        if group["centered"]:
+            state["grad_avg"] = np.zeros_like(array)
+
+    def _run_group(self, plan, group):
+        _kernels.run_rmsprop(plan, group["lr"], group["alpha"], group["eps"],
+                             group["weight_decay"], group["momentum"], group["centered"],
+                             group["maximize"])
+

@@ -1,0 +1,68 @@
+"""Stochastic gradient descent, with momentum and Nesterov momentum."""
+from fastopt import _kernels
+from fastopt.optimizer import Optimizer, _check_impl_flags, _check_nonneg
+
+__all__ = ["SGD"]
+
+
+class SGD(Optimizer):
+    r"""Stochastic gradient descent, as ``torch.optim.SGD``.
+
+    .. math::
+        g &\leftarrow \pm\nabla f(\theta) + \lambda\theta \\
+        b &\leftarrow \mu b + (1 - \tau) g \quad (b \leftarrow g \text{ on the first step}) \\
+        \theta &\leftarrow \theta - \gamma\,(g + \mu b \text{ if nesterov else } b)
+
+    Parameters
+    ----------
+    params : iterable
+        Parameters or parameter-group dicts.
+    lr : float, default 1e-3
+        Learning rate :math:`\gamma`.
+    momentum : float, default 0
+        Momentum factor :math:`\mu`.
+    dampening : float, default 0
+        Dampening :math:`\tau` for momentum.
+    weight_decay : float, default 0
+        L2 penalty :math:`\lambda`.
+    nesterov : bool, default False
+        Nesterov momentum (needs momentum > 0 and dampening = 0).
+    maximize : bool, default False
+        Maximize the objective instead of minimizing it.
+    foreach, differentiable, fused : optional
+        Accepted for compatibility with torch.optim; they change nothing here.
+
+    Notes
+    -----
+    As in torch: the learning rate multiplies the momentum buffer (not Sutskever's form),
+    dampening is not applied on the step that creates the buffer, and ``state`` holds only
+    ``momentum_buffer`` (nothing when momentum is 0).
+    """
+
+    _flag_defaults = {"nesterov": False, "maximize": False, "foreach": None,
+                      "differentiable": False, "fused": None}
+    _scalar_state_keys = frozenset()
+
+    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0,
+                 nesterov=False, *, maximize=False, foreach=None, differentiable=False,
+                 fused=None):
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
+                        weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
+                        foreach=foreach, differentiable=differentiable, fused=fused)
+        self._check_group(defaults)
+        super().__init__(params, defaults)
+        _check_impl_flags(defaults)
+
+    def _check_group(self, group):
+        _check_nonneg(group, "lr", "momentum", "weight_decay")
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+
+    def _state_layout(self, group):
+        if group["momentum"] != 0:
+            return ("momentum_buffer",), False, 1
+        return (), False, 2
+
+    def _run_group(self, plan, group):
+        _kernels.run_sgd(plan, group["lr"], group["momentum"], group["dampening"],
+                         group["weight_decay"], group["nesterov"], group["maximize"])
