@@ -23,12 +23,13 @@ typedef struct fo_tensor {
     const void *grad;
     void *state[3];
     int64_t numel;
-    double scalar[2];
+    double scalar[4];
     int64_t flags;
 } fo_tensor;
 
 /* fo_tensor.flags bits */
 #define FO_FIRST_STEP 1 /* SGD: the momentum buffer is new; it takes the gradient as is */
+#define FO_RECTIFY 2    /* RAdam: rho_t > 5, take the rectified adaptive step */
 
 /* SGD. state[0] = momentum_buffer (unused when momentum == 0). */
 typedef struct fo_sgd_hyper {
@@ -64,6 +65,58 @@ typedef struct fo_average_hyper {
 #define FO_AVG_LERP 0
 #define FO_AVG_DIV 1
 
+/* Adadelta. state[0] = square_avg, state[1] = acc_delta. */
+typedef struct fo_adadelta_hyper {
+    double lr, rho, eps, weight_decay;
+    int maximize;
+} fo_adadelta_hyper;
+
+/* Adamax. state[0] = exp_avg, state[1] = exp_inf. scalar[0] = lr / (1 - beta1^t). */
+typedef struct fo_adamax_hyper {
+    double beta1, beta2, eps, weight_decay;
+    int maximize;
+} fo_adamax_hyper;
+
+/* NAdam. state[0] = exp_avg, state[1] = exp_avg_sq. scalar[0] = 1 - beta2^t,
+ * scalar[1] = -lr (1 - mu_t) / (1 - mu_product), scalar[2] = -lr mu_{t+1} / (1 - mu_product mu_{t+1}). */
+typedef struct fo_nadam_hyper {
+    double lr, beta1, beta2, eps, weight_decay;
+    int decoupled, maximize;
+} fo_nadam_hyper;
+
+/* RAdam. state[0] = exp_avg, state[1] = exp_avg_sq. scalar[0] = 1 - beta1^t,
+ * scalar[1] = (1 - beta2^t)^0.5, scalar[2] = rectification term; flag FO_RECTIFY when rho_t > 5. */
+typedef struct fo_radam_hyper {
+    double lr, beta1, beta2, eps, weight_decay;
+    int decoupled, maximize;
+} fo_radam_hyper;
+
+/* ASGD. state[0] = ax. scalar[0] = eta, scalar[1] = mu (the float32 values of torch's state). */
+typedef struct fo_asgd_hyper {
+    double lambd, weight_decay;
+    int maximize;
+} fo_asgd_hyper;
+
+/* Rprop. state[0] = prev, state[1] = step_size. */
+typedef struct fo_rprop_hyper {
+    double etaminus, etaplus, step_size_min, step_size_max;
+    int maximize;
+} fo_rprop_hyper;
+
+/* Lion (Chen et al. 2023). state[0] = exp_avg. */
+typedef struct fo_lion_hyper {
+    double lr, beta1, beta2, weight_decay;
+    int maximize;
+} fo_lion_hyper;
+
+/* SparseAdam on row-sparse gradients. grad = the values (rows x width, row-major, unique rows),
+ * state[0] = exp_avg, state[1] = exp_avg_sq, state[2] = the int64 row indices;
+ * numel = rows * width; scalar[0] = lr (1 - beta2^t)^0.5 / (1 - beta1^t), scalar[1] = width. */
+typedef struct fo_sparse_adam_hyper {
+    double beta1, beta2, eps;
+    int maximize;
+} fo_sparse_adam_hyper;
+
 /* A range kernel: update elements [begin, end) of tensor t. */
 typedef void (*fo_kernel_fn)(const void *hyper, const fo_tensor *t, int64_t begin, int64_t end);
 
@@ -75,6 +128,14 @@ typedef struct fo_kernel_table {
     fo_kernel_fn rmsprop_f32, rmsprop_f64;
     fo_kernel_fn adam_f32, adam_f64;
     fo_kernel_fn average_f32, average_f64;
+    fo_kernel_fn adadelta_f32, adadelta_f64;
+    fo_kernel_fn adamax_f32, adamax_f64;
+    fo_kernel_fn nadam_f32, nadam_f64;
+    fo_kernel_fn radam_f32, radam_f64;
+    fo_kernel_fn asgd_f32, asgd_f64;
+    fo_kernel_fn rprop_f32, rprop_f64;
+    fo_kernel_fn lion_f32, lion_f64;
+    fo_kernel_fn sparse_adam_f32, sparse_adam_f64;
 } fo_kernel_table;
 
 /* ISA levels, best last. */

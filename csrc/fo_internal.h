@@ -35,4 +35,7 @@
 #define FO_MAXIMUM(a, b) \
     (((a) != (a) || (b) != (b)) ? (a) + (b) : ((a) > (b) ? (a) : (b)))
 
+/* |x| of either element type (fabsf or fabs). */
+#define FO_ABS(x) _Generic((x), float: fabsf, default: fabs)(x)
+
 #endif /* FO_INTERNAL_H */

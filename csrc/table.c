@@ -16,6 +16,14 @@ FO_DECLARE(adagrad)
 FO_DECLARE(rmsprop)
 FO_DECLARE(adam)
 FO_DECLARE(average)
+FO_DECLARE(adadelta)
+FO_DECLARE(adamax)
+FO_DECLARE(nadam)
+FO_DECLARE(radam)
+FO_DECLARE(asgd)
+FO_DECLARE(rprop)
+FO_DECLARE(lion)
+FO_DECLARE(sparse_adam)
 
 #define FO_PAIR(name) FO_K(name, f32), FO_K(name, f64)
 
@@ -26,4 +34,12 @@ const fo_kernel_table FO_CAT3(fo, table, FO_ISA) = {
     FO_PAIR(rmsprop),
     FO_PAIR(adam),
     FO_PAIR(average),
+    FO_PAIR(adadelta),
+    FO_PAIR(adamax),
+    FO_PAIR(nadam),
+    FO_PAIR(radam),
+    FO_PAIR(asgd),
+    FO_PAIR(rprop),
+    FO_PAIR(lion),
+    FO_PAIR(sparse_adam),
 };

@@ -13,6 +13,13 @@ from fastopt.sgd import SGD
 from fastopt.adagrad import Adagrad
 from fastopt.rmsprop import RMSprop
 from fastopt.adam import Adam, AdamW
+from fastopt.adadelta import Adadelta
+from fastopt.adamax import Adamax
+from fastopt.nadam import NAdam
+from fastopt.radam import RAdam
+from fastopt.asgd import ASGD
+from fastopt.rprop import Rprop
+from fastopt.lion import Lion
 
 __version__ = "0.1.0"
 
@@ -23,7 +30,15 @@ OPTIMIZERS = {
     "RMSprop": RMSprop,
     "Adam": Adam,
     "AdamW": AdamW,
+    "Adadelta": Adadelta,
+    "Adamax": Adamax,
+    "NAdam": NAdam,
+    "RAdam": RAdam,
+    "ASGD": ASGD,
+    "Rprop": Rprop,
+    "Lion": Lion,
 }
 
 __all__ = ["Parameter", "Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW",
+           "Adadelta", "Adamax", "NAdam", "RAdam", "ASGD", "Rprop", "Lion",
            "OPTIMIZERS", "show_config", "set_num_threads", "get_num_threads"]

@@ -96,11 +96,13 @@ cdef class Plan:
     cdef float **steps
     cdef Py_ssize_t n, cap
     cdef list keep
+    cdef list states  # the state dict bound to each slot (None until bound)
     cdef readonly int typenum
 
     def __cinit__(self, int typenum):
         self.typenum = typenum
         self.keep = []
+        self.states = []
         self.ts = NULL
         self.steps = NULL
         self.n = 0
@@ -116,6 +118,7 @@ cdef class Plan:
     def clear(self):
         self.n = 0
         self.keep = []
+        self.states = []
 
     cdef Py_ssize_t _add(self, cnp.ndarray p, cnp.ndarray g) except -1:
         cdef Py_ssize_t cap
@@ -140,10 +143,13 @@ cdef class Plan:
         t.numel = cnp.PyArray_SIZE(p)
         t.scalar[0] = 0.0
         t.scalar[1] = 0.0
+        t.scalar[2] = 0.0
+        t.scalar[3] = 0.0
         t.flags = 0
         self.steps[self.n] = NULL
         self.keep.append(p)
         self.keep.append(g)
+        self.states.append(None)
         self.n += 1
         return self.n - 1
 
@@ -177,6 +183,7 @@ cdef class Plan:
                                  f"C-contiguous, aligned array")
             self.ts[slot].state[j] = cnp.PyArray_DATA(a)
             self.keep.append(a)
+        self.states[slot] = st
         if has_step:
             item = PyDict_GetItem(st, "step")
             if item == NULL:
@@ -392,6 +399,217 @@ def average(list dst, list src, double weight, bint lerp):
         p32._go(k.average_f32, &h)
     if p64.n:
         p64._go(k.average_f64, &h)
+
+
+# ---- run functions of issue 4 (Adadelta, Adamax, NAdam, RAdam, ASGD, Rprop, Lion, SparseAdam)
+
+def run_adadelta(Plan plan, double lr, double rho, double eps, double weight_decay,
+                 bint maximize):
+    if plan.n == 0:
+        return
+    cdef fo_adadelta_hyper h
+    h.lr = lr
+    h.rho = rho
+    h.eps = eps
+    h.weight_decay = weight_decay
+    h.maximize = maximize
+    plan._advance_steps()
+    cdef const fo_kernel_table *k = fo_kernels()
+    plan._go(_pick(plan, k.adadelta_f32, k.adadelta_f64), &h)
+
+
+def run_adamax(Plan plan, double lr, double beta1, double beta2, double eps,
+               double weight_decay, bint maximize):
+    if plan.n == 0:
+        return
+    cdef fo_adamax_hyper h
+    cdef Py_ssize_t j
+    cdef double step
+    h.beta1 = beta1
+    h.beta2 = beta2
+    h.eps = eps
+    h.weight_decay = weight_decay
+    h.maximize = maximize
+    plan._advance_steps()
+    for j in range(plan.n):
+        step = plan.steps[j][0]
+        # as torch: clr = lr / (1 - beta1**t)
+        plan.ts[j].scalar[0] = lr / (1.0 - pow(beta1, step))
+    cdef const fo_kernel_table *k = fo_kernels()
+    plan._go(_pick(plan, k.adamax_f32, k.adamax_f64), &h)
+
+
+cdef inline float *_scalar_state(Plan plan, Py_ssize_t j, str key) except NULL:
+    # a 0-d float32 state entry (NAdam's mu_product, ASGD's eta and mu); the optimizer checks
+    # them before the step, this only guards against misuse
+    obj = plan.states[j][key]
+    if (not cnp.PyArray_Check(obj) or cnp.PyArray_TYPE(<cnp.ndarray>obj) != cnp.NPY_FLOAT
+            or cnp.PyArray_SIZE(<cnp.ndarray>obj) != 1 or not _usable(<cnp.ndarray>obj)):
+        raise TypeError(f"state[{key!r}] must be a writable 0-d float32 array")
+    plan.keep.append(obj)
+    return <float *>cnp.PyArray_DATA(<cnp.ndarray>obj)
+
+
+def run_nadam(Plan plan, double lr, double beta1, double beta2, double eps,
+              double weight_decay, double momentum_decay, bint decoupled, bint maximize):
+    if plan.n == 0:
+        return
+    cdef fo_nadam_hyper h
+    cdef Py_ssize_t j
+    cdef double step, mu, mu_next, prod
+    cdef float *mu_product
+    h.lr = lr
+    h.beta1 = beta1
+    h.beta2 = beta2
+    h.eps = eps
+    h.weight_decay = weight_decay
+    h.decoupled = decoupled
+    h.maximize = maximize
+    cdef list ptrs = []
+    for j in range(plan.n):
+        _scalar_state(plan, j, "mu_product")
+    plan._advance_steps()
+    for j in range(plan.n):
+        mu_product = _scalar_state(plan, j, "mu_product")
+        step = plan.steps[j][0]
+        mu = beta1 * (1.0 - 0.5 * pow(0.96, step * momentum_decay))
+        mu_next = beta1 * (1.0 - 0.5 * pow(0.96, (step + 1.0) * momentum_decay))
+        # torch's mu_product is a float32 tensor: mu is rounded to float32, so is the product
+        mu_product[0] = mu_product[0] * <float>mu
+        prod = mu_product[0]
+        plan.ts[j].scalar[0] = 1.0 - pow(beta2, step)
+        plan.ts[j].scalar[1] = (-lr * (1.0 - mu)) / (1.0 - prod)
+        plan.ts[j].scalar[2] = (-lr * mu_next) / (1.0 - prod * mu_next)
+    cdef const fo_kernel_table *k = fo_kernels()
+    plan._go(_pick(plan, k.nadam_f32, k.nadam_f64), &h)
+
+
+def run_radam(Plan plan, double lr, double beta1, double beta2, double eps,
+              double weight_decay, bint decoupled, bint maximize):
+    if plan.n == 0:
+        return
+    cdef fo_radam_hyper h
+    cdef Py_ssize_t j
+    cdef double step, bc1, bc2, rho_inf, rho_t
+    h.lr = lr
+    h.beta1 = beta1
+    h.beta2 = beta2
+    h.eps = eps
+    h.weight_decay = weight_decay
+    h.decoupled = decoupled
+    h.maximize = maximize
+    plan._advance_steps()
+    rho_inf = 2.0 / (1.0 - beta2) - 1.0
+    for j in range(plan.n):
+        step = plan.steps[j][0]
+        bc1 = 1.0 - pow(beta1, step)
+        bc2 = 1.0 - pow(beta2, step)
+        rho_t = rho_inf - 2.0 * step * pow(beta2, step) / bc2
+        plan.ts[j].scalar[0] = bc1
+        plan.ts[j].scalar[1] = pow(bc2, 0.5)
+        plan.ts[j].flags &= ~(<int64_t>FO_RECTIFY)
+        if rho_t > 5.0:
+            plan.ts[j].scalar[2] = pow((rho_t - 4.0) * (rho_t - 2.0) * rho_inf
+                                       / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t), 0.5)
+            plan.ts[j].flags |= FO_RECTIFY
+    cdef const fo_kernel_table *k = fo_kernels()
+    plan._go(_pick(plan, k.radam_f32, k.radam_f64), &h)
+
+
+def run_asgd(Plan plan, double lr, double lambd, double alpha, double t0,
+             double weight_decay, bint maximize):
+    if plan.n == 0:
+        return
+    cdef fo_asgd_hyper h
+    cdef Py_ssize_t j
+    cdef double step
+    cdef float *eta
+    cdef float *mu
+    h.lambd = lambd
+    h.weight_decay = weight_decay
+    h.maximize = maximize
+    for j in range(plan.n):
+        _scalar_state(plan, j, "eta")
+        _scalar_state(plan, j, "mu")
+    plan._advance_steps()
+    for j in range(plan.n):
+        plan.ts[j].scalar[0] = _scalar_state(plan, j, "eta")[0]
+        plan.ts[j].scalar[1] = _scalar_state(plan, j, "mu")[0]
+    cdef const fo_kernel_table *k = fo_kernels()
+    plan._go(_pick(plan, k.asgd_f32, k.asgd_f64), &h)
+    for j in range(plan.n):
+        # as torch, in double, stored as float32: eta = lr / (1 + lambd lr t)^alpha,
+        # mu = 1 / max(1, t - t0)
+        step = plan.steps[j][0]
+        eta = _scalar_state(plan, j, "eta")
+        mu = _scalar_state(plan, j, "mu")
+        eta[0] = <float>(lr / pow(1.0 + lambd * lr * step, alpha))
+        mu[0] = <float>(1.0 / (step - t0 if step - t0 > 1.0 else 1.0))
+
+
+def run_rprop(Plan plan, double etaminus, double etaplus, double step_size_min,
+              double step_size_max, bint maximize):
+    if plan.n == 0:
+        return
+    cdef fo_rprop_hyper h
+    h.etaminus = etaminus
+    h.etaplus = etaplus
+    h.step_size_min = step_size_min
+    h.step_size_max = step_size_max
+    h.maximize = maximize
+    plan._advance_steps()
+    cdef const fo_kernel_table *k = fo_kernels()
+    plan._go(_pick(plan, k.rprop_f32, k.rprop_f64), &h)
+
+
+def run_lion(Plan plan, double lr, double beta1, double beta2, double weight_decay,
+             bint maximize):
+    if plan.n == 0:
+        return
+    cdef fo_lion_hyper h
+    h.lr = lr
+    h.beta1 = beta1
+    h.beta2 = beta2
+    h.weight_decay = weight_decay
+    h.maximize = maximize
+    cdef const fo_kernel_table *k = fo_kernels()
+    plan._go(_pick(plan, k.lion_f32, k.lion_f64), &h)
+
+
+def run_sparse_adam(list items, double beta1, double beta2, double eps, bint maximize):
+    """One SparseAdam step. ``items`` holds (param, rows, values, exp_avg, exp_avg_sq,
+    step_size) per parameter, already checked by the caller: rows a unique int64 vector,
+    values a C-contiguous (len(rows), width) array of the parameter's dtype, every row index
+    in range, the moments shaped and typed as the parameter."""
+    cdef Plan p32 = Plan(cnp.NPY_FLOAT), p64 = Plan(cnp.NPY_DOUBLE)
+    cdef Plan plan
+    cdef cnp.ndarray p, rows, vals, m, v
+    cdef Py_ssize_t slot
+    cdef int64_t width
+    for item in items:
+        p, rows, vals, m, v, step_size = item
+        if cnp.PyArray_SIZE(vals) == 0:
+            continue
+        plan = p32 if cnp.PyArray_TYPE(p) == cnp.NPY_FLOAT else p64
+        width = cnp.PyArray_SIZE(vals) // cnp.PyArray_SIZE(rows)
+        slot = plan._add(vals, vals)
+        plan.ts[slot].param = cnp.PyArray_DATA(p)
+        plan.ts[slot].state[0] = cnp.PyArray_DATA(m)
+        plan.ts[slot].state[1] = cnp.PyArray_DATA(v)
+        plan.ts[slot].state[2] = cnp.PyArray_DATA(rows)
+        plan.ts[slot].scalar[0] = step_size
+        plan.ts[slot].scalar[1] = <double>width
+        plan.keep.extend((p, rows, m, v))
+    cdef fo_sparse_adam_hyper h
+    h.beta1 = beta1
+    h.beta2 = beta2
+    h.eps = eps
+    h.maximize = maximize
+    cdef const fo_kernel_table *k = fo_kernels()
+    if p32.n:
+        p32._go(k.sparse_adam_f32, &h)
+    if p64.n:
+        p64._go(k.sparse_adam_f64, &h)
 
 
 # ---- configuration -------------------------------------------------------------------------

@@ -1,0 +1,56 @@
+/*
+ * asgd.c - averaged SGD in torch 2.13's single-tensor order:
+ *   g = maximize ? -grad : grad;  g = fma(p, wd, g)                     (when wd != 0)
+ *   p = p * (1 - lambd * eta);  p = fma(g, -eta, p)
+ *   mu != 1: ax = ax + (p - ax) * mu      else ax = p
+ * eta and mu are torch's float32 state values, passed by the caller (scalar[0], scalar[1]);
+ * the caller also advances them after the step. No square root: bit-exact with torch.
+ */
+#ifndef FO_T
+#include "fo_internal.h"
+#define FO_BODY "asgd.c"
+#include "fo_expand.h"
+#else
+
+static inline __attribute__((always_inline)) void
+FO_FN(asgd_loop)(const fo_asgd_hyper *h, const fo_tensor *t, int64_t begin, int64_t end,
+                 const int has_wd, const int average)
+{
+    FO_T *restrict p = (FO_T *)t->param;
+    const FO_T *restrict g = (const FO_T *)t->grad;
+    FO_T *restrict ax = (FO_T *)t->state[0];
+    const double eta = t->scalar[0];
+    const FO_T decay = (FO_T)(1.0 - h->lambd * eta);
+    const FO_T neg_eta = (FO_T)(-eta);
+    const FO_T mu = (FO_T)t->scalar[1];
+    const FO_T wd = (FO_T)h->weight_decay;
+    const FO_T sign = h->maximize ? (FO_T)-1 : (FO_T)1;
+
+    for (int64_t i = begin; i < end; i++) {
+        FO_T gi = sign * g[i];
+        FO_T pi = p[i];
+        if (has_wd) gi = FO_FMA(pi, wd, gi);
+        pi = pi * decay;
+        pi = FO_FMA(gi, neg_eta, pi);
+        p[i] = pi;
+        if (average) {
+            FO_T a = ax[i];
+            ax[i] = a + (pi - a) * mu;
+        } else {
+            ax[i] = pi;
+        }
+    }
+}
+
+void FO_FN(asgd)(const void *hyper, const fo_tensor *t, int64_t begin, int64_t end)
+{
+    const fo_asgd_hyper *h = (const fo_asgd_hyper *)hyper;
+    const int has_wd = h->weight_decay != 0.0;
+    const int average = t->scalar[1] != 1.0;
+#define FO_CASE(W, A) \
+    if (has_wd == W && average == A) { FO_FN(asgd_loop)(h, t, begin, end, W, A); return; }
+    FO_CASE(0, 0) FO_CASE(1, 0) FO_CASE(0, 1) FO_CASE(1, 1)
+#undef FO_CASE
+}
+
+#endif

@@ -1,0 +1,69 @@
+"""Adadelta."""
+import numpy as np
+
+from fastopt import _kernels
+from fastopt.optimizer import Optimizer, _check_nonneg
+
+__all__ = ["Adadelta"]
+
+
+class Adadelta(Optimizer):
+    r"""Adadelta, as ``torch.optim.Adadelta``.
+
+    .. math::
+        g &\leftarrow \pm\nabla f(\theta) + \lambda\theta, \qquad
+        v \leftarrow \rho v + (1 - \rho) g^2 \\
+        \Delta &= \frac{\sqrt{u + \epsilon}}{\sqrt{v + \epsilon}}\, g, \qquad
+        u \leftarrow \rho u + (1 - \rho) \Delta^2, \qquad
+        \theta \leftarrow \theta - \gamma \Delta
+
+    Parameters
+    ----------
+    params : iterable
+        Parameters or parameter-group dicts.
+    lr : float, default 1.0
+        Scale :math:`\gamma` of the step.
+    rho : float, default 0.9
+        Decay rate :math:`\rho` of both running averages, in [0, 1].
+    eps : float, default 1e-6
+        Added inside both square roots.
+    weight_decay : float, default 0
+        L2 penalty :math:`\lambda`.
+    maximize : bool, default False
+        Maximize the objective instead of minimizing it.
+    foreach, capturable, differentiable : optional
+        Accepted for compatibility with torch.optim; they change nothing here.
+
+    Notes
+    -----
+    State: ``step`` (float32 0-d), ``square_avg`` (:math:`v`), ``acc_delta`` (:math:`u`).
+    """
+
+    _flag_defaults = {"foreach": None, "maximize": False, "differentiable": False,
+                      "capturable": False}
+
+    def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0, foreach=None, *,
+                 capturable=False, maximize=False, differentiable=False):
+        defaults = dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay,
+                        maximize=maximize, capturable=capturable, foreach=foreach,
+                        differentiable=differentiable)
+        self._check_group(defaults)
+        super().__init__(params, defaults)
+
+    def _check_group(self, group):
+        _check_nonneg(group, "lr")
+        if not 0.0 <= group["rho"] <= 1.0:
+            raise ValueError(f"Invalid rho value: {group['rho']}")
+        _check_nonneg(group, "eps", "weight_decay")
+
+    def _state_layout(self, group):
+        return ("square_avg", "acc_delta"), True, 0
+
+    def _init_state(self, state, array, group):
+        state["step"] = np.array(0.0, dtype=np.float32)
+        state["square_avg"] = np.zeros_like(array)
+        state["acc_delta"] = np.zeros_like(array)
+
+    def _run_group(self, plan, group):
+        _kernels.run_adadelta(plan, group["lr"], group["rho"], group["eps"],
+                              group["weight_decay"], group["maximize"])

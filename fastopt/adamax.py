@@ -1,0 +1,70 @@
+"""Adamax."""
+import numpy as np
+
+from fastopt import _kernels
+from fastopt.optimizer import Optimizer, _check_betas, _check_nonneg
+
+__all__ = ["Adamax"]
+
+
+class Adamax(Optimizer):
+    r"""Adamax (Adam with the infinity norm), as ``torch.optim.Adamax``.
+
+    .. math::
+        g &\leftarrow \pm\nabla f(\theta) + \lambda\theta, \qquad
+        m \leftarrow \beta_1 m + (1 - \beta_1) g \\
+        u &\leftarrow \max(\beta_2 u, |g| + \epsilon), \qquad
+        \theta \leftarrow \theta - \frac{\gamma}{1 - \beta_1^t} \frac{m}{u}
+
+    Parameters
+    ----------
+    params : iterable
+        Parameters or parameter-group dicts.
+    lr : float, default 2e-3
+        Learning rate :math:`\gamma`.
+    betas : (float, float), default (0.9, 0.999)
+        Decay rates, each in [0, 1) (ints are accepted, as in torch).
+    eps : float, default 1e-8
+        Added to :math:`|g|` inside the maximum (not to a denominator).
+    weight_decay : float, default 0
+        L2 penalty :math:`\lambda`.
+    maximize : bool, default False
+        Maximize the objective instead of minimizing it.
+    foreach, capturable, differentiable : optional
+        Accepted for compatibility with torch.optim; they change nothing here.
+
+    Notes
+    -----
+    No square root is taken, so results are bit-identical to torch's CPU for-loop path
+    (with its AVX2 fused multiply-adds). The maximum propagates NaN, as ``torch.maximum``.
+    State: ``step``, ``exp_avg``, ``exp_inf``.
+    """
+
+    _flag_defaults = {"foreach": None, "maximize": False, "differentiable": False,
+                      "capturable": False}
+
+    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
+                 foreach=None, *, maximize=False, differentiable=False, capturable=False):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        foreach=foreach, maximize=maximize, differentiable=differentiable,
+                        capturable=capturable)
+        self._check_group(defaults)
+        super().__init__(params, defaults)
+
+    def _check_group(self, group):
+        _check_nonneg(group, "lr", "eps")
+        _check_betas(group["betas"])
+        _check_nonneg(group, "weight_decay")
+
+    def _state_layout(self, group):
+        return ("exp_avg", "exp_inf"), True, 0
+
+    def _init_state(self, state, array, group):
+        state["step"] = np.array(0.0, dtype=np.float32)
+        state["exp_avg"] = np.zeros_like(array)
+        state["exp_inf"] = np.zeros_like(array)
+
+    def _run_group(self, plan, group):
+        beta1, beta2 = group["betas"]
+        _kernels.run_adamax(plan, group["lr"], beta1, beta2, group["eps"],
+                            group["weight_decay"], group["maximize"])

@@ -1,0 +1,80 @@
+"""ASGD (averaged stochastic gradient descent)."""
+import numpy as np
+
+from fastopt import _kernels
+from fastopt._scalar_state import check_scalar_state
+from fastopt.optimizer import Optimizer, _check_nonneg
+
+__all__ = ["ASGD"]
+
+
+class ASGD(Optimizer):
+    r"""Averaged SGD (Polyak and Juditsky 1992), as ``torch.optim.ASGD``.
+
+    .. math::
+        g &\leftarrow \pm\nabla f(\theta) + w\theta, \qquad
+        \theta \leftarrow \theta (1 - \lambda\eta_t) - \eta_t g \\
+        \bar\theta &\leftarrow \bar\theta + \mu_t (\theta - \bar\theta)
+            \quad (\bar\theta = \theta \text{ while } \mu_t = 1) \\
+        \eta_{t+1} &= \frac{\gamma}{(1 + \lambda\gamma t)^\alpha}, \qquad
+        \mu_{t+1} = \frac{1}{\max(1, t - t_0)}
+
+    Parameters
+    ----------
+    params : iterable
+        Parameters or parameter-group dicts.
+    lr : float, default 1e-2
+        Learning rate :math:`\gamma`.
+    lambd : float, default 1e-4
+        Decay term :math:`\lambda`.
+    alpha : float, default 0.75
+        Power :math:`\alpha` of the eta update.
+    t0 : float, default 1e6
+        Step at which averaging starts.
+    weight_decay : float, default 0
+        L2 penalty :math:`w`.
+    maximize : bool, default False
+        Maximize the objective instead of minimizing it.
+    foreach, capturable, differentiable : optional
+        Accepted for compatibility with torch.optim; they change nothing here.
+
+    Notes
+    -----
+    As torch: ``eta`` and ``mu`` are float32 0-d arrays (``eta`` starts at float32(lr), so
+    the first step uses the rounded lr), the average ``ax`` is kept in state and never
+    copied into the parameter, and only ``lr`` and ``weight_decay`` are validated.
+    No square root is taken: results are bit-identical to torch's CPU path.
+    State: ``step``, ``eta``, ``mu``, ``ax``.
+    """
+
+    _flag_defaults = {"foreach": None, "maximize": False, "differentiable": False,
+                      "capturable": False}
+    _scalar_state_keys = frozenset({"step", "eta", "mu"})
+
+    def __init__(self, params, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0,
+                 foreach=None, maximize=False, differentiable=False, capturable=False):
+        defaults = dict(lr=lr, lambd=lambd, alpha=alpha, t0=t0, weight_decay=weight_decay,
+                        foreach=foreach, maximize=maximize, differentiable=differentiable,
+                        capturable=capturable)
+        self._check_group(defaults)
+        super().__init__(params, defaults)
+
+    def _check_group(self, group):
+        _check_nonneg(group, "lr", "weight_decay")
+
+    def _state_layout(self, group):
+        return ("ax",), True, 0
+
+    def _init_state(self, state, array, group):
+        state["step"] = np.array(0.0, dtype=np.float32)
+        state["eta"] = np.array(group["lr"], dtype=np.float32)
+        state["mu"] = np.array(1.0, dtype=np.float32)
+        state["ax"] = np.zeros_like(array)
+
+    def _update(self):
+        check_scalar_state(self, ("eta", "mu"))
+        super()._update()
+
+    def _run_group(self, plan, group):
+        _kernels.run_asgd(plan, group["lr"], group["lambd"], group["alpha"], group["t0"],
+                          group["weight_decay"], group["maximize"])

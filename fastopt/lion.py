@@ -1,0 +1,66 @@
+"""Lion (EvoLved Sign Momentum), which torch.optim does not have."""
+import numpy as np
+
+from fastopt import _kernels
+from fastopt.optimizer import Optimizer, _check_betas, _check_nonneg
+
+__all__ = ["Lion"]
+
+
+class Lion(Optimizer):
+    r"""Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms", Alg. 2).
+
+    .. math::
+        c &= \beta_1 m + (1 - \beta_1) g, \qquad
+        \theta \leftarrow \theta(1 - \gamma\lambda) - \gamma \operatorname{sign}(c) \\
+        m &\leftarrow \beta_2 m + (1 - \beta_2) g
+
+    Parameters
+    ----------
+    params : iterable
+        Parameters or parameter-group dicts.
+    lr : float, default 1e-4
+        Learning rate :math:`\gamma` (the paper suggests 3-10x smaller than AdamW's).
+    betas : (float, float), default (0.9, 0.99)
+        :math:`\beta_1` (interpolation for the update) and :math:`\beta_2` (momentum
+        decay), each in [0, 1).
+    weight_decay : float, default 0
+        Decoupled weight decay :math:`\lambda` (the paper suggests 3-10x larger than AdamW's).
+    maximize : bool, default False
+        Maximize the objective instead of minimizing it.
+
+    Notes
+    -----
+    ``sign(0) = 0``: where the interpolant :math:`c` is exactly zero the parameter only
+    decays (as ``jnp.sign`` in optax and ``torch.sign``); ``sign(NaN)`` is NaN, so a NaN
+    gradient shows up in the parameter instead of being hidden. The weight decay is applied
+    as a separate multiplication before the signed step (the paper's
+    :math:`\theta - \gamma(\operatorname{sign}(c) + \lambda\theta)` regrouped, as the
+    authors' PyTorch code does), and the interpolations round as ``torch.lerp``.
+    State: ``exp_avg`` (:math:`m`); there is no step counter.
+    """
+
+    _flag_defaults = {"maximize": False}
+    _scalar_state_keys = frozenset()
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *,
+                 maximize=False):
+        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
+        self._check_group(defaults)
+        super().__init__(params, defaults)
+
+    def _check_group(self, group):
+        _check_nonneg(group, "lr")
+        _check_betas(group["betas"])
+        _check_nonneg(group, "weight_decay")
+
+    def _state_layout(self, group):
+        return ("exp_avg",), False, 0
+
+    def _init_state(self, state, array, group):
+        state["exp_avg"] = np.zeros_like(array)
+
+    def _run_group(self, plan, group):
+        beta1, beta2 = group["betas"]
+        _kernels.run_lion(plan, group["lr"], beta1, beta2, group["weight_decay"],
+                          group["maximize"])

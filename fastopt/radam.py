@@ -1,0 +1,80 @@
+"""RAdam."""
+import numpy as np
+
+from fastopt import _kernels
+from fastopt.optimizer import Optimizer, _check_betas, _check_nonneg
+
+__all__ = ["RAdam"]
+
+
+class RAdam(Optimizer):
+    r"""RAdam (rectified Adam, Liu et al. 2020), as ``torch.optim.RAdam``.
+
+    .. math::
+        m &\leftarrow \beta_1 m + (1 - \beta_1) g, \qquad
+        v \leftarrow \beta_2 v + (1 - \beta_2) g^2, \qquad
+        \hat m = m / (1 - \beta_1^t) \\
+        \rho_\infty &= \frac{2}{1 - \beta_2} - 1, \qquad
+        \rho_t = \rho_\infty - \frac{2 t \beta_2^t}{1 - \beta_2^t} \\
+        \rho_t > 5:&\quad \theta \leftarrow \theta - \gamma \hat m \,
+            \frac{\sqrt{1 - \beta_2^t}}{\sqrt v + \epsilon}
+            \sqrt{\frac{(\rho_t - 4)(\rho_t - 2)\rho_\infty}
+                       {(\rho_\infty - 4)(\rho_\infty - 2)\rho_t}} \\
+        \text{else}:&\quad \theta \leftarrow \theta - \gamma \hat m
+
+    Parameters
+    ----------
+    params : iterable
+        Parameters or parameter-group dicts.
+    lr : float, default 1e-3
+        Learning rate :math:`\gamma`.
+    betas : (float, float), default (0.9, 0.999)
+        Decay rates, each in [0, 1).
+    eps : float, default 1e-8
+        Added after the square root.
+    weight_decay : float, default 0
+        Weight decay (L2, or decoupled).
+    decoupled_weight_decay : bool, default False
+        Decay the weights directly (RAdamW) instead of adding an L2 term to the gradient.
+    maximize : bool, default False
+        Maximize the objective instead of minimizing it.
+    foreach, capturable, differentiable : optional
+        Accepted for compatibility with torch.optim; they change nothing here.
+
+    Notes
+    -----
+    While :math:`\rho_t \le 5` (the first 5 steps with :math:`\beta_2 = 0.999`) the step is
+    the un-adapted SGD-with-momentum step. State: ``step``, ``exp_avg``, ``exp_avg_sq``.
+    """
+
+    _flag_defaults = {"foreach": None, "maximize": False, "differentiable": False,
+                      "decoupled_weight_decay": False, "capturable": False}
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
+                 decoupled_weight_decay=False, *, foreach=None, maximize=False,
+                 capturable=False, differentiable=False):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        maximize=maximize, foreach=foreach, capturable=capturable,
+                        decoupled_weight_decay=decoupled_weight_decay,
+                        differentiable=differentiable)
+        self._check_group(defaults)
+        super().__init__(params, defaults)
+
+    def _check_group(self, group):
+        _check_nonneg(group, "lr", "eps")
+        _check_betas(group["betas"])
+        _check_nonneg(group, "weight_decay")
+
+    def _state_layout(self, group):
+        return ("exp_avg", "exp_avg_sq"), True, 0
+
+    def _init_state(self, state, array, group):
+        state["step"] = np.array(0.0, dtype=np.float32)
+        state["exp_avg"] = np.zeros_like(array)
+        state["exp_avg_sq"] = np.zeros_like(array)
+
+    def _run_group(self, plan, group):
+        beta1, beta2 = group["betas"]
+        _kernels.run_radam(plan, group["lr"], beta1, beta2, group["eps"],
+                           group["weight_decay"], group["decoupled_weight_decay"],
+                           group["maximize"])
