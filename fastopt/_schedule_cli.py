@@ -225,7 +225,8 @@ def _build(name, opts, own):
         raise UsageError(("args", name, f"{_canonical(name)}: {exc}")) from None
 
 
-def _fail(message, name=None, out=sys.stderr):
+def _fail(message, name=None):
+    out = sys.stderr
     if message:
         print(f"error: {message}", file=out)
     try:
