@@ -1,0 +1,499 @@
+"""torch.optim's Optimizer contract: construction, groups, zero_grad, closures, hooks,
+state_dict / load_state_dict, repr, pickling, and bad input that changes nothing."""
+import copy
+import pickle
+import re
+
+import numpy as np
+import pytest
+
+import fastopt
+from fastopt.optimizer import (register_optimizer_step_post_hook,
+                               register_optimizer_step_pre_hook)
+from cases import INVALID, VALID
+
+
+def P(*shape, dtype=np.float32, seed=0):
+    return fastopt.Parameter(np.random.default_rng(seed).standard_normal(shape).astype(dtype))
+
+
+def snapshot(opt, params):
+    """Deep copies of everything a step could change."""
+    return ([np.asarray(p).copy() for p in params],
+            copy.deepcopy({id(k): v for k, v in opt.state.items()}),
+            copy.deepcopy([{k: v for k, v in g.items() if k != "params"}
+                           for g in opt.param_groups]))
+
+
+def assert_unchanged(before, after):
+    for a, b in zip(before[0], after[0]):
+        assert np.array_equal(a, b, equal_nan=True)
+    assert before[1].keys() == after[1].keys()
+    for k in before[1]:
+        assert before[1][k].keys() == after[1][k].keys()
+        for kk in before[1][k]:
+            assert np.array_equal(before[1][k][kk], after[1][k][kk], equal_nan=True)
+    assert before[2] == after[2]
+
+
+# ---- construction and groups ------------------------------------------------------------
+
+@pytest.mark.parametrize("name,kwargs,exc,match", INVALID)
+def test_invalid_hyperparameters(name, kwargs, exc, match):
+    with pytest.raises(exc, match=re.escape(match) if "(" in match else match):
+        fastopt.OPTIMIZERS[name]([P(3)], **kwargs)
+
+
+def test_params_must_be_an_iterable_of_parameters():
+    with pytest.raises(TypeError, match="iterable of Tensors or dicts"):
+        fastopt.SGD(P(3))
+    with pytest.raises(ValueError, match="empty parameter list"):
+        fastopt.SGD([])
+    with pytest.raises(TypeError, match=r"wrap it: fastopt.Parameter\(x\)"):
+        fastopt.SGD([np.zeros(3, np.float32)])
+    with pytest.raises(TypeError, match="can only optimize Tensors"):
+        fastopt.SGD([[1.0, 2.0]])
+    with pytest.raises(TypeError, match="ordered collections"):
+        fastopt.SGD([{"params": {P(2)}}])
+    with pytest.raises(KeyError):
+        fastopt.SGD([{"lr": 0.1}])
+
+
+def test_parameter_wraps_without_copy_and_rejects_other_dtypes():
+    x = np.zeros((2, 3), np.float32)
+    p = fastopt.Parameter(x)
+    assert np.shares_memory(np.asarray(p), x)
+    assert p.grad is None and hash(p) == object.__hash__(p)
+    opt = fastopt.SGD([p], lr=1.0)
+    p.grad = np.ones((2, 3), np.float32)
+    opt.step()
+    assert (x == -1).all()  # the update is seen through the original array
+    for bad in (np.zeros(3, np.int64), np.zeros(3, np.float16), np.zeros(3, np.complex64),
+                np.zeros(3, ">f4")):
+        with pytest.raises(TypeError, match="float32 or float64"):
+            fastopt.Parameter(bad)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        fastopt.Parameter(np.zeros((4, 4), np.float32)[:, ::2])
+    assert type(p * 2) is np.ndarray and type(p[0]) is np.ndarray
+
+
+def test_groups_defaults_and_extra_keys():
+    a, b = P(3), P(2, 2)
+    opt = fastopt.SGD([{"params": [a]}, {"params": b, "lr": 0.5, "note": "head"}],
+                      lr=0.1, momentum=0.9)
+    assert opt.param_groups[0]["lr"] == 0.1 and opt.param_groups[1]["lr"] == 0.5
+    assert opt.param_groups[1]["note"] == "head"
+    assert opt.param_groups[1]["params"] == [b] or opt.param_groups[1]["params"][0] is b
+    assert opt.param_groups[1]["momentum"] == 0.9
+    c = P(4)
+    opt.add_param_group({"params": [c], "momentum": 0.5})
+    assert opt.param_groups[2]["momentum"] == 0.5 and opt.param_groups[2]["lr"] == 0.1
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        opt.add_param_group({"params": [a]})
+    assert len(opt.param_groups) == 3
+    with pytest.raises(TypeError, match="param_group must be a dict"):
+        opt.add_param_group([c])
+
+
+def test_add_param_group_with_bad_values_changes_nothing():
+    a = P(3)
+    opt = fastopt.Adam([a])
+    group = {"params": [P(2)], "lr": -1.0}
+    with pytest.raises(ValueError, match=r"param_groups\[1\]: Invalid learning rate"):
+        opt.add_param_group(group)
+    assert len(opt.param_groups) == 1 and group == {"params": group["params"], "lr": -1.0}
+    assert "betas" not in group
+
+
+def test_named_parameters():
+    a, b = P(3), P(2)
+    opt = fastopt.Adam([("w", a), ("b", b)])
+    assert opt.param_groups[0]["param_names"] == ["w", "b"]
+    assert opt.param_groups[0]["params"] == [a, b] or opt.param_groups[0]["params"][1] is b
+    with pytest.raises(ValueError, match="with/without names"):
+        fastopt.Adam([("w", P(3)), P(2)])
+    with pytest.raises(ValueError, match="cannot add param group without names"):
+        opt.add_param_group({"params": [P(2)]})
+
+
+def test_duplicate_parameter_warns_and_is_updated_twice():
+    p = P(4)
+    x = np.asarray(p).copy()
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        opt = fastopt.SGD([p, p], lr=0.1)
+    p.grad = np.ones(4, np.float32)
+    opt.step()
+    np.testing.assert_array_equal(np.asarray(p), (x - np.float32(0.1)) - np.float32(0.1))
+
+
+def test_duplicate_parameter_with_threads_is_updated_in_order(threads):
+    """Split over two threads, both occurrences still run one after the other (as torch)."""
+    threads(2)
+    p = fastopt.Parameter(np.zeros(200000, np.float32))
+    with pytest.warns(UserWarning):
+        opt = fastopt.Adam([p, p], lr=0.1)
+    q = fastopt.Parameter(np.zeros(200000, np.float32))
+    ref = fastopt.Adam([q], lr=0.1)
+    g = np.random.default_rng(0).standard_normal(200000).astype(np.float32)
+    p.grad = g
+    q.grad = g
+    opt.step()
+    ref.step()
+    ref.step()
+    assert np.array_equal(np.asarray(p), np.asarray(q))
+    assert float(opt.state[p]["step"]) == 2.0
+
+
+# ---- stepping -------------------------------------------------------------------------
+
+def test_step_returns_closure_value_and_zero_grad():
+    p = P(3)
+    opt = fastopt.SGD([p], lr=0.1)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        p.grad = np.ones(3, np.float32)
+        return 1.25
+
+    assert opt.step(closure) == 1.25 and calls == [1]
+    assert opt.step() is None
+    opt.zero_grad()
+    assert p.grad is None
+    p.grad = np.ones(3, np.float32)
+    g = p.grad
+    opt.zero_grad(set_to_none=False)
+    assert p.grad is g and (g == 0).all()
+
+
+def test_state_is_created_lazily_except_adagrad():
+    p = P(3)
+    assert len(fastopt.Adam([p]).state) == 0
+    ada = fastopt.Adagrad([p], initial_accumulator_value=0.25)
+    assert float(ada.state[p]["step"]) == 0.0
+    assert ada.state[p]["step"].dtype == np.float32 and ada.state[p]["step"].shape == ()
+    np.testing.assert_array_equal(ada.state[p]["sum"], np.full(3, 0.25, np.float32))
+    # a group added later starts from the constructor's value, not the group's (torch)
+    q = P(2)
+    ada.add_param_group({"params": [q], "initial_accumulator_value": 9.0})
+    assert q not in ada.state
+    q.grad = np.zeros(2, np.float32)
+    ada.step()
+    np.testing.assert_array_equal(ada.state[q]["sum"], np.full(2, 0.25, np.float32))
+
+
+def test_lr_zero_leaves_parameters_unchanged():
+    for name, kwargs in VALID:
+        if name in ("Adam", "AdamW", "RMSprop", "SGD", "Adagrad"):
+            p = P(37)
+            x = np.asarray(p).copy()
+            kw = dict(kwargs, lr=0.0)
+            opt = fastopt.OPTIMIZERS[name]([p], **kw)
+            for _ in range(3):
+                p.grad = np.random.default_rng(1).standard_normal(37).astype(np.float32)
+                opt.step()
+            np.testing.assert_array_equal(np.asarray(p), x)
+
+
+def test_maximize_equals_minimizing_the_negated_gradient():
+    for name, kwargs in VALID:
+        if kwargs.get("maximize"):
+            a, b = P(50), P(50)
+            oa = fastopt.OPTIMIZERS[name]([a], **kwargs)
+            ob = fastopt.OPTIMIZERS[name]([b], **dict(kwargs, maximize=False))
+            rng = np.random.default_rng(4)
+            for _ in range(4):
+                g = rng.standard_normal(50).astype(np.float32)
+                a.grad, b.grad = g, -g
+                oa.step()
+                ob.step()
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_mixed_dtypes_in_one_group():
+    a, b = P(5), P(5, dtype=np.float64)
+    opt = fastopt.Adam([a, b], lr=0.1)
+    a.grad = np.ones(5, np.float32)
+    b.grad = np.ones(5, np.float64)
+    opt.step()
+    assert opt.state[a]["exp_avg"].dtype == np.float32
+    assert opt.state[b]["exp_avg"].dtype == np.float64
+    # the first Adam step moves every element by lr * g / (|g| + eps)
+    np.testing.assert_allclose(np.asarray(a) - np.asarray(P(5)), -0.1, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(b) - np.asarray(P(5, dtype=np.float64)),
+                               -0.1 / (1 + 1e-8), rtol=1e-12)
+
+
+def test_non_contiguous_grad_is_used_correctly():
+    p, q = P(4, 3), P(4, 3)
+    o1, o2 = fastopt.Adam([p], lr=0.1), fastopt.Adam([q], lr=0.1)
+    g = np.asfortranarray(np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32))
+    p.grad = g
+    q.grad = np.ascontiguousarray(g)
+    o1.step()
+    o2.step()
+    assert np.array_equal(np.asarray(p), np.asarray(q))
+    r = P(3)
+    o3 = fastopt.SGD([r], lr=1.0)
+    r.grad = np.arange(6, dtype=np.float32)[::2]
+    before = np.asarray(r).copy()
+    o3.step()
+    np.testing.assert_array_equal(np.asarray(r), before - np.array([0, 2, 4], np.float32))
+
+
+# ---- bad input: a clear error and nothing changed -----------------------------------------
+
+BAD_GRADS = [
+    (lambda p: np.zeros(p.shape, np.float64), TypeError, "dtype float64"),
+    (lambda p: np.zeros((p.size + 1,), np.float32), ValueError, "shape"),
+    (lambda p: [0.0] * p.size, TypeError, "must be a numpy.ndarray"),
+    (lambda p: np.zeros(p.shape, ">f4"), TypeError, "dtype"),
+]
+
+
+@pytest.mark.parametrize("name,kwargs", VALID[::2])
+@pytest.mark.parametrize("bad,exc,match", BAD_GRADS)
+def test_bad_grad_in_second_group_changes_nothing(name, kwargs, bad, exc, match):
+    a, b, c = P(6, seed=1), P(6, seed=2), P(3, 2, seed=3)
+    opt = fastopt.OPTIMIZERS[name]([{"params": [a, b]}, {"params": [c]}], **kwargs)
+    rng = np.random.default_rng(0)
+    for p in (a, b, c):
+        p.grad = rng.standard_normal(p.shape).astype(np.float32)
+    opt.step()  # state exists for a, b, c
+    for p in (a, b):
+        p.grad = rng.standard_normal(p.shape).astype(np.float32)
+    c.grad = bad(c)
+    before = snapshot(opt, [a, b, c])
+    with pytest.raises(exc, match=match) as info:
+        opt.step()
+    assert "param_groups[1]['params'][0]" in str(info.value)
+    assert_unchanged(before, snapshot(opt, [a, b, c]))
+
+
+def test_first_step_with_bad_grad_creates_no_state():
+    a, b = P(3), P(3)
+    opt = fastopt.Adam([a, b])
+    a.grad = np.ones(3, np.float32)
+    b.grad = np.ones(4, np.float32)
+    with pytest.raises(ValueError, match=r"\[1\]: \.grad has shape \(4,\)"):
+        opt.step()
+    assert len(opt.state) == 0
+
+
+def test_read_only_parameter_is_rejected_before_any_change():
+    a, b = P(3), P(3)
+    opt = fastopt.SGD([a, b], lr=0.1)
+    b.flags.writeable = False
+    a.grad = np.ones(3, np.float32)
+    b.grad = np.ones(3, np.float32)
+    before = np.asarray(a).copy()
+    with pytest.raises(ValueError, match=r"\['params'\]\[1\]: the parameter's array is read-only"):
+        opt.step()
+    np.testing.assert_array_equal(np.asarray(a), before)
+
+
+def test_plain_array_smuggled_into_a_group_is_rejected():
+    a = P(3)
+    opt = fastopt.SGD([a], lr=0.1)
+    opt.param_groups[0]["params"].append(np.zeros(3, np.float32))
+    a.grad = np.ones(3, np.float32)
+    with pytest.raises(TypeError, match=r"\[1\]: expected a fastopt.Parameter.*wrap"):
+        opt.step()
+    assert (np.asarray(a) == np.asarray(P(3))).all()
+
+
+def test_corrupted_state_is_rejected_before_any_change():
+    a, b = P(4), P(4)
+    opt = fastopt.Adam([a, b])
+    a.grad = np.ones(4, np.float32)
+    b.grad = np.ones(4, np.float32)
+    opt.step()
+    opt.state[b]["exp_avg_sq"] = np.zeros(5, np.float32)
+    before = snapshot(opt, [a, b])
+    with pytest.raises(ValueError, match=r"\['params'\]\[1\]: state\['exp_avg_sq'\] has"):
+        opt.step()
+    assert_unchanged(before, snapshot(opt, [a, b]))
+    opt.state[b]["exp_avg_sq"] = np.zeros(4, np.float32)
+    opt.param_groups[0]["amsgrad"] = True  # switched on after state exists: KeyError (torch)
+    with pytest.raises(KeyError, match="max_exp_avg_sq"):
+        opt.step()
+
+
+def test_hyperparameter_broken_after_construction_changes_nothing():
+    a = P(3)
+    opt = fastopt.Adam([a])
+    a.grad = np.ones(3, np.float32)
+    opt.step()
+    opt.param_groups[0]["betas"] = (1.0, 0.999)  # would divide by zero in the bias correction
+    before = snapshot(opt, [a])
+    with pytest.raises(ValueError, match=r"param_groups\[0\]: Invalid beta parameter at index 0"):
+        opt.step()
+    assert_unchanged(before, snapshot(opt, [a]))
+
+
+# ---- hooks ------------------------------------------------------------------------------
+
+def test_step_hooks_run_in_torch_order_and_can_be_removed():
+    p = P(2)
+    opt = fastopt.SGD([p], lr=0.1)
+    order = []
+    h1 = register_optimizer_step_pre_hook(lambda o, a, k: order.append("global pre"))
+    h2 = register_optimizer_step_post_hook(lambda o, a, k: order.append("global post"))
+    h3 = opt.register_step_pre_hook(lambda o, a, k: order.append("pre"))
+    h4 = opt.register_step_post_hook(lambda o, a, k: order.append("post"))
+    try:
+        opt.step(lambda: order.append("closure"))
+    finally:
+        for h in (h1, h2, h3, h4):
+            h.remove()
+    assert order == ["global pre", "pre", "closure", "post", "global post"]
+    order.clear()
+    opt.step()
+    assert order == []
+    bad = opt.register_step_pre_hook(lambda o, a, k: 42)
+    with pytest.raises(RuntimeError, match="must return None or a tuple"):
+        opt.step()
+    bad.remove()
+
+
+def test_state_dict_hooks():
+    p = P(2)
+    opt = fastopt.SGD([p], lr=0.1)
+    seen = []
+    opt.register_state_dict_pre_hook(lambda o: seen.append("pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: dict(sd, extra=1))
+    sd = opt.state_dict()
+    assert seen == ["pre"] and sd["extra"] == 1
+    opt.register_load_state_dict_pre_hook(lambda o, sd: {k: v for k, v in sd.items()
+                                                         if k != "extra"})
+    opt.register_load_state_dict_post_hook(lambda o: seen.append("loaded"))
+    opt.load_state_dict(sd)
+    assert seen[-1] == "loaded"
+
+
+# ---- state_dict ---------------------------------------------------------------------------
+
+def test_state_dict_format():
+    a, b, c = P(2), P(3), P(4)
+    opt = fastopt.Adam([{"params": [a, b]}, {"params": [c], "lr": 0.1}])
+    c.grad = np.ones(4, np.float32)
+    opt.step()
+    a.grad = np.ones(2, np.float32)
+    opt.step()
+    sd = opt.state_dict()
+    assert list(sd["state"]) == [2, 0]  # order in which parameters first got state
+    assert sd["param_groups"][0]["params"] == [0, 1]
+    assert sd["param_groups"][1]["params"] == [2]
+    assert sd["param_groups"][1]["lr"] == 0.1
+    assert sd["state"][2]["exp_avg"] is opt.state[c]["exp_avg"]  # live arrays, as torch
+    assert float(sd["state"][2]["step"]) == 2.0 and float(sd["state"][0]["step"]) == 1.0
+
+
+@pytest.mark.parametrize("name,kwargs", VALID, ids=[f"{n}-{i}" for i, (n, _) in enumerate(VALID)])
+def test_state_dict_round_trip_in_lockstep(name, kwargs):
+    """torch's test: run, save, load into a fresh optimizer, step both: identical, and the
+    saved dict is unchanged by the later steps of the new optimizer."""
+    rng = np.random.default_rng(9)
+    xs = [rng.standard_normal(s).astype(np.float32) for s in [(5,), (3, 4)]]
+    ps = [fastopt.Parameter(x.copy()) for x in xs]
+    opt = fastopt.OPTIMIZERS[name]([{"params": ps[:1]}, {"params": ps[1:], "lr": 0.03}],
+                                   **kwargs)
+
+    def grads(params):
+        out = [rng.standard_normal(p.shape).astype(np.float32) for p in params]
+        return out
+
+    for _ in range(5):
+        for p, g in zip(ps, grads(ps)):
+            p.grad = g
+        opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    qs = [fastopt.Parameter(np.asarray(p).copy()) for p in ps]
+    opt2 = fastopt.OPTIMIZERS[name]([{"params": qs[:1]}, {"params": qs[1:]}], **kwargs)
+    saved = copy.deepcopy(sd)
+    opt2.load_state_dict(sd)
+    # loading does not change the dict it was given
+    assert saved["param_groups"] == sd["param_groups"]
+    for k, v in saved["state"].items():
+        for kk, vv in v.items():
+            np.testing.assert_array_equal(vv, sd["state"][k][kk])
+    assert opt2.param_groups[1]["lr"] == 0.03
+    for _ in range(5):
+        gs = grads(ps)
+        for p, q, g in zip(ps, qs, gs):
+            p.grad, q.grad = g, g.copy()
+        opt.step()
+        opt2.step()
+        for p, q in zip(ps, qs):
+            assert np.array_equal(np.asarray(p), np.asarray(q))
+    sd1, sd2 = opt.state_dict(), opt2.state_dict()
+    assert sd1["param_groups"] == sd2["param_groups"]
+    for k in sd1["state"]:
+        for kk in sd1["state"][k]:
+            np.testing.assert_array_equal(sd1["state"][k][kk], sd2["state"][k][kk])
+
+
+def test_load_state_dict_errors_leave_optimizer_unchanged():
+    a, b = P(3), P(2)
+    opt = fastopt.Adam([a, b])
+    a.grad, b.grad = np.ones(3, np.float32), np.ones(2, np.float32)
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    other = fastopt.Adam([P(3), P(2)], lr=0.5)
+    before = snapshot(other, other.param_groups[0]["params"])
+    state_before = other.state
+
+    bad = copy.deepcopy(sd)
+    bad["param_groups"].append(dict(bad["param_groups"][0], params=[7]))
+    with pytest.raises(ValueError, match="different number of parameter groups"):
+        other.load_state_dict(bad)
+    bad = copy.deepcopy(sd)
+    bad["param_groups"][0]["params"] = [0]
+    with pytest.raises(ValueError, match="doesn't match the size"):
+        other.load_state_dict(bad)
+    bad = copy.deepcopy(sd)
+    bad["state"][1]["exp_avg"] = np.zeros(5, np.float32)
+    with pytest.raises(ValueError, match=r"\['params'\]\[1\] \(saved id 1\): state\['exp_avg'\]"
+                                         r" has shape \(5,\)"):
+        other.load_state_dict(bad)
+    bad = copy.deepcopy(sd)
+    bad["param_groups"][0]["lr"] = -3.0
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        other.load_state_dict(bad)
+    assert other.state is state_before and other.param_groups[0]["lr"] == 0.5
+    assert_unchanged(before, snapshot(other, other.param_groups[0]["params"]))
+
+
+def test_load_casts_state_to_parameter_dtype_and_backfills_flags():
+    a = P(3)
+    opt = fastopt.AdamW([a])
+    a.grad = np.ones(3, np.float32)
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    for key in ("amsgrad", "maximize", "decoupled_weight_decay"):
+        del sd["param_groups"][0][key]
+    b = P(3, dtype=np.float64)
+    opt64 = fastopt.AdamW([b])
+    opt64.load_state_dict(sd)
+    assert opt64.state[b]["exp_avg"].dtype == np.float64
+    assert opt64.state[b]["step"].dtype == np.float32
+    g = opt64.param_groups[0]
+    assert g["amsgrad"] is False and g["maximize"] is False
+    assert g["decoupled_weight_decay"] is True  # AdamW forces it, as torch
+    sd["state"][0]["step"] = 7  # an old checkpoint's Python number
+    opt.load_state_dict(sd)
+    assert opt.state[a]["step"].dtype == np.float32 and float(opt.state[a]["step"]) == 7.0
+
+
+def test_pickle_and_deepcopy_keep_parameters_and_state_together():
+    a = P(3)
+    opt = fastopt.Adam([a], lr=0.1)
+    a.grad = np.ones(3, np.float32)
+    opt.step()
+    for clone in (pickle.loads(pickle.dumps(opt)), copy.deepcopy(opt)):
+        (p,) = clone.param_groups[0]["params"]
+        assert p is not a and p in clone.state
+        np.testing.assert_array_equal(np.asarray(p), np.asarray(a))
+        p.grad = np.ones(3, np.float32)
+        clone.step()
+        assert float(clone.state[p]["step"]) == 2.0
