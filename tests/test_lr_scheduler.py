@@ -660,3 +660,82 @@ def test_recursive_and_closed_forms_differ_only_in_rounding():
     closed = fs._get_closed_form_lr()
     assert fs.get_last_lr() == pytest.approx(closed, abs=1e-14)
     assert math.isclose(fs.get_last_lr()[0], 0.0, abs_tol=1e-14)
+
+
+# ------------------------------------------------------------------ interleavings
+
+
+INTERLEAVED = [c for c in CASES if c[0] in (
+    "step-3", "multistep", "linear-up", "cosine-eta", "poly-2", "exponential", "constant-half",
+    "cyclic-tri2", "onecycle-3phase", "sequential-3", "chained-3", "warm-restarts-mult",
+    "lambda-list", "multiplicative")]
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("case", INTERLEAVED, ids=[c[0] for c in INTERLEAVED])
+def test_random_interleaving(case, seed):
+    """Steps, user lr edits, jumps to an epoch, and reloading an earlier state_dict, in a
+    random order, applied to both libraries: the lrs stay equal throughout."""
+    topt, fopt, ts, fs = build(case)
+    rng = random.Random(f"{case[0]}-{seed}")
+    snapshots = []
+    closed = not isinstance(fs, (F.SequentialLR, F.ChainedScheduler))
+    for i in range(150):
+        op = rng.random()
+        if op < 0.6:
+            topt.step(), fopt.step()
+            ts.step(), fs.step()
+        elif op < 0.7:
+            k = rng.randrange(len(topt.param_groups))
+            factor = rng.choice([0.5, 2.0, 1.25])
+            topt.param_groups[k]["lr"] *= factor
+            fopt.param_groups[k]["lr"] *= factor
+        elif op < 0.8 and closed:
+            e = rng.randrange(0, 250)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ts.step(e), fs.step(e)
+        elif op < 0.9:
+            groups = copy.deepcopy([{k: v for k, v in g.items() if k != "params"}
+                                    for g in fopt.param_groups])
+            snapshots.append((copy.deepcopy(ts.state_dict()), fs.state_dict(), groups))
+        elif snapshots:
+            tsd, fsd, groups = snapshots[rng.randrange(len(snapshots))]
+            ts.load_state_dict(copy.deepcopy(tsd))
+            fs.load_state_dict(fsd)
+            for tg, fg, saved in zip(topt.param_groups, fopt.param_groups, groups):
+                for k, v in saved.items():
+                    tg[k] = copy.deepcopy(v)
+                    fg[k] = copy.deepcopy(v)
+        if isinstance(fs, F.OneCycleLR) and fs.last_epoch >= fs.total_steps:
+            break
+        assert group_values(fopt) == group_values(topt), i
+        if not isinstance(fs, F.ChainedScheduler) or op < 0.6:
+            assert fs.get_last_lr() == ts.get_last_lr(), i
+
+
+@pytest.mark.parametrize("name", ["cyclic-tri2", "cyclic-exp", "onecycle", "onecycle-3phase",
+                                  "warm-restarts-mult"])
+def test_resume_cyclic_and_onecycle_with_last_epoch(name):
+    """Rebuilding with last_epoch=k on an optimizer that already holds the group keys."""
+    case = next(c for c in CASES if c[0] == name)
+    topt, fopt, ts, fs = build(case)
+    lockstep(topt, fopt, ts, fs, 50)
+    k = ts.last_epoch
+    kwargs = {
+        "cyclic-tri2": lambda L, o: L.CyclicLR(o, [0.01, 0.001], [0.1, 0.02], 4, 6,
+                                               mode="triangular2", last_epoch=k),
+        "cyclic-exp": lambda L, o: L.CyclicLR(o, 0.001, 0.01, 7, mode="exp_range", gamma=0.99,
+                                              last_epoch=k),
+        "onecycle": lambda L, o: L.OneCycleLR(o, max_lr=0.1, total_steps=STEPS, last_epoch=k),
+        "onecycle-3phase": lambda L, o: L.OneCycleLR(o, 1.0, epochs=30, steps_per_epoch=10,
+                                                     three_phase=True, div_factor=10.0,
+                                                     final_div_factor=100.0, last_epoch=k),
+        "warm-restarts-mult": lambda L, o: L.CosineAnnealingWarmRestarts(
+            o, 5, T_mult=2, eta_min=0.001, last_epoch=k),
+    }[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ts2, fs2 = kwargs(T, topt), kwargs(F, fopt)
+    assert_same(ts2, fs2, topt, fopt, "resumed")
+    lockstep(topt, fopt, ts2, fs2, 100)
