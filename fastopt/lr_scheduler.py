@@ -34,25 +34,25 @@ import numpy as np
 from fastopt.optimizer import Optimizer
 
 __all__ = [
-    "LRScheduler",
-    "_LRScheduler",
-    "LambdaLR",
-    "MultiplicativeLR",
-    "StepLR",
-    "MultiStepLR",
+    "SCHEDULERS",
+    "ChainedScheduler",
     "ConstantLR",
-    "LinearLR",
-    "ExponentialLR",
-    "PolynomialLR",
     "CosineAnnealingLR",
     "CosineAnnealingWarmRestarts",
     "CyclicLR",
+    "ExponentialLR",
+    "FunctionLR",
+    "LRScheduler",
+    "LambdaLR",
+    "LinearLR",
+    "MultiStepLR",
+    "MultiplicativeLR",
     "OneCycleLR",
+    "PolynomialLR",
     "ReduceLROnPlateau",
     "SequentialLR",
-    "ChainedScheduler",
-    "FunctionLR",
-    "SCHEDULERS",
+    "StepLR",
+    "_LRScheduler",
 ]
 
 # Key added to every state_dict so that a dict from another scheduler class is refused.
@@ -597,7 +597,7 @@ class CosineAnnealingWarmRestarts(LRScheduler):
         if not isinstance(T_mult, int) or T_mult < 1:
             raise ValueError(f"Expected integer T_mult >= 1, but got {T_mult}")
         if not isinstance(eta_min, (float, int)):
-            raise ValueError(
+            raise ValueError(  # noqa: TRY004 (torch raises ValueError)
                 f"Expected float or int eta_min, but got {eta_min} of type {type(eta_min).__name__}"
             )
         self.T_0 = T_0
@@ -1039,7 +1039,7 @@ def _check_members(owner, optimizer, schedulers):
         if not hasattr(sched, "optimizer"):
             raise TypeError(f"{owner}: the scheduler at index {i} has no `optimizer` attribute")
         if isinstance(sched, ReduceLROnPlateau):
-            raise ValueError(
+            raise ValueError(  # noqa: TRY004 (torch raises ValueError)
                 f"{owner} does not support ReduceLROnPlateau (its step() needs a metric), "
                 f"but got one at index {i} of schedulers"
             )

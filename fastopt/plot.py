@@ -17,7 +17,7 @@ import warnings
 
 from fastopt.lr_scheduler import LRScheduler, ReduceLROnPlateau, _set_group_value
 
-__all__ = ["lr_trace", "lr_curve"]
+__all__ = ["lr_curve", "lr_trace"]
 
 _MISSING_MATPLOTLIB = (
     "fastopt.plot.lr_curve needs matplotlib, which is not installed. Install the optional "

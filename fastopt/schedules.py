@@ -25,16 +25,16 @@ import numbers
 from bisect import bisect_left, bisect_right
 
 __all__ = [
+    "SCHEDULES",
     "Schedule",
     "constant",
+    "cosine_decay",
     "exponential_decay",
+    "join",
+    "linear_warmup",
     "piecewise_constant",
     "polynomial_decay",
-    "cosine_decay",
-    "linear_warmup",
     "warmup_cosine",
-    "join",
-    "SCHEDULES",
 ]
 
 

@@ -18,15 +18,15 @@ import warnings
 import numpy as np
 
 from fastopt import _kernels
-from fastopt.lr_scheduler import LRScheduler, _check_optimizer, _per_group, _WARN_GET_LR
+from fastopt.lr_scheduler import _WARN_GET_LR, LRScheduler, _check_optimizer, _per_group
 
 __all__ = [
-    "AveragedModel",
     "SWALR",
-    "get_ema_multi_avg_fn",
-    "get_swa_multi_avg_fn",
+    "AveragedModel",
     "get_ema_avg_fn",
+    "get_ema_multi_avg_fn",
     "get_swa_avg_fn",
+    "get_swa_multi_avg_fn",
 ]
 
 _KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))

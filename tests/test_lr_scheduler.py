@@ -15,8 +15,8 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="torch is the oracle for scheduler parity")
 
-import fastopt  # noqa: E402
-from fastopt import lr_scheduler as F  # noqa: E402
+import fastopt
+from fastopt import lr_scheduler as F
 
 T = torch.optim.lr_scheduler
 STEPS = 300

@@ -171,8 +171,8 @@ def test_exponential_decay_drives_sgd_on_a_parabola(staircase):
 
 
 def test_function_lr_equals_lambda_lr_for_a_scaled_schedule():
-    x, opt = sgd(lr=1.0)
-    y, opt2 = sgd(lr=1.0)
+    _, opt = sgd(lr=1.0)
+    _, opt2 = sgd(lr=1.0)
     s = S.cosine_decay(1.0, 40)
     a = FunctionLR(opt, s)
     b = LambdaLR(opt2, s)

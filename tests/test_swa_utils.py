@@ -265,7 +265,7 @@ SWALR_CASES = [
 @pytest.mark.parametrize("args", SWALR_CASES, ids=[str(a) for a in SWALR_CASES])
 def test_swalr_matches_torch(args):
     torch = _torch()
-    import test_lr_scheduler as lockstep_helpers  # noqa: F401  (same directory, no package)
+    import test_lr_scheduler as lockstep_helpers
 
     topt, fopt = lockstep_helpers.make_pair()
     ts = torch.optim.swa_utils.SWALR(topt, *args)
