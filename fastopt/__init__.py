@@ -20,6 +20,10 @@ from fastopt.radam import RAdam
 from fastopt.asgd import ASGD
 from fastopt.rprop import Rprop
 from fastopt.lion import Lion
+from fastopt import _torch
+from fastopt import interop
+
+_torch.register()  # tensors as parameters; imports torch only when given one
 
 __version__ = "0.1.0"
 

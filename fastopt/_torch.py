@@ -1,0 +1,179 @@
+"""CPU ``torch.Tensor`` objects as fastopt parameters.
+
+An optimizer given tensors (``model.parameters()``) updates them in place through NumPy views
+of their memory: no copies, no torch operations in the update itself. This module is imported
+with fastopt but never imports torch; it looks torch up in ``sys.modules`` and only acts on
+objects that are tensors, which cannot exist before torch was imported.
+
+Rules, as torch.optim's where torch has one:
+
+* a parameter must be a dense (strided), contiguous, CPU, float32 or float64 tensor, and a
+  leaf (or ``retains_grad``) unless the optimizer was built with ``differentiable=True``;
+  anything else is refused by ``add_param_group`` with an error naming the parameter;
+* every ``step()`` reads ``p.grad`` afresh (backward replaces it); a None grad skips the
+  parameter; a gradient must be a dense CPU tensor of the parameter's dtype and shape;
+* after an update, the parameter's autograd version counter is incremented, as an in-place
+  torch op would do, so a backward through a graph that saved the old value still fails
+  loudly instead of giving wrong gradients;
+* ``zero_grad(set_to_none=False)`` detaches and zeroes the gradient in place, as torch does.
+"""
+import sys
+import weakref
+
+__all__ = ["TorchAdapter", "ADAPTER"]
+
+
+def _where(gi, pi):
+    return f"param_groups[{gi}]['params'][{pi}]"
+
+
+def _torch():
+    return sys.modules.get("torch")
+
+
+class TorchAdapter:
+    """The ``fastopt.optimizer`` adapter for ``torch.Tensor`` parameters."""
+
+    def __init__(self):
+        # id(tensor) -> (weakref, data_ptr, shape, ndarray view); avoids a .numpy() call
+        # (~2 us) per parameter per step. Entries are dropped when the tensor dies and
+        # rebuilt when the tensor's storage, shape or layout changed (``p.data = ...``).
+        self._views = {}
+        self._bump = None
+
+    # -- cheap type test, never imports torch -------------------------------------------
+
+    def accepts(self, obj):
+        torch = sys.modules.get("torch")
+        if torch is None:
+            return False
+        return isinstance(obj, torch.Tensor)
+
+    # -- checks at add_param_group --------------------------------------------------------
+
+    def check(self, obj, gi, pi, defaults):
+        torch = _torch()
+        where = _where(gi, pi)
+        if obj.layout is not torch.strided:
+            raise ValueError(f"{where}: fastopt optimizes dense tensors, got a tensor with "
+                             f"layout {obj.layout}")
+        if obj.device.type != "cpu":
+            raise ValueError(f"{where}: fastopt updates CPU tensors, this one is on "
+                             f"{obj.device}; move the model to the CPU or use torch.optim")
+        if obj.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"{where}: fastopt optimizes float32 and float64 tensors, got "
+                            f"{obj.dtype}")
+        if obj.is_conj() or obj.is_neg():
+            raise ValueError(f"{where}: a lazily conjugated/negated tensor view cannot be "
+                             f"updated in place; pass a materialized tensor")
+        if not obj.is_contiguous():
+            raise ValueError(f"{where}: the tensor is not contiguous (strides "
+                             f"{tuple(obj.stride())} for shape {tuple(obj.shape)}); pass "
+                             f"a contiguous tensor (for a module: "
+                             f"model.to(memory_format=torch.contiguous_format))")
+        if not (obj.is_leaf or obj.retains_grad) and not defaults.get("differentiable"):
+            raise ValueError(f"{where}: can't optimize a non-leaf Tensor")
+
+    # -- every step -------------------------------------------------------------------------
+
+    def _view(self, obj, gi, pi):
+        """NumPy view of the tensor's memory, cached while the storage stays the same."""
+        key = id(obj)
+        entry = self._views.get(key)
+        ptr = obj.data_ptr()
+        if (entry is not None and entry[0]() is obj and entry[1] == ptr
+                and obj.shape == entry[2] and obj.is_contiguous()):
+            return entry[3]
+        return self._new_view(obj, key, ptr, gi, pi)
+
+    def _new_view(self, obj, key, ptr, gi, pi):
+        torch = _torch()
+        if (obj.layout is not torch.strided or obj.device.type != "cpu"
+                or obj.dtype not in (torch.float32, torch.float64)
+                or not obj.is_contiguous() or obj.is_conj() or obj.is_neg()):
+            raise ValueError(
+                f"{_where(gi, pi)}: the tensor changed since it was added to the optimizer "
+                f"and is no longer a dense, contiguous float32/float64 CPU tensor (device "
+                f"{obj.device}, dtype {obj.dtype}, layout {obj.layout}, contiguous "
+                f"{obj.is_contiguous()})")
+        arr = obj.detach().numpy()
+        views = self._views
+
+        def forget(_ref, key=key, views=views):
+            views.pop(key, None)
+
+        views[key] = (weakref.ref(obj, forget), ptr, obj.shape, arr)
+        return arr
+
+    def arrays(self, obj, gi, pi):
+        arr = self._view(obj, gi, pi)
+        g = obj.grad
+        if g is None:
+            return arr, None
+        try:
+            garr = g.numpy()
+        except (RuntimeError, TypeError, AttributeError):
+            garr = self._grad_array(obj, g, gi, pi)
+        bump = self._bump
+        if bump is None:
+            bump = self._bump = _version_bumper()
+        # the update is in place: make autograd see it, as torch's in-place ops do
+        bump([obj])
+        return arr, garr
+
+    def _grad_array(self, obj, g, gi, pi):
+        """Diagnose a gradient ``.numpy()`` refused (or convert one that needs detaching)."""
+        torch = _torch()
+        where = _where(gi, pi)
+        if not isinstance(g, torch.Tensor):
+            raise TypeError(f"{where}: .grad must be a tensor or None, got "
+                            f"{type(g).__name__}")
+        if g.layout is not torch.strided:
+            raise RuntimeError(f"{where}: fastopt does not support sparse gradients "
+                               f"(.grad has layout {g.layout}); use a dense gradient")
+        if g.device.type != "cpu":
+            raise ValueError(f"{where}: .grad is on {g.device}, the parameter on the CPU")
+        if g.dtype != obj.dtype:
+            raise TypeError(f"{where}: .grad has dtype {g.dtype}, the parameter {obj.dtype}")
+        if g.is_conj() or g.is_neg():
+            return g.resolve_conj().resolve_neg().detach().numpy()
+        return g.detach().numpy()
+
+    def zero_grad(self, obj, set_to_none):
+        g = obj.grad
+        if g is None:
+            return
+        if set_to_none:
+            obj.grad = None
+        else:
+            if g.grad_fn is not None:
+                g.detach_()
+            else:
+                g.requires_grad_(False)
+            g.zero_()
+
+
+def _version_bumper():
+    torch = _torch()
+    bump = getattr(torch._C, "_increment_version", None)
+    if bump is not None:
+        try:
+            probe = torch.zeros(1)
+            before = probe._version
+            bump([probe])
+            if probe._version == before + 1:
+                return bump
+        except Exception:  # noqa: BLE001 - fall back to the public API below
+            pass
+    return torch.autograd.graph.increment_version
+
+
+ADAPTER = TorchAdapter()
+
+
+def register():
+    """Add the tensor adapter to ``fastopt.optimizer._ADAPTERS`` (idempotent)."""
+    from fastopt import optimizer
+
+    if not any(isinstance(a, TorchAdapter) for a in optimizer._ADAPTERS):
+        optimizer._ADAPTERS.append(ADAPTER)

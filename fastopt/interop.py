@@ -1,0 +1,308 @@
+"""Move a training run between fastopt and torch.optim.
+
+fastopt's ``state_dict()`` has torch.optim's layout (same ids, group keys and state keys,
+``step`` a 0-d float32 value), with NumPy arrays where torch has tensors. The functions here
+convert the values, so a run can stop with one library and continue with the other:
+
+>>> sd = fastopt_opt.state_dict()                        # doctest: +SKIP
+>>> torch_opt.load_state_dict(interop.state_dict_to_torch(sd))
+>>> fastopt_opt.load_state_dict(interop.state_dict_from_torch(torch_opt.state_dict()))
+
+or build the other library's optimizer in one call:
+
+>>> torch_opt = interop.to_torch(fastopt_opt)            # doctest: +SKIP
+>>> fastopt_opt = interop.from_torch(torch_opt)
+
+Conversions copy: the result never shares memory with the optimizer it came from, so both
+can keep running side by side. Values are converted exactly (same dtype, same bits); a
+converted state loaded into the same library continues with identical numbers. Across
+libraries the continuation agrees to rounding (torch's CPU ``sqrt`` is not IEEE-rounded).
+
+Scheduler state dicts are plain Python values; ``scheduler_state_to_torch`` and
+``scheduler_state_from_torch`` translate the few keys that differ.
+
+Importing this module does not import torch; the ``*_to_torch`` functions and ``to_torch``
+do.
+"""
+import copy
+import sys
+
+import numpy as np
+
+__all__ = [
+    "SHARED_OPTIMIZERS",
+    "state_dict_to_torch",
+    "state_dict_from_torch",
+    "to_torch",
+    "from_torch",
+    "scheduler_state_to_torch",
+    "scheduler_state_from_torch",
+]
+
+
+def _shared():
+    """Names of the optimizers both libraries have (fastopt's registry order)."""
+    import fastopt
+
+    return [name for name in fastopt.OPTIMIZERS if name in _TORCH_OPTIMIZERS]
+
+
+# torch.optim's optimizer classes in PyTorch 2.13 (kept here so that listing the shared
+# ones needs no torch import; a fastopt optimizer of the same name has the same contract)
+_TORCH_OPTIMIZERS = frozenset({
+    "ASGD", "Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax", "LBFGS", "Muon",
+    "NAdam", "RAdam", "RMSprop", "Rprop", "SGD", "SparseAdam"})
+
+
+class _SharedNames:
+    """``SHARED_OPTIMIZERS``: evaluated on use, since the registry grows with fastopt."""
+
+    def __iter__(self):
+        return iter(_shared())
+
+    def __contains__(self, name):
+        return name in _shared()
+
+    def __len__(self):
+        return len(_shared())
+
+    def __repr__(self):
+        return repr(_shared())
+
+
+#: names of the optimizers that ``to_torch``/``from_torch`` can convert
+SHARED_OPTIMIZERS = _SharedNames()
+
+
+def _import_torch():
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("fastopt.interop needs PyTorch for this conversion: "
+                          "pip install torch") from e
+    return torch
+
+
+def _import_torch_if_loaded():
+    return sys.modules.get("torch")
+
+
+# ------------------------------------------------------------------------ value converters
+
+
+def _to_tensor(value, torch):
+    if isinstance(value, np.ndarray):
+        # np.array(copy) also turns read-only or non-contiguous arrays into plain ones
+        return torch.from_numpy(np.array(value, copy=True, order="C"))
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return type(value)((k, _to_tensor(v, torch)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_tensor(v, torch) for v in value)
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    return copy.deepcopy(value)
+
+
+def _tensor_to_array(t, torch):
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.is_sparse or t.layout is not torch.strided:
+        t = t.to_dense()
+    if t.dtype in (torch.bfloat16,):
+        t = t.float()
+    t = t.resolve_conj().resolve_neg()
+    return np.array(t.numpy(), copy=True)
+
+
+def _from_tensor(value, torch):
+    if torch is not None and isinstance(value, torch.Tensor):
+        return _tensor_to_array(value, torch)
+    if isinstance(value, np.ndarray):
+        return value.copy()
+    if isinstance(value, dict):
+        return type(value)((k, _from_tensor(v, torch)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(_from_tensor(v, torch) for v in value)
+    return copy.deepcopy(value)
+
+
+def _check_layout(state_dict, what):
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"{what} must be a dict, got {type(state_dict).__name__}")
+    for key in ("state", "param_groups"):
+        if key not in state_dict:
+            raise KeyError(f"{what} has no {key!r} entry; is it an optimizer state_dict?")
+
+
+# ------------------------------------------------------------------------ state dicts
+
+
+def state_dict_to_torch(state_dict):
+    """A fastopt optimizer ``state_dict()`` as ``torch.optim`` would have written it.
+
+    Parameters
+    ----------
+    state_dict : dict
+        ``{"state": ..., "param_groups": ...}`` from a fastopt optimizer (or a copy of one,
+        for example loaded with ``pickle``).
+
+    Returns
+    -------
+    dict
+        The same structure with every NumPy array replaced by a CPU tensor of the same
+        dtype and shape holding a copy of the data (``step`` becomes a 0-d float32 tensor,
+        as torch keeps it) and NumPy scalars by Python numbers. Everything else (ids,
+        hyperparameters, scheduler keys such as ``initial_lr``) is copied as is. Load it
+        with ``torch_optimizer.load_state_dict``.
+    """
+    _check_layout(state_dict, "state_dict")
+    torch = _import_torch()
+    out = {k: v for k, v in state_dict.items() if k not in ("state", "param_groups")}
+    out["state"] = {k: _to_tensor(v, torch) for k, v in state_dict["state"].items()}
+    out["param_groups"] = [_to_tensor(dict(g), torch) for g in state_dict["param_groups"]]
+    for g, src in zip(out["param_groups"], state_dict["param_groups"]):
+        g["params"] = list(src["params"])
+    return out
+
+
+def state_dict_from_torch(state_dict):
+    """A ``torch.optim`` optimizer's ``state_dict()`` with NumPy arrays instead of tensors.
+
+    Tensors become NumPy copies of the same dtype and shape (a 0-d float32 ``step`` stays a
+    0-d float32 array; tensors on another device are copied to the CPU first; bfloat16 is
+    widened to float32). A tensor ``lr`` becomes an array of the same shape. The result
+    does not need torch to be loaded, pickled or inspected; load it with a fastopt
+    optimizer's ``load_state_dict``.
+    """
+    _check_layout(state_dict, "state_dict")
+    torch = _import_torch_if_loaded()
+    out = {k: v for k, v in state_dict.items() if k not in ("state", "param_groups")}
+    out["state"] = {k: _from_tensor(v, torch) for k, v in state_dict["state"].items()}
+    groups = []
+    for src in state_dict["param_groups"]:
+        g = _from_tensor(dict(src), torch)
+        g["params"] = list(src["params"])
+        groups.append(g)
+    out["param_groups"] = groups
+    return out
+
+
+# ------------------------------------------------------------------------ optimizers
+
+
+def _group_specs(optimizer, convert_param):
+    """Constructor groups mirroring ``optimizer.param_groups`` with converted params."""
+    memo = {}
+    specs = []
+    for group in optimizer.param_groups:
+        params = []
+        for p in group["params"]:
+            key = id(p)
+            if key not in memo:
+                memo[key] = convert_param(p)
+            params.append(memo[key])
+        names = group.get("param_names")
+        if names is not None:
+            params = list(zip(names, params))
+        specs.append({"params": params})
+    return specs
+
+
+def to_torch(optimizer):
+    """The ``torch.optim`` optimizer equivalent to a fastopt ``optimizer``, state included.
+
+    Parameters
+    ----------
+    optimizer : fastopt.optimizer.Optimizer
+        One of :data:`SHARED_OPTIMIZERS`. Its parameters are used as they are when they are
+        torch tensors; ``fastopt.Parameter`` arrays are wrapped with ``torch.from_numpy`` (the
+        tensor shares the array's memory and has ``requires_grad=True``; give it gradients
+        through autograd or by setting ``.grad``).
+
+    Returns
+    -------
+    torch.optim.Optimizer
+        Same class name, same param groups and hyperparameters (including scheduler keys),
+        and a copy of the state. Step it where the fastopt optimizer left off.
+    """
+    torch = _import_torch()
+    cls = _torch_class(type(optimizer).__name__, torch)
+
+    def convert(p):
+        if isinstance(p, torch.Tensor):
+            return p
+        t = torch.from_numpy(np.asarray(p))
+        return t.requires_grad_(True)
+
+    new = cls(_group_specs(optimizer, convert))
+    new.load_state_dict(state_dict_to_torch(optimizer.state_dict()))
+    return new
+
+
+def from_torch(optimizer):
+    """The fastopt optimizer equivalent to a ``torch.optim`` ``optimizer``, state included.
+
+    The new optimizer updates the same tensors in place (they must be dense, contiguous
+    float32/float64 CPU tensors), with the same param groups, hyperparameters and a copy of
+    the state. Step it where the torch optimizer left off.
+    """
+    import fastopt
+
+    name = type(optimizer).__name__
+    if name not in SHARED_OPTIMIZERS:
+        raise ValueError(f"fastopt has no counterpart of torch.optim.{name}; it converts "
+                         f"{list(SHARED_OPTIMIZERS)}")
+    cls = fastopt.OPTIMIZERS[name]
+    new = cls(_group_specs(optimizer, lambda p: p))
+    new.load_state_dict(state_dict_from_torch(optimizer.state_dict()))
+    return new
+
+
+def _torch_class(name, torch):
+    cls = getattr(torch.optim, name, None)
+    if (name not in SHARED_OPTIMIZERS or not isinstance(cls, type)
+            or not issubclass(cls, torch.optim.Optimizer)):
+        raise ValueError(f"torch.optim has no counterpart of fastopt.{name}; convertible: "
+                         f"{list(SHARED_OPTIMIZERS)}")
+    return cls
+
+
+# ------------------------------------------------------------------------ schedulers
+
+# fastopt's scheduler state_dicts carry this key so a dict from another class is refused;
+# torch's schedulers would store it as a stray attribute.
+_FASTOPT_ONLY_SCHEDULER_KEYS = ("_scheduler_class",)
+
+
+def scheduler_state_to_torch(state_dict):
+    """A fastopt scheduler's ``state_dict()`` for the torch scheduler of the same class.
+
+    Drops the keys only fastopt uses (also in the nested dicts of SequentialLR and
+    ChainedScheduler) and turns NumPy values into Python numbers or tensors.
+    """
+    torch = _import_torch()
+
+    def clean(sd):
+        out = {}
+        for k, v in sd.items():
+            if k in _FASTOPT_ONLY_SCHEDULER_KEYS:
+                continue
+            if k == "_schedulers" and isinstance(v, list):
+                out[k] = [clean(s) if isinstance(s, dict) else _to_tensor(s, torch) for s in v]
+            else:
+                out[k] = _to_tensor(v, torch)
+        return out
+
+    return clean(state_dict)
+
+
+def scheduler_state_from_torch(state_dict):
+    """A torch scheduler's ``state_dict()`` for the fastopt scheduler of the same class.
+
+    fastopt's schedulers accept torch's dicts as they are; this copies the dict and turns
+    tensors (tensor learning rates) into NumPy arrays so the result does not need torch.
+    """
+    return _from_tensor(dict(state_dict), _import_torch_if_loaded())
