@@ -87,9 +87,16 @@ def test_trace_bad_input():
 
 # ------------------------------------------------------------------ figures
 
-matplotlib = pytest.importorskip("matplotlib", reason="lr_curve needs the plot extra")
+try:
+    import matplotlib  # noqa: F401
+except ImportError:
+    HAVE_MPL = False
+else:
+    HAVE_MPL = True
+needs_mpl = pytest.mark.skipif(not HAVE_MPL, reason="lr_curve needs the plot extra (matplotlib)")
 
 
+@needs_mpl
 @pytest.mark.parametrize("size", [(800, 500), (640, 480), (333, 222)])
 def test_lr_curve_png_of_requested_size(tmp_path, size):
     path = tmp_path / "lr.png"
@@ -100,6 +107,7 @@ def test_lr_curve_png_of_requested_size(tmp_path, size):
     assert fig.get_size_inches() * fig.dpi == pytest.approx(size)
 
 
+@needs_mpl
 def test_lr_curve_lines_labels_and_momentum_panel():
     opt = sgd(groups=2)
     fig = lr_curve([L.CyclicLR(opt, 0.01, 0.1, 4), S.linear_warmup(0.1, 10)], steps=30,
@@ -114,6 +122,7 @@ def test_lr_curve_lines_labels_and_momentum_panel():
     assert len(no_mom.axes) == 1
 
 
+@needs_mpl
 def test_lr_curve_into_given_axes(tmp_path):
     from matplotlib.figure import Figure
 
@@ -123,6 +132,7 @@ def test_lr_curve_into_given_axes(tmp_path):
     assert out is fig and len(ax.get_lines()) == 2 and ax.get_yscale() == "log"
 
 
+@needs_mpl
 def test_lr_curve_bad_arguments():
     with pytest.raises(ValueError, match="labels"):
         lr_curve(S.constant(1.0), steps=3, labels=["a", "b"])

@@ -85,6 +85,19 @@ def test_out_writes_png_of_requested_size(tmp_path, capsys, size):
     assert png_size(path) == size
 
 
+def test_out_without_matplotlib_names_the_extra(tmp_path, capsys, monkeypatch):
+    for mod in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, mod)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    path = tmp_path / "lr.png"
+    assert main(["StepLR", "--steps", "3", "--step_size", "1", "--out", str(path)]) == 1
+    captured = capsys.readouterr()
+    assert 'pip install "fastopt[plot]"' in captured.err
+    assert not path.exists()
+    _, rows = table(captured.out)  # the table is still printed
+    assert len(rows) == 3
+
+
 BAD = [
     (["NoSuchLR", "--steps", "3"], "unknown schedule"),
     (["StepLR", "--steps", "3"], "needs --step_size"),
