@@ -57,7 +57,14 @@ cdef inline bint _usable(cnp.ndarray a):
 
 def check_param(obj, Py_ssize_t gi, Py_ssize_t pi):
     """Raise unless ``obj`` (an ndarray) can be updated in place by the kernels."""
-    cdef cnp.ndarray a = obj
+    _check_param(obj, gi, pi)
+
+
+cdef inline int _check_param(cnp.ndarray a, Py_ssize_t gi, Py_ssize_t pi) except -1:
+    if (cnp.PyArray_IS_C_CONTIGUOUS(a) and cnp.PyArray_ISALIGNED(a)
+            and cnp.PyArray_ISNOTSWAPPED(a) and cnp.PyArray_ISWRITEABLE(a)
+            and (cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT or cnp.PyArray_TYPE(a) == cnp.NPY_DOUBLE)):
+        return 0
     cdef int tn = cnp.PyArray_TYPE(a)
     if (tn != cnp.NPY_FLOAT and tn != cnp.NPY_DOUBLE) or not cnp.PyArray_ISNOTSWAPPED(a):
         raise TypeError(f"{_where(gi, pi)}: fastopt optimizes float32 and float64 arrays "
@@ -67,6 +74,7 @@ def check_param(obj, Py_ssize_t gi, Py_ssize_t pi):
                          f"array (wrap np.ascontiguousarray(x) instead)")
     if not cnp.PyArray_ISWRITEABLE(a):
         raise ValueError(f"{_where(gi, pi)}: the parameter's array is read-only")
+    return 0
 
 
 cdef cnp.ndarray _check_grad(cnp.ndarray p, object g, Py_ssize_t gi, Py_ssize_t pi):
@@ -94,6 +102,7 @@ cdef class Plan:
     """Pointers to every tensor of one dtype that one step of one group updates."""
     cdef fo_tensor *ts
     cdef float **steps
+    cdef double *stepval
     cdef Py_ssize_t n, cap
     cdef list keep
     cdef list states  # the state dict bound to each slot (None until bound)
@@ -105,12 +114,14 @@ cdef class Plan:
         self.states = []
         self.ts = NULL
         self.steps = NULL
+        self.stepval = NULL
         self.n = 0
         self.cap = 0
 
     def __dealloc__(self):
         free(self.ts)
         free(self.steps)
+        free(self.stepval)
 
     def __len__(self):
         return self.n
@@ -133,6 +144,10 @@ cdef class Plan:
             if mem == NULL:
                 raise MemoryError()
             self.steps = <float **>mem
+            mem = realloc(self.stepval, cap * sizeof(double))
+            if mem == NULL:
+                raise MemoryError()
+            self.stepval = <double *>mem
             self.cap = cap
         cdef fo_tensor *t = &self.ts[self.n]
         t.param = cnp.PyArray_DATA(p)
@@ -231,9 +246,13 @@ cdef class Plan:
         return dup
 
     cdef void _advance_steps(self) noexcept:
+        """Add 1 to every step counter (float32, as torch's step tensor) and record in
+        stepval[k] the value slot k sees. A parameter listed twice shares one counter and
+        sees it once per occurrence, in list order, as in torch."""
         cdef Py_ssize_t k
         for k in range(self.n):
             self.steps[k][0] = self.steps[k][0] + <float>1.0
+            self.stepval[k] = self.steps[k][0]
 
     cdef void _go(self, fo_kernel_fn fn, const void *hyper) noexcept:
         cdef int serial = self._serial()
@@ -270,7 +289,7 @@ def collect(Plan p32, Plan p64, Py_ssize_t gi, list params, state, tuple keys,
         else:
             raise TypeError(f"{_where(gi, i)}: expected a fastopt.Parameter, got "
                             f"{type(obj).__name__}; wrap arrays as fastopt.Parameter(x)")
-        check_param(arr, gi, i)
+        _check_param(arr, gi, i)
         g = _check_grad(arr, gobj, gi, i)
         plan = p32 if cnp.PyArray_TYPE(arr) == cnp.NPY_FLOAT else p64
         slot = plan._add(arr, g)
@@ -319,7 +338,7 @@ def run_adagrad(Plan plan, double lr, double lr_decay, double weight_decay, doub
     h.maximize = maximize
     plan._advance_steps()
     for j in range(plan.n):
-        step = plan.steps[j][0]
+        step = plan.stepval[j]
         plan.ts[j].scalar[0] = lr / (1.0 + (step - 1.0) * lr_decay)
     cdef const fo_kernel_table *k = fo_kernels()
     plan._go(_pick(plan, k.adagrad_f32, k.adagrad_f64), &h)
@@ -359,7 +378,11 @@ def run_adam(Plan plan, double lr, double beta1, double beta2, double eps, doubl
     h.decoupled = decoupled
     plan._advance_steps()
     for j in range(plan.n):
-        step = plan.steps[j][0]
+        step = plan.stepval[j]
+        if j > 0 and step == plan.stepval[j - 1]:  # the usual case: same step as the last
+            plan.ts[j].scalar[0] = plan.ts[j - 1].scalar[0]
+            plan.ts[j].scalar[1] = plan.ts[j - 1].scalar[1]
+            continue
         # as torch: step_size = lr / (1 - beta1**t), bias_correction2_sqrt = (1 - beta2**t)**0.5
         plan.ts[j].scalar[0] = lr / (1.0 - pow(beta1, step))
         plan.ts[j].scalar[1] = pow(1.0 - pow(beta2, step), 0.5)
@@ -432,7 +455,7 @@ def run_adamax(Plan plan, double lr, double beta1, double beta2, double eps,
     h.maximize = maximize
     plan._advance_steps()
     for j in range(plan.n):
-        step = plan.steps[j][0]
+        step = plan.stepval[j]
         # as torch: clr = lr / (1 - beta1**t)
         plan.ts[j].scalar[0] = lr / (1.0 - pow(beta1, step))
     cdef const fo_kernel_table *k = fo_kernels()
@@ -471,7 +494,7 @@ def run_nadam(Plan plan, double lr, double beta1, double beta2, double eps,
     plan._advance_steps()
     for j in range(plan.n):
         mu_product = _scalar_state(plan, j, "mu_product")
-        step = plan.steps[j][0]
+        step = plan.stepval[j]
         mu = beta1 * (1.0 - 0.5 * pow(0.96, step * momentum_decay))
         mu_next = beta1 * (1.0 - 0.5 * pow(0.96, (step + 1.0) * momentum_decay))
         # torch's mu_product is a float32 tensor: mu is rounded to float32, so is the product
@@ -501,7 +524,7 @@ def run_radam(Plan plan, double lr, double beta1, double beta2, double eps,
     plan._advance_steps()
     rho_inf = 2.0 / (1.0 - beta2) - 1.0
     for j in range(plan.n):
-        step = plan.steps[j][0]
+        step = plan.stepval[j]
         bc1 = 1.0 - pow(beta1, step)
         bc2 = 1.0 - pow(beta2, step)
         rho_t = rho_inf - 2.0 * step * pow(beta2, step) / bc2
@@ -540,7 +563,7 @@ def run_asgd(Plan plan, double lr, double lambd, double alpha, double t0,
     for j in range(plan.n):
         # as torch, in double, stored as float32: eta = lr / (1 + lambd lr t)^alpha,
         # mu = 1 / max(1, t - t0)
-        step = plan.steps[j][0]
+        step = plan.stepval[j]
         eta = _scalar_state(plan, j, "eta")
         mu = _scalar_state(plan, j, "mu")
         eta[0] = <float>(lr / pow(1.0 + lambd * lr * step, alpha))

@@ -1,0 +1,209 @@
+"""``python -m fastopt bench``: fastopt against in-place NumPy and torch's fastest CPU path.
+
+Every implementation runs the same update on the same float32 data; rounds are interleaved
+(fastopt, NumPy, torch, fastopt, ...) so that the noise of a shared machine hits them alike,
+and the table reports medians and ratios.
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import numpy as np
+
+import fastopt
+from fastopt._bench_cases import CASES
+
+DEFAULT_SIZES = ["1e4", "1e5", "1e6", "1e7", "100x1000"]
+QUICK_SIZES = ["1e4", "1e5", "1e6", "100x1000"]
+
+
+def parse_size(text):
+    """'1e6' -> [1000000]; '100x1000' -> 100 tensors of 1000 elements."""
+    text = text.strip().lower()
+    if "x" in text:
+        count, each = text.split("x", 1)
+        count, each = int(float(count)), int(float(each))
+        if count < 1 or each < 1:
+            raise ValueError(text)
+        return [each] * count
+    n = int(float(text))
+    if n < 1:
+        raise ValueError(text)
+    return [n]
+
+
+def _make_fastopt(name, case, arrays, grads):
+    params = [fastopt.Parameter(a) for a in arrays]
+    for p, g in zip(params, grads):
+        p.grad = g
+    opt = fastopt.OPTIMIZERS[name](params, **case.kwargs)
+    return opt.step
+
+
+def _make_numpy(case, arrays, grads):
+    state = {}
+    counter = [0]
+
+    def step():
+        counter[0] += 1
+        case.numpy_step(arrays, grads, state, counter[0])
+    return step
+
+
+def _make_torch(torch, case, arrays, grads):
+    cls_name, extra = case.torch
+    tensors = [torch.from_numpy(a).requires_grad_() for a in arrays]
+    for t, g in zip(tensors, grads):
+        t.grad = torch.from_numpy(g)
+    opt = getattr(torch.optim, cls_name)(tensors, **dict(case.kwargs, **extra))
+    return opt.step
+
+
+def _calibrate(fn, target):
+    fn()
+    reps, elapsed = 1, 0.0
+    while True:
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        elapsed = time.perf_counter() - t0
+        if elapsed >= target / 4 or reps >= 1 << 16:
+            break
+        reps *= 4
+    return max(1, int(reps * target / max(elapsed, 1e-9)))
+
+
+def measure(name, sizes, impls, rounds, target, torch=None):
+    """Median seconds per step for each implementation, interleaved."""
+    case = CASES[name]
+    rng = np.random.default_rng(0)
+    steps = {}
+    for impl in impls:
+        arrays = [(rng.standard_normal(n) * 0.1).astype(np.float32) for n in sizes]
+        grads = [(rng.standard_normal(n) * 0.01).astype(np.float32) for n in sizes]
+        if impl == "fastopt":
+            steps[impl] = _make_fastopt(name, case, arrays, grads)
+        elif impl == "numpy":
+            steps[impl] = _make_numpy(case, arrays, grads)
+        else:
+            steps[impl] = _make_torch(torch, case, arrays, grads)
+    reps = {impl: _calibrate(fn, target) for impl, fn in steps.items()}
+    samples = {impl: [] for impl in impls}
+    for _ in range(rounds):
+        for impl in impls:
+            fn, k = steps[impl], reps[impl]
+            t0 = time.perf_counter()
+            for _ in range(k):
+                fn()
+            samples[impl].append((time.perf_counter() - t0) / k)
+    return {impl: statistics.median(s) for impl, s in samples.items()}
+
+
+def _fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def format_table(rows, threads):
+    head = (f"{'optimizer':<9} {'size':>9} {'fastopt':>9} {'numpy':>9} {'torch':>9} "
+            f"{'GB/s':>6} {'x numpy':>8} {'x torch':>8} {'step us':>9}")
+    out = [f"float32, {threads} thread(s); times are ns per element (median of interleaved "
+           f"rounds); GB/s is fastopt's effective bandwidth; step us is fastopt's time per step",
+           head, "-" * len(head)]
+    for r in rows:
+        out.append(f"{r['optimizer']:<9} {r['size']:>9} {_fmt(r['fastopt_ns'], '9.3f')} "
+                   f"{_fmt(r.get('numpy_ns'), '9.3f')} {_fmt(r.get('torch_ns'), '9.3f')} "
+                   f"{_fmt(r['fastopt_gbs'], '6.1f')} {_fmt(r.get('speedup_numpy'), '8.1f')} "
+                   f"{_fmt(r.get('speedup_torch'), '8.2f')} {_fmt(r['fastopt_step_us'], '9.1f')}")
+    return "\n".join(out)
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(
+        prog="python -m fastopt bench",
+        description="Time one optimizer step of fastopt, in-place NumPy and torch (fused=True "
+                    "where torch has a fused CPU kernel, else its default loop) on the same "
+                    "float32 data, interleaved, and print ns/element, GB/s and speedups.")
+    ap.add_argument("--optimizers", default=None,
+                    help=f"comma-separated names (default: all of {', '.join(CASES)})")
+    ap.add_argument("--sizes", default=None,
+                    help="comma-separated sizes: N elements ('1e6') or COUNTxN tensors "
+                         f"('100x1000'); default {','.join(DEFAULT_SIZES)}")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="threads for fastopt and torch (default 1)")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 7)")
+    ap.add_argument("--quick", action="store_true",
+                    help="fewer sizes (no 1e7), fewer and shorter rounds")
+    ap.add_argument("--no-torch", action="store_true", help="leave torch out")
+    ap.add_argument("--no-numpy", action="store_true", help="leave NumPy out")
+    ap.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    return ap
+
+
+def main(argv=None):
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    names = list(CASES) if args.optimizers is None else [
+        s.strip() for s in args.optimizers.split(",") if s.strip()]
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        ap.error(f"unknown optimizer(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    size_texts = args.sizes.split(",") if args.sizes else (
+        QUICK_SIZES if args.quick else DEFAULT_SIZES)
+    try:
+        sizes = [(s.strip(), parse_size(s)) for s in size_texts]
+    except ValueError as e:
+        ap.error(f"bad size {e}; use N (like 1e6) or COUNTxN (like 100x1000)")
+    if args.threads < 1:
+        ap.error("--threads must be at least 1")
+    rounds = args.rounds or (3 if args.quick else 7)
+    target = 0.01 if args.quick else 0.03
+
+    impls = ["fastopt"] + ([] if args.no_numpy else ["numpy"])
+    torch = None
+    if not args.no_torch:
+        try:
+            import torch
+            torch.set_num_threads(args.threads)
+            impls.append("torch")
+        except ImportError:
+            print("torch is not installed: comparing with NumPy only "
+                  "(pip install torch for the torch column)", file=sys.stderr)
+    before = fastopt.get_num_threads()
+    fastopt.set_num_threads(args.threads)
+    cfg = fastopt.show_config(print_=False)
+    print(f"fastopt {fastopt.__version__}: isa={cfg['isa']} openmp={cfg['openmp']} "
+          f"threads={args.threads}" + (f"; torch {torch.__version__}" if torch else ""),
+          file=sys.stderr)
+    rows = []
+    total = len(names) * len(sizes)
+    try:
+        for name in names:
+            for label, shape in sizes:
+                print(f"[{len(rows) + 1}/{total}] {name} {label} ...", file=sys.stderr,
+                      flush=True)
+                res = measure(name, shape, impls, rounds, target, torch)
+                n = sum(shape)
+                row = {"optimizer": name, "size": label, "elements": n,
+                       "tensors": len(shape), "threads": args.threads}
+                for impl, sec in res.items():
+                    row[f"{impl}_ns"] = sec / n * 1e9
+                row["fastopt_step_us"] = res["fastopt"] * 1e6
+                row["fastopt_gbs"] = CASES[name].bytes_per_element * n / res["fastopt"] / 1e9
+                for impl in ("numpy", "torch"):
+                    if impl in res:
+                        row[f"speedup_{impl}"] = res[impl] / res["fastopt"]
+                rows.append(row)
+    finally:
+        fastopt.set_num_threads(before)
+    print(format_table(rows, args.threads))
+    notes = [f"{n}: {CASES[n].note}" for n in names if CASES[n].note]
+    if notes:
+        print("notes: " + "; ".join(notes))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": cfg, "torch": getattr(torch, "__version__", None),
+                       "rows": rows}, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
