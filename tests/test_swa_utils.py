@@ -296,3 +296,32 @@ def test_swalr_after_cosine_like_torch_recipe():
             h.assert_same(tc, fc, topt, fopt, epoch)
     saved = copy.deepcopy(fswa.state_dict())
     assert saved == fswa.state_dict()
+
+
+def test_float_updates_run_in_the_c_kernel(monkeypatch):
+    """float32/float64 averages go through fastopt._kernels in one call per dtype group;
+    other dtypes (float16 here) take the NumPy path with the same rule."""
+    from fastopt import _kernels
+
+    calls = []
+    real = _kernels.average
+
+    def spy(dst, src, weight, lerp):
+        calls.append(([a.dtype for a in dst], weight, lerp))
+        return real(dst, src, weight, lerp)
+
+    monkeypatch.setattr(_kernels, "average", spy)
+    arrays = [np.ones(5, np.float32), np.ones(3, np.float64), np.ones(4, np.float32),
+              np.ones(2, np.float16)]
+    swa = FS.AveragedModel(arrays)
+    ema = FS.AveragedModel(arrays, multi_avg_fn=FS.get_ema_multi_avg_fn(0.75))
+    for k in range(3):
+        cur = [a * (k + 2) for a in arrays]
+        swa.update_parameters(cur)
+        ema.update_parameters(cur)
+    # the first update copies; then one kernel call per float dtype and update
+    assert sorted(str(c[0]) for c in calls) == sorted(
+        [str([np.dtype(np.float32)] * 2), str([np.dtype(np.float64)])] * 4)
+    assert {(c[1], c[2]) for c in calls} == {(2.0, False), (3.0, False), (0.25, True)}
+    np.testing.assert_array_equal(swa.params[3], np.full(2, 3.0, np.float16))
+    np.testing.assert_allclose(swa.params[0], np.full(5, 3.0))
