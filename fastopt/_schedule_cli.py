@@ -34,7 +34,20 @@ _SKIPPED_PARAMS = {"optimizer", "last_epoch", "self"}
 
 
 class UsageError(Exception):
-    pass
+    """Bad command line: ``message``, and the NAME whose arguments the usage should list."""
+
+    def __init__(self, message, name=None):
+        super().__init__(message)
+        self.message = message
+        self.name = name
+
+
+class HelpRequested(Exception):
+    """``--help``: print the usage (for ``name`` when given) and exit 0."""
+
+    def __init__(self, name=None):
+        super().__init__(name)
+        self.name = name
 
 
 def _scheduler_classes():
@@ -128,8 +141,10 @@ def _parse_value(key, text):
 
 
 def _parse_args(argv):
-    if not argv or argv[0] in ("-h", "--help"):
-        raise UsageError(None)
+    if not argv:
+        raise UsageError("NAME is missing")
+    if argv[0] in ("-h", "--help"):
+        raise HelpRequested()
     name, rest = argv[0], argv[1:]
     if name.startswith("-"):
         raise UsageError("NAME must come first")
@@ -138,7 +153,7 @@ def _parse_args(argv):
     while i < len(rest):
         arg = rest[i]
         if arg in ("-h", "--help"):
-            raise UsageError(("help", name))
+            raise HelpRequested(name)
         if not arg.startswith("--") or len(arg) == 2:
             raise UsageError(f"unexpected argument {arg!r}")
         key = arg[2:]
@@ -200,15 +215,15 @@ def _build(name, opts, own):
     accepted = {p.name for p in _parameters(target)}
     unknown = sorted(set(opts) - accepted)
     if unknown:
-        raise UsageError(("args", name, f"unknown argument(s) for {_canonical(name)}: "
-                          + ", ".join("--" + u for u in unknown)))
+        raise UsageError(f"unknown argument(s) for {_canonical(name)}: "
+                         + ", ".join("--" + u for u in unknown), name)
     kwargs = {k: _parse_value(k, v) for k, v in opts.items()}
     missing = [p.name for p in _parameters(target)
                if p.default is inspect.Parameter.empty and p.name not in kwargs
                and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     if missing:
-        raise UsageError(("args", name, f"{_canonical(name)} needs "
-                          + ", ".join("--" + m for m in missing)))
+        raise UsageError(f"{_canonical(name)} needs " + ", ".join("--" + m for m in missing),
+                         name)
     if isinstance(target, type):
         param = fastopt.Parameter(np.zeros(1))
         if own["optimizer"] == "adam":
@@ -218,58 +233,46 @@ def _build(name, opts, own):
         try:
             return target(opt, **kwargs)
         except (TypeError, ValueError, KeyError) as exc:
-            raise UsageError(("args", name, f"{_canonical(name)}: {exc}")) from None
+            raise UsageError(f"{_canonical(name)}: {exc}", name) from None
     try:
         return target(**kwargs)
     except (TypeError, ValueError) as exc:
-        raise UsageError(("args", name, f"{_canonical(name)}: {exc}")) from None
+        raise UsageError(f"{_canonical(name)}: {exc}", name) from None
 
 
-def _fail(message, name=None):
-    out = sys.stderr
-    if message:
-        print(f"error: {message}", file=out)
+def _print_usage(name, out):
     try:
-        text = usage(name) if name is not None else usage()
-    except UsageError:
+        text = usage(name)
+    except UsageError:  # an unknown NAME: list everything
         text = usage()
     print(text, file=out)
-    return 2
 
 
 def main(argv):
     """Run the ``schedule`` command; returns the exit code (2 for usage errors)."""
     from fastopt.plot import lr_curve, lr_trace
 
-    argv = list(argv)
     try:
-        name, opts = _parse_args(argv)
+        name, opts = _parse_args(list(argv))
         _lookup(name)
         own = _own_options(opts)
         sched = _build(name, opts, own)
         metrics = own["metrics"]
         if isinstance(sched, lr_scheduler.ReduceLROnPlateau):
             if metrics is None:
-                raise UsageError(("args", name, "ReduceLROnPlateau needs --metrics a,b,..."))
+                raise UsageError("ReduceLROnPlateau needs --metrics a,b,...", name)
             metrics = metrics + [metrics[-1]] * max(0, own["steps"] - len(metrics))
         try:
             trace = lr_trace(sched, own["steps"], metrics=metrics)
         except ValueError as exc:  # e.g. OneCycleLR stepped past total_steps
-            raise UsageError(("args", name, f"{_canonical(name)}: {exc}")) from None
-    except UsageError as exc:
-        detail = exc.args[0] if exc.args else None
-        if detail is None:
-            print(usage())
-            return 0 if argv and argv[0] in ("-h", "--help") else 2
-        if isinstance(detail, tuple) and detail[0] == "help":
-            try:
-                print(usage(detail[1]))
-                return 0
-            except UsageError:
-                return _fail(f"unknown schedule {detail[1]!r}")
-        if isinstance(detail, tuple):
-            return _fail(detail[2], name=detail[1])
-        return _fail(detail)
+            raise UsageError(f"{_canonical(name)}: {exc}", name) from None
+    except HelpRequested as req:
+        _print_usage(req.name, sys.stdout)
+        return 0
+    except UsageError as err:
+        print(f"error: {err.message}", file=sys.stderr)
+        _print_usage(err.name, sys.stderr)
+        return 2
 
     label = _canonical(name)
     header = ["step", "lr"]
