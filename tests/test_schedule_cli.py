@@ -23,10 +23,22 @@ def table(out):
 
 
 def png_size(path):
+    """(width, height) of a PNG file, after checking it decodes as a whole."""
     with open(path, "rb") as f:
         head = f.read(24)
-    assert head[:8] == b"\x89PNG\r\n\x1a\n"
-    return struct.unpack(">II", head[16:24])
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG file"
+    assert head[12:16] == b"IHDR"
+    size = struct.unpack(">II", head[16:24])
+    try:
+        from PIL import Image  # matplotlib depends on pillow
+    except ImportError:
+        return size
+    with Image.open(path) as im:
+        im.verify()  # every chunk and its CRC
+    with Image.open(path) as im:
+        im.load()  # the pixel data decompresses
+        assert im.size == size
+    return size
 
 
 def reference(make, steps, lr=0.1):
