@@ -349,13 +349,16 @@ class _LambdaBase(LRScheduler):
         n = len(optimizer.param_groups)
         if isinstance(lr_lambda, (list, tuple)):
             if len(lr_lambda) != n:
-                raise ValueError(f"Expected {n} lr_lambdas, but got {len(lr_lambda)}")
+                raise ValueError(
+                    f"lr_lambda: expected {n} lr_lambdas (one per param group), got "
+                    f"{len(lr_lambda)}"
+                )
             self.lr_lambdas = list(lr_lambda)
         else:
             self.lr_lambdas = [lr_lambda] * n
         for fn in self.lr_lambdas:
             if not callable(fn):
-                raise TypeError(f"lr_lambda should be a function, but got {type(fn).__name__}")
+                raise TypeError(f"lr_lambda must be callable, got {type(fn).__name__}")
         super().__init__(optimizer, last_epoch)
 
     def state_dict(self):
@@ -593,12 +596,12 @@ class CosineAnnealingWarmRestarts(LRScheduler):
 
     def __init__(self, optimizer, T_0, T_mult=1, eta_min=0.0, last_epoch=-1):
         if not isinstance(T_0, int) or T_0 <= 0:
-            raise ValueError(f"Expected positive integer T_0, but got {T_0}")
+            raise ValueError(f"T_0 must be a positive integer, got {T_0!r}")
         if not isinstance(T_mult, int) or T_mult < 1:
-            raise ValueError(f"Expected integer T_mult >= 1, but got {T_mult}")
+            raise ValueError(f"T_mult must be an integer >= 1, got {T_mult!r}")
         if not isinstance(eta_min, (float, int)):
             raise ValueError(  # noqa: TRY004 (torch raises ValueError)
-                f"Expected float or int eta_min, but got {eta_min} of type {type(eta_min).__name__}"
+                f"eta_min must be a float or an int, got {eta_min!r} of type {type(eta_min).__name__}"
             )
         self.T_0 = T_0
         self.T_i = T_0
@@ -624,7 +627,7 @@ class CosineAnnealingWarmRestarts(LRScheduler):
                 self.T_i = self.T_i * self.T_mult
         else:
             if epoch < 0:
-                raise ValueError(f"Expected non-negative epoch, but got {epoch}")
+                raise ValueError(f"epoch must be non-negative, got {epoch!r}")
             if epoch < self.T_0:
                 self.T_i = self.T_0
                 self.T_cur = epoch
@@ -651,7 +654,8 @@ def _momentum_key_check(optimizer):
     defaults = optimizer.defaults
     if "momentum" not in defaults and "betas" not in defaults:
         raise ValueError(
-            "optimizer must support momentum or beta1 with `cycle_momentum` option enabled"
+            "cycle_momentum=True needs an optimizer with 'momentum' or 'betas' (beta1) in its "
+            "defaults"
         )
     return "betas" in defaults
 
@@ -815,18 +819,18 @@ class OneCycleLR(LRScheduler):
         self.optimizer = optimizer
         if total_steps is not None:
             if not isinstance(total_steps, int) or total_steps <= 0:
-                raise ValueError(f"Expected positive integer total_steps, but got {total_steps}")
+                raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}")
             self.total_steps = total_steps
         elif epochs is not None and steps_per_epoch is not None:
             if not isinstance(epochs, int) or epochs <= 0:
-                raise ValueError(f"Expected positive integer epochs, but got {epochs}")
+                raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
             if not isinstance(steps_per_epoch, int) or steps_per_epoch <= 0:
                 raise ValueError(
-                    f"Expected positive integer steps_per_epoch, but got {steps_per_epoch}"
+                    f"steps_per_epoch must be a positive integer, got {steps_per_epoch!r}"
                 )
             self.total_steps = epochs * steps_per_epoch
         else:
-            raise ValueError("You must define either total_steps OR (epochs AND steps_per_epoch)")
+            raise ValueError("OneCycleLR needs total_steps, or both epochs and steps_per_epoch")
         n = self.total_steps
         warm_end = float(pct_start * n) - 1
         if three_phase:
@@ -847,10 +851,10 @@ class OneCycleLR(LRScheduler):
                 self._phase(n - 1, "max_lr", "min_lr", "base_momentum", "max_momentum"),
             ]
         if not isinstance(pct_start, float) or pct_start < 0 or pct_start > 1:
-            raise ValueError(f"Expected float between 0 and 1 pct_start, but got {pct_start}")
+            raise ValueError(f"pct_start must be a float in [0, 1], got {pct_start!r}")
         if anneal_strategy not in ("cos", "linear"):
             raise ValueError(
-                f"anneal_strategy must be one of 'cos' or 'linear', instead got {anneal_strategy}"
+                f"anneal_strategy must be 'cos' or 'linear', got {anneal_strategy!r}"
             )
         self._anneal_func_type = anneal_strategy
         max_lrs = _per_group("max_lr", optimizer, max_lr)
@@ -891,8 +895,8 @@ class OneCycleLR(LRScheduler):
         step = self.last_epoch
         if step > self.total_steps:
             raise ValueError(
-                f"Tried to step {step} times. The specified number of total steps is "
-                f"{self.total_steps}"
+                f"Tried to step {step} times, but this OneCycleLR was built for "
+                f"total_steps={self.total_steps}"
             )
         phases = self._schedule_phases
         lrs = []
@@ -936,14 +940,14 @@ class ReduceLROnPlateau(LRScheduler):
         eps=1e-8,
     ):
         if factor >= 1.0:
-            raise ValueError(f"factor should be < 1.0, got {factor}")
+            raise ValueError(f"factor must be < 1.0, got {factor!r}")
         self.factor = factor
         _check_optimizer(optimizer)
         self.optimizer = optimizer
         n = len(optimizer.param_groups)
         if isinstance(min_lr, (list, tuple)):
             if len(min_lr) != n:
-                raise ValueError(f"expected {n} min_lrs, got {len(min_lr)}")
+                raise ValueError(f"min_lr: expected {n} min_lrs (one per param group), got {len(min_lr)}")
             self.default_min_lr = None
             self.min_lrs = list(min_lr)
         else:
@@ -959,9 +963,9 @@ class ReduceLROnPlateau(LRScheduler):
 
     def _init_is_better(self, mode, threshold, threshold_mode):
         if mode not in ("min", "max"):
-            raise ValueError(f"mode {mode} is unknown! Expected 'min' or 'max'")
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
         if threshold_mode not in ("rel", "abs"):
-            raise ValueError(f"threshold mode {threshold_mode} is unknown! Expected 'rel' or 'abs'")
+            raise ValueError(f"threshold_mode must be 'rel' or 'abs', got {threshold_mode!r}")
         self.mode_worse = math.inf if mode == "min" else -math.inf
         self.mode = mode
         self.threshold = threshold

@@ -94,7 +94,7 @@ def _lerp_numpy(a, c, weight):
 
 def _check_decay(decay):
     if not 0.0 <= decay <= 1.0:
-        raise ValueError(f"Invalid decay value {decay}: decay must be in the range [0, 1]")
+        raise ValueError(f"decay must be in [0, 1], got {decay!r}")
 
 
 def get_ema_multi_avg_fn(decay=0.999):
@@ -205,7 +205,7 @@ class AveragedModel:
 
     def __init__(self, model, avg_fn=None, multi_avg_fn=None, use_buffers=False):
         if avg_fn is not None and multi_avg_fn is not None:
-            raise _AssertionValueError("Only one of avg_fn and multi_avg_fn should be provided")
+            raise _AssertionValueError("Only one of avg_fn and multi_avg_fn may be given")
         self.params = [np.array(p, copy=True, order="C") for p in _arrays(model, "parameters")]
         self.buffers = [np.array(b, copy=True, order="C") for b in _arrays(model, "buffers")]
         self.n_averaged = 0
@@ -331,11 +331,11 @@ class SWALR(LRScheduler):
             group["swa_lr"] = lr
         if anneal_strategy not in ("cos", "linear"):
             raise ValueError(
-                f"anneal_strategy must be one of 'cos' or 'linear', instead got {anneal_strategy}"
+                f"anneal_strategy must be 'cos' or 'linear', got {anneal_strategy!r}"
             )
         self._anneal_strategy = anneal_strategy
         if not isinstance(anneal_epochs, int) or anneal_epochs < 0:
-            raise ValueError(f"anneal_epochs must be equal or greater than 0, got {anneal_epochs}")
+            raise ValueError(f"anneal_epochs must be an integer >= 0, got {anneal_epochs!r}")
         self.anneal_epochs = anneal_epochs
         super().__init__(optimizer, last_epoch)
 

@@ -591,7 +591,7 @@ BAD = [
     ("Plateau", lambda L, o: L.ReduceLROnPlateau(o, factor=1.0), ValueError, "factor"),
     ("Plateau", lambda L, o: L.ReduceLROnPlateau(o, mode="mid"), ValueError, "mode"),
     ("Plateau", lambda L, o: L.ReduceLROnPlateau(o, threshold_mode="x"), ValueError,
-     "threshold mode"),
+     "threshold_mode"),
     ("Plateau", lambda L, o: L.ReduceLROnPlateau(o, min_lr=[0.1]), ValueError, "min_lr"),
     ("Lambda", lambda L, o: L.LambdaLR(o, [lambda e: 1.0]), ValueError, "lr_lambdas"),
     ("Multiplicative", lambda L, o: L.MultiplicativeLR(o, 0.5), TypeError, "lr_lambda"),

