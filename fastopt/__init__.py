@@ -6,7 +6,11 @@
 >>> w.grad = np.ones(3, dtype=np.float32)
 >>> opt.step()
 """
-from fastopt._parameter import Parameter
+from fastopt._locate import extend_path as _extend_path
+
+_extend_path(__path__)
+
+from fastopt._parameter import Parameter  # noqa: E402
 from fastopt._config import get_num_threads, set_num_threads, show_config
 from fastopt.optimizer import Optimizer
 from fastopt.sgd import SGD
@@ -20,6 +24,10 @@ from fastopt.radam import RAdam
 from fastopt.asgd import ASGD
 from fastopt.rprop import Rprop
 from fastopt.lion import Lion
+from fastopt.sparse_adam import SparseAdam, SparseGrad
+from fastopt.lbfgs import LBFGS
+from fastopt.adafactor import Adafactor
+from fastopt.muon import Muon
 from fastopt import _torch
 from fastopt import interop
 
@@ -43,6 +51,17 @@ OPTIMIZERS = {
     "Lion": Lion,
 }
 
+#: The optimizers that are not per-element updates of dense gradients, so generic loops over
+#: ``OPTIMIZERS`` cannot drive them: LBFGS needs a closure, SparseAdam a ``SparseGrad``,
+#: Muon 2-D parameters; Adafactor keeps factored (differently shaped) state.
+OTHER_OPTIMIZERS = {
+    "SparseAdam": SparseAdam,
+    "LBFGS": LBFGS,
+    "Adafactor": Adafactor,
+    "Muon": Muon,
+}
+
 __all__ = ["Parameter", "Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW",
            "Adadelta", "Adamax", "NAdam", "RAdam", "ASGD", "Rprop", "Lion",
+           "SparseAdam", "SparseGrad", "LBFGS", "Adafactor", "Muon", "OTHER_OPTIMIZERS",
            "OPTIMIZERS", "show_config", "set_num_threads", "get_num_threads"]

@@ -1,0 +1,72 @@
+"""Phase 1 of a step for the optimizers written in NumPy (Adafactor, Muon): find every
+parameter with a gradient and check it, raising before anything is modified."""
+import numpy as np
+
+from fastopt._parameter import Parameter
+from fastopt.optimizer import _adapter_for
+
+__all__ = ["gather"]
+
+
+def _where(gi, pi):
+    return f"param_groups[{gi}]['params'][{pi}]"
+
+
+def gather(opt, name):
+    """Per group, the list of (param object, array, grad array) of parameters with a grad.
+
+    Every parameter must be a float32/float64 array (Parameter or adapted tensor) and its
+    grad a dense array of the same shape and dtype; anything else raises TypeError,
+    ValueError or (sparse gradients, as torch) RuntimeError naming group and parameter."""
+    from fastopt.sparse_adam import SparseGrad
+
+    out = []
+    for gi, group in enumerate(opt.param_groups):
+        items = []
+        for pi, p in enumerate(group["params"]):
+            if isinstance(p, Parameter):
+                arr, g = p.view(np.ndarray), p.grad
+            else:
+                adapter = _adapter_for(p)
+                if adapter is None:
+                    raise TypeError(f"{_where(gi, pi)}: expected a fastopt.Parameter, got "
+                                    f"{type(p).__name__}")
+                arr, g = adapter.arrays(p, gi, pi)
+            if g is None:
+                continue
+            if isinstance(g, SparseGrad):
+                raise RuntimeError(f"{_where(gi, pi)}: {name} does not support sparse "
+                                   f"gradients")
+            if not isinstance(g, np.ndarray):
+                raise TypeError(f"{_where(gi, pi)}: .grad must be a numpy.ndarray or None, "
+                                f"got {type(g).__name__}")
+            if arr.dtype not in (np.float32, np.float64):
+                raise TypeError(f"{_where(gi, pi)}: {name} optimizes float32 and float64 "
+                                f"arrays, got {arr.dtype}")
+            if g.dtype != arr.dtype:
+                raise TypeError(f"{_where(gi, pi)}: .grad has dtype {g.dtype}, the parameter "
+                                f"{arr.dtype}")
+            if g.shape != arr.shape:
+                raise ValueError(f"{_where(gi, pi)}: .grad has shape {g.shape}, the parameter "
+                                 f"{arr.shape}")
+            if not arr.flags.writeable:
+                raise ValueError(f"{_where(gi, pi)}: the parameter's array is read-only")
+            items.append((gi, pi, p, arr, g))
+        out.append(items)
+    return out
+
+
+def check_state_array(value, shape, dtype, where, key):
+    if not isinstance(value, np.ndarray) or value.shape != tuple(shape) or value.dtype != dtype \
+            or not value.flags.writeable:
+        desc = (f"{value.dtype} {value.shape}" if isinstance(value, np.ndarray)
+                else type(value).__name__)
+        raise ValueError(f"{where}: state[{key!r}] must be a writable {dtype} array of shape "
+                         f"{tuple(shape)}, got {desc}")
+
+
+def check_step(value, where):
+    if not (isinstance(value, np.ndarray) and value.dtype == np.float32 and value.size == 1
+            and value.flags.writeable):
+        raise TypeError(f"{where}: state['step'] must be a writable 0-d float32 array, got "
+                        f"{value!r}")

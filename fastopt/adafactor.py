@@ -1,0 +1,169 @@
+"""Adafactor: factored second moments for matrices (NumPy, not per-element)."""
+import numpy as np
+
+from fastopt._dense import _where, check_state_array, check_step, gather
+from fastopt.optimizer import Optimizer
+
+__all__ = ["Adafactor"]
+
+
+class Adafactor(Optimizer):
+    r"""Adafactor (Shazeer and Stern 2018), as ``torch.optim.Adafactor``.
+
+    For a parameter with ``ndim >= 2`` the second moment is kept as a row factor
+    :math:`R` (shape with the last dim 1) and a column factor :math:`C` (dim -2 of size 1);
+    otherwise as a full ``variance``:
+
+    .. math::
+        \hat\beta_t &= 1 - t^{\tau}, \quad \rho_t = \min(\gamma, 1/\sqrt t), \quad
+        \alpha_t = \max(\epsilon_2, \mathrm{RMS}(\theta))\,\rho_t, \quad
+        \theta \leftarrow \theta (1 - \gamma\lambda) \\
+        R &\leftarrow \mathrm{lerp}(R, \mathrm{mean}_{-1}(G^2), t^\tau), \quad
+        C \leftarrow \mathrm{lerp}(C, \mathrm{mean}_{-2}(G^2), t^\tau), \quad
+        \hat V = \frac{R\,C}{\max(\mathrm{mean}_{-2}(R), \epsilon_1)} \\
+        U &= G / \sqrt{\max(\hat V, \epsilon_1^2)}, \quad
+        \theta \leftarrow \theta - \frac{\alpha_t}{\max(1, \mathrm{RMS}(U)/d)}\, U
+
+    Parameters
+    ----------
+    params : iterable
+        Parameters or parameter-group dicts (float32 or float64).
+    lr : float, default 1e-2
+        Upper bound of the relative step size :math:`\rho_t`, and the weight-decay scale.
+    beta2_decay : float, default -0.8
+        :math:`\tau`; must be <= 0.
+    eps : (float or None, float), default (None, 1e-3)
+        :math:`\epsilon_1` (None: the machine epsilon of the parameter dtype) and
+        :math:`\epsilon_2`.
+    d : float, default 1.0
+        Clipping threshold of the update's RMS; must be >= 1.
+    weight_decay : float, default 0.0
+        Decoupled weight decay :math:`\lambda`.
+    maximize : bool, default False
+        Maximize the objective instead of minimizing it.
+    foreach : optional
+        Accepted for compatibility; changes nothing.
+
+    Notes
+    -----
+    Defaults are torch 2.13's code, not its docstring: the docstring says
+    ``weight_decay`` defaults to 1e-2 (the code uses 0.0) and lists no default for ``d``
+    (1.0). As torch's for-loop path, when ``eps[0]`` is None the machine epsilon of the
+    *first* parameter with a gradient in a group is used for the whole group. Row and column
+    means are computed as torch does, as the squared 2-norm divided by the length.
+    State: ``step`` (float32 0-d) and ``row_var``, ``col_var`` or ``variance``.
+    """
+
+    _flag_defaults = {"foreach": None, "maximize": False}
+
+    def __init__(self, params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0,
+                 weight_decay=0.0, *, foreach=None, maximize=False):
+        defaults = dict(lr=lr, beta2_decay=beta2_decay, eps=eps, d=d,
+                        weight_decay=weight_decay, foreach=foreach, maximize=maximize)
+        self._check_group(defaults)
+        super().__init__(params, defaults)
+
+    def _check_group(self, group):
+        lr, eps = group["lr"], group["eps"]
+        if not 0.0 <= lr:
+            raise ValueError(f"Learning rate should be >= 0 but is: {lr}")
+        if not 0.0 >= group["beta2_decay"]:
+            raise ValueError(f"beta2_decay should be <= 0 but is: {group['beta2_decay']}")
+        if eps[0] is not None and not 0.0 <= eps[0]:
+            raise ValueError(f"epsilon1 should be >= 0 but is: {eps[0]}")
+        if not 0.0 <= eps[1]:
+            raise ValueError(f"epsilon2 should be >= 0 but is: {eps[1]}")
+        if not 1.0 <= group["d"]:
+            raise ValueError(f"Clipping threshold d should be >= 1 but is: {group['d']}")
+        if not 0.0 <= group["weight_decay"]:
+            raise ValueError(f"weight_decay should be >= 0 but is: {group['weight_decay']}")
+
+    @staticmethod
+    def _factor_shapes(shape):
+        row, col = list(shape), list(shape)
+        row[-1] = 1
+        col[-2] = 1
+        return tuple(row), tuple(col)
+
+    def step(self, closure=None):
+        """Perform one optimization step; returns ``closure()``'s value when given."""
+        loss = None
+        if closure is not None:
+            loss = closure()
+        groups = gather(self, "Adafactor")
+        # phase 1: check hyperparameters and existing state
+        for gi, (group, items) in enumerate(zip(self.param_groups, groups)):
+            try:
+                self._check_group(group)
+            except ValueError as e:
+                raise ValueError(f"param_groups[{gi}]: {e}") from None
+            for _, pi, p, arr, g in items:
+                st = self.state.get(p)
+                if not st:
+                    continue
+                where = _where(gi, pi)
+                check_step(st.get("step"), where)
+                if arr.ndim > 1:
+                    row, col = self._factor_shapes(arr.shape)
+                    check_state_array(st.get("row_var"), row, arr.dtype, where, "row_var")
+                    check_state_array(st.get("col_var"), col, arr.dtype, where, "col_var")
+                else:
+                    check_state_array(st.get("variance"), arr.shape, arr.dtype, where,
+                                      "variance")
+        # phase 2: update
+        for group, items in zip(self.param_groups, groups):
+            lr, wd, d = group["lr"], group["weight_decay"], group["d"]
+            eps1, eps2 = group["eps"]
+            for _, _, p, arr, g in items:
+                st = self.state[p]
+                if len(st) == 0:
+                    st["step"] = np.array(0.0, dtype=np.float32)
+                    if arr.ndim > 1:
+                        row, col = self._factor_shapes(arr.shape)
+                        st["row_var"] = np.zeros(row, arr.dtype)
+                        st["col_var"] = np.zeros(col, arr.dtype)
+                    else:
+                        st["variance"] = np.zeros_like(arr)
+                self._update_one(arr, g, st, lr, wd, d, eps1, eps2, group)
+                if eps1 is None:
+                    eps1 = float(np.finfo(arr.dtype).eps)
+        return loss
+
+    @staticmethod
+    def _update_one(arr, g, st, lr, wd, d, eps1, eps2, group):
+        T = arr.dtype.type
+        if eps1 is None:
+            eps1 = float(np.finfo(arr.dtype).eps)
+        if group["maximize"]:
+            g = -g
+        st["step"] += np.float32(1)
+        t = float(st["step"])
+        w = t ** group["beta2_decay"]
+        rho = min(lr, 1 / (t ** 0.5))
+        alpha = max(eps2, float(np.linalg.norm(arr.reshape(-1))) / (arr.size ** 0.5)) * rho
+        if wd != 0:
+            arr *= T(1 - lr * wd)
+        if g.ndim > 1:
+            row_mean = np.sqrt(np.sum(g * g, axis=-1, keepdims=True))
+            row_mean = (row_mean * row_mean) / T(g.shape[-1])
+            _lerp_(st["row_var"], row_mean, T(w))
+            col_mean = np.sqrt(np.sum(g * g, axis=-2, keepdims=True))
+            col_mean = (col_mean * col_mean) / T(g.shape[-2])
+            _lerp_(st["col_var"], col_mean, T(w))
+            var = st["row_var"] @ st["col_var"]
+            var /= np.maximum(st["row_var"].mean(axis=-2, keepdims=True), T(eps1))
+        else:
+            _lerp_(st["variance"], g * g, T(w))
+            var = st["variance"].copy()
+        upd = T(1) / np.sqrt(np.maximum(var, T(eps1 * eps1)))
+        upd *= g
+        denom = max(1.0, float(np.linalg.norm(upd.reshape(-1))) / ((upd.size ** 0.5) * d))
+        arr += T(-alpha / denom) * upd
+
+
+def _lerp_(s, e, w):
+    """In place s = lerp(s, e, w), with torch's two formulas (split at w = 0.5)."""
+    if abs(w) < 0.5:
+        s += w * (e - s)
+    else:
+        s[...] = e - (e - s) * (type(w)(1) - w)
