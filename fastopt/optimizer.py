@@ -112,6 +112,9 @@ def _with_step_hooks(func):
 
     @functools.wraps(func)
     def wrapper(self, *args, **kwargs):
+        if not (_global_step_pre_hooks or _global_step_post_hooks
+                or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks):
+            return func(self, *args, **kwargs)
         for hook in chain(_global_step_pre_hooks.values(), self._optimizer_step_pre_hooks.values()):
             result = hook(self, args, kwargs)
             if result is not None:
