@@ -9,6 +9,7 @@ from collections import OrderedDict, defaultdict
 from copy import deepcopy
 from itertools import chain
 import functools
+import numbers
 import warnings
 
 import numpy as np
@@ -161,6 +162,19 @@ class Optimizer:
 
     def _check_group(self, group):
         """Raise ValueError for invalid hyperparameters in ``group``."""
+
+    def _check_step(self, group):
+        """Checks made before every step: only what the update cannot run without (every
+        numeric hyperparameter is a real number). Ranges are checked when a group is
+        created or loaded, not here: torch does the same, and schedules legitimately drive
+        lr a rounding error below zero (LinearLR to 0, OneCycleLR's last step)."""
+        for key, default in self.defaults.items():
+            if isinstance(default, (int, float)) and not isinstance(default, bool):
+                value = group[key]
+                if not isinstance(value, numbers.Real) and not (
+                        isinstance(value, np.ndarray) and value.size == 1
+                        and value.dtype.kind == "f"):
+                    raise TypeError(f"{key} must be a real number, got {value!r}")
 
     def _state_layout(self, group):
         """(keys of per-element state buffers, has a step counter, init mode); see
@@ -360,7 +374,7 @@ class Optimizer:
             # phase 1: check everything; nothing is modified
             for gi, group in enumerate(groups):
                 try:
-                    self._check_group(group)
+                    self._check_step(group)
                 except (ValueError, TypeError) as e:
                     raise type(e)(f"param_groups[{gi}]: {e}") from None
                 p32, p64 = plans[gi]

@@ -741,10 +741,6 @@ def test_resume_cyclic_and_onecycle_with_last_epoch(name):
     lockstep(topt, fopt, ts2, fs2, 100)
 
 
-@pytest.mark.xfail(
-    strict=True, raises=ValueError,
-    reason="core: fastopt.Optimizer.step re-validates group lr; torch only checks in the "
-           "constructor, and LinearLR to end_factor=0 rounds to -4e-17 (reported to the core)")
 def test_schedule_rounding_below_zero_still_steps_like_torch():
     topt, fopt = make_pair(lrs=(1.0, 1.0))
     ts = T.LinearLR(topt, start_factor=0.5433342482598822, end_factor=0.0, total_iters=12)

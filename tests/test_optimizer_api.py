@@ -497,3 +497,19 @@ def test_pickle_and_deepcopy_keep_parameters_and_state_together():
         p.grad = np.ones(3, np.float32)
         clone.step()
         assert float(clone.state[p]["step"]) == 2.0
+
+
+def test_non_numeric_hyperparameter_is_rejected_before_any_change():
+    a, b = P(3), P(3)
+    opt = fastopt.SGD([{"params": [a]}, {"params": [b]}], lr=0.1, momentum=0.9)
+    a.grad, b.grad = np.ones(3, np.float32), np.ones(3, np.float32)
+    opt.step()
+    opt.param_groups[1]["momentum"] = "0.9"
+    before = snapshot(opt, [a, b])
+    with pytest.raises(TypeError, match=r"param_groups\[1\]: momentum must be a real number"):
+        opt.step()
+    assert_unchanged(before, snapshot(opt, [a, b]))
+    # ranges are the constructor's business, as in torch: a schedule may end a hair below 0
+    opt.param_groups[1]["momentum"] = 0.9
+    opt.param_groups[1]["lr"] = -4e-17
+    opt.step()
