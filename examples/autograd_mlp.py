@@ -14,8 +14,9 @@ import sys
 
 import numpy as np
 
+# the sibling example provides the data, the network and the training loop
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import digits_mlp  # noqa: E402  (the sibling example: data, network, training loop)
+import digits_mlp
 
 
 def _loss(weights, X, y):

@@ -125,15 +125,15 @@ def train(grad_fn=loss_and_grads, epochs=12, batch=32, max_lr=0.01, seed=0, out=
                       flush=True)
         if bar:
             print("\r" + " " * 60 + "\r", end="", file=out)
-        row = dict(epoch=epoch, loss=total / len(ytr), train_acc=accuracy(params, Xtr, ytr),
-                   test_acc=accuracy(params, Xte, yte), lr=opt.param_groups[0]["lr"],
-                   seconds=time.perf_counter() - t0)
+        row = {"epoch": epoch, "loss": total / len(ytr), "train_acc": accuracy(params, Xtr, ytr),
+                   "test_acc": accuracy(params, Xte, yte), "lr": opt.param_groups[0]["lr"],
+                   "seconds": time.perf_counter() - t0}
         history.append(row)
         print(f"{epoch:>5} {row['loss']:>8.4f} {row['train_acc']:>9.2%} {row['test_acc']:>8.2%} "
               f"{row['lr']:>9.2e} {row['seconds']:>5.2f}s", file=out, flush=True)
     seconds = time.perf_counter() - t_start
-    return dict(history=history, test_acc=history[-1]["test_acc"],
-                train_acc=history[-1]["train_acc"], params=params, seconds=seconds)
+    return {"history": history, "test_acc": history[-1]["test_acc"],
+                "train_acc": history[-1]["train_acc"], "params": params, "seconds": seconds}
 
 
 def main(argv=None):

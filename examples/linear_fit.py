@@ -22,11 +22,11 @@ TRUE_B = 0.5
 NOISE = 0.1
 
 OPTIMIZERS = {
-    "SGD": (fastopt.SGD, dict(lr=0.05)),
-    "Momentum": (fastopt.SGD, dict(lr=0.05, momentum=0.9)),
-    "Adagrad": (fastopt.Adagrad, dict(lr=0.5)),
-    "RMSprop": (fastopt.RMSprop, dict(lr=0.01)),
-    "Adam": (fastopt.Adam, dict(lr=0.05)),
+    "SGD": (fastopt.SGD, {"lr": 0.05}),
+    "Momentum": (fastopt.SGD, {"lr": 0.05, "momentum": 0.9}),
+    "Adagrad": (fastopt.Adagrad, {"lr": 0.5}),
+    "RMSprop": (fastopt.RMSprop, {"lr": 0.01}),
+    "Adam": (fastopt.Adam, {"lr": 0.05}),
 }
 
 
@@ -63,8 +63,8 @@ def fit(name, X, y, epochs=30, batch=64, seed=1):
             spent += time.perf_counter() - t0
             steps += 1
         epoch_loss.append(mse_and_grads(w, b, X, y)[0])
-    return dict(iter_loss=np.array(iters), epoch_loss=np.array(epoch_loss),
-                w=np.array(w), b=float(b[0]), sec_per_step=spent / steps)
+    return {"iter_loss": np.array(iters), "epoch_loss": np.array(epoch_loss),
+                "w": np.array(w), "b": float(b[0]), "sec_per_step": spent / steps}
 
 
 def run_all(epochs=30, batch=64):
@@ -105,7 +105,7 @@ def table(results):
         lines.append(f"{e:<8}" + "".join(f"{r['epoch_loss'][e - 1]:>17.4g}"
                                          for r in results.values()))
     lines.append(f"{'w1 w2 b':<8}" + "".join(
-        f"{'%.2f %.2f %.2f' % (*r['w'], r['b']):>17}" for r in results.values()))
+        f"{'{:.2f} {:.2f} {:.2f}'.format(*r['w'], r['b']):>17}" for r in results.values()))
     lines.append(f"{'us/step':<8}" + "".join(f"{1e6 * r['sec_per_step']:>17.1f}"
                                           for r in results.values()))
     return "\n".join(lines)

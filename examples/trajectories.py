@@ -23,10 +23,10 @@ import numpy as np
 import fastopt
 
 PROBLEMS = {
-    "f1": dict(title="f(x, y) = x²/20 + y²", start=(-7.0, 2.0), scale=(1 / 20, 1.0),
-               box=(-10, 10, -5, 5)),
-    "f2": dict(title="f(x₁, x₂) = 0.2 x₁² + 2 x₂²", start=(3.0, 4.0), scale=(0.2, 2.0),
-               box=(-4.5, 4.5, -4.5, 4.5)),
+    "f1": {"title": "f(x, y) = x²/20 + y²", "start": (-7.0, 2.0), "scale": (1 / 20, 1.0),
+               "box": (-10, 10, -5, 5)},
+    "f2": {"title": "f(x₁, x₂) = 0.2 x₁² + 2 x₂²", "start": (3.0, 4.0), "scale": (0.2, 2.0),
+               "box": (-4.5, 4.5, -4.5, 4.5)},
 }
 
 # name -> (optimizer class, keyword arguments, learning rate per problem); the rates are
@@ -34,8 +34,8 @@ PROBLEMS = {
 # second axis, so plain SGD needs a smaller step there to stay stable)
 OPTIMIZERS = {
     "SGD": (fastopt.SGD, {}, {"f1": 0.95, "f2": 0.4}),
-    "Momentum": (fastopt.SGD, dict(momentum=0.9), {"f1": 0.1, "f2": 0.05}),
-    "Nesterov": (fastopt.SGD, dict(momentum=0.9, nesterov=True), {"f1": 0.1, "f2": 0.05}),
+    "Momentum": (fastopt.SGD, {"momentum": 0.9}, {"f1": 0.1, "f2": 0.05}),
+    "Nesterov": (fastopt.SGD, {"momentum": 0.9, "nesterov": True}, {"f1": 0.1, "f2": 0.05}),
     "Adagrad": (fastopt.Adagrad, {}, {"f1": 1.5, "f2": 1.0}),
     "RMSprop": (fastopt.RMSprop, {}, {"f1": 0.15, "f2": 0.1}),
     "Adam": (fastopt.Adam, {}, {"f1": 0.3, "f2": 0.3}),

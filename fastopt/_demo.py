@@ -25,7 +25,7 @@ import numpy as np
 import fastopt
 from fastopt import lr_scheduler as S
 
-__all__ = ["main", "run_trajectories", "run_linear_fit", "schedule_gallery"]
+__all__ = ["main", "run_linear_fit", "run_trajectories", "schedule_gallery"]
 
 PLOT_HINT = ('matplotlib is not installed, so no pictures were drawn; install the plot '
              'extra to get them: pip install "fastopt[plot]"')
@@ -169,8 +169,8 @@ def run_linear_fit(epochs=30, batch=64, n=1000):
                 opt.step()
                 spent += time.perf_counter() - t0
             epoch_loss.append(mse_grads(w, b, X, y)[0])
-        out[name] = dict(iter_loss=np.array(iters), epoch_loss=np.array(epoch_loss),
-                         w=np.array(w), b=float(b[0]), sec_per_step=spent / len(iters))
+        out[name] = {"iter_loss": np.array(iters), "epoch_loss": np.array(epoch_loss),
+                         "w": np.array(w), "b": float(b[0]), "sec_per_step": spent / len(iters)}
     return out
 
 

@@ -31,12 +31,12 @@ import numpy as np
 
 __all__ = [
     "SHARED_OPTIMIZERS",
-    "state_dict_to_torch",
-    "state_dict_from_torch",
-    "to_torch",
     "from_torch",
-    "scheduler_state_to_torch",
     "scheduler_state_from_torch",
+    "scheduler_state_to_torch",
+    "state_dict_from_torch",
+    "state_dict_to_torch",
+    "to_torch",
 ]
 
 

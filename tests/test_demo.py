@@ -42,8 +42,9 @@ def load_example(name):
                     reason="matplotlib (the plot extra) is not installed")
 def test_demo_quick_writes_pictures_and_summary(tmp_path):
     out = tmp_path / "pics"
-    r = subprocess.run([sys.executable, "-m", "fastopt", "demo", "--quick", "--out", str(out)],
-                       capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    cmd = [sys.executable, "-m", "fastopt", "demo", "--quick", "--out", str(out)]
+    r = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300,
+                       cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(out)) == sorted(PNGS)
     for name, size in PNGS.items():
@@ -69,8 +70,8 @@ def test_demo_without_matplotlib_prints_tables_and_the_hint(tmp_path):
     code = ("import sys; sys.modules['matplotlib'] = None\n"
             "from fastopt import _demo\n"
             f"sys.exit(_demo.main(['--quick', '--out', {str(tmp_path / 'pics')!r}]))\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=300, cwd=str(tmp_path))
+    r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True,
+                       text=True, timeout=300, cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr
     assert 'pip install "fastopt[plot]"' in r.stdout
     assert "optimizer" in r.stdout and "CosineAnnealingLR" in r.stdout

@@ -27,15 +27,15 @@ except ImportError:  # pragma: no cover - exercised on machines without torch
 needs_torch = pytest.mark.skipif(torch is None, reason="torch is not installed: the tensor "
                                  "adapter and interop tests need it")
 
-F32 = dict(rtol=1.3e-6, atol=1e-5)  # torch.testing's float32 defaults
+F32 = {"rtol": 1.3e-6, "atol": 1e-5}  # torch.testing's float32 defaults
 
 # --------------------------------------------------------------------------- torch absent
 
 
 def _run(code):
     env = dict(os.environ)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd="/", env=env, timeout=120)
+    return subprocess.run([sys.executable, "-c", code], check=False, capture_output=True,
+                          text=True, cwd="/", env=env, timeout=120)
 
 
 def test_import_does_not_import_torch():
@@ -352,14 +352,14 @@ def test_bad_grad_fails_the_step_and_changes_nothing(case, name):
 
 LOCKSTEP = {
     # name: (optimizer kwargs, scheduler factory taking (lr_scheduler module, optimizer))
-    "SGD-momentum": ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4),
+    "SGD-momentum": ("SGD", {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4},
                      lambda S, o: S.OneCycleLR(o, max_lr=0.2, total_steps=50)),
-    "Adam": ("Adam", dict(lr=3e-3, weight_decay=1e-4),
+    "Adam": ("Adam", {"lr": 3e-3, "weight_decay": 1e-4},
              lambda S, o: S.CosineAnnealingLR(o, T_max=50, eta_min=1e-4)),
-    "AdamW": ("AdamW", dict(lr=3e-3, weight_decay=0.05, amsgrad=True),
+    "AdamW": ("AdamW", {"lr": 3e-3, "weight_decay": 0.05, "amsgrad": True},
               lambda S, o: S.SequentialLR(o, [S.LinearLR(o, 0.1, total_iters=10),
                                               S.ExponentialLR(o, 0.97)], milestones=[10])),
-    "RMSprop": ("RMSprop", dict(lr=1e-3, momentum=0.5, centered=True),
+    "RMSprop": ("RMSprop", {"lr": 1e-3, "momentum": 0.5, "centered": True},
                 lambda S, o: S.StepLR(o, step_size=10, gamma=0.5)),
 }
 
@@ -388,7 +388,7 @@ def test_mlp_training_in_lockstep_with_torch(case):
             out.append(loss.item())
         assert opt.param_groups[0]["lr"] == topt.param_groups[0]["lr"]
         torch.testing.assert_close(losses[-1], tlosses[-1], **F32,
-                                   msg=lambda m: f"step {step}: {m}")
+                                   msg=lambda m, step=step: f"step {step}: {m}")
     assert losses[-1] < losses[0]  # it trained
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
@@ -397,17 +397,17 @@ def test_mlp_training_in_lockstep_with_torch(case):
 # --------------------------------------------------------------------------- interop
 
 INTEROP_KWARGS = {
-    "SGD": dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-3),
-    "Adagrad": dict(lr=0.05, lr_decay=1e-3, initial_accumulator_value=0.1),
-    "RMSprop": dict(lr=1e-2, momentum=0.9, centered=True, weight_decay=1e-3),
-    "Adam": dict(lr=1e-2, amsgrad=True, weight_decay=1e-3),
-    "AdamW": dict(lr=1e-2),
-    "Adamax": dict(lr=1e-2),
-    "NAdam": dict(lr=1e-2),
-    "RAdam": dict(lr=1e-2),
-    "Adadelta": dict(lr=1.0),
-    "ASGD": dict(lr=1e-2, t0=2),
-    "Rprop": dict(lr=1e-2),
+    "SGD": {"lr": 0.05, "momentum": 0.9, "dampening": 0.1, "weight_decay": 1e-3},
+    "Adagrad": {"lr": 0.05, "lr_decay": 1e-3, "initial_accumulator_value": 0.1},
+    "RMSprop": {"lr": 1e-2, "momentum": 0.9, "centered": True, "weight_decay": 1e-3},
+    "Adam": {"lr": 1e-2, "amsgrad": True, "weight_decay": 1e-3},
+    "AdamW": {"lr": 1e-2},
+    "Adamax": {"lr": 1e-2},
+    "NAdam": {"lr": 1e-2},
+    "RAdam": {"lr": 1e-2},
+    "Adadelta": {"lr": 1.0},
+    "ASGD": {"lr": 1e-2, "t0": 2},
+    "Rprop": {"lr": 1e-2},
 }
 
 
