@@ -25,6 +25,9 @@ __all__ = [
 ]
 
 
+_PLAIN_NUMBERS = (float, int)
+
+
 class _RequiredParameter:
     """Singleton class representing a required parameter for an Optimizer."""
 
@@ -168,13 +171,17 @@ class Optimizer:
         numeric hyperparameter is a real number). Ranges are checked when a group is
         created or loaded, not here: torch does the same, and schedules legitimately drive
         lr a rounding error below zero (LinearLR to 0, OneCycleLR's last step)."""
-        for key, default in self.defaults.items():
-            if isinstance(default, (int, float)) and not isinstance(default, bool):
-                value = group[key]
-                if not isinstance(value, numbers.Real) and not (
-                        isinstance(value, np.ndarray) and value.size == 1
-                        and value.dtype.kind == "f"):
-                    raise TypeError(f"{key} must be a real number, got {value!r}")
+        keys = self.__dict__.get("_numeric_keys")
+        if keys is None:
+            keys = self._numeric_keys = tuple(
+                k for k, d in self.defaults.items()
+                if isinstance(d, (int, float)) and not isinstance(d, bool))
+        for key in keys:
+            value = group[key]
+            if type(value) not in _PLAIN_NUMBERS and not isinstance(value, numbers.Real) and not (
+                    isinstance(value, np.ndarray) and value.size == 1
+                    and value.dtype.kind == "f"):
+                raise TypeError(f"{key} must be a real number, got {value!r}")
 
     def _state_layout(self, group):
         """(keys of per-element state buffers, has a step counter, init mode); see
