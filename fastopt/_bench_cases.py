@@ -113,3 +113,8 @@ CASES = {
     "AdamW": BenchCase(dict(lr=1e-3, weight_decay=1e-2), _adam(wd=1e-2),
                        ("AdamW", {"fused": True}), 28),
 }
+
+# issue 4's per-element optimizers (their cases live in fastopt/_bench_cases_extra.py)
+from fastopt._bench_cases_extra import EXTRA_CASES  # noqa: E402
+
+CASES.update(EXTRA_CASES)

@@ -464,13 +464,55 @@ def run_adamax(Plan plan, double lr, double beta1, double beta2, double eps,
 
 cdef inline float *_scalar_state(Plan plan, Py_ssize_t j, str key) except NULL:
     # a 0-d float32 state entry (NAdam's mu_product, ASGD's eta and mu); the optimizer checks
-    # them before the step, this only guards against misuse
+    # them all before the step (check_scalar_state), this only guards against misuse
     obj = plan.states[j][key]
     if (not cnp.PyArray_Check(obj) or cnp.PyArray_TYPE(<cnp.ndarray>obj) != cnp.NPY_FLOAT
             or cnp.PyArray_SIZE(<cnp.ndarray>obj) != 1 or not _usable(<cnp.ndarray>obj)):
         raise TypeError(f"state[{key!r}] must be a writable 0-d float32 array")
     plan.keep.append(obj)
     return <float *>cnp.PyArray_DATA(<cnp.ndarray>obj)
+
+
+cdef float **_scalar_ptrs(Plan plan, str key) except NULL:
+    """Pointers to state[key] of every slot (freed by the caller)."""
+    cdef float **ptrs = <float **>realloc(NULL, (plan.n + 1) * sizeof(float *))
+    cdef Py_ssize_t j
+    if ptrs == NULL:
+        raise MemoryError()
+    try:
+        for j in range(plan.n):
+            ptrs[j] = _scalar_state(plan, j, key)
+    except BaseException:
+        free(ptrs)
+        raise
+    return ptrs
+
+
+def check_scalar_state(list groups, state, tuple keys):
+    """Raise TypeError naming group and parameter if a parameter that has a gradient and
+    state lacks a writable 0-d float32 array under one of ``keys``; run before a step
+    changes anything."""
+    cdef Py_ssize_t gi, pi
+    cdef PyObject *item
+    cdef PyObject *value
+    for gi in range(len(groups)):
+        params = groups[gi]["params"]
+        for pi in range(len(params)):
+            p = params[pi]
+            item = PyDict_GetItem(state, p)
+            if item == NULL or not isinstance(<object>item, dict) or len(<object>item) == 0:
+                continue
+            if getattr(p, "grad", None) is None:
+                continue
+            for key in keys:
+                value = PyDict_GetItem(<object>item, key)
+                obj = None if value == NULL else <object>value
+                if (obj is None or not cnp.PyArray_Check(obj)
+                        or cnp.PyArray_TYPE(<cnp.ndarray>obj) != cnp.NPY_FLOAT
+                        or cnp.PyArray_SIZE(<cnp.ndarray>obj) != 1
+                        or not _usable(<cnp.ndarray>obj)):
+                    raise TypeError(f"{_where(gi, pi)}: state[{key!r}] must be a writable "
+                                    f"0-d float32 array, got {obj!r}")
 
 
 def run_nadam(Plan plan, double lr, double beta1, double beta2, double eps,
@@ -480,7 +522,6 @@ def run_nadam(Plan plan, double lr, double beta1, double beta2, double eps,
     cdef fo_nadam_hyper h
     cdef Py_ssize_t j
     cdef double step, mu, mu_next, prod
-    cdef float *mu_product
     h.lr = lr
     h.beta1 = beta1
     h.beta2 = beta2
@@ -488,21 +529,19 @@ def run_nadam(Plan plan, double lr, double beta1, double beta2, double eps,
     h.weight_decay = weight_decay
     h.decoupled = decoupled
     h.maximize = maximize
-    cdef list ptrs = []
-    for j in range(plan.n):
-        _scalar_state(plan, j, "mu_product")
+    cdef float **mu_product = _scalar_ptrs(plan, "mu_product")
     plan._advance_steps()
     for j in range(plan.n):
-        mu_product = _scalar_state(plan, j, "mu_product")
-        step = plan.stepval[j]
+        step = plan.steps[j][0]
         mu = beta1 * (1.0 - 0.5 * pow(0.96, step * momentum_decay))
         mu_next = beta1 * (1.0 - 0.5 * pow(0.96, (step + 1.0) * momentum_decay))
         # torch's mu_product is a float32 tensor: mu is rounded to float32, so is the product
-        mu_product[0] = mu_product[0] * <float>mu
-        prod = mu_product[0]
+        mu_product[j][0] = mu_product[j][0] * <float>mu
+        prod = mu_product[j][0]
         plan.ts[j].scalar[0] = 1.0 - pow(beta2, step)
         plan.ts[j].scalar[1] = (-lr * (1.0 - mu)) / (1.0 - prod)
         plan.ts[j].scalar[2] = (-lr * mu_next) / (1.0 - prod * mu_next)
+    free(mu_product)
     cdef const fo_kernel_table *k = fo_kernels()
     plan._go(_pick(plan, k.nadam_f32, k.nadam_f64), &h)
 
@@ -524,7 +563,7 @@ def run_radam(Plan plan, double lr, double beta1, double beta2, double eps,
     plan._advance_steps()
     rho_inf = 2.0 / (1.0 - beta2) - 1.0
     for j in range(plan.n):
-        step = plan.stepval[j]
+        step = plan.steps[j][0]
         bc1 = 1.0 - pow(beta1, step)
         bc2 = 1.0 - pow(beta2, step)
         rho_t = rho_inf - 2.0 * step * pow(beta2, step) / bc2
@@ -546,28 +585,30 @@ def run_asgd(Plan plan, double lr, double lambd, double alpha, double t0,
     cdef fo_asgd_hyper h
     cdef Py_ssize_t j
     cdef double step
-    cdef float *eta
-    cdef float *mu
     h.lambd = lambd
     h.weight_decay = weight_decay
     h.maximize = maximize
-    for j in range(plan.n):
-        _scalar_state(plan, j, "eta")
-        _scalar_state(plan, j, "mu")
+    cdef float **eta = _scalar_ptrs(plan, "eta")
+    cdef float **mu
+    try:
+        mu = _scalar_ptrs(plan, "mu")
+    except BaseException:
+        free(eta)
+        raise
     plan._advance_steps()
     for j in range(plan.n):
-        plan.ts[j].scalar[0] = _scalar_state(plan, j, "eta")[0]
-        plan.ts[j].scalar[1] = _scalar_state(plan, j, "mu")[0]
+        plan.ts[j].scalar[0] = eta[j][0]
+        plan.ts[j].scalar[1] = mu[j][0]
     cdef const fo_kernel_table *k = fo_kernels()
     plan._go(_pick(plan, k.asgd_f32, k.asgd_f64), &h)
     for j in range(plan.n):
         # as torch, in double, stored as float32: eta = lr / (1 + lambd lr t)^alpha,
         # mu = 1 / max(1, t - t0)
-        step = plan.stepval[j]
-        eta = _scalar_state(plan, j, "eta")
-        mu = _scalar_state(plan, j, "mu")
-        eta[0] = <float>(lr / pow(1.0 + lambd * lr * step, alpha))
-        mu[0] = <float>(1.0 / (step - t0 if step - t0 > 1.0 else 1.0))
+        step = plan.steps[j][0]
+        eta[j][0] = <float>(lr / pow(1.0 + lambd * lr * step, alpha))
+        mu[j][0] = <float>(1.0 / (step - t0 if step - t0 > 1.0 else 1.0))
+    free(eta)
+    free(mu)
 
 
 def run_rprop(Plan plan, double etaminus, double etaplus, double step_size_min,
