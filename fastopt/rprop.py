@@ -57,7 +57,8 @@ class Rprop(Optimizer):
         if not 0.0 < etas[0] < 1.0 < etas[1]:
             raise ValueError(f"Invalid eta values: {etas[0]}, {etas[1]}")
         lo, hi = group["step_sizes"]
-        float(lo), float(hi)
+        if not all(isinstance(v, (int, float, np.integer, np.floating)) for v in (lo, hi)):
+            raise TypeError(f"step_sizes must be two numbers, got {group['step_sizes']!r}")
 
     def _state_layout(self, group):
         return ("prev", "step_size"), True, 0

@@ -52,8 +52,9 @@ class SparseGrad:
 
     def coalesce(self):
         """The same gradient with sorted unique rows (duplicates summed)."""
-        if self.indices.size == 0:
-            return SparseGrad(self.indices, self.values)
+        idx = self.indices
+        if idx.size == 0 or (idx.size == 1 or bool(np.all(idx[1:] > idx[:-1]))):
+            return self  # already sorted and unique (the common case for a lookup batch)
         order = np.argsort(self.indices, kind="stable")
         idx = self.indices[order]
         vals = self.values[order]
