@@ -349,3 +349,27 @@ def test_converges_on_rosenbrock(name):
         opt.step()
     x, y = p
     assert (1 - x) ** 2 + 100 * (y - x * x) ** 2 < tol, (x, y)
+
+
+@pytest.mark.parametrize("name,kwargs", [c for c in CASES if c[0] in EXACT],
+                         ids=[f"{n}-{i}" for i, (n, _) in enumerate(CASES) if n in EXACT])
+def test_special_values_bitwise_with_torch(name, kwargs):
+    """NaN, infinities, signed zeros and denormals go through the same operations as in
+    torch (NaNs compared as NaNs: their sign bit is not specified)."""
+    torch = _torch()
+    vals = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-45, 3e38, -1.0, 2.0, -3e-39,
+                     5.0, -5.0, 1e-20, 0.5, -0.25, 7.0, 1.0], np.float32)
+    p = fastopt.Parameter(np.linspace(-2, 2, vals.size).astype(np.float32))
+    t = torch.tensor(np.asarray(p).copy(), requires_grad=True)
+    opt = fastopt.OPTIMIZERS[name]([p], **kwargs)
+    topt = getattr(torch.optim, name)([t], **kwargs)
+    rng = np.random.default_rng(1)
+    for k in range(6):
+        g = rng.permutation(vals) if k % 2 else -vals
+        p.grad = g
+        t.grad = torch.from_numpy(g.copy())
+        opt.step()
+        topt.step()
+        assert _same(p.view(np.ndarray), t.detach().numpy()), k
+        for key, v in opt.state[p].items():
+            assert _same(np.asarray(v), topt.state[t][key].numpy()), (k, key)
