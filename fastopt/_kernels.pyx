@@ -532,7 +532,7 @@ def run_nadam(Plan plan, double lr, double beta1, double beta2, double eps,
     cdef float **mu_product = _scalar_ptrs(plan, "mu_product")
     plan._advance_steps()
     for j in range(plan.n):
-        step = plan.steps[j][0]
+        step = plan.stepval[j]
         mu = beta1 * (1.0 - 0.5 * pow(0.96, step * momentum_decay))
         mu_next = beta1 * (1.0 - 0.5 * pow(0.96, (step + 1.0) * momentum_decay))
         # torch's mu_product is a float32 tensor: mu is rounded to float32, so is the product
@@ -563,7 +563,7 @@ def run_radam(Plan plan, double lr, double beta1, double beta2, double eps,
     plan._advance_steps()
     rho_inf = 2.0 / (1.0 - beta2) - 1.0
     for j in range(plan.n):
-        step = plan.steps[j][0]
+        step = plan.stepval[j]
         bc1 = 1.0 - pow(beta1, step)
         bc2 = 1.0 - pow(beta2, step)
         rho_t = rho_inf - 2.0 * step * pow(beta2, step) / bc2
@@ -597,18 +597,18 @@ def run_asgd(Plan plan, double lr, double lambd, double alpha, double t0,
         raise
     plan._advance_steps()
     for j in range(plan.n):
+        # this step uses the current values; then, as torch (in double, stored as float32):
+        # eta = lr / (1 + lambd lr t)^alpha, mu = 1 / max(1, t - t0). A parameter listed
+        # twice sees the values its first occurrence left, as in torch's loop.
         plan.ts[j].scalar[0] = eta[j][0]
         plan.ts[j].scalar[1] = mu[j][0]
-    cdef const fo_kernel_table *k = fo_kernels()
-    plan._go(_pick(plan, k.asgd_f32, k.asgd_f64), &h)
-    for j in range(plan.n):
-        # as torch, in double, stored as float32: eta = lr / (1 + lambd lr t)^alpha,
-        # mu = 1 / max(1, t - t0)
-        step = plan.steps[j][0]
+        step = plan.stepval[j]
         eta[j][0] = <float>(lr / pow(1.0 + lambd * lr * step, alpha))
         mu[j][0] = <float>(1.0 / (step - t0 if step - t0 > 1.0 else 1.0))
     free(eta)
     free(mu)
+    cdef const fo_kernel_table *k = fo_kernels()
+    plan._go(_pick(plan, k.asgd_f32, k.asgd_f64), &h)
 
 
 def run_rprop(Plan plan, double etaminus, double etaplus, double step_size_min,

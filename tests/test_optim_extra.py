@@ -373,3 +373,51 @@ def test_special_values_bitwise_with_torch(name, kwargs):
         assert _same(p.view(np.ndarray), t.detach().numpy()), k
         for key, v in opt.state[p].items():
             assert _same(np.asarray(v), topt.state[t][key].numpy()), (k, key)
+
+
+@pytest.mark.parametrize("name,kwargs", [c for c in TORCH_CASES if c[0] in EXACT],
+                         ids=[f"{n}-{i}" for i, (n, _) in enumerate(TORCH_CASES) if n in EXACT])
+def test_duplicate_parameter_steps_twice_as_torch(name, kwargs):
+    """A parameter listed twice in a group is updated twice per step (torch warns and does
+    the same): the second occurrence sees the step counter, eta and mu the first left."""
+    torch = _torch()
+    x = np.random.default_rng(8).standard_normal(40).astype(np.float32)
+    p = fastopt.Parameter(x.copy())
+    t = torch.tensor(x.copy(), requires_grad=True)
+    with pytest.warns(UserWarning, match="40967"):
+        opt = fastopt.OPTIMIZERS[name]([p, p], **kwargs)
+    with pytest.warns(UserWarning):
+        topt = getattr(torch.optim, name)([t, t], **kwargs)
+    rng = np.random.default_rng(3)
+    for k in range(8):
+        g = rng.standard_normal(40).astype(np.float32)
+        p.grad = g
+        t.grad = torch.from_numpy(g.copy())
+        opt.step()
+        topt.step()
+        assert np.array_equal(_bits(p), _bits(t.detach().numpy())), k
+    for key, v in opt.state[p].items():
+        assert np.array_equal(_bits(np.asarray(v)), _bits(topt.state[t][key].numpy())), key
+
+
+def test_state_dict_round_trip_continues_identically():
+    for name, kwargs in CASES:
+        rng = np.random.default_rng(6)
+        grads = [rng.standard_normal(33).astype(np.float32) for _ in range(10)]
+        x = rng.standard_normal(33).astype(np.float32)
+        a = fastopt.Parameter(x.copy())
+        oa = fastopt.OPTIMIZERS[name]([a], **kwargs)
+        b = fastopt.Parameter(x.copy())
+        ob = fastopt.OPTIMIZERS[name]([b], **kwargs)
+        for k, g in enumerate(grads):
+            if k == 5:
+                sd = ob.state_dict()
+                b2 = fastopt.Parameter(np.asarray(b).copy())
+                ob = fastopt.OPTIMIZERS[name]([b2], **kwargs)
+                ob.load_state_dict(sd)
+                b = b2
+            a.grad = g
+            b.grad = g
+            oa.step()
+            ob.step()
+        assert np.array_equal(_bits(a), _bits(b)), name
