@@ -11,7 +11,9 @@ Rules, as torch.optim's where torch has one:
   leaf (or ``retains_grad``) unless the optimizer was built with ``differentiable=True``;
   anything else is refused by ``add_param_group`` with an error naming the parameter;
 * every ``step()`` reads ``p.grad`` afresh (backward replaces it); a None grad skips the
-  parameter; a gradient must be a dense CPU tensor of the parameter's dtype and shape;
+  parameter; a gradient must be a dense CPU tensor of the parameter's dtype and shape, or,
+  for SparseAdam, a sparse COO tensor (an ``Embedding(sparse=True)`` gradient), which is
+  handed over as a ``fastopt.SparseGrad``;
 * after an update, the parameter's autograd version counter is incremented, as an in-place
   torch op would do, so a backward through a graph that saved the old value still fails
   loudly instead of giving wrong gradients;
@@ -138,9 +140,15 @@ class TorchAdapter:
         if not isinstance(g, torch.Tensor):
             raise TypeError(f"{where}: .grad must be a tensor or None, got "
                             f"{type(g).__name__}")
+        if g.layout is torch.sparse_coo and g.device.type == "cpu" and g.dtype == obj.dtype:
+            # an embedding's sparse gradient: SparseAdam takes it as a SparseGrad; the
+            # optimizers with dense kernels refuse it naming the parameter, as torch's do
+            from fastopt.sparse_adam import SparseGrad
+
+            return SparseGrad.from_torch(g)
         if g.layout is not torch.strided:
-            raise RuntimeError(f"{where}: fastopt does not support sparse gradients "
-                               f"(.grad has layout {g.layout}); use a dense gradient")
+            raise RuntimeError(f"{where}: fastopt does not support gradients with layout "
+                               f"{g.layout}; use a dense gradient")
         if g.device.type != "cpu":
             raise ValueError(f"{where}: .grad is on {g.device}, the parameter on the CPU")
         if g.dtype != obj.dtype:

@@ -42,9 +42,14 @@ __all__ = [
 
 def _shared():
     """Names of the optimizers both libraries have (fastopt's registry order)."""
+    return [name for name in _registry() if name in _TORCH_OPTIMIZERS]
+
+
+def _registry():
+    """Every fastopt optimizer class by name (the per-element ones and the others)."""
     import fastopt
 
-    return [name for name in fastopt.OPTIMIZERS if name in _TORCH_OPTIMIZERS]
+    return {**fastopt.OPTIMIZERS, **getattr(fastopt, "OTHER_OPTIMIZERS", {})}
 
 
 # torch.optim's optimizer classes in PyTorch 2.13 (kept here so that listing the shared
@@ -249,13 +254,11 @@ def from_torch(optimizer):
     float32/float64 CPU tensors), with the same param groups, hyperparameters and a copy of
     the state. Step it where the torch optimizer left off.
     """
-    import fastopt
-
     name = type(optimizer).__name__
     if name not in SHARED_OPTIMIZERS:
         raise ValueError(f"fastopt has no counterpart of torch.optim.{name}; it converts "
                          f"{list(SHARED_OPTIMIZERS)}")
-    cls = fastopt.OPTIMIZERS[name]
+    cls = _registry()[name]
     new = cls(_group_specs(optimizer, lambda p: p))
     new.load_state_dict(state_dict_from_torch(optimizer.state_dict()))
     return new

@@ -315,7 +315,8 @@ def test_a_tensor_as_params_is_a_type_error():
 
 def _bad_grads():
     return {
-        "sparse": (torch.zeros(3).to_sparse(), RuntimeError, "sparse"),
+        # handed over as a fastopt.SparseGrad, which only SparseAdam takes (as for arrays)
+        "sparse": (torch.zeros(3).to_sparse(), TypeError, "SparseGrad"),
         "dtype": (torch.zeros(3, dtype=torch.float64), TypeError, "float64"),
         "bfloat16": (torch.zeros(3, dtype=torch.bfloat16), TypeError, "bfloat16"),
         "shape": (torch.zeros(4), ValueError, "shape"),
@@ -370,7 +371,7 @@ def test_mlp_training_in_lockstep_with_torch(case):
     name, kwargs, make_sched = LOCKSTEP[case]
     model = mlp(10)
     ref = copy.deepcopy(model)
-    opt = fastopt.OPTIMIZERS[name](model.parameters(), **kwargs)
+    opt = FASTOPT[name](model.parameters(), **kwargs)
     topt = getattr(torch.optim, name)(ref.parameters(), **kwargs)
     sched = make_sched(flr, opt)
     tsched = make_sched(torch.optim.lr_scheduler, topt)
@@ -408,18 +409,57 @@ INTEROP_KWARGS = {
     "Adadelta": {"lr": 1.0},
     "ASGD": {"lr": 1e-2, "t0": 2},
     "Rprop": {"lr": 1e-2},
+    "LBFGS": {"lr": 0.2, "max_iter": 3, "history_size": 3},  # not chaotic: see moves test
+    "SparseAdam": {"lr": 1e-2},
+    "Adafactor": {"lr": 1e-2},
+    "Muon": {"lr": 1e-2},
 }
+
+
+FASTOPT = {**fastopt.OPTIMIZERS, **getattr(fastopt, "OTHER_OPTIMIZERS", {})}
 
 
 def _shared_names():
     return list(interop.SHARED_OPTIMIZERS) if torch is not None else ["SGD"]
 
 
-def _train(model, opt, steps, x, y, sched=None):
+class _Embedding:
+    """SparseAdam's setting: an embedding with sparse gradients, rows picked per batch."""
+
+    def __init__(self, seed):
+        torch.manual_seed(seed)
+        self.emb = torch.nn.Embedding(30, 6, sparse=True)
+
+    def parameters(self):
+        return self.emb.parameters()
+
+    def loss(self, x, y):
+        idx = (x[:, :4].abs() * 7).long() % 30
+        return (self.emb(idx).sum(dim=1) - x[:, 4:10]).pow(2).mean()
+
+
+class _Net:
+    """An MLP (2-D weights only for Muon, which takes matrices only) and its loss."""
+
+    def __init__(self, seed, name):
+        self.model = mlp(seed, widths=(10, 16, 4))
+        if name == "Muon":
+            self.model = torch.nn.Sequential(torch.nn.Linear(10, 16, bias=False),
+                                             torch.nn.Tanh(),
+                                             torch.nn.Linear(16, 4, bias=False))
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def loss(self, x, y):
+        return torch.nn.functional.cross_entropy(self.model(x), y)
+
+
+def _train(net, opt, steps, x, y, sched=None):
     for _ in range(steps):
         def closure():
             opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss = net.loss(x, y)
             loss.backward()
             return loss
         opt.step(closure)
@@ -428,16 +468,42 @@ def _train(model, opt, steps, x, y, sched=None):
 
 
 def _pair(name, seed=20):
-    model = mlp(seed, widths=(10, 16, 4))
+    net = _Embedding(seed) if name == "SparseAdam" else _Net(seed, name)
     kwargs = INTEROP_KWARGS.get(name, {})
-    return model, kwargs
+    return net, kwargs
 
 
 @needs_torch
 def test_every_fastopt_optimizer_with_a_torch_twin_is_shared():
-    for name in fastopt.OPTIMIZERS:
-        if hasattr(torch.optim, name):
-            assert name in interop.SHARED_OPTIMIZERS
+    every = {**fastopt.OPTIMIZERS, **getattr(fastopt, "OTHER_OPTIMIZERS", {})}
+    for name in every:
+        assert (name in interop.SHARED_OPTIMIZERS) == hasattr(torch.optim, name), name
+
+
+def assert_converted_exactly(a, v):
+    """``a`` (NumPy side) holds exactly the values of ``v`` (torch side), in copies."""
+    if isinstance(v, torch.Tensor):
+        assert isinstance(a, np.ndarray) and a.dtype == v.numpy().dtype
+        np.testing.assert_array_equal(a, v.numpy())
+        assert not np.shares_memory(a, v.numpy())
+    elif isinstance(v, (list, tuple)):  # LBFGS's histories
+        assert type(a) is type(v) and len(a) == len(v)
+        for x, y in zip(a, v):
+            assert_converted_exactly(x, y)
+    else:
+        assert type(a) is type(v) and a == v
+
+
+# fastopt.Adafactor cannot load a state dict with factored (row_var/col_var) state yet: the
+# base class's shape check rejects it, also for its own state_dict (reported upstream)
+ADAFACTOR_LOAD = pytest.mark.xfail(raises=ValueError, strict=True,
+                                   reason="fastopt.Adafactor.load_state_dict rejects its "
+                                          "factored row_var/col_var state")
+
+
+def _loading_into_fastopt(name):
+    return [pytest.param(n, marks=ADAFACTOR_LOAD) if n == "Adafactor" else n
+            for n in _shared_names()] if name is None else name
 
 
 @needs_torch
@@ -453,13 +519,7 @@ def test_torch_state_converts_exactly_and_round_trips_bitwise(name):
     for i, st in tsd["state"].items():
         assert sd["state"][i].keys() == st.keys()
         for k, v in st.items():
-            a = sd["state"][i][k]
-            if isinstance(v, torch.Tensor):
-                assert isinstance(a, np.ndarray) and a.dtype == v.numpy().dtype
-                np.testing.assert_array_equal(a, v.numpy())
-                assert not np.shares_memory(a, v.numpy())
-            else:
-                assert a == v
+            assert_converted_exactly(sd["state"][i][k], v)
     assert [g["params"] for g in sd["param_groups"]] == [g["params"]
                                                           for g in tsd["param_groups"]]
     # torch -> fastopt dict -> torch continues exactly as the uninterrupted torch run
@@ -473,11 +533,11 @@ def test_torch_state_converts_exactly_and_round_trips_bitwise(name):
 
 
 @needs_torch
-@pytest.mark.parametrize("name", _shared_names())
+@pytest.mark.parametrize("name", _loading_into_fastopt(None))
 def test_fastopt_state_round_trips_through_torch_bitwise(name):
     model, kwargs = _pair(name)
     x, y = data(seed=4, n=64)
-    opt = fastopt.OPTIMIZERS[name](model.parameters(), **kwargs)
+    opt = FASTOPT[name](model.parameters(), **kwargs)
     _train(model, opt, 4, x, y)
     tsd = interop.state_dict_to_torch(opt.state_dict())
     for st in tsd["state"].values():
@@ -486,11 +546,11 @@ def test_fastopt_state_round_trips_through_torch_bitwise(name):
                 assert not any(np.shares_memory(v.numpy(), a)
                                for s in opt.state.values() for a in s.values()
                                if isinstance(a, np.ndarray))
-        if "step" in st:
+        if isinstance(st.get("step"), torch.Tensor):  # SparseAdam keeps an int, as torch
             assert st["step"].dtype == torch.float32 and st["step"].dim() == 0
     back = interop.state_dict_from_torch(tsd)
     twin = copy.deepcopy(model)
-    opt2 = fastopt.OPTIMIZERS[name](twin.parameters())
+    opt2 = FASTOPT[name](twin.parameters())
     opt2.load_state_dict(back)
     assert opt2.param_groups[0] == {**opt.param_groups[0],
                                     "params": opt2.param_groups[0]["params"]}
@@ -500,18 +560,32 @@ def test_fastopt_state_round_trips_through_torch_bitwise(name):
         assert torch.equal(p, q)
 
 
+def _moves():
+    out = []
+    for direction in ("torch->fastopt", "fastopt->torch"):
+        for name in _shared_names():
+            marks = ADAFACTOR_LOAD if name == "Adafactor" and direction == "torch->fastopt" \
+                else ()
+            out.append(pytest.param(name, direction, marks=marks, id=f"{direction}-{name}"))
+    return out
+
+
 @needs_torch
-@pytest.mark.parametrize("name", _shared_names())
-@pytest.mark.parametrize("direction", ["torch->fastopt", "fastopt->torch"])
+@pytest.mark.parametrize(("name", "direction"), _moves())
 def test_a_run_moves_between_libraries_and_continues(name, direction):
-    """Train 5 steps with one library, convert, train 5 more with the other: the same
-    parameters as 10 steps with either library, to float32 rounding."""
+    """Train 5 steps with one library, convert, train 5 more with the other.
+
+    The result must be as close to 10 steps with the first library as 10 steps with the
+    second library are: the state carried over, and only the two libraries' rounding
+    differences remain (1 ulp-level for most; LBFGS amplifies them, Muon's Newton-Schulz
+    iteration runs in bfloat16). A lost or garbled state would be far off."""
     model, kwargs = _pair(name)
     ref = copy.deepcopy(model)
+    other = copy.deepcopy(model)
     x, y = data(seed=5, n=64)
     first, second = direction.split("->")
     make = {"torch": lambda m: getattr(torch.optim, name)(m.parameters(), **kwargs),
-            "fastopt": lambda m: fastopt.OPTIMIZERS[name](m.parameters(), **kwargs)}
+            "fastopt": lambda m: FASTOPT[name](m.parameters(), **kwargs)}
     opt = make[first](model)
     _train(model, opt, 5, x, y)
     moved = interop.from_torch(opt) if second == "fastopt" else interop.to_torch(opt)
@@ -519,10 +593,13 @@ def test_a_run_moves_between_libraries_and_continues(name, direction):
     assert isinstance(moved, fastopt.Optimizer if second == "fastopt" else torch.optim.Optimizer)
     assert moved.param_groups[0]["params"][0] is next(model.parameters())
     _train(model, moved, 5, x, y)
-    ref_opt = make[first](ref)
-    _train(ref, ref_opt, 10, x, y)
+    _train(ref, make[first](ref), 10, x, y)
+    _train(other, make[second](other), 10, x, y)
+    libraries_apart = max((p - q).abs().max().item()
+                          for p, q in zip(other.parameters(), ref.parameters()))
+    tol = max(1e-6, 2 * libraries_apart)
     for p, q in zip(model.parameters(), ref.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(p, q, rtol=0, atol=tol)
 
 
 @needs_torch
@@ -582,5 +659,27 @@ def test_interop_rejects_what_it_cannot_convert():
     with pytest.raises(TypeError):
         interop.state_dict_to_torch([1, 2])
     p = torch.nn.Parameter(torch.zeros(2))
-    with pytest.raises(ValueError, match="no counterpart"):
-        interop.from_torch(torch.optim.SparseAdam([p]))
+
+    class MySGD(torch.optim.SGD):
+        pass
+
+    with pytest.raises(ValueError, match="no counterpart of torch.optim.MySGD"):
+        interop.from_torch(MySGD([p]))
+    with pytest.raises(ValueError, match="torch.optim has no counterpart of fastopt.Lion"):
+        interop.to_torch(fastopt.Lion([p]))
+
+
+@needs_torch
+def test_sparse_adam_takes_an_embeddings_sparse_grad():
+    """Embedding(sparse=True) with fastopt.SparseAdam updating the tensor, vs torch."""
+    net = _Embedding(7)
+    ref = copy.deepcopy(net)
+    x, y = data(seed=8, n=32)
+    opt = fastopt.SparseAdam(net.parameters(), lr=0.05)
+    topt = torch.optim.SparseAdam(ref.parameters(), lr=0.05)
+    for _ in range(5):
+        _train(net, opt, 1, x, y)
+        _train(ref, topt, 1, x, y)
+    assert opt.state[net.emb.weight]["step"] == 5
+    torch.testing.assert_close(net.emb.weight, ref.emb.weight, **F32)
+    assert not torch.equal(net.emb.weight, _Embedding(7).emb.weight)
