@@ -446,3 +446,20 @@ def test_muon_errors_and_convergence():
     with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\]"):
         opt.step()
     assert np.asarray(w).tobytes() == before
+
+
+def test_sparse_adam_and_muon_converge_on_rosenbrock():
+    p = fastopt.Parameter(np.array([[-1.5], [2.0]]))
+    opt = fastopt.SparseAdam([p], lr=0.01)
+    for _ in range(8000):
+        p.grad = fastopt.SparseGrad([0, 1], rosen(p.ravel())[1].reshape(2, 1))
+        opt.step()
+    assert rosen(p.ravel())[0] < 1e-6
+    # Muon on a 1 x 2 matrix: the orthogonalised update is the unit-norm gradient direction
+    # (momentum-averaged), so it settles within about lr^2 of the minimum
+    w = fastopt.Parameter(np.array([[-1.5, 2.0]]))
+    opt = fastopt.Muon([w], lr=1e-3, weight_decay=0.0)
+    for _ in range(8000):
+        w.grad = rosen(w.ravel())[1].reshape(1, 2)
+        opt.step()
+    assert rosen(w.ravel())[0] < 1e-4
