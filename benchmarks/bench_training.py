@@ -107,14 +107,18 @@ def test_training(benchmark, what, name, impl):
     benchmark(step)
 
 
-def _median_time(step, repeat, inner=5):
-    times = []
+def _median_times(steps, repeat, inner=5):
+    """Median seconds per call of each step function, measured round-robin (one batch of
+    ``inner`` calls of each in turn, ``repeat`` times) so drift on a shared machine hits all
+    of them alike."""
+    times = [[] for _ in steps]
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            step()
-        times.append((time.perf_counter() - t0) / inner)
-    return float(np.median(times))
+        for k, step in enumerate(steps):
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                step()
+            times[k].append((time.perf_counter() - t0) / inner)
+    return [float(np.median(t)) for t in times]
 
 
 def main(argv=None):
@@ -129,16 +133,15 @@ def main(argv=None):
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {DEPTH} x (Linear {WIDTH} + LayerNorm) + head = {n_tensors} tensors, "
           f"{n_params / 1e6:.2f} M parameters, batch {BATCH}, {args.threads} thread(s); "
-          f"median of {args.repeat} x 5 steps, ms")
+          f"median of {args.repeat} rounds of 5 steps, round-robin, ms per step")
     head = f"{'':<26}" + "".join(f"{impl:>15}" for impl in IMPLS)
     print(head)
     for what in ("train-step", "optimizer-step"):
         for name in OPTIMIZERS:
-            cells = []
-            for impl in IMPLS:
-                step, _ = make_step(impl, name, optimizer_only=(what == "optimizer-step"))
-                cells.append("-" if step is None else
-                             f"{1e3 * _median_time(step, args.repeat):.3f}")
+            steps = [make_step(impl, name, optimizer_only=(what == "optimizer-step"))[0]
+                     for impl in IMPLS]
+            timed = iter(_median_times([s for s in steps if s is not None], args.repeat))
+            cells = ["-" if s is None else f"{1e3 * next(timed):.3f}" for s in steps]
             print(f"{what + ' ' + name:<26}" + "".join(f"{c:>15}" for c in cells))
 
 
