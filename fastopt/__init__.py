@@ -64,4 +64,4 @@ OTHER_OPTIMIZERS = {
 __all__ = ["Parameter", "Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW",
            "Adadelta", "Adamax", "NAdam", "RAdam", "ASGD", "Rprop", "Lion",
            "SparseAdam", "SparseGrad", "LBFGS", "Adafactor", "Muon", "OTHER_OPTIMIZERS",
-           "OPTIMIZERS", "show_config", "set_num_threads", "get_num_threads"]
+           "OPTIMIZERS", "show_config", "set_num_threads", "get_num_threads", "interop"]
