@@ -111,6 +111,11 @@ class TorchAdapter:
         views[key] = (weakref.ref(obj, forget), ptr, obj.shape, arr)
         return arr
 
+    def data(self, obj, gi=0, pi=0):
+        """The NumPy view of the tensor alone (no gradient checks, no version bump): what
+        ``load_state_dict`` needs to cast saved state to the parameter's dtype and shape."""
+        return self._view(obj, gi, pi)
+
     def arrays(self, obj, gi, pi):
         entry = self._views.get(id(obj))
         ptr = obj.data_ptr()
