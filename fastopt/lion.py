@@ -32,8 +32,9 @@ class Lion(Optimizer):
     Notes
     -----
     ``sign(0) = 0``: where the interpolant :math:`c` is exactly zero the parameter only
-    decays (as ``jnp.sign`` in optax and ``torch.sign``); ``sign(NaN)`` is NaN, so a NaN
-    gradient shows up in the parameter instead of being hidden. The weight decay is applied
+    decays (as ``jnp.sign`` in optax and ``torch.sign``). ``sign(NaN)`` is NaN, as
+    ``jnp.sign``, so a NaN gradient shows up in the parameter instead of being hidden
+    (``torch.sign`` returns 0 for NaN on CPU, which would silently skip the element). The weight decay is applied
     as a separate multiplication before the signed step (the paper's
     :math:`\theta - \gamma(\operatorname{sign}(c) + \lambda\theta)` regrouped, as the
     authors' PyTorch code does), and the interpolations round as ``torch.lerp``.
