@@ -464,3 +464,17 @@ def test_sparse_adam_and_muon_converge_on_rosenbrock():
         w.grad = rosen(w.ravel())[1].reshape(1, 2)
         opt.step()
     assert rosen(w.ravel())[0] < 1e-4
+
+
+@pytest.mark.parametrize("name", ["Adadelta", "Adamax", "NAdam", "RAdam", "ASGD", "Rprop",
+                                  "SparseAdam", "LBFGS", "Adafactor", "Muon"])
+def test_constructor_signature_matches_torch(name):
+    """Same parameter names, order, kinds (positional / keyword-only) and defaults."""
+    import inspect
+    torch = _torch()
+    ours = inspect.signature(getattr(fastopt, name).__init__).parameters
+    theirs = inspect.signature(getattr(torch.optim, name).__init__).parameters
+    assert list(ours) == list(theirs)
+    for key in ours:
+        assert ours[key].kind == theirs[key].kind, key
+        assert ours[key].default == theirs[key].default, key
