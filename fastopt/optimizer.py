@@ -578,7 +578,11 @@ Optimizer.step = _with_step_hooks(Optimizer.step)
 
 
 def _foreign_arrays(obj):
-    return _adapter_for(obj).arrays(obj, 0, 0)[0]
+    """The data of a non-Parameter parameter as an array (no gradient checks)."""
+    adapter = _adapter_for(obj)
+    if hasattr(adapter, "data"):
+        return adapter.data(obj)
+    return adapter.arrays(obj, 0, 0)[0]
 
 
 def _check_betas(betas):
