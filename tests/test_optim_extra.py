@@ -421,3 +421,29 @@ def test_state_dict_round_trip_continues_identically():
             oa.step()
             ob.step()
         assert np.array_equal(_bits(a), _bits(b)), name
+
+
+@pytest.mark.parametrize("name,kwargs", CASES, ids=IDS)
+def test_maximize_equals_minimizing_the_negated_gradient(name, kwargs):
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal(37).astype(np.float32)
+    a, b = fastopt.Parameter(x.copy()), fastopt.Parameter(x.copy())
+    oa = fastopt.OPTIMIZERS[name]([a], **dict(kwargs, maximize=True))
+    ob = fastopt.OPTIMIZERS[name]([b], **dict(kwargs, maximize=False))
+    for _ in range(5):
+        g = rng.standard_normal(37).astype(np.float32)
+        a.grad, b.grad = g, -g
+        oa.step()
+        ob.step()
+    assert np.array_equal(_bits(a), _bits(b))
+
+
+@pytest.mark.parametrize("name", ["Adadelta", "Adamax", "NAdam", "RAdam", "ASGD", "Lion"])
+def test_zero_lr_leaves_parameters_unchanged(name):
+    x = np.random.default_rng(13).standard_normal(21).astype(np.float32)
+    p = fastopt.Parameter(x.copy())
+    opt = fastopt.OPTIMIZERS[name]([p], lr=0.0)
+    for _ in range(3):
+        p.grad = np.ones_like(x)
+        opt.step()
+    assert np.array_equal(_bits(p), _bits(x))
