@@ -28,6 +28,7 @@ from fastopt.sparse_adam import SparseAdam, SparseGrad
 from fastopt.lbfgs import LBFGS
 from fastopt.adafactor import Adafactor
 from fastopt.muon import Muon
+from fastopt import lr_scheduler, schedules, swa_utils
 from fastopt import _torch
 from fastopt import interop
 
@@ -64,4 +65,5 @@ OTHER_OPTIMIZERS = {
 __all__ = ["Parameter", "Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW",
            "Adadelta", "Adamax", "NAdam", "RAdam", "ASGD", "Rprop", "Lion",
            "SparseAdam", "SparseGrad", "LBFGS", "Adafactor", "Muon", "OTHER_OPTIMIZERS",
-           "OPTIMIZERS", "show_config", "set_num_threads", "get_num_threads", "interop"]
+           "OPTIMIZERS", "show_config", "set_num_threads", "get_num_threads", "interop",
+           "lr_scheduler", "schedules", "swa_utils"]
