@@ -79,6 +79,9 @@ cdef inline int _check_param(cnp.ndarray a, Py_ssize_t gi, Py_ssize_t pi) except
 
 cdef cnp.ndarray _check_grad(cnp.ndarray p, object g, Py_ssize_t gi, Py_ssize_t pi):
     if not cnp.PyArray_Check(g):
+        if type(g).__name__ == "SparseGrad":
+            raise RuntimeError(f"{_where(gi, pi)}: this optimizer does not support sparse "
+                               f"gradients, please consider SparseAdam instead")
         raise TypeError(f"{_where(gi, pi)}: .grad must be a numpy.ndarray or None, "
                         f"got {type(g).__name__}")
     cdef cnp.ndarray ga = <cnp.ndarray>g

@@ -513,3 +513,13 @@ def test_non_numeric_hyperparameter_is_rejected_before_any_change():
     opt.param_groups[1]["momentum"] = 0.9
     opt.param_groups[1]["lr"] = -4e-17
     opt.step()
+
+
+def test_sparse_gradient_to_a_dense_optimizer_raises_like_torch():
+    a = P(4, 2)
+    opt = fastopt.Adam([a])
+    a.grad = fastopt.SparseGrad([1], np.ones((1, 2), np.float32))
+    with pytest.raises(RuntimeError, match=r"\['params'\]\[0\]: this optimizer does not "
+                                           r"support sparse gradients"):
+        opt.step()
+    assert len(opt.state) == 0
