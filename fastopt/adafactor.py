@@ -78,6 +78,20 @@ class Adafactor(Optimizer):
         if not 0.0 <= group["weight_decay"]:
             raise ValueError(f"weight_decay should be >= 0 but is: {group['weight_decay']}")
 
+    def _cast_state(self, param, array, value, key, where):
+        # the factors are shaped (..., m, 1) and (..., 1, n), not like the parameter
+        if key in ("row_var", "col_var") and not isinstance(value, (dict, list, tuple)):
+            if type(value).__module__.startswith("torch") and hasattr(value, "detach"):
+                value = value.detach().cpu().numpy()
+            want = self._factor_shapes(array.shape)[key == "col_var"] if array.ndim > 1 \
+                else None
+            value = np.asarray(value)
+            if want is None or value.shape != want:
+                raise ValueError(f"{where}: state[{key!r}] has shape {value.shape}, expected "
+                                 f"{want} for a parameter of shape {array.shape}")
+            return np.array(value, dtype=array.dtype, order="C")
+        return super()._cast_state(param, array, value, key, where)
+
     @staticmethod
     def _factor_shapes(shape):
         row, col = list(shape), list(shape)

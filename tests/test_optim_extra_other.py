@@ -478,3 +478,39 @@ def test_constructor_signature_matches_torch(name):
     for key in ours:
         assert ours[key].kind == theirs[key].kind, key
         assert ours[key].default == theirs[key].default, key
+
+
+def _sparse_or_dense(name, p, g):
+    if name == "SparseAdam":
+        return fastopt.SparseGrad(np.arange(p.shape[0]), g)
+    return g
+
+
+@pytest.mark.parametrize("name,kwargs", [("Adafactor", dict(lr=0.05, weight_decay=0.1)),
+                                         ("Muon", dict(lr=0.02)),
+                                         ("SparseAdam", dict(lr=0.05))])
+def test_state_dict_round_trip_other(name, kwargs):
+    rng = np.random.default_rng(14)
+    shapes = [(6, 4), (4, 6)] if name != "Adafactor" else [(6, 4), (5,), (2, 3, 4)]
+    grads = [[rng.standard_normal(s) for s in shapes] for _ in range(8)]
+    xs = [rng.standard_normal(s) for s in shapes]
+    a = [fastopt.Parameter(x.copy()) for x in xs]
+    b = [fastopt.Parameter(x.copy()) for x in xs]
+    cls = getattr(fastopt, name)
+    oa, ob = cls(a, **kwargs), cls(b, **kwargs)
+    for k, gs in enumerate(grads):
+        if k == 4:
+            sd = ob.state_dict()
+            b = [fastopt.Parameter(np.asarray(p).copy()) for p in b]
+            ob = cls(b, **kwargs)
+            ob.load_state_dict(sd)
+        for p, q, g in zip(a, b, gs):
+            p.grad = _sparse_or_dense(name, p, g)
+            q.grad = _sparse_or_dense(name, q, g)
+        oa.step()
+        ob.step()
+    for p, q in zip(a, b):
+        assert np.array_equal(p, q)
+        for key in oa.state[p]:
+            assert np.array_equal(np.asarray(oa.state[p][key]), np.asarray(ob.state[q][key]))
+            assert type(oa.state[p][key]) is type(ob.state[q][key]), key
