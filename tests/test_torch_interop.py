@@ -527,16 +527,8 @@ def assert_converted_exactly(a, v):
         assert type(a) is type(v) and a == v
 
 
-# fastopt.Adafactor cannot load a state dict with factored (row_var/col_var) state yet: the
-# base class's shape check rejects it, also for its own state_dict (reported upstream)
-ADAFACTOR_LOAD = pytest.mark.xfail(raises=ValueError, strict=True,
-                                   reason="fastopt.Adafactor.load_state_dict rejects its "
-                                          "factored row_var/col_var state")
-
-
 def _loading_into_fastopt(name):
-    return [pytest.param(n, marks=ADAFACTOR_LOAD) if n == "Adafactor" else n
-            for n in _shared_names()] if name is None else name
+    return list(_shared_names()) if name is None else name
 
 
 @needs_torch
@@ -597,9 +589,7 @@ def _moves():
     out = []
     for direction in ("torch->fastopt", "fastopt->torch"):
         for name in _shared_names():
-            marks = ADAFACTOR_LOAD if name == "Adafactor" and direction == "torch->fastopt" \
-                else ()
-            out.append(pytest.param(name, direction, marks=marks, id=f"{direction}-{name}"))
+            out.append(pytest.param(name, direction, id=f"{direction}-{name}"))
     return out
 
 
