@@ -81,9 +81,9 @@ class Muon(Optimizer):
     -----
     torch runs the Newton-Schulz iteration in bfloat16 (8 significant bits); fastopt runs
     it in float32 (float64 for float64 parameters). The orthogonalised update therefore
-    differs from torch's by about bfloat16's resolution: on 64 x 32 random matrices the
-    relative difference of a single update is about 1e-2 (each entry within a few 1e-3 of
-    the update's RMS). The momentum buffer and the parameter arithmetic are float32 as in
+    differs from torch's by about bfloat16's resolution: on 64 x 32 and 16 x 48 random
+    matrices one update differs by at most 1.4-2.1 % of its RMS, and after 100 steps of
+    lr 0.02 the parameters agree within about 3e-3. The momentum buffer and the parameter arithmetic are float32 as in
     torch. State: ``momentum_buffer``.
     """
 

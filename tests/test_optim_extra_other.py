@@ -381,9 +381,9 @@ MUON_CASES = [dict(lr=0.02), dict(lr=0.02, nesterov=False, weight_decay=0.0, mom
 @pytest.mark.parametrize("kwargs", MUON_CASES)
 def test_muon_within_bfloat16_tolerance_of_torch(kwargs):
     """torch orthogonalises in bfloat16, fastopt in float32. Measured on these 64x32 and
-    16x48 matrices: the difference of one update is ~1% of the update's RMS (bf16 has
-    8 bits), so after 100 steps of lr 0.02 the parameters agree within 2e-2 absolute (the
-    updates are O(lr) per entry, their bf16 errors are not correlated across steps)."""
+    16x48 matrices: one update differs from torch's by at most 1.4-2.1% of its RMS (bf16
+    keeps 8 significant bits), and after 100 steps of lr 0.02 the parameters agree within
+    about 3e-3 absolute. Asserted: 5% per step, 1e-2 after 100 steps."""
     torch = _torch()
     rng = np.random.default_rng(4)
     xs = [rng.standard_normal(s).astype(np.float32) for s in [(64, 32), (16, 48)]]
@@ -407,9 +407,9 @@ def test_muon_within_bfloat16_tolerance_of_torch(kwargs):
             worst_step = max(worst_step, np.sqrt(np.mean((du - dt) ** 2)) / rms)
     assert worst_step < 0.05
     for p, t in zip(ps, ts):
-        np.testing.assert_allclose(p, t.detach().numpy(), atol=2e-2, rtol=0)
+        np.testing.assert_allclose(p, t.detach().numpy(), atol=1e-2, rtol=0)
         np.testing.assert_allclose(opt.state[p]["momentum_buffer"],
-                                   topt.state[t]["momentum_buffer"].numpy(), atol=2e-2)
+                                   topt.state[t]["momentum_buffer"].numpy(), atol=1e-2)
 
 
 def test_muon_newton_schulz_orthogonalises():
