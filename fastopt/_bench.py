@@ -83,6 +83,8 @@ def measure(name, sizes, impls, rounds, target, torch=None):
     for impl in impls:
         arrays = [(rng.standard_normal(n) * 0.1).astype(np.float32) for n in sizes]
         grads = [(rng.standard_normal(n) * 0.01).astype(np.float32) for n in sizes]
+        if impl == "torch" and case.torch[0] is None:
+            continue  # torch has no such optimizer
         if impl == "fastopt":
             steps[impl] = _make_fastopt(name, case, arrays, grads)
         elif impl == "numpy":
@@ -90,9 +92,9 @@ def measure(name, sizes, impls, rounds, target, torch=None):
         else:
             steps[impl] = _make_torch(torch, case, arrays, grads)
     reps = {impl: _calibrate(fn, target) for impl, fn in steps.items()}
-    samples = {impl: [] for impl in impls}
+    samples = {impl: [] for impl in steps}
     for _ in range(rounds):
-        for impl in impls:
+        for impl in steps:
             fn, k = steps[impl], reps[impl]
             t0 = time.perf_counter()
             for _ in range(k):
@@ -102,7 +104,9 @@ def measure(name, sizes, impls, rounds, target, torch=None):
 
 
 def _fmt(x, spec):
-    return "-" if x is None else format(x, spec)
+    if x is None:
+        return "-".rjust(int(spec.split(".")[0]))
+    return format(x, spec)
 
 
 def format_table(rows, threads):

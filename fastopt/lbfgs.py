@@ -243,7 +243,7 @@ class LBFGS(Optimizer):
         state.setdefault("n_iter", 0)
 
         orig_loss = closure()
-        loss = float(orig_loss)
+        loss = _as_float(orig_loss)
         evals = 1
         state["func_evals"] += 1
         g = self._flat_grad()
@@ -336,3 +336,9 @@ class LBFGS(Optimizer):
         state["H_diag"] = h_diag
         state["prev_flat_grad"], state["prev_loss"] = prev_g, prev_loss
         return orig_loss
+
+
+def _as_float(value):
+    """float() of a closure's loss; a torch tensor is detached first (no autograd warning)."""
+    detach = getattr(value, "detach", None)
+    return float(detach() if callable(detach) else value)
