@@ -317,7 +317,7 @@ class LBFGS(Optimizer):
                 self._add(t, d)
                 opt_cond = False
                 if n_iter != max_iter:
-                    loss = float(closure())
+                    loss = _as_float(closure())
                     g = self._flat_grad()
                     opt_cond = np.abs(g).max(initial=0) <= tol_grad
                     ls_evals = 1
