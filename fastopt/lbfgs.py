@@ -303,7 +303,7 @@ class LBFGS(Optimizer):
                 def evaluate(step_len):
                     self._add(step_len, d)
                     try:
-                        f_val = float(closure())
+                        f_val = _as_float(closure())
                         grad = self._flat_grad()
                     finally:
                         self._restore(x0)
