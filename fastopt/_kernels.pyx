@@ -96,9 +96,27 @@ cdef cnp.ndarray _check_grad(cnp.ndarray p, object g, Py_ssize_t gi, Py_ssize_t 
     return ga
 
 
-cdef int _cmp_ptr(const void *a, const void *b) noexcept nogil:
-    cdef uintptr_t x = (<uintptr_t *>a)[0], y = (<uintptr_t *>b)[0]
+ctypedef struct _span:
+    uintptr_t lo
+    uintptr_t hi
+
+
+cdef int _cmp_span(const void *a, const void *b) noexcept nogil:
+    cdef uintptr_t x = (<_span *>a).lo, y = (<_span *>b).lo
     return (x > y) - (x < y)
+
+
+cdef inline bint _overlap(cnp.ndarray a, cnp.ndarray b, bint allow_identical):
+    """Whether the memory of two contiguous arrays overlaps (an identical extent counts
+    only when allow_identical is false)."""
+    cdef uintptr_t a0 = <uintptr_t>cnp.PyArray_DATA(a), b0 = <uintptr_t>cnp.PyArray_DATA(b)
+    cdef uintptr_t a1 = a0 + <uintptr_t>cnp.PyArray_NBYTES(a)
+    cdef uintptr_t b1 = b0 + <uintptr_t>cnp.PyArray_NBYTES(b)
+    if a0 == a1 or b0 == b1:
+        return False
+    if allow_identical and a0 == b0 and a1 == b1:
+        return False
+    return a0 < b1 and b0 < a1
 
 
 cdef class Plan:
@@ -176,6 +194,7 @@ cdef class Plan:
         cdef PyObject *item
         cdef cnp.ndarray a
         cdef Py_ssize_t j
+        cdef Py_ssize_t mark = len(self.keep)  # state arrays of this slot are kept from here
         if not isinstance(st, dict):
             raise TypeError(f"{_where(gi, pi)}: optimizer.state entry must be a dict, "
                             f"got {type(st).__name__}")
@@ -199,6 +218,13 @@ cdef class Plan:
             if not _usable(a):
                 raise ValueError(f"{_where(gi, pi)}: state[{key!r}] must be a writable, "
                                  f"C-contiguous, aligned array")
+            if _overlap(a, p, False):
+                raise ValueError(f"{_where(gi, pi)}: state[{key!r}] shares memory with the "
+                                 f"parameter")
+            for prev in self.keep[mark:]:
+                if _overlap(a, <cnp.ndarray>prev, False):
+                    raise ValueError(f"{_where(gi, pi)}: state[{key!r}] shares memory with "
+                                     f"another state array of the parameter")
             self.ts[slot].state[j] = cnp.PyArray_DATA(a)
             self.keep.append(a)
         self.states[slot] = st
@@ -224,28 +250,37 @@ cdef class Plan:
             self.ts[slot].flags |= FO_FIRST_STEP
 
     cdef int _serial(self) noexcept:
-        """1 when the same parameter occurs twice and the work would be split over threads."""
+        """1 when two tensors share memory (a parameter listed twice, or overlapping views)
+        and the work would be split over threads: then one thread updates them in list
+        order, as torch does."""
         cdef Py_ssize_t k
         cdef int64_t total = 0
-        cdef uintptr_t *ptrs
+        cdef uintptr_t hi = 0
+        cdef _span *spans
+        cdef size_t itemsize = 4 if self.typenum == cnp.NPY_FLOAT else 8
         if self.n < 2 or fo_get_num_threads() < 2:
             return 0
         for k in range(self.n):
             total += self.ts[k].numel
         if total < 2 * FO_GRAIN:
             return 0
-        ptrs = <uintptr_t *>realloc(NULL, self.n * sizeof(uintptr_t))
-        if ptrs == NULL:
+        spans = <_span *>realloc(NULL, self.n * sizeof(_span))
+        if spans == NULL:
             return 1
         for k in range(self.n):
-            ptrs[k] = <uintptr_t>self.ts[k].param
-        qsort(ptrs, self.n, sizeof(uintptr_t), _cmp_ptr)
+            spans[k].lo = <uintptr_t>self.ts[k].param
+            spans[k].hi = spans[k].lo + <uintptr_t>(self.ts[k].numel * itemsize)
+        qsort(spans, self.n, sizeof(_span), _cmp_span)
         cdef int dup = 0
-        for k in range(1, self.n):
-            if ptrs[k] == ptrs[k - 1] and self.ts[k].numel > 0:
+        for k in range(self.n):
+            if spans[k].lo == spans[k].hi:
+                continue
+            if spans[k].lo < hi:
                 dup = 1
                 break
-        free(ptrs)
+            if spans[k].hi > hi:
+                hi = spans[k].hi
+        free(spans)
         return dup
 
     cdef void _advance_steps(self) noexcept:
@@ -294,6 +329,9 @@ def collect(Plan p32, Plan p64, Py_ssize_t gi, list params, state, tuple keys,
                             f"{type(obj).__name__}; wrap arrays as fastopt.Parameter(x)")
         _check_param(arr, gi, i)
         g = _check_grad(arr, gobj, gi, i)
+        if _overlap(g, arr, True):
+            raise ValueError(f"{_where(gi, i)}: .grad partly overlaps the parameter's memory "
+                             f"(torch: 'some elements refer to a single memory location')")
         plan = p32 if cnp.PyArray_TYPE(arr) == cnp.NPY_FLOAT else p64
         slot = plan._add(arr, g)
         if init_mode == 2:

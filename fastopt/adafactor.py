@@ -108,9 +108,9 @@ class Adafactor(Optimizer):
         # phase 1: check hyperparameters and existing state
         for gi, (group, items) in enumerate(zip(self.param_groups, groups)):
             try:
-                self._check_group(group)
-            except ValueError as e:
-                raise ValueError(f"param_groups[{gi}]: {e}") from None
+                self._freeze(group)  # types; ranges are checked when groups are made
+            except (ValueError, TypeError, OverflowError) as e:
+                raise type(e)(f"param_groups[{gi}]: {e}") from None
             for _, pi, p, arr, g in items:
                 st = self.state.get(p)
                 if not st:

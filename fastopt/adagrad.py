@@ -79,6 +79,13 @@ class Adagrad(Optimizer):
     def _init_state(self, state, array, group):
         self._fill(state, array, self.defaults["initial_accumulator_value"])
 
+    def _check_step(self, frozen):
+        # a negative lr_decay can make 1 + (step - 1) * lr_decay zero; torch then raises
+        # ZeroDivisionError halfway through a step, fastopt refuses before it
+        super()._check_step(frozen)
+        if not frozen["lr_decay"] >= 0:
+            raise ValueError(f"Invalid lr_decay value: {frozen['lr_decay']}")
+
     def _state_layout(self, group):
         return ("sum",), True, 0
 

@@ -70,10 +70,6 @@ class Adam(Optimizer):
         _check_betas(group["betas"])
         _check_nonneg(group, "weight_decay")
 
-    def _check_step(self, group):
-        super()._check_step(group)
-        _check_betas(group["betas"])  # beta1 = 1 would divide by zero in the bias correction
-
     def _state_layout(self, group):
         if group["amsgrad"]:
             return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), True, 0

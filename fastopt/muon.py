@@ -127,9 +127,9 @@ class Muon(Optimizer):
         groups = gather(self, "Muon")
         for gi, (group, items) in enumerate(zip(self.param_groups, groups)):
             try:
-                self._check_group(group)
-            except ValueError as e:
-                raise ValueError(f"param_groups[{gi}]: {e}") from None
+                self._freeze(group)  # types; ranges are checked when groups are made
+            except (ValueError, TypeError, OverflowError) as e:
+                raise type(e)(f"param_groups[{gi}]: {e}") from None
             for _, pi, p, arr, g in items:
                 st = self.state.get(p)
                 if st and "momentum_buffer" in st:

@@ -26,6 +26,22 @@ __all__ = [
 
 
 _PLAIN_NUMBERS = (float, int)
+_F32 = np.dtype(np.float32).num
+_F64 = np.dtype(np.float64).num
+
+
+def _as_real(value, key):
+    """``value`` as a Python float: numbers, NumPy scalars and 1-element float arrays."""
+    if type(value) in _PLAIN_NUMBERS:
+        return float(value)
+    if isinstance(value, np.ndarray):
+        if value.size != 1:
+            raise TypeError(f"{key} must be a number or a 1-element array, got an array of "
+                            f"shape {value.shape}")
+        value = value.reshape(())[()]
+    if not isinstance(value, numbers.Real):
+        raise TypeError(f"{key} must be a real number, got {value!r}")
+    return float(value)
 
 
 class _RequiredParameter:
@@ -115,10 +131,12 @@ def _with_step_hooks(func):
     global pre, instance pre, step, instance post, global post."""
 
     @functools.wraps(func)
-    def wrapper(self, *args, **kwargs):
+    def wrapper(*args, **kwargs):
+        self = args[0]
         if not (_global_step_pre_hooks or _global_step_post_hooks
                 or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks):
-            return func(self, *args, **kwargs)
+            return func(*args, **kwargs)
+        # as torch: hooks see args with the optimizer first, and may replace args and kwargs
         for hook in chain(_global_step_pre_hooks.values(), self._optimizer_step_pre_hooks.values()):
             result = hook(self, args, kwargs)
             if result is not None:
@@ -127,7 +145,7 @@ def _with_step_hooks(func):
                 else:
                     raise RuntimeError(f"{func} must return None or a tuple of "
                                        f"(new_args, new_kwargs), but got {result}.")
-        out = func(self, *args, **kwargs)
+        out = func(*args, **kwargs)
         for hook in chain(self._optimizer_step_post_hooks.values(),
                           _global_step_post_hooks.values()):
             hook(self, args, kwargs)
@@ -166,22 +184,59 @@ class Optimizer:
     def _check_group(self, group):
         """Raise ValueError for invalid hyperparameters in ``group``."""
 
-    def _check_step(self, group):
-        """Checks made before every step: only what the update cannot run without (every
-        numeric hyperparameter is a real number). Ranges are checked when a group is
-        created or loaded, not here: torch does the same, and schedules legitimately drive
-        lr a rounding error below zero (LinearLR to 0, OneCycleLR's last step)."""
-        keys = self.__dict__.get("_numeric_keys")
-        if keys is None:
-            keys = self._numeric_keys = tuple(
-                k for k, d in self.defaults.items()
-                if isinstance(d, (int, float)) and not isinstance(d, bool))
-        for key in keys:
+    def _check_step(self, frozen):
+        """Checks made before every step on the frozen group (see ``_freeze``): only what
+        the update cannot run without. Ranges are checked when a group is created, not here:
+        torch does the same, and schedules legitimately drive lr a rounding error below
+        zero (LinearLR to 0, OneCycleLR's last step). A beta of 1 would divide by zero in
+        a bias correction, so betas are checked."""
+        if "betas" in frozen:
+            _check_betas(frozen["betas"])
+
+    def _hyper_kinds(self):
+        kinds = self.__dict__.get("_kinds")
+        if kinds is None:
+            numeric, flags, pairs = [], [], []
+            for key, default in self.defaults.items():
+                if isinstance(default, bool):
+                    flags.append(key)
+                elif isinstance(default, (int, float)):
+                    numeric.append(key)
+                elif (isinstance(default, tuple) and default
+                      and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                              for x in default)):
+                    pairs.append((key, len(default)))
+            kinds = self._kinds = (tuple(numeric), tuple(flags), tuple(pairs))
+        return kinds
+
+    def _freeze(self, group):
+        """A copy of ``group`` with every hyperparameter converted once to a Python float
+        or bool (tuples such as betas to tuples of floats): the step reads only this copy,
+        so its checks and its kernel calls see the same values. Raises TypeError or
+        ValueError for values that are not numbers (or 1-element arrays) of those kinds."""
+        numeric, flags, pairs = self._hyper_kinds()
+        frozen = dict(group)
+        for key in numeric:
+            frozen[key] = _as_real(group[key], key)
+        for key in flags:
             value = group[key]
-            if type(value) not in _PLAIN_NUMBERS and not isinstance(value, numbers.Real) and not (
-                    isinstance(value, np.ndarray) and value.size == 1
-                    and value.dtype.kind == "f"):
-                raise TypeError(f"{key} must be a real number, got {value!r}")
+            if type(value) is not bool:
+                try:
+                    value = bool(value)
+                except Exception as e:
+                    raise TypeError(f"{key} must be a bool, got {value!r} ({e})") from None
+            frozen[key] = value
+        for key, n in pairs:
+            value = group[key]
+            try:
+                items = tuple(value)
+            except TypeError:
+                raise TypeError(f"{key} must be a tuple of {n} numbers, got {value!r}") from None
+            if len(items) != n:
+                raise ValueError(f"{key} must have {n} entries, got {value!r}")
+            frozen[key] = tuple(_as_real(x, f"{key}[{i}]") for i, x in enumerate(items))
+        self._check_step(frozen)
+        return frozen
 
     def _state_layout(self, group):
         """(keys of per-element state buffers, has a step counter, init mode); see
@@ -227,7 +282,6 @@ class Optimizer:
         self._optimizer_state_dict_post_hooks = OrderedDict()
         self._optimizer_load_state_dict_pre_hooks = OrderedDict()
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
-        self._plans = []
 
     def __getstate__(self):
         return {"defaults": self.defaults, "state": self.state,
@@ -371,56 +425,45 @@ class Optimizer:
         return loss
 
     def _update(self):
-        groups = self.param_groups
-        plans = self._plans
-        while len(plans) < len(groups):
-            plans.append((_kernels.Plan(np.dtype(np.float32).num),
-                          _kernels.Plan(np.dtype(np.float64).num)))
         missing = []
-        try:
-            # phase 1: check everything; nothing is modified
-            for gi, group in enumerate(groups):
-                try:
-                    self._check_step(group)
-                except (ValueError, TypeError) as e:
-                    raise type(e)(f"param_groups[{gi}]: {e}") from None
-                p32, p64 = plans[gi]
-                p32.clear()
-                p64.clear()
-                params = group["params"]
-                if type(params) is not list:
-                    params = list(params)
-                keys, has_step, mode = self._state_layout(group)
-                _kernels.collect(p32, p64, gi, params, self.state, keys, has_step, mode,
-                                 missing)
-            # phase 2: create state for parameters stepping for the first time
-            if missing:
-                self._create_state(missing)
-            # phase 3: update
-            for gi, group in enumerate(groups):
-                p32, p64 = plans[gi]
-                if len(p32):
-                    self._run_group(p32, group)
-                if len(p64):
-                    self._run_group(p64, group)
-        finally:
-            for p32, p64 in plans:
-                p32.clear()
-                p64.clear()
+        work = []
+        # phase 1: check everything and freeze each group's values; nothing is modified
+        for gi, group in enumerate(self.param_groups):
+            try:
+                frozen = self._freeze(group)
+            except (ValueError, TypeError, OverflowError) as e:
+                raise type(e)(f"param_groups[{gi}]: {e}") from None
+            p32, p64 = _kernels.Plan(_F32), _kernels.Plan(_F64)
+            params = group["params"]
+            if type(params) is not list:
+                params = list(params)
+            layout = self._state_layout(frozen)
+            _kernels.collect(p32, p64, gi, params, self.state, layout[0], layout[1],
+                             layout[2], missing)
+            work.append((frozen, layout, p32, p64))
+        # phase 2: create state for parameters stepping for the first time
+        if missing:
+            self._create_state(missing, work)
+        # phase 3: update, one kernel call per group and dtype
+        for frozen, layout, p32, p64 in work:
+            if len(p32):
+                self._run_group(p32, frozen)
+            if len(p64):
+                self._run_group(p64, frozen)
 
-    def _create_state(self, missing):
+    def _create_state(self, missing, work):
         for plan, slot, obj, array, gi, pi in missing:
-            group = self.param_groups[gi]
-            keys, has_step, mode = self._state_layout(group)
+            frozen, (keys, has_step, mode), _, _ = work[gi]
+            base = array.view(np.ndarray)  # state arrays are plain arrays, not Parameters
             state = self.state[obj]
             if mode == 1:
                 # SGD: the buffer takes the gradient as is on this step (torch clones it)
                 if state.get(keys[0]) is None:
-                    state[keys[0]] = np.zeros_like(array)
+                    state[keys[0]] = np.zeros_like(base)
                 plan.bind(slot, state, keys, has_step, True, array, gi, pi)
             else:
                 if len(state) == 0:
-                    self._init_state(state, array, group)
+                    self._init_state(state, base, frozen)
                 plan.bind(slot, state, keys, has_step, False, array, gi, pi)
 
     # Hooks -------------------------------------------------------------------------------
@@ -465,8 +508,10 @@ class Optimizer:
         groups = []
         for group in self.param_groups:
             packed = {k: v for k, v in group.items() if k != "params"}
-            for i, p in enumerate(group["params"], start):
-                mapping.setdefault(id(p), i)
+            # as torch: ids new to this group are assigned together, so within a group the
+            # last occurrence of a repeated parameter gives its id
+            mapping.update({id(p): i for i, p in enumerate(group["params"], start)
+                            if id(p) not in mapping})
             packed["params"] = [mapping[id(p)] for p in group["params"]]
             start += len(packed["params"])
             groups.append(packed)
@@ -564,9 +609,11 @@ class Optimizer:
             new_groups.append(saved)
         self._backfill(new_groups)
         for gi, group in enumerate(new_groups):
+            # types only, as at a step: torch checks nothing here, and a run that ended on a
+            # schedule a hair below zero must load
             try:
-                self._check_group(group)
-            except (ValueError, TypeError) as e:
+                self._freeze(group)
+            except (ValueError, TypeError, OverflowError, KeyError) as e:
                 raise type(e)(f"loaded param_groups[{gi}]: {e}") from None
         self.state = state
         self.param_groups = new_groups

@@ -148,9 +148,9 @@ class SparseAdam(Optimizer):
         work = []
         for gi, group in enumerate(self.param_groups):
             try:
-                self._check_group(group)
-            except ValueError as e:
-                raise ValueError(f"param_groups[{gi}]: {e}") from None
+                self._freeze(group)  # types; ranges are checked when groups are made
+            except (ValueError, TypeError, OverflowError) as e:
+                raise type(e)(f"param_groups[{gi}]: {e}") from None
             for pi, p in enumerate(group["params"]):
                 arr, g = self._arrays(p, gi, pi)
                 if g is None:
