@@ -194,7 +194,10 @@ cdef class Plan:
         cdef PyObject *item
         cdef cnp.ndarray a
         cdef Py_ssize_t j
-        cdef Py_ssize_t mark = len(self.keep)  # state arrays of this slot are kept from here
+        cdef uintptr_t los[3]
+        cdef uintptr_t his[3]
+        cdef uintptr_t lo, hi
+        cdef int k, nb = 0  # memory spans of the state arrays bound so far
         if not isinstance(st, dict):
             raise TypeError(f"{_where(gi, pi)}: optimizer.state entry must be a dict, "
                             f"got {type(st).__name__}")
@@ -221,10 +224,16 @@ cdef class Plan:
             if _overlap(a, p, False):
                 raise ValueError(f"{_where(gi, pi)}: state[{key!r}] shares memory with the "
                                  f"parameter")
-            for prev in self.keep[mark:]:
-                if _overlap(a, <cnp.ndarray>prev, False):
+            lo = <uintptr_t>cnp.PyArray_DATA(a)
+            hi = lo + <uintptr_t>cnp.PyArray_NBYTES(a)
+            for k in range(nb):
+                if lo < his[k] and los[k] < hi:
                     raise ValueError(f"{_where(gi, pi)}: state[{key!r}] shares memory with "
                                      f"another state array of the parameter")
+            if lo < hi and nb < 3:
+                los[nb] = lo
+                his[nb] = hi
+                nb += 1
             self.ts[slot].state[j] = cnp.PyArray_DATA(a)
             self.keep.append(a)
         self.states[slot] = st

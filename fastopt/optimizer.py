@@ -228,6 +228,9 @@ class Optimizer:
             frozen[key] = value
         for key, n in pairs:
             value = group[key]
+            if type(value) is tuple and len(value) == n and all(
+                    [type(x) is float for x in value]):
+                continue  # already a tuple of floats (the copy holds it)
             try:
                 items = tuple(value)
             except TypeError:
