@@ -774,3 +774,63 @@ def have_openmp():
 def build_info():
     return {"compiler": FO_COMPILER.decode(), "kernel_flags": FO_KERNEL_FLAGS.decode(),
             "grain": FO_GRAIN}
+
+
+# ---- freezing a parameter group's hyperparameters (see Optimizer._freeze) -------------------
+
+import numbers as _numbers
+
+
+cdef object _as_real(object value, object key):
+    t = type(value)
+    if t is float:
+        return value
+    if t is int:
+        return float(value)
+    if cnp.PyArray_Check(value):
+        if cnp.PyArray_SIZE(<cnp.ndarray>value) != 1:
+            raise TypeError(f"{key} must be a number or a 1-element array, got an array of "
+                            f"shape {value.shape}")
+        value = value.reshape(())[()]
+    if not isinstance(value, _numbers.Real):
+        raise TypeError(f"{key} must be a real number, got {value!r}")
+    return float(value)
+
+
+def as_real(value, key):
+    """``value`` as a Python float: numbers, NumPy scalars and 1-element arrays."""
+    return _as_real(value, key)
+
+
+def freeze(dict group, tuple numeric, tuple flags, tuple pairs):
+    """A copy of ``group`` with the ``numeric`` keys as floats, the ``flags`` as bools and
+    the ``pairs`` ((key, length) tuples) as tuples of floats."""
+    cdef dict frozen = group.copy()
+    cdef Py_ssize_t n, i
+    for key in numeric:
+        value = group[key]
+        if type(value) is not float:
+            frozen[key] = _as_real(value, key)
+    for key in flags:
+        value = group[key]
+        if type(value) is not bool:
+            try:
+                frozen[key] = bool(value)
+            except Exception as e:
+                raise TypeError(f"{key} must be a bool, got {value!r} ({e})") from None
+    for key, n in pairs:
+        value = group[key]
+        if type(value) is tuple and len(value) == n:
+            for i in range(n):
+                if type((<tuple>value)[i]) is not float:
+                    break
+            else:
+                continue
+        try:
+            items = tuple(value)
+        except TypeError:
+            raise TypeError(f"{key} must be a tuple of {n} numbers, got {value!r}") from None
+        if len(items) != n:
+            raise ValueError(f"{key} must have {n} entries, got {value!r}")
+        frozen[key] = tuple([_as_real(items[i], f"{key}[{i}]") for i in range(n)])
+    return frozen

@@ -30,20 +30,6 @@ _F32 = np.dtype(np.float32).num
 _F64 = np.dtype(np.float64).num
 
 
-def _as_real(value, key):
-    """``value`` as a Python float: numbers, NumPy scalars and 1-element float arrays."""
-    if type(value) in _PLAIN_NUMBERS:
-        return float(value)
-    if isinstance(value, np.ndarray):
-        if value.size != 1:
-            raise TypeError(f"{key} must be a number or a 1-element array, got an array of "
-                            f"shape {value.shape}")
-        value = value.reshape(())[()]
-    if not isinstance(value, numbers.Real):
-        raise TypeError(f"{key} must be a real number, got {value!r}")
-    return float(value)
-
-
 class _RequiredParameter:
     """Singleton class representing a required parameter for an Optimizer."""
 
@@ -190,8 +176,9 @@ class Optimizer:
         torch does the same, and schedules legitimately drive lr a rounding error below
         zero (LinearLR to 0, OneCycleLR's last step). A beta of 1 would divide by zero in
         a bias correction, so betas are checked."""
-        if "betas" in frozen:
-            _check_betas(frozen["betas"])
+        betas = frozen.get("betas")
+        if betas is not None and not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            _check_betas(betas)
 
     def _hyper_kinds(self):
         kinds = self.__dict__.get("_kinds")
@@ -214,30 +201,8 @@ class Optimizer:
         or bool (tuples such as betas to tuples of floats): the step reads only this copy,
         so its checks and its kernel calls see the same values. Raises TypeError or
         ValueError for values that are not numbers (or 1-element arrays) of those kinds."""
-        numeric, flags, pairs = self._hyper_kinds()
-        frozen = dict(group)
-        for key in numeric:
-            frozen[key] = _as_real(group[key], key)
-        for key in flags:
-            value = group[key]
-            if type(value) is not bool:
-                try:
-                    value = bool(value)
-                except Exception as e:
-                    raise TypeError(f"{key} must be a bool, got {value!r} ({e})") from None
-            frozen[key] = value
-        for key, n in pairs:
-            value = group[key]
-            if type(value) is tuple and len(value) == n and all(
-                    [type(x) is float for x in value]):
-                continue  # already a tuple of floats (the copy holds it)
-            try:
-                items = tuple(value)
-            except TypeError:
-                raise TypeError(f"{key} must be a tuple of {n} numbers, got {value!r}") from None
-            if len(items) != n:
-                raise ValueError(f"{key} must have {n} entries, got {value!r}")
-            frozen[key] = tuple(_as_real(x, f"{key}[{i}]") for i, x in enumerate(items))
+        kinds = self.__dict__.get("_kinds") or self._hyper_kinds()
+        frozen = _kernels.freeze(group, *kinds)
         self._check_step(frozen)
         return frozen
 
