@@ -2,8 +2,9 @@
 
 Every valid configuration runs at sizes that cover every vector tail (0, 1, 7, 15, 16, 17,
 1029) and a large size (100003, where two threads split the work), on each ISA level this
-CPU supports, with 1 and 2 threads. float64 runs at the small sizes only: its exact fma
-reference uses rationals and is slow; the float64 kernels share the float32 code.
+CPU supports, with 1 and 2 threads. The float64 reference computes fma with exact rationals,
+which is slow: at the large sizes it checks a sample of elements (start, end, the thread
+split point and random ones), enough since every element is updated independently.
 """
 import numpy as np
 import pytest
@@ -135,3 +136,36 @@ def test_nan_and_inf_gradients_propagate_as_torch():
     q.grad = np.array([np.nan, np.inf, 1.0], np.float32)
     sgd.step()
     assert np.isnan(q[0]) and q[1] == -np.inf and np.isclose(q[2], -0.1)
+
+
+def _sample(n, rng):
+    """Indices covering the start, the end, the two-thread split point and random elements."""
+    idx = set(range(min(n, 40))) | set(range(max(0, n - 40), n))
+    idx |= set(range(max(0, n // 2 - 24), min(n, n // 2 + 24)))
+    idx |= set(rng.integers(0, n, 150).tolist())
+    return np.array(sorted(idx))
+
+
+@pytest.mark.parametrize("name,kwargs", VALID, ids=[f"{n}-{i}" for i, (n, _) in enumerate(VALID)])
+@pytest.mark.parametrize("n,nthreads", [(1029, 1), (100003, 1), (100003, 2)])
+def test_float64_large_matches_reference_on_a_sample(name, kwargs, n, nthreads, isa, threads):
+    """float64 at the large sizes: the kernel runs on the whole array, and the exact
+    (rational) reference runs on a sample of elements, which is enough because every element
+    is updated independently of the others."""
+    threads(nthreads)
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal(n)
+    p = fastopt.Parameter(x.copy())
+    opt = fastopt.OPTIMIZERS[name]([p], **kwargs)
+    idx = _sample(n, rng)
+    ref = x[idx].copy()
+    state = R.new_state(name, ref, kwargs)
+    for _ in range(2):
+        g = rng.standard_normal(n)
+        p.grad = g
+        opt.step()
+        ref = R.step(name, ref, g[idx], state, kwargs)
+    assert_bits(np.asarray(p)[idx], ref)
+    for key, value in state.items():
+        if key != "step" and value is not None:
+            assert_bits(opt.state[p][key][idx], value)
