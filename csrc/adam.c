@@ -25,7 +25,6 @@ FO_FN(adam_loop)(const fo_adam_hyper *h, const fo_tensor *t, int64_t begin, int6
     FO_T *restrict vmax = (FO_T *)t->state[2];
     const FO_T neg_step = (FO_T)(-t->scalar[0]);
     const FO_T bc2_sqrt = (FO_T)t->scalar[1];
-    const double rbc2_sqrt = 1.0 / (double)bc2_sqrt;
     const FO_T w = (FO_T)(1.0 - h->beta1), wm1 = w - (FO_T)1;
     const FO_T beta2 = (FO_T)h->beta2;
     const FO_T one_m_beta2 = (FO_T)(1.0 - h->beta2);
@@ -47,7 +46,7 @@ FO_FN(adam_loop)(const fo_adam_hyper *h, const fo_tensor *t, int64_t begin, int6
             vi = FO_MAXIMUM(vmax[i], vi);
             vmax[i] = vi;
         }
-        FO_T denom = FO_DIVC(FO_SQRT(vi), bc2_sqrt, rbc2_sqrt) + eps;
+        FO_T denom = FO_SQRT(vi) / bc2_sqrt + eps;
         p[i] = pi + (neg_step * mi) / denom;
     }
 }

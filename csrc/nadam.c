@@ -24,7 +24,6 @@ FO_FN(nadam_loop)(const fo_nadam_hyper *h, const fo_tensor *t, int64_t begin, in
     FO_T *restrict m = (FO_T *)t->state[0];
     FO_T *restrict v = (FO_T *)t->state[1];
     const FO_T bc2 = (FO_T)t->scalar[0];
-    const double rbc2 = 1.0 / (double)bc2;
     const FO_T c1 = (FO_T)t->scalar[1];
     const FO_T c2 = (FO_T)t->scalar[2];
     const FO_T w = (FO_T)(1.0 - h->beta1), wm1 = w - (FO_T)1;
@@ -44,7 +43,7 @@ FO_FN(nadam_loop)(const fo_nadam_hyper *h, const fo_tensor *t, int64_t begin, in
         m[i] = mi;
         FO_T vi = FO_FMA(one_m_beta2 * gi, gi, v[i] * beta2);
         v[i] = vi;
-        FO_T denom = FO_SQRT(FO_DIVC(vi, bc2, rbc2)) + eps;
+        FO_T denom = FO_SQRT(vi / bc2) + eps;
         pi = pi + (c1 * gi) / denom;
         p[i] = pi + (c2 * mi) / denom;
     }
