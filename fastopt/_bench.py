@@ -136,7 +136,7 @@ def build_parser():
                          f"('100x1000'); default {','.join(DEFAULT_SIZES)}")
     ap.add_argument("--threads", type=int, default=1,
                     help="threads for fastopt and torch (default 1)")
-    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 7)")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5; 3 with --quick)")
     ap.add_argument("--quick", action="store_true",
                     help="fewer sizes (no 1e7), fewer and shorter rounds")
     ap.add_argument("--no-torch", action="store_true", help="leave torch out")
@@ -161,8 +161,8 @@ def main(argv=None):
         ap.error(f"bad size {e}; use N (like 1e6) or COUNTxN (like 100x1000)")
     if args.threads < 1:
         ap.error("--threads must be at least 1")
-    rounds = args.rounds or (3 if args.quick else 7)
-    target = 0.01 if args.quick else 0.03
+    rounds = args.rounds or (3 if args.quick else 5)
+    target = 0.01 if args.quick else 0.015
 
     impls = ["fastopt"] + ([] if args.no_numpy else ["numpy"])
     torch = None
