@@ -9,7 +9,6 @@ from collections import OrderedDict, defaultdict
 from copy import deepcopy
 from itertools import chain
 import functools
-import numbers
 import warnings
 
 import numpy as np
@@ -25,7 +24,6 @@ __all__ = [
 ]
 
 
-_PLAIN_NUMBERS = (float, int)
 _F32 = np.dtype(np.float32).num
 _F64 = np.dtype(np.float64).num
 
