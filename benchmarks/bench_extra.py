@@ -1,8 +1,7 @@
-"""pytest-benchmark suite for issue 4's optimizers that fastopt._bench_cases cannot hold:
-Lion (no torch twin: fastopt against in-place NumPy) and SparseAdam (fastopt's C row kernel
-against torch's sparse path and a NumPy fancy-indexing version) on an embedding table.
-The per-element optimizers (Adadelta, Adamax, NAdam, RAdam, ASGD, Rprop) are in
-bench_optimizers.py through fastopt._bench_cases.CASES.
+"""pytest-benchmark suite for SparseAdam, which fastopt._bench_cases cannot hold: fastopt's
+C row kernel against torch's sparse path and a NumPy fancy-indexing version on an embedding
+table. The per-element optimizers (Lion included) are in bench_optimizers.py through
+fastopt._bench_cases.CASES.
 
     pytest benchmarks/bench_extra.py --benchmark-only --benchmark-group-by=group \
         --benchmark-columns=median,iqr,rounds --benchmark-sort=name
@@ -11,8 +10,6 @@ import numpy as np
 import pytest
 
 import fastopt
-from fastopt._bench import parse_size
-from fastopt._bench_cases_extra import LION_CASE
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -26,29 +23,6 @@ def one_thread():
         pass
     yield
     fastopt.set_num_threads(before)
-
-
-@pytest.mark.parametrize("impl", ["fastopt", "numpy"])
-@pytest.mark.parametrize("size", ["1e4", "1e5", "1e6", "1e7", "100x1000"])
-def test_lion(benchmark, size, impl):
-    shape = parse_size(size)
-    rng = np.random.default_rng(0)
-    arrays = [(rng.standard_normal(n) * 0.1).astype(np.float32) for n in shape]
-    grads = [(rng.standard_normal(n) * 0.01).astype(np.float32) for n in shape]
-    if impl == "fastopt":
-        params = [fastopt.Parameter(a) for a in arrays]
-        for p, g in zip(params, grads):
-            p.grad = g
-        step = fastopt.Lion(params, **LION_CASE.kwargs).step
-    else:
-        state, counter = {}, [0]
-
-        def step():
-            counter[0] += 1
-            LION_CASE.numpy_step(arrays, grads, state, counter[0])
-    benchmark.group = f"Lion {size}"
-    benchmark.extra_info["elements"] = sum(shape)
-    benchmark(step)
 
 
 def _numpy_sparse_adam(table, m, v, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8):

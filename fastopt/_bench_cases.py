@@ -115,7 +115,6 @@ CASES = {
 }
 
 # issue 4's per-element optimizers (their cases live in fastopt/_bench_cases_extra.py)
-from fastopt._bench_cases_extra import EXTRA_CASES, LION_CASE  # noqa: E402
+from fastopt._bench_cases_extra import EXTRA_CASES  # noqa: E402
 
 CASES.update(EXTRA_CASES)
-CASES["Lion"] = LION_CASE

@@ -1,13 +1,13 @@
 """Benchmark cases of issue 4's per-element optimizers, merged into ``_bench_cases.CASES``.
 
 torch has no fused CPU kernel for any of them, so torch runs its default for-loop path.
-Lion is not in torch: benchmarks/bench_extra.py compares it with NumPy only.
+Lion is not in torch: the bench compares it with NumPy only.
 """
 import numpy as np
 
 from fastopt._bench_cases import BenchCase, _scratch
 
-__all__ = ["EXTRA_CASES", "LION_CASE"]
+__all__ = ["EXTRA_CASES"]
 
 
 def _adadelta(lr=1.0, rho=0.9, eps=1e-6):
@@ -191,7 +191,6 @@ EXTRA_CASES = {
     "ASGD": BenchCase(dict(lr=1e-2), _asgd(), ("ASGD", {}), 16,
                       _LOOP + "; before t0 the average is a copy (no read of ax)"),
     "Rprop": BenchCase(dict(lr=1e-2), _rprop(), ("Rprop", {}), 28, _LOOP),
+    # Lion has no torch twin (torch=None): compared with NumPy only
+    "Lion": BenchCase(dict(lr=1e-4), _lion(), (None, {}), 20, "not in torch"),
 }
-
-#: Lion has no torch twin; compared with NumPy only
-LION_CASE = BenchCase(dict(lr=1e-4), _lion(), (None, {}), 20, "not in torch")
