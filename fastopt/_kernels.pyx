@@ -147,11 +147,6 @@ cdef class Plan:
     def __len__(self):
         return self.n
 
-    def clear(self):
-        self.n = 0
-        self.keep = []
-        self.states = []
-
     cdef Py_ssize_t _add(self, cnp.ndarray p, cnp.ndarray g) except -1:
         cdef Py_ssize_t cap
         cdef void *mem
