@@ -7,6 +7,10 @@
  *   denom = sqrt(v) / bc2_sqrt + eps;  p = p + (-step_size * m) / denom
  * with step_size = lr / (1 - beta1^t) and bc2_sqrt = (1 - beta2^t)^0.5 from the caller.
  * eps is added after the bias correction of sqrt(v), as torch does (not the paper's form).
+ *
+ * Where the ISA has a hardware fma, the division sqrt(v) / bc2_sqrt leaves the vector divider
+ * (the bottleneck in cache: a sqrt and two divides per element) and becomes a multiply and
+ * three fmas that give the same correctly rounded quotient (div_by_const below).
  */
 #ifndef FO_T
 #include "fo_internal.h"
@@ -14,9 +18,19 @@
 #include "fo_expand.h"
 #else
 
+/* s / c, correctly rounded, for s >= 0 or NaN and FO_DIV_BY_CONST_OK(c); see fo_internal.h */
+static inline __attribute__((always_inline)) FO_T
+FO_FN(div_by_const)(FO_T s, FO_T c, FO_T rh, FO_T rl)
+{
+    FO_T q0 = FO_FMA(s, rh, s * rl);
+    FO_T q1 = FO_FMA(FO_FMA(-q0, c, s), rh, q0);
+    return q1 > s ? q1 : s;
+}
+
 static inline __attribute__((always_inline)) void
 FO_FN(adam_loop)(const fo_adam_hyper *h, const fo_tensor *t, int64_t begin, int64_t end,
-                 const int l2, const int decoupled, const int amsgrad, const int small)
+                 const int l2, const int decoupled, const int amsgrad, const int small,
+                 const int by_recip, const int maximize)
 {
     FO_T *restrict p = (FO_T *)t->param;
     const FO_T *restrict g = (const FO_T *)t->grad;
@@ -25,16 +39,17 @@ FO_FN(adam_loop)(const fo_adam_hyper *h, const fo_tensor *t, int64_t begin, int6
     FO_T *restrict vmax = (FO_T *)t->state[2];
     const FO_T neg_step = (FO_T)(-t->scalar[0]);
     const FO_T bc2_sqrt = (FO_T)t->scalar[1];
+    FO_T rh, rl;
+    FO_RECIP2(bc2_sqrt, rh, rl);
     const FO_T w = (FO_T)(1.0 - h->beta1), wm1 = w - (FO_T)1;
     const FO_T beta2 = (FO_T)h->beta2;
     const FO_T one_m_beta2 = (FO_T)(1.0 - h->beta2);
     const FO_T eps = (FO_T)h->eps;
     const FO_T wd = (FO_T)h->weight_decay;
     const FO_T decay = (FO_T)(1.0 - h->lr * h->weight_decay);
-    const FO_T sign = h->maximize ? (FO_T)-1 : (FO_T)1;
 
     for (int64_t i = begin; i < end; i++) {
-        FO_T gi = sign * g[i];
+        FO_T gi = maximize ? -g[i] : g[i];
         FO_T pi = p[i];
         if (decoupled) pi = pi * decay;
         if (l2) gi = FO_FMA(pi, wd, gi);
@@ -46,7 +61,8 @@ FO_FN(adam_loop)(const fo_adam_hyper *h, const fo_tensor *t, int64_t begin, int6
             vi = FO_MAXIMUM(vmax[i], vi);
             vmax[i] = vi;
         }
-        FO_T denom = FO_SQRT(vi) / bc2_sqrt + eps;
+        FO_T s = FO_SQRT(vi);
+        FO_T denom = (by_recip ? FO_FN(div_by_const)(s, bc2_sqrt, rh, rl) : s / bc2_sqrt) + eps;
         p[i] = pi + (neg_step * mi) / denom;
     }
 }
@@ -59,9 +75,15 @@ void FO_FN(adam)(const void *hyper, const fo_tensor *t, int64_t begin, int64_t e
     const int l2 = has_wd && !h->decoupled, dec = has_wd && h->decoupled;
     const int ams = h->amsgrad != 0;
     const int small = fabs((double)(FO_T)(1.0 - h->beta1)) < 0.5;
+    const int by_recip = FO_DIV_BY_CONST_OK((FO_T)t->scalar[1]);
+    const int maximize = h->maximize != 0;
 #define FO_CASE(L, D, A, S) \
     if (l2 == L && dec == D && ams == A && small == S) { \
-        FO_FN(adam_loop)(h, t, begin, end, L, D, A, S); return; }
+        if (by_recip && !maximize) FO_FN(adam_loop)(h, t, begin, end, L, D, A, S, 1, 0); \
+        else if (by_recip) FO_FN(adam_loop)(h, t, begin, end, L, D, A, S, 1, 1); \
+        else if (!maximize) FO_FN(adam_loop)(h, t, begin, end, L, D, A, S, 0, 0); \
+        else FO_FN(adam_loop)(h, t, begin, end, L, D, A, S, 0, 1); \
+        return; }
     FO_CASE(0, 0, 0, 1) FO_CASE(0, 0, 1, 1) FO_CASE(1, 0, 0, 1) FO_CASE(1, 0, 1, 1)
     FO_CASE(0, 1, 0, 1) FO_CASE(0, 1, 1, 1)
     FO_CASE(0, 0, 0, 0) FO_CASE(0, 0, 1, 0) FO_CASE(1, 0, 0, 0) FO_CASE(1, 0, 1, 0)
