@@ -302,9 +302,10 @@ cdef class Plan:
             fo_run(fn, hyper, self.ts, self.n, serial)
 
 
-def collect(Plan p32, Plan p64, Py_ssize_t gi, list params, state, tuple keys,
-            bint has_step, int init_mode, list missing):
-    """Check group ``gi`` and add each parameter that has a gradient to ``p32``/``p64``.
+def collect(Py_ssize_t gi, list params, state, tuple keys, bint has_step, int init_mode,
+            list missing):
+    """Check group ``gi`` and return plans (p32, p64) of the parameters that have a
+    gradient, by dtype (None for a dtype with none).
 
     init_mode 0: a parameter with empty state needs new state; 1: one whose state lacks
     ``keys[0]`` (SGD's momentum buffer) does; 2: no state at all. Parameters that need new
@@ -312,7 +313,7 @@ def collect(Plan p32, Plan p64, Py_ssize_t gi, list params, state, tuple keys,
     """
     cdef Py_ssize_t i, slot, n = len(params)
     cdef cnp.ndarray arr, g
-    cdef Plan plan
+    cdef Plan plan, p32 = None, p64 = None
     cdef PyObject *item
     cdef bint need
     ptype = _parameter_type
@@ -336,7 +337,14 @@ def collect(Plan p32, Plan p64, Py_ssize_t gi, list params, state, tuple keys,
         if _overlap(g, arr, True):
             raise ValueError(f"{_where(gi, i)}: .grad partly overlaps the parameter's memory "
                              f"(torch: 'some elements refer to a single memory location')")
-        plan = p32 if cnp.PyArray_TYPE(arr) == cnp.NPY_FLOAT else p64
+        if cnp.PyArray_TYPE(arr) == cnp.NPY_FLOAT:
+            if p32 is None:
+                p32 = Plan.__new__(Plan, cnp.NPY_FLOAT)
+            plan = p32
+        else:
+            if p64 is None:
+                p64 = Plan.__new__(Plan, cnp.NPY_DOUBLE)
+            plan = p64
         slot = plan._add(arr, g)
         if init_mode == 2:
             continue
@@ -350,6 +358,7 @@ def collect(Plan p32, Plan p64, Py_ssize_t gi, list params, state, tuple keys,
             missing.append((plan, slot, obj, arr, gi, i))
         else:
             plan._bind(slot, <object>item, keys, has_step, arr, gi, i)
+    return p32, p64
 
 
 cdef inline fo_kernel_fn _pick(Plan plan, fo_kernel_fn f32, fo_kernel_fn f64) noexcept:

@@ -14,6 +14,7 @@ import warnings
 import numpy as np
 
 from fastopt import _kernels
+from fastopt._kernels import collect, freeze
 from fastopt._parameter import Parameter
 
 __all__ = [
@@ -22,10 +23,6 @@ __all__ = [
     "register_optimizer_step_pre_hook",
     "register_optimizer_step_post_hook",
 ]
-
-
-_F32 = np.dtype(np.float32).num
-_F64 = np.dtype(np.float64).num
 
 
 class _RequiredParameter:
@@ -393,28 +390,29 @@ class Optimizer:
     def _update(self):
         missing = []
         work = []
+        kinds = self.__dict__.get("_kinds") or self._hyper_kinds()
+        state = self.state
         # phase 1: check everything and freeze each group's values; nothing is modified
         for gi, group in enumerate(self.param_groups):
             try:
-                frozen = self._freeze(group)
+                frozen = freeze(group, *kinds)  # what _freeze does
+                self._check_step(frozen)
             except (ValueError, TypeError, OverflowError) as e:
                 raise type(e)(f"param_groups[{gi}]: {e}") from None
-            p32, p64 = _kernels.Plan(_F32), _kernels.Plan(_F64)
             params = group["params"]
             if type(params) is not list:
                 params = list(params)
             layout = self._state_layout(frozen)
-            _kernels.collect(p32, p64, gi, params, self.state, layout[0], layout[1],
-                             layout[2], missing)
+            p32, p64 = collect(gi, params, state, layout[0], layout[1], layout[2], missing)
             work.append((frozen, layout, p32, p64))
         # phase 2: create state for parameters stepping for the first time
         if missing:
             self._create_state(missing, work)
         # phase 3: update, one kernel call per group and dtype
         for frozen, layout, p32, p64 in work:
-            if len(p32):
+            if p32 is not None:
                 self._run_group(p32, frozen)
-            if len(p64):
+            if p64 is not None:
                 self._run_group(p64, frozen)
 
     def _create_state(self, missing, work):
