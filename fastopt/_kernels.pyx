@@ -838,3 +838,37 @@ def freeze(dict group, tuple numeric, tuple flags, tuple pairs):
             raise ValueError(f"{key} must have {n} entries, got {value!r}")
         frozen[key] = tuple([_as_real(items[i], f"{key}[{i}]") for i in range(n)])
     return frozen
+
+
+def update(opt, tuple kinds):
+    """The body of ``Optimizer._update`` for ``opt``, whose hyperparameter kinds are
+    ``kinds`` (numeric keys, flag keys, (key, length) pairs): check and freeze every group
+    and collect every parameter first (nothing is modified), then create missing state,
+    then make one kernel call per group and dtype through ``opt._run_group``."""
+    cdef list missing = [], work = []
+    cdef Py_ssize_t gi = 0
+    cdef tuple numeric = kinds[0], flags = kinds[1], pairs = kinds[2]
+    state = opt.state
+    check_step = opt._check_step
+    state_layout = opt._state_layout
+    for group in opt.param_groups:
+        try:
+            frozen = freeze(group, numeric, flags, pairs)
+            check_step(frozen)
+        except (ValueError, TypeError, OverflowError) as e:
+            raise type(e)(f"param_groups[{gi}]: {e}") from None
+        params = group["params"]
+        if type(params) is not list:
+            params = list(params)
+        layout = state_layout(frozen)
+        p32, p64 = collect(gi, params, state, layout[0], layout[1], layout[2], missing)
+        work.append((frozen, layout, p32, p64))
+        gi += 1
+    if missing:
+        opt._create_state(missing, work)
+    run_group = opt._run_group
+    for frozen, layout, p32, p64 in work:
+        if p32 is not None:
+            run_group(p32, frozen)
+        if p64 is not None:
+            run_group(p64, frozen)

@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 
 from fastopt import _kernels
-from fastopt._kernels import collect, freeze
+from fastopt._kernels import update
 from fastopt._parameter import Parameter
 
 __all__ = [
@@ -388,32 +388,11 @@ class Optimizer:
         return loss
 
     def _update(self):
-        missing = []
-        work = []
-        kinds = self.__dict__.get("_kinds") or self._hyper_kinds()
-        state = self.state
-        # phase 1: check everything and freeze each group's values; nothing is modified
-        for gi, group in enumerate(self.param_groups):
-            try:
-                frozen = freeze(group, *kinds)  # what _freeze does
-                self._check_step(frozen)
-            except (ValueError, TypeError, OverflowError) as e:
-                raise type(e)(f"param_groups[{gi}]: {e}") from None
-            params = group["params"]
-            if type(params) is not list:
-                params = list(params)
-            layout = self._state_layout(frozen)
-            p32, p64 = collect(gi, params, state, layout[0], layout[1], layout[2], missing)
-            work.append((frozen, layout, p32, p64))
-        # phase 2: create state for parameters stepping for the first time
-        if missing:
-            self._create_state(missing, work)
-        # phase 3: update, one kernel call per group and dtype
-        for frozen, layout, p32, p64 in work:
-            if p32 is not None:
-                self._run_group(p32, frozen)
-            if p64 is not None:
-                self._run_group(p64, frozen)
+        # phase 1: check everything and freeze each group's values (nothing is modified);
+        # phase 2: create state for parameters stepping for the first time; phase 3: one
+        # kernel call per group and dtype. In Cython (_kernels.update) to keep a step's
+        # fixed cost low.
+        update(self, self.__dict__.get("_kinds") or self._hyper_kinds())
 
     def _create_state(self, missing, work):
         for plan, slot, obj, array, gi, pi in missing:
