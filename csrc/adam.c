@@ -18,7 +18,7 @@
 #include "fo_expand.h"
 #else
 
-/* s / c, correctly rounded, for s >= 0 or NaN and FO_DIV_BY_CONST_OK(c); see fo_internal.h */
+/* s / c, correctly rounded, for s a square root and FO_DIV_BY_CONST_OK(c); see fo_internal.h */
 static inline __attribute__((always_inline)) FO_T
 FO_FN(div_by_const)(FO_T s, FO_T c, FO_T rh, FO_T rl)
 {

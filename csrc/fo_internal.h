@@ -35,22 +35,26 @@
 #define FO_MAXIMUM(a, b) \
     (((a) != (a) || (b) != (b)) ? (a) + (b) : ((a) > (b) ? (a) : (b)))
 
-/* Division of s >= 0 (or NaN) by a constant c in [2^-60, 1] without the vector divider, for
- * a square root divided by a bias correction (div_by_const in adam.c). With rh = RN(1/c) and
- * rl = RN(1/c - rh) (FO_RECIP2), q0 = RN(s*rh + RN(s*rl)) is within one ulp of s/c: the
- * error before rounding is below 2^-47 of an ulp. Then r = s - q0*c is exact and
- * RN(q0 + r*rh) is the correctly rounded s/c (Markstein's theorem: rh within half an ulp of
- * 1/c, q0 within one ulp of s/c). c <= 1 makes s/c >= s, so the final max passes s itself
- * through where the sequence cannot: s = inf (r is NaN), NaN, and -0 (which would come out
- * +0). No step underflows or overflows for those s and c. Only worth it with a hardware fma. */
+/* Division of a square root s by a constant c in [2^-60, 1] without the vector divider, for
+ * sqrt(v) divided by a bias correction (div_by_const in adam.c). s is what sqrt returns: 0,
+ * +inf, NaN, or a normal number in [2^-75, 2^64] (float) or [2^-537, 2^512] (double); the
+ * sequence is not correct for arbitrary s (near overflow, or tiny non-square-root values).
+ * With rh = RN(1/c) and rl = RN(1/c - rh) (FO_RECIP2), q0 = RN(s*rh + RN(s*rl)) is within one
+ * ulp of s/c: before the rounding its relative error is below 2^-47. Then r = s - q0*c is
+ * exact and RN(q0 + r*rh) is the correctly rounded s/c (Markstein's theorem: rh within half
+ * an ulp of 1/c, q0 within one ulp of s/c); for these s and c no step underflows or
+ * overflows. c <= 1 makes s/c >= s, so the final max passes s itself through where the
+ * sequence cannot: s = +inf (r is NaN), NaN and -0 (it would come out +0). Only worth it
+ * with a hardware fma. */
 #if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
 #define FO_FAST_FMA 1
 #else
 #define FO_FAST_FMA 0
 #endif
 #define FO_DIV_BY_CONST_OK(c) (FO_FAST_FMA && (c) >= 0x1p-60 && (c) <= 1)
-/* rh and rl in the element type of c. 1 - rh*c is exact in double for either type, and a
- * float quotient rounded once more to float is still correctly rounded (53 >= 2*24 + 2). */
+/* rh and rl in the element type of c. 1 - rh*c is exact in double for either type (for float
+ * it is even a float: below 2^-24 in magnitude and a multiple of 2^-47), and the quotient of
+ * two floats rounded to double and then to float is still correctly rounded (53 >= 2*24 + 2). */
 #define FO_RECIP2(c, rh, rl) do { \
         double c_ = (double)(c); \
         (rh) = FO_FAST_FMA ? (__typeof__(c))(1.0 / c_) : 0; \

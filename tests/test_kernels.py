@@ -171,54 +171,91 @@ def test_float64_large_matches_reference_on_a_sample(name, kwargs, n, nthreads, 
             assert_bits(opt.state[p][key][idx], value)
 
 
-def _adam_denominator_run(v, beta2, step, dtype):
-    """One Adam step with p = 0, grad = 0, exp_avg = 1 and exp_avg_sq = v loaded at ``step``:
-    returns the new parameter, 0 - step_size / 2 / (sqrt(v * beta2) / c), what torch's
-    formula gives, and the new exp_avg_sq. With a zero gradient every fma of the update is exact, so plain NumPy operations
-    give torch's values here."""
+def _adam_denominator_run(v, beta2, step, dtype, amsgrad=False):
+    """One Adam step that shows the kernel's denominator sqrt(v') / c exactly, where v' is
+    v * beta2 (exp_avg_sq = v) or, with amsgrad, v itself (max_exp_avg_sq = v, exp_avg_sq = 0)
+    and c = sqrt(1 - beta2^t) at t = step + 1. The gradient is 0, so every fma of the update
+    is exact and plain NumPy gives torch's values; eps = 0; exp_avg is loaded with torch's
+    denominator q (lerp(q, 0, 0.5) halves it) and lr makes step_size exactly 2. The new
+    parameter is then -q / (the kernel's denominator): -1 exactly where the two agree, and
+    never -1 where they differ by an ulp. Returns (new parameter, torch's value, new v')."""
     T = np.dtype(dtype).type
     n = v.size
-    p = fastopt.Parameter(np.zeros(n, dtype))
-    p.grad = np.zeros(n, dtype)
-    opt = fastopt.Adam([p], lr=0.5, betas=(0.5, beta2), eps=0.0)
-    opt.load_state_dict({"state": {0: {"step": np.array(step, np.float32),
-                                       "exp_avg": np.ones(n, dtype), "exp_avg_sq": v.copy()}},
-                         "param_groups": [dict(opt.state_dict()["param_groups"][0])]})
-    opt.step()
     t = float(np.float32(step + 1))
     with np.errstate(all="ignore"):
         c = T((1 - beta2 ** t) ** 0.5)
-        step_size = np.float64(0.5) / (1 - 0.5 ** t)  # inf at t = 0, as in torch
-        m = T(0.5)  # lerp(1, 0, 0.5)
-        expected = T(0) + (T(-step_size) * m) / (np.sqrt(v * T(beta2)) / c)
+        lr = 2 * (1 - 0.5 ** t)
+        step_size = np.float64(lr) / (1 - 0.5 ** t)  # 2, or NaN at t = 0 as in torch
+        v_new = np.maximum(v, 0) if amsgrad else v * T(beta2)
+        q = np.sqrt(v_new) / c
+        expected = T(0) + (T(-step_size) * (q * T(0.5))) / q
+    p = fastopt.Parameter(np.zeros(n, dtype))
+    p.grad = np.zeros(n, dtype)
+    opt = fastopt.Adam([p], lr=lr, betas=(0.5, beta2), eps=0.0, amsgrad=amsgrad)
+    st = {"step": np.array(step, np.float32), "exp_avg": q.copy(),
+          "exp_avg_sq": np.zeros(n, dtype) if amsgrad else v.copy()}
+    if amsgrad:
+        st["max_exp_avg_sq"] = v.copy()
+    opt.load_state_dict({"state": {0: st},
+                         "param_groups": [dict(opt.state_dict()["param_groups"][0])]})
+    opt.step()
+    finite = np.isfinite(q) & (q != 0)
+    if t >= 1:
+        assert (expected[finite] == -1).all()
     return np.asarray(p), expected, opt.state[p]["exp_avg_sq"]
 
 
-@pytest.mark.parametrize("beta2,step", [(0.5, 0), (0.5, 1), (0.5, 4), (0.999, 0), (0.999, 9),
-                                        (0.5, 40), (0.5, -1)])
+_SPECIAL32 = np.array([0.0, np.inf, np.nan, 1e-45, 1e-40, 3.4e38, 2.0 ** -126], np.float32)
+
+
+def _hard_beta2(c_hex):
+    """beta2 for which torch's bias correction at t = 1 is the float32 value c_hex."""
+    c = float.fromhex(c_hex)
+    beta2 = 1.0 - c * c
+    assert np.float32((1 - beta2) ** 0.5) == np.float32(c)
+    return beta2
+
+
+@pytest.mark.parametrize("beta2,step", [(0.5, 0), (0.5, 1), (0.5, 4), (0.5, 40), (0.5, -1)])
 def test_adam_bias_correction_divide_every_float32_significand(beta2, step, isa):
     """Where the ISA has an fma, the kernels divide sqrt(v) by the bias correction with a
     multiply and three fmas instead of a divide (csrc/fo_internal.h). Every float32 square
-    root significand of a binade, for bias corrections c = sqrt(1 - beta2^t) below 1, equal
-    to 1 (t = 41 rounds it to 1) and 0 (t = 0, a loaded step of -1: torch's inf and NaN),
-    against IEEE division. eps = 0, so any difference in the denominator reaches p."""
-    v = (np.arange(1 << 24, dtype=np.uint32) + np.float32(2 if beta2 == 0.5 else 1).view(
-        np.uint32)).view(np.float32)  # sqrt(v * beta2) covers a whole binade
-    specials = np.array([0.0, np.inf, np.nan, 1e-45, 1e-40, 3.4e38, 2.0 ** -126], np.float32)
-    v = np.concatenate([v, specials])
+    root in [1, 2), for bias corrections c below 1, equal to 1 (t = 41 rounds it to 1) and 0
+    (t = 0, a loaded step of -1: torch's inf and NaN), against IEEE division."""
+    v = (np.arange(1 << 24, dtype=np.uint32) + np.float32(2).view(np.uint32)).view(np.float32)
+    v = np.concatenate([v, _SPECIAL32])  # v * 0.5 in [1, 4): sqrt covers [1, 2)
     out, expected, v_new = _adam_denominator_run(v, beta2, step, np.float32)
-    assert_bits(v_new, v * np.float32(beta2))
+    assert_bits(v_new, v * np.float32(0.5))
     assert_bits(out, expected)
 
 
-@pytest.mark.parametrize("beta2,step", [(0.5, 0), (0.999, 0), (0.999, 99), (0.5, 60)])
-def test_adam_bias_correction_divide_float64(beta2, step, isa, rng):
+@pytest.mark.parametrize("beta2,step", [
+    (0.999, 0), (0.999, 9),
+    # bias corrections for which the multiply and first fma alone (without the remainder
+    # correction) are wrong for one square root in [1, 2) (found by an exhaustive C sweep)
+    (_hard_beta2("0x1.9ac946p-1"), 0), (_hard_beta2("0x1.908ae6p-1"), 0),
+    (_hard_beta2("0x1.c42496p-1"), 0)])
+def test_adam_bias_correction_divide_float32_amsgrad(beta2, step, isa):
+    """The same through amsgrad's running maximum, which lets the test load sqrt's argument
+    directly: RN(s * s) for every float32 s in [1, 2), so sqrt gives back every s."""
+    s = (np.arange(1 << 23, dtype=np.uint32) + np.float32(1).view(np.uint32)).view(np.float32)
+    v = s * s
+    assert_bits(np.sqrt(v), s)
+    out, expected, _ = _adam_denominator_run(np.concatenate([v, _SPECIAL32]), beta2, step,
+                                             np.float32, amsgrad=True)
+    assert_bits(out, expected)
+
+
+@pytest.mark.parametrize("beta2,step,amsgrad", [(0.5, 0, False), (0.5, 60, False),
+                                                (0.999, 0, True), (0.999, 99, True)])
+def test_adam_bias_correction_divide_float64(beta2, step, amsgrad, isa, rng):
     """The same for float64 on random significands and the values next to powers of two."""
     u = rng.integers(0, 1 << 52, 1 << 20, dtype=np.int64) + np.float64(1).view(np.int64)
     edges = np.concatenate([np.arange(4096), (1 << 52) - np.arange(1, 4097)]) \
         + np.float64(1).view(np.int64)
     v = np.concatenate([u, edges]).view(np.float64) * np.ldexp(1.0, rng.integers(-60, 60, 1))
     v = np.concatenate([v, [0.0, np.inf, np.nan, 5e-324, 1e-310, 1.7e308]])
-    out, expected, v_new = _adam_denominator_run(v, beta2, step, np.float64)
-    assert_bits(v_new, v * beta2)
+    out, expected, v_new = _adam_denominator_run(v, beta2, step, np.float64, amsgrad)
+    if not amsgrad:
+        assert_bits(v_new, v * beta2)
     assert_bits(out, expected)
