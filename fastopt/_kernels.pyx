@@ -853,7 +853,7 @@ def update(opt, tuple kinds):
     state_layout = opt._state_layout
     for group in opt.param_groups:
         try:
-            frozen = freeze(group, numeric, flags, pairs)
+            frozen = freeze(group, numeric, flags, pairs)  # = opt._freeze(group)
             check_step(frozen)
         except (ValueError, TypeError, OverflowError) as e:
             raise type(e)(f"param_groups[{gi}]: {e}") from None
