@@ -144,9 +144,6 @@ cdef class Plan:
         free(self.steps)
         free(self.stepval)
 
-    def __len__(self):
-        return self.n
-
     cdef Py_ssize_t _add(self, cnp.ndarray p, cnp.ndarray g) except -1:
         cdef Py_ssize_t cap
         cdef void *mem
