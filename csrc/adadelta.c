@@ -8,8 +8,16 @@
  */
 #ifndef FO_T
 #include "fo_internal.h"
+
+/* Fields in the order of Adadelta._hyperparameters. state[0] = square_avg, state[1] =
+ * acc_delta. */
+typedef struct fo_adadelta_hyper {
+    double lr, rho, eps, weight_decay, maximize;
+} fo_adadelta_hyper;
+
 #define FO_BODY "adadelta.c"
 #include "fo_expand.h"
+FO_DEFINE_KERNEL(adadelta, fo_adadelta_hyper, NULL, 1);
 #else
 
 static inline __attribute__((always_inline)) void
@@ -25,7 +33,7 @@ FO_FN(adadelta_loop)(const fo_adadelta_hyper *h, const fo_tensor *t, int64_t beg
     const FO_T one_m_rho = (FO_T)(1.0 - h->rho);
     const FO_T eps = (FO_T)h->eps;
     const FO_T wd = (FO_T)h->weight_decay;
-    const FO_T sign = h->maximize ? (FO_T)-1 : (FO_T)1;
+    const FO_T sign = FO_FLAG(h->maximize) ? (FO_T)-1 : (FO_T)1;
 
     for (int64_t i = begin; i < end; i++) {
         FO_T gi = sign * g[i];
@@ -41,7 +49,7 @@ FO_FN(adadelta_loop)(const fo_adadelta_hyper *h, const fo_tensor *t, int64_t beg
     }
 }
 
-void FO_FN(adadelta)(const void *hyper, const fo_tensor *t, int64_t begin, int64_t end)
+void FO_FN(adadelta)(const double *hyper, const fo_tensor *t, int64_t begin, int64_t end)
 {
     const fo_adadelta_hyper *h = (const fo_adadelta_hyper *)hyper;
     if (h->weight_decay != 0.0)

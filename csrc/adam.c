@@ -5,7 +5,8 @@
  *   m = lerp(m, g, 1 - beta1);  v = fma((1 - beta2) * g, g, v * beta2)
  *   amsgrad: vmax = maximum(vmax, v), used for v below
  *   denom = sqrt(v) / bc2_sqrt + eps;  p = p + (-step_size * m) / denom
- * with step_size = lr / (1 - beta1^t) and bc2_sqrt = (1 - beta2^t)^0.5 from the caller.
+ * with step_size = lr / (1 - beta1^t) and bc2_sqrt = (1 - beta2^t)^0.5 computed once per
+ * tensor by adam_prepare, in double as torch computes them.
  * eps is added after the bias correction of sqrt(v), as torch does (not the paper's form).
  *
  * Where the ISA has a hardware fma, the division sqrt(v) / bc2_sqrt leaves the vector divider
@@ -14,8 +15,23 @@
  */
 #ifndef FO_T
 #include "fo_internal.h"
+
+/* Fields in the order of Adam._hyperparameters. state[0] = exp_avg, state[1] = exp_avg_sq,
+ * state[2] = max_exp_avg_sq. scalar[0] = lr / (1 - beta1^t), scalar[1] = (1 - beta2^t)^0.5. */
+typedef struct fo_adam_hyper {
+    double lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled;
+} fo_adam_hyper;
+
+static void adam_prepare(const double *hyper, fo_tensor *t, double step)
+{
+    const fo_adam_hyper *h = (const fo_adam_hyper *)hyper;
+    t->scalar[0] = h->lr / (1.0 - pow(h->beta1, step));
+    t->scalar[1] = pow(1.0 - pow(h->beta2, step), 0.5);
+}
+
 #define FO_BODY "adam.c"
 #include "fo_expand.h"
+FO_DEFINE_KERNEL(adam, fo_adam_hyper, adam_prepare, 1);
 #else
 
 /* s / c, correctly rounded, for s a square root and FO_DIV_BY_CONST_OK(c); see fo_internal.h */
@@ -68,15 +84,15 @@ FO_FN(adam_loop)(const fo_adam_hyper *h, const fo_tensor *t, int64_t begin, int6
 }
 
 /* The flags are passed as constants so that each combination gets its own vector loop. */
-void FO_FN(adam)(const void *hyper, const fo_tensor *t, int64_t begin, int64_t end)
+void FO_FN(adam)(const double *hyper, const fo_tensor *t, int64_t begin, int64_t end)
 {
     const fo_adam_hyper *h = (const fo_adam_hyper *)hyper;
     const int has_wd = h->weight_decay != 0.0;
-    const int l2 = has_wd && !h->decoupled, dec = has_wd && h->decoupled;
-    const int ams = h->amsgrad != 0;
+    const int l2 = has_wd && !FO_FLAG(h->decoupled), dec = has_wd && FO_FLAG(h->decoupled);
+    const int ams = FO_FLAG(h->amsgrad);
     const int small = fabs((double)(FO_T)(1.0 - h->beta1)) < 0.5;
     const int by_recip = FO_DIV_BY_CONST_OK((FO_T)t->scalar[1]);
-    const int maximize = h->maximize != 0;
+    const int maximize = FO_FLAG(h->maximize);
 #define FO_CASE(L, D, A, S) \
     if (l2 == L && dec == D && ams == A && small == S) { \
         if (by_recip && !maximize) FO_FN(adam_loop)(h, t, begin, end, L, D, A, S, 1, 0); \

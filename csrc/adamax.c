@@ -4,13 +4,27 @@
  *   m = lerp(m, g, 1 - beta1)
  *   u = maximum(u * beta2, |g| + eps)          (eps inside the max; NaN propagates)
  *   p = p + (-clr * m) / u
- * with clr = lr / (1 - beta1^t) from the caller (scalar[0]). No square root: bit-exact with
+ * with clr = lr / (1 - beta1^t) from adamax_prepare (scalar[0]). No square root: bit-exact with
  * torch.
  */
 #ifndef FO_T
 #include "fo_internal.h"
+
+/* Fields in the order of Adamax._hyperparameters. state[0] = exp_avg, state[1] = exp_inf.
+ * scalar[0] = lr / (1 - beta1^t). */
+typedef struct fo_adamax_hyper {
+    double lr, beta1, beta2, eps, weight_decay, maximize;
+} fo_adamax_hyper;
+
+static void adamax_prepare(const double *hyper, fo_tensor *t, double step)
+{
+    const fo_adamax_hyper *h = (const fo_adamax_hyper *)hyper;
+    t->scalar[0] = h->lr / (1.0 - pow(h->beta1, step)); /* as torch: clr = lr / (1 - beta1**t) */
+}
+
 #define FO_BODY "adamax.c"
 #include "fo_expand.h"
+FO_DEFINE_KERNEL(adamax, fo_adamax_hyper, adamax_prepare, 1);
 #else
 
 static inline __attribute__((always_inline)) void
@@ -26,7 +40,7 @@ FO_FN(adamax_loop)(const fo_adamax_hyper *h, const fo_tensor *t, int64_t begin, 
     const FO_T beta2 = (FO_T)h->beta2;
     const FO_T eps = (FO_T)h->eps;
     const FO_T wd = (FO_T)h->weight_decay;
-    const FO_T sign = h->maximize ? (FO_T)-1 : (FO_T)1;
+    const FO_T sign = FO_FLAG(h->maximize) ? (FO_T)-1 : (FO_T)1;
 
     for (int64_t i = begin; i < end; i++) {
         FO_T gi = sign * g[i];
@@ -42,7 +56,7 @@ FO_FN(adamax_loop)(const fo_adamax_hyper *h, const fo_tensor *t, int64_t begin, 
     }
 }
 
-void FO_FN(adamax)(const void *hyper, const fo_tensor *t, int64_t begin, int64_t end)
+void FO_FN(adamax)(const double *hyper, const fo_tensor *t, int64_t begin, int64_t end)
 {
     const fo_adamax_hyper *h = (const fo_adamax_hyper *)hyper;
     const int has_wd = h->weight_decay != 0.0;

@@ -3,13 +3,33 @@
  *   g = maximize ? -grad : grad;  g = fma(p, wd, g)                     (when wd != 0)
  *   p = p * (1 - lambd * eta);  p = fma(g, -eta, p)
  *   mu != 1: ax = ax + (p - ax) * mu      else ax = p
- * eta and mu are torch's float32 state values, passed by the caller (scalar[0], scalar[1]);
- * the caller also advances them after the step. No square root: bit-exact with torch.
+ * eta and mu are torch's float32 state values, read by asgd_prepare (scalar[0], scalar[1]),
+ * which then advances them.  No square root: bit-exact with torch.
  */
 #ifndef FO_T
 #include "fo_internal.h"
+
+/* Fields in the order of ASGD._hyperparameters. state[0] = ax, aux[0] = eta, aux[1] = mu
+ * (torch's float32 state). scalar[0] = eta, scalar[1] = mu: the values this step uses. */
+typedef struct fo_asgd_hyper {
+    double lr, lambd, alpha, t0, weight_decay, maximize;
+} fo_asgd_hyper;
+
+/* This step uses the current eta and mu; then, as torch (in double, stored as float32):
+ * eta = lr / (1 + lambd lr t)^alpha, mu = 1 / max(1, t - t0). A parameter listed twice
+ * sees the values its first occurrence left, as in torch's loop. */
+static void asgd_prepare(const double *hyper, fo_tensor *t, double step)
+{
+    const fo_asgd_hyper *h = (const fo_asgd_hyper *)hyper;
+    t->scalar[0] = *t->aux[0];
+    t->scalar[1] = *t->aux[1];
+    *t->aux[0] = (float)(h->lr / pow(1.0 + h->lambd * h->lr * step, h->alpha));
+    *t->aux[1] = (float)(1.0 / (step - h->t0 > 1.0 ? step - h->t0 : 1.0));
+}
+
 #define FO_BODY "asgd.c"
 #include "fo_expand.h"
+FO_DEFINE_KERNEL(asgd, fo_asgd_hyper, asgd_prepare, 0);
 #else
 
 static inline __attribute__((always_inline)) void
@@ -24,7 +44,7 @@ FO_FN(asgd_loop)(const fo_asgd_hyper *h, const fo_tensor *t, int64_t begin, int6
     const FO_T neg_eta = (FO_T)(-eta);
     const FO_T mu = (FO_T)t->scalar[1];
     const FO_T wd = (FO_T)h->weight_decay;
-    const FO_T sign = h->maximize ? (FO_T)-1 : (FO_T)1;
+    const FO_T sign = FO_FLAG(h->maximize) ? (FO_T)-1 : (FO_T)1;
 
     for (int64_t i = begin; i < end; i++) {
         FO_T gi = sign * g[i];
@@ -42,7 +62,7 @@ FO_FN(asgd_loop)(const fo_asgd_hyper *h, const fo_tensor *t, int64_t begin, int6
     }
 }
 
-void FO_FN(asgd)(const void *hyper, const fo_tensor *t, int64_t begin, int64_t end)
+void FO_FN(asgd)(const double *hyper, const fo_tensor *t, int64_t begin, int64_t end)
 {
     const fo_asgd_hyper *h = (const fo_asgd_hyper *)hyper;
     const int has_wd = h->weight_decay != 0.0;

@@ -1,16 +1,25 @@
 /*
  * average.c - in-place parameter averaging for swa_utils.AveragedModel.
  * The tensor's param is the running average, its grad the current parameter value:
- *   FO_AVG_LERP: avg = lerp(avg, cur, w)    (EMA, and SWA's 1/(n+1) weight), ATen's rounding
- *   FO_AVG_DIV:  avg = avg + (cur - avg) / d  (torch's default SWA mean on the loop path)
+ *   lerp = 1: avg = lerp(avg, cur, w)    (EMA, and SWA's 1/(n+1) weight), ATen's rounding
+ *   lerp = 0: avg = avg + (cur - avg) / d  (torch's default SWA mean on the loop path)
  */
 #ifndef FO_T
 #include "fo_internal.h"
+
+/* Parameter averaging (swa_utils): hyperparameters weight and lerp (1: avg = lerp(avg, cur,
+ * weight) with ATen's rounding; 0: avg = avg + (cur - avg) / weight). The tensor's param is
+ * the average, its grad the current value. */
+typedef struct fo_average_hyper {
+    double weight, lerp;
+} fo_average_hyper;
+
 #define FO_BODY "average.c"
 #include "fo_expand.h"
+FO_DEFINE_KERNEL(average, fo_average_hyper, NULL, 1);
 #else
 
-void FO_FN(average)(const void *hyper, const fo_tensor *t, int64_t begin, int64_t end)
+void FO_FN(average)(const double *hyper, const fo_tensor *t, int64_t begin, int64_t end)
 {
     const fo_average_hyper *h = (const fo_average_hyper *)hyper;
     FO_T *restrict avg = (FO_T *)t->param;
@@ -18,7 +27,7 @@ void FO_FN(average)(const void *hyper, const fo_tensor *t, int64_t begin, int64_
     const FO_T w = (FO_T)h->weight, wm1 = w - (FO_T)1;
     const int small = fabs((double)w) < 0.5;
 
-    if (h->mode == FO_AVG_LERP) {
+    if (FO_FLAG(h->lerp)) {
         for (int64_t i = begin; i < end; i++)
             avg[i] = FO_LERP(avg[i], cur[i], w, wm1, small);
     } else {

@@ -1,6 +1,6 @@
 /*
- * dispatch.c - runtime choice of the ISA level, and fo_run, which spreads a list of tensors
- * over OpenMP threads. Compiled once, for the baseline ISA.
+ * dispatch.c - runtime choice of the ISA level, fo_run, which spreads a list of tensors over
+ * OpenMP threads, and fo_step, a whole optimizer step. Compiled once, for the baseline ISA.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -9,14 +9,15 @@
 #include <omp.h>
 #endif
 
-extern const fo_kernel_table fo_table_baseline;
+typedef const fo_kernel *const fo_table[FO_KERNEL_COUNT];
+extern fo_table fo_table_baseline;
 #ifdef FO_HAVE_X86_LEVELS
-extern const fo_kernel_table fo_table_avx2;
-extern const fo_kernel_table fo_table_avx512;
+extern fo_table fo_table_avx2;
+extern fo_table fo_table_avx512;
 #endif
 
 static const char *const fo_names[FO_ISA_COUNT] = {"baseline", "avx2", "avx512"};
-static const fo_kernel_table *fo_current = NULL;
+static const fo_kernel *const *fo_current = NULL;
 static int fo_level = -1;
 static int fo_threads = 0;
 
@@ -25,13 +26,13 @@ const char *fo_isa_name(int level)
     return (level >= 0 && level < FO_ISA_COUNT) ? fo_names[level] : "unknown";
 }
 
-static const fo_kernel_table *fo_table_of(int level)
+static const fo_kernel *const *fo_table_of(int level)
 {
     switch (level) {
-    case FO_ISA_BASELINE: return &fo_table_baseline;
+    case FO_ISA_BASELINE: return fo_table_baseline;
 #ifdef FO_HAVE_X86_LEVELS
-    case FO_ISA_AVX2: return &fo_table_avx2;
-    case FO_ISA_AVX512: return &fo_table_avx512;
+    case FO_ISA_AVX2: return fo_table_avx2;
+    case FO_ISA_AVX512: return fo_table_avx512;
 #endif
     default: return NULL;
     }
@@ -77,10 +78,18 @@ static void fo_isa_init(void)
     fo_isa_set(best);
 }
 
-const fo_kernel_table *fo_kernels(void)
+const fo_kernel *fo_kernel_get(int id)
 {
+    if (id < 0 || id >= FO_KERNEL_COUNT) return NULL;
     if (fo_current == NULL) fo_isa_init();
-    return fo_current;
+    return fo_current[id];
+}
+
+int fo_kernel_find(const char *name)
+{
+    for (int id = 0; id < FO_KERNEL_COUNT; id++)
+        if (strcmp(fo_table_baseline[id]->name, name) == 0) return id;
+    return -1;
 }
 
 int fo_isa_current(void)
@@ -111,7 +120,7 @@ int fo_get_num_threads(void)
 }
 
 /* Update the elements [lo, hi) of the concatenation of ts[0..nt). */
-static void fo_run_range(fo_kernel_fn fn, const void *hyper, const fo_tensor *ts, int64_t nt,
+static void fo_run_range(fo_kernel_fn fn, const double *hyper, const fo_tensor *ts, int64_t nt,
                          int64_t lo, int64_t hi)
 {
     int64_t off = 0;
@@ -124,7 +133,7 @@ static void fo_run_range(fo_kernel_fn fn, const void *hyper, const fo_tensor *ts
     }
 }
 
-void fo_run(fo_kernel_fn fn, const void *hyper, const fo_tensor *ts, int64_t nt, int serial)
+void fo_run(fo_kernel_fn fn, const double *hyper, const fo_tensor *ts, int64_t nt, int serial)
 {
     int64_t total = 0;
     for (int64_t k = 0; k < nt; k++) total += ts[k].numel;
@@ -147,4 +156,37 @@ void fo_run(fo_kernel_fn fn, const void *hyper, const fo_tensor *ts, int64_t nt,
 #else
     fo_run_range(fn, hyper, ts, nt, 0, total);
 #endif
+}
+
+/* Step counters and per-tensor scalars of one group, in list order. A pure prepare is a
+ * function of the step alone, so a tensor at the same step as the one before it (the usual
+ * case) copies that tensor's scalars. */
+static void fo_prepare_group(const fo_kernel *k, const fo_group *g)
+{
+    double prev = 0.0;
+    for (int64_t i = 0; i < g->nt; i++) {
+        fo_tensor *t = &g->ts[i];
+        double step = 0.0;
+        if (t->step != NULL) {
+            *t->step = *t->step + 1.0f;
+            step = (double)*t->step;
+        }
+        if (k->prepare == NULL) continue;
+        if (k->pure && i > 0 && step == prev) {
+            for (int j = 0; j < 4; j++) t->scalar[j] = g->ts[i - 1].scalar[j];
+        } else {
+            k->prepare(g->hyper, t, step);
+        }
+        prev = step;
+    }
+}
+
+void fo_step(const fo_group *gs, int64_t ng)
+{
+    for (int64_t i = 0; i < ng; i++) {
+        const fo_kernel *k = fo_kernel_get(gs[i].kernel);
+        if (k == NULL || gs[i].nt == 0) continue;
+        fo_prepare_group(k, &gs[i]);
+        fo_run(gs[i].f64 ? k->f64 : k->f32, gs[i].hyper, gs[i].ts, gs[i].nt, gs[i].serial);
+    }
 }

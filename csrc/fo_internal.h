@@ -15,6 +15,7 @@
 #define FO_INTERNAL_H
 
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include "fastopt.h"
 
@@ -25,6 +26,18 @@
 #define FO_CAT3_(a, b, c) a##_##b##_##c
 #define FO_CAT3(a, b, c) FO_CAT3_(a, b, c)
 #define FO_FN(name) FO_CAT3(fo_##name, FO_SFX, FO_ISA)
+
+/* The table entry of kernel `name` for this ISA level, fo_kernel_<name>_<isa>: hyper is the
+ * kernel's struct of doubles (fields in the order its Python class declares them), prepare
+ * its prepare function or NULL, pure 1 when prepare reads only hyper and the step. */
+#define FO_DEFINE_KERNEL(name, hyper, prepare, pure)                                     \
+    _Static_assert(sizeof(hyper) % sizeof(double) == 0, #hyper " must hold doubles only"); \
+    const fo_kernel FO_CAT3(fo_kernel, name, FO_ISA) = {                                  \
+        #name, FO_CAT3(fo_##name, f32, FO_ISA), FO_CAT3(fo_##name, f64, FO_ISA), prepare, \
+        (int)(sizeof(hyper) / sizeof(double)), pure}
+
+/* A hyperparameter flag (stored as 0.0 or 1.0) as an int, read once before a loop. */
+#define FO_FLAG(x) ((x) != 0.0)
 
 /* torch.lerp(s, e, w) as ATen computes it: s + w*(e - s) when |w| < 0.5, else
  * e - (e - s)*(1 - w), each with one rounding. wm1 = w - 1 (exact for w >= 0.5). */

@@ -9,8 +9,15 @@
  */
 #ifndef FO_T
 #include "fo_internal.h"
+
+/* Fields in the order of Lion._hyperparameters. state[0] = exp_avg. */
+typedef struct fo_lion_hyper {
+    double lr, beta1, beta2, weight_decay, maximize;
+} fo_lion_hyper;
+
 #define FO_BODY "lion.c"
 #include "fo_expand.h"
+FO_DEFINE_KERNEL(lion, fo_lion_hyper, NULL, 1);
 #else
 
 static inline __attribute__((always_inline)) void
@@ -24,7 +31,7 @@ FO_FN(lion_loop)(const fo_lion_hyper *h, const fo_tensor *t, int64_t begin, int6
     const FO_T w1 = (FO_T)(1.0 - h->beta1), w1m1 = w1 - (FO_T)1;
     const FO_T w2 = (FO_T)(1.0 - h->beta2), w2m1 = w2 - (FO_T)1;
     const FO_T decay = (FO_T)(1.0 - h->lr * h->weight_decay);
-    const FO_T sign = h->maximize ? (FO_T)-1 : (FO_T)1;
+    const FO_T sign = FO_FLAG(h->maximize) ? (FO_T)-1 : (FO_T)1;
 
     for (int64_t i = begin; i < end; i++) {
         FO_T gi = sign * g[i];
@@ -39,7 +46,7 @@ FO_FN(lion_loop)(const fo_lion_hyper *h, const fo_tensor *t, int64_t begin, int6
     }
 }
 
-void FO_FN(lion)(const void *hyper, const fo_tensor *t, int64_t begin, int64_t end)
+void FO_FN(lion)(const double *hyper, const fo_tensor *t, int64_t begin, int64_t end)
 {
     const fo_lion_hyper *h = (const fo_lion_hyper *)hyper;
     const int has_wd = h->weight_decay != 0.0;

@@ -4,16 +4,43 @@
  *   decoupled: p = p * (1 - lr * wd)      else g = fma(p, wd, g)       (when wd != 0)
  *   m = lerp(m, g, 1 - beta1);  v = fma((1 - beta2) * g, g, v * beta2)
  *   mh = m / bc1
- *   rho_t > 5 (flag FO_RECTIFY):  a = (1 / (sqrt(v) + eps)) * bc2_sqrt
+ *   rho_t > 5 (scalar[3] = 1):  a = (1 / (sqrt(v) + eps)) * bc2_sqrt
  *                                 p = p - ((mh * lr) * a) * rect
  *   otherwise:                    p = p - mh * lr
- * bc1, bc2_sqrt and rect come from the caller (scalar[0..2]); each product is rounded as
+ * bc1, bc2_sqrt and rect come from radam_prepare (scalar[0..3]); each product is rounded as
  * torch's chain of tensor-scalar multiplications is.
  */
 #ifndef FO_T
 #include "fo_internal.h"
+
+/* Fields in the order of RAdam._hyperparameters. state[0] = exp_avg, state[1] = exp_avg_sq.
+ * scalar[0] = 1 - beta1^t, scalar[1] = (1 - beta2^t)^0.5, scalar[2] = rectification term,
+ * scalar[3] = 1 when rho_t > 5 (take the rectified adaptive step), else 0. */
+typedef struct fo_radam_hyper {
+    double lr, beta1, beta2, eps, weight_decay, decoupled, maximize;
+} fo_radam_hyper;
+
+static void radam_prepare(const double *hyper, fo_tensor *t, double step)
+{
+    const fo_radam_hyper *h = (const fo_radam_hyper *)hyper;
+    double rho_inf = 2.0 / (1.0 - h->beta2) - 1.0;
+    double bc1 = 1.0 - pow(h->beta1, step);
+    double bc2 = 1.0 - pow(h->beta2, step);
+    double rho_t = rho_inf - 2.0 * step * pow(h->beta2, step) / bc2;
+    t->scalar[0] = bc1;
+    t->scalar[1] = pow(bc2, 0.5);
+    t->scalar[2] = 0.0;
+    t->scalar[3] = 0.0;
+    if (rho_t > 5.0) {
+        t->scalar[2] = pow((rho_t - 4.0) * (rho_t - 2.0) * rho_inf
+                           / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t), 0.5);
+        t->scalar[3] = 1.0;
+    }
+}
+
 #define FO_BODY "radam.c"
 #include "fo_expand.h"
+FO_DEFINE_KERNEL(radam, fo_radam_hyper, radam_prepare, 1);
 #else
 
 static inline __attribute__((always_inline)) void
@@ -34,7 +61,7 @@ FO_FN(radam_loop)(const fo_radam_hyper *h, const fo_tensor *t, int64_t begin, in
     const FO_T eps = (FO_T)h->eps;
     const FO_T wd = (FO_T)h->weight_decay;
     const FO_T decay = (FO_T)(1.0 - h->lr * h->weight_decay);
-    const FO_T sign = h->maximize ? (FO_T)-1 : (FO_T)1;
+    const FO_T sign = FO_FLAG(h->maximize) ? (FO_T)-1 : (FO_T)1;
 
     for (int64_t i = begin; i < end; i++) {
         FO_T gi = sign * g[i];
@@ -54,13 +81,13 @@ FO_FN(radam_loop)(const fo_radam_hyper *h, const fo_tensor *t, int64_t begin, in
     }
 }
 
-void FO_FN(radam)(const void *hyper, const fo_tensor *t, int64_t begin, int64_t end)
+void FO_FN(radam)(const double *hyper, const fo_tensor *t, int64_t begin, int64_t end)
 {
     const fo_radam_hyper *h = (const fo_radam_hyper *)hyper;
     const int has_wd = h->weight_decay != 0.0;
-    const int l2 = has_wd && !h->decoupled, dec = has_wd && h->decoupled;
+    const int l2 = has_wd && !FO_FLAG(h->decoupled), dec = has_wd && FO_FLAG(h->decoupled);
     const int small = fabs((double)(FO_T)(1.0 - h->beta1)) < 0.5;
-    const int rect = (t->flags & FO_RECTIFY) != 0;
+    const int rect = t->scalar[3] != 0.0;
 #define FO_CASE(L, D, S, R) \
     if (l2 == L && dec == D && small == S && rect == R) { \
         FO_FN(radam_loop)(h, t, begin, end, L, D, S, R); return; }

@@ -10,8 +10,16 @@
  */
 #ifndef FO_T
 #include "fo_internal.h"
+
+/* Fields in the order of RMSprop._hyperparameters. state[0] = square_avg, state[1] =
+ * momentum_buffer, state[2] = grad_avg. */
+typedef struct fo_rmsprop_hyper {
+    double lr, alpha, eps, weight_decay, momentum, centered, maximize;
+} fo_rmsprop_hyper;
+
 #define FO_BODY "rmsprop.c"
 #include "fo_expand.h"
+FO_DEFINE_KERNEL(rmsprop, fo_rmsprop_hyper, NULL, 1);
 #else
 
 static inline __attribute__((always_inline)) void
@@ -30,7 +38,7 @@ FO_FN(rmsprop_loop)(const fo_rmsprop_hyper *h, const fo_tensor *t, int64_t begin
     const FO_T eps = (FO_T)h->eps;
     const FO_T wd = (FO_T)h->weight_decay;
     const FO_T mu = (FO_T)h->momentum;
-    const FO_T sign = h->maximize ? (FO_T)-1 : (FO_T)1;
+    const FO_T sign = FO_FLAG(h->maximize) ? (FO_T)-1 : (FO_T)1;
 
     for (int64_t i = begin; i < end; i++) {
         FO_T gi = sign * g[i];
@@ -57,10 +65,10 @@ FO_FN(rmsprop_loop)(const fo_rmsprop_hyper *h, const fo_tensor *t, int64_t begin
 }
 
 /* The flags are passed as constants so that each combination gets its own vector loop. */
-void FO_FN(rmsprop)(const void *hyper, const fo_tensor *t, int64_t begin, int64_t end)
+void FO_FN(rmsprop)(const double *hyper, const fo_tensor *t, int64_t begin, int64_t end)
 {
     const fo_rmsprop_hyper *h = (const fo_rmsprop_hyper *)hyper;
-    const int wd = h->weight_decay != 0.0, c = h->centered != 0, m = h->momentum > 0.0;
+    const int wd = h->weight_decay != 0.0, c = FO_FLAG(h->centered), m = h->momentum > 0.0;
 #define FO_CASE(W, C, M) \
     if (wd == W && c == C && m == M) { FO_FN(rmsprop_loop)(h, t, begin, end, W, C, M); return; }
     FO_CASE(0, 0, 0) FO_CASE(0, 0, 1) FO_CASE(0, 1, 0) FO_CASE(0, 1, 1)

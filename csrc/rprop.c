@@ -10,11 +10,18 @@
  */
 #ifndef FO_T
 #include "fo_internal.h"
+
+/* Fields in the order of Rprop._hyperparameters. state[0] = prev, state[1] = step_size. */
+typedef struct fo_rprop_hyper {
+    double etaminus, etaplus, step_size_min, step_size_max, maximize;
+} fo_rprop_hyper;
+
 #define FO_BODY "rprop.c"
 #include "fo_expand.h"
+FO_DEFINE_KERNEL(rprop, fo_rprop_hyper, NULL, 1);
 #else
 
-void FO_FN(rprop)(const void *hyper, const fo_tensor *t, int64_t begin, int64_t end)
+void FO_FN(rprop)(const double *hyper, const fo_tensor *t, int64_t begin, int64_t end)
 {
     const fo_rprop_hyper *h = (const fo_rprop_hyper *)hyper;
     FO_T *restrict p = (FO_T *)t->param;
@@ -23,7 +30,7 @@ void FO_FN(rprop)(const void *hyper, const fo_tensor *t, int64_t begin, int64_t 
     FO_T *restrict ss = (FO_T *)t->state[1];
     const FO_T etaminus = (FO_T)h->etaminus, etaplus = (FO_T)h->etaplus;
     const FO_T lo = (FO_T)h->step_size_min, hi = (FO_T)h->step_size_max;
-    const FO_T sign = h->maximize ? (FO_T)-1 : (FO_T)1;
+    const FO_T sign = FO_FLAG(h->maximize) ? (FO_T)-1 : (FO_T)1;
 
     for (int64_t i = begin; i < end; i++) {
         FO_T gi = sign * g[i];

@@ -9,11 +9,19 @@
  */
 #ifndef FO_T
 #include "fo_internal.h"
+
+/* Fields in the order of SGD._hyperparameters. state[0] = momentum_buffer (unused when
+ * momentum == 0). */
+typedef struct fo_sgd_hyper {
+    double lr, momentum, dampening, weight_decay, nesterov, maximize;
+} fo_sgd_hyper;
+
 #define FO_BODY "sgd.c"
 #include "fo_expand.h"
+FO_DEFINE_KERNEL(sgd, fo_sgd_hyper, NULL, 1);
 #else
 
-void FO_FN(sgd)(const void *hyper, const fo_tensor *t, int64_t begin, int64_t end)
+void FO_FN(sgd)(const double *hyper, const fo_tensor *t, int64_t begin, int64_t end)
 {
     const fo_sgd_hyper *h = (const fo_sgd_hyper *)hyper;
     FO_T *restrict p = (FO_T *)t->param;
@@ -23,8 +31,9 @@ void FO_FN(sgd)(const void *hyper, const fo_tensor *t, int64_t begin, int64_t en
     const FO_T wd = (FO_T)h->weight_decay;
     const FO_T mu = (FO_T)h->momentum;
     const FO_T damp1 = (FO_T)(1.0 - h->dampening);
-    const FO_T sign = h->maximize ? (FO_T)-1 : (FO_T)1;
+    const FO_T sign = FO_FLAG(h->maximize) ? (FO_T)-1 : (FO_T)1;
     const int has_wd = h->weight_decay != 0.0;
+    const int nesterov = FO_FLAG(h->nesterov);
 
     if (h->momentum == 0.0) {
         for (int64_t i = begin; i < end; i++) {
@@ -37,7 +46,7 @@ void FO_FN(sgd)(const void *hyper, const fo_tensor *t, int64_t begin, int64_t en
             FO_T gi = sign * g[i];
             if (has_wd) gi = FO_FMA(p[i], wd, gi);
             buf[i] = gi;
-            FO_T d = h->nesterov ? FO_FMA(gi, mu, gi) : gi;
+            FO_T d = nesterov ? FO_FMA(gi, mu, gi) : gi;
             p[i] = FO_FMA(d, neg_lr, p[i]);
         }
     } else {
@@ -46,7 +55,7 @@ void FO_FN(sgd)(const void *hyper, const fo_tensor *t, int64_t begin, int64_t en
             if (has_wd) gi = FO_FMA(p[i], wd, gi);
             FO_T b = FO_FMA(gi, damp1, buf[i] * mu);
             buf[i] = b;
-            FO_T d = h->nesterov ? FO_FMA(b, mu, gi) : b;
+            FO_T d = nesterov ? FO_FMA(b, mu, gi) : b;
             p[i] = FO_FMA(d, neg_lr, p[i]);
         }
     }

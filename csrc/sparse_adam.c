@@ -10,11 +10,21 @@
  */
 #ifndef FO_T
 #include "fo_internal.h"
+
+/* SparseAdam on row-sparse gradients: hyperparameters beta1, beta2, eps, maximize.
+ * grad = the values (rows x width, row-major, unique rows), state[0] = exp_avg,
+ * state[1] = exp_avg_sq, state[2] = the int64 row indices; numel = rows * width;
+ * scalar[0] = lr (1 - beta2^t)^0.5 / (1 - beta1^t), scalar[1] = width (set by the caller). */
+typedef struct fo_sparse_adam_hyper {
+    double beta1, beta2, eps, maximize;
+} fo_sparse_adam_hyper;
+
 #define FO_BODY "sparse_adam.c"
 #include "fo_expand.h"
+FO_DEFINE_KERNEL(sparse_adam, fo_sparse_adam_hyper, NULL, 1);
 #else
 
-void FO_FN(sparse_adam)(const void *hyper, const fo_tensor *t, int64_t begin, int64_t end)
+void FO_FN(sparse_adam)(const double *hyper, const fo_tensor *t, int64_t begin, int64_t end)
 {
     const fo_sparse_adam_hyper *h = (const fo_sparse_adam_hyper *)hyper;
     FO_T *restrict p = (FO_T *)t->param;
@@ -26,7 +36,7 @@ void FO_FN(sparse_adam)(const void *hyper, const fo_tensor *t, int64_t begin, in
     const FO_T neg_step = (FO_T)(-t->scalar[0]);
     const FO_T w1 = (FO_T)(1.0 - h->beta1), w2 = (FO_T)(1.0 - h->beta2);
     const FO_T eps = (FO_T)h->eps;
-    const FO_T sign = h->maximize ? (FO_T)-1 : (FO_T)1;
+    const FO_T sign = FO_FLAG(h->maximize) ? (FO_T)-1 : (FO_T)1;
     if (width <= 0) return;
 
     for (int64_t k = begin / width; k * width < end; k++) {

@@ -12,7 +12,7 @@ _extend_path(__path__)
 
 from fastopt._parameter import Parameter  # noqa: E402
 from fastopt._config import get_num_threads, set_num_threads, show_config
-from fastopt.optimizer import Optimizer
+from fastopt.optimizer import Optimizer, kernel_optimizers
 from fastopt.sgd import SGD
 from fastopt.adagrad import Adagrad
 from fastopt.rmsprop import RMSprop
@@ -36,21 +36,9 @@ _torch.register()  # tensors as parameters; imports torch only when given one
 
 __version__ = "0.1.0"
 
-#: Every optimizer by name, so tests and benchmarks cover a new one automatically.
-OPTIMIZERS = {
-    "SGD": SGD,
-    "Adagrad": Adagrad,
-    "RMSprop": RMSprop,
-    "Adam": Adam,
-    "AdamW": AdamW,
-    "Adadelta": Adadelta,
-    "Adamax": Adamax,
-    "NAdam": NAdam,
-    "RAdam": RAdam,
-    "ASGD": ASGD,
-    "Rprop": Rprop,
-    "Lion": Lion,
-}
+#: Every per-element optimizer by name, in the order of their C kernels (csrc/kernels.def), so
+#: tests and benchmarks cover a new one automatically.
+OPTIMIZERS = kernel_optimizers()
 
 #: The optimizers that are not per-element updates of dense gradients, so generic loops over
 #: ``OPTIMIZERS`` cannot drive them: LBFGS needs a closure, SparseAdam a ``SparseGrad``,
@@ -62,8 +50,7 @@ OTHER_OPTIMIZERS = {
     "Muon": Muon,
 }
 
-__all__ = ["Parameter", "Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW",
-           "Adadelta", "Adamax", "NAdam", "RAdam", "ASGD", "Rprop", "Lion",
-           "SparseAdam", "SparseGrad", "LBFGS", "Adafactor", "Muon", "OTHER_OPTIMIZERS",
-           "OPTIMIZERS", "show_config", "set_num_threads", "get_num_threads", "interop",
-           "lr_scheduler", "schedules", "swa_utils"]
+__all__ = ["Parameter", "Optimizer", *OPTIMIZERS, "SparseAdam", "SparseGrad", "LBFGS",
+           "Adafactor", "Muon", "OTHER_OPTIMIZERS", "OPTIMIZERS", "show_config",
+           "set_num_threads", "get_num_threads", "interop", "lr_scheduler", "schedules",
+           "swa_utils"]

@@ -1,17 +1,23 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """Bindings between the Python optimizers and the C kernels in csrc/.
 
-A step of one parameter group goes through a ``Plan``: ``collect`` walks the group once,
-checks every parameter, gradient and state array it will touch (raising before anything is
-modified), and records raw pointers; the ``run_*`` functions then increment step counters,
-compute the per-tensor scalars and make one GIL-free call into ``fo_run`` per dtype.
+One generic path serves every per-element optimizer; nothing here is written per algorithm.
+A class names its kernel (a line of csrc/kernels.def), its hyperparameters in the order of
+the kernel's struct of doubles, and its state keys (see ``Optimizer``); ``Spec`` holds that
+declaration. ``update`` runs a whole step: it freezes and checks every group, walks every
+parameter once (``collect``), checking each parameter, gradient and state array it will
+touch and recording raw pointers in one ``Plan`` per group and dtype, so that it raises
+before anything is modified; it calls back into Python only to create the state of
+parameters stepping for the first time; then one GIL-free call to ``fo_step`` advances the
+step counters, computes the per-tensor scalars (the kernel's ``prepare``) and runs the loops
+of all groups.
 """
 cimport numpy as cnp
 from cpython.dict cimport PyDict_GetItem
 from cpython.object cimport PyObject
-from libc.math cimport pow
 from libc.stdint cimport int64_t, uintptr_t
-from libc.stdlib cimport free, qsort, realloc
+from libc.stdlib cimport free, malloc, qsort, realloc
+from libc.string cimport memcpy
 
 import numpy as np
 
@@ -119,30 +125,155 @@ cdef inline bint _overlap(cnp.ndarray a, cnp.ndarray b, bint allow_identical):
     return a0 < b1 and b0 < a1
 
 
+
+cdef enum:
+    MAX_HYPER = 16  # the most doubles a kernel's hyperparameter struct may hold
+
+
+def kernel_names():
+    """The names of the C kernels, in the order of csrc/kernels.def."""
+    return [fo_kernel_get(k).name.decode() for k in range(FO_KERNEL_COUNT)]
+
+
+cdef int _kernel_id(str name) except -1:
+    cdef int k = fo_kernel_find(name.encode())
+    if k < 0:
+        raise ValueError(f"no C kernel named {name!r}; the kernels are {kernel_names()}")
+    return k
+
+
+cdef class Spec:
+    """What the generic step needs to know of an optimizer class: its kernel, the group keys
+    packed as the kernel's hyperparameters, and its state.
+
+    Parameters
+    ----------
+    kernel : str
+        A kernel name from csrc/kernels.def.
+    hyperparameters : tuple of str
+        Group keys in the order of the kernel's struct; a tuple value (betas) gives one
+        double per entry, a bool 0 or 1.
+    state_keys : tuple
+        The per-element state arrays, in the kernel's state[] order: a key, or (key, flag)
+        for one that exists only while ``group[flag]`` is true (AMSGrad's max_exp_avg_sq).
+    step_counter : bool
+        Whether the state holds torch's float32 ``step`` counter.
+    scalars : tuple of str
+        0-d float32 state entries the kernel's prepare reads and updates (fo_tensor.aux).
+    lazy : bool
+        SGD's rule: the single state array is created when missing and takes the gradient
+        on that step; without an active state key the parameter has no state at all.
+    nonneg_at_step : tuple of str
+        Keys that must be >= 0 at every step (beyond the betas, which are always checked).
+    """
+    cdef readonly int kernel
+    cdef readonly int nhyper
+    cdef readonly tuple hyperparameters, state_keys, scalars, nonneg_at_step
+    cdef readonly bint step_counter, lazy
+
+    def __init__(self, str kernel, tuple hyperparameters, tuple state_keys, bint step_counter,
+                 tuple scalars=(), bint lazy=False, tuple nonneg_at_step=()):
+        self.kernel = _kernel_id(kernel)
+        self.nhyper = fo_kernel_get(self.kernel).nhyper
+        if self.nhyper > MAX_HYPER:
+            raise ValueError(f"kernel {kernel!r} has {self.nhyper} hyperparameters; at most "
+                             f"{MAX_HYPER} are supported")
+        if len(state_keys) > 3 or len(scalars) > 2:
+            raise ValueError("a kernel takes at most 3 state arrays and 2 scalar entries")
+        if lazy and len(state_keys) != 1:
+            raise ValueError("a lazy state has exactly one state array")
+        self.hyperparameters = hyperparameters
+        self.state_keys = state_keys
+        self.step_counter = step_counter
+        self.scalars = scalars
+        self.lazy = lazy
+        self.nonneg_at_step = nonneg_at_step
+
+    cpdef tuple layout(self, dict group):
+        """The state keys in the kernel's order, None for one whose flag is off."""
+        cdef list keys = []
+        for entry in self.state_keys:
+            if type(entry) is tuple:
+                keys.append((<tuple>entry)[0] if group[(<tuple>entry)[1]] else None)
+            else:
+                keys.append(entry)
+        return tuple(keys)
+
+    cdef int init_mode(self, tuple keys):
+        # 0: a parameter with empty state needs new state; 1: one whose state lacks keys[0]
+        # does (SGD's momentum buffer); 2: the parameter has no state at all
+        if not self.lazy:
+            return 0
+        return 1 if keys[0] is not None else 2
+
+    cdef int pack(self, dict frozen, double *out) except -1:
+        """The frozen group's hyperparameters as the kernel's doubles."""
+        cdef int n = 0
+        cdef Py_ssize_t j
+        for key in self.hyperparameters:
+            value = frozen[key]
+            if type(value) is tuple:
+                for j in range(len(<tuple>value)):
+                    if n < MAX_HYPER:
+                        out[n] = (<tuple>value)[j]
+                    n += 1
+            else:
+                if n < MAX_HYPER:
+                    out[n] = value
+                n += 1
+        if n != self.nhyper:
+            raise TypeError(f"the hyperparameters {self.hyperparameters} give {n} numbers; "
+                            f"the kernel {fo_kernel_get(self.kernel).name.decode()!r} takes "
+                            f"{self.nhyper}")
+        return 0
+
+
+def check_frozen(dict frozen, tuple nonneg_at_step):
+    """The checks of every step (see Optimizer._check_step): betas in [0, 1) (a beta of 1
+    divides by zero in a bias correction) and the keys that must stay >= 0."""
+    betas = frozen.get("betas")
+    if betas is not None and not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+        for k in range(2):
+            if not 0.0 <= betas[k] < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {k}: {betas[k]}")
+    for key in nonneg_at_step:
+        if not frozen[key] >= 0:
+            raise ValueError(f"Invalid {key} value: {frozen[key]}")
+
+
+cdef inline int _check_scalar(object obj, Py_ssize_t gi, Py_ssize_t pi, object key) except -1:
+    if (obj is None or not cnp.PyArray_Check(obj)
+            or cnp.PyArray_TYPE(<cnp.ndarray>obj) != cnp.NPY_FLOAT
+            or cnp.PyArray_SIZE(<cnp.ndarray>obj) != 1 or not _usable(<cnp.ndarray>obj)):
+        raise TypeError(f"{_where(gi, pi)}: state[{key!r}] must be a writable 0-d float32 "
+                        f"array, got {obj!r}")
+    return 0
+
+
 cdef class Plan:
-    """Pointers to every tensor of one dtype that one step of one group updates."""
+    """Pointers to every tensor of one dtype that one step of one group updates, and the
+    group's hyperparameters as the kernel's doubles."""
     cdef fo_tensor *ts
-    cdef float **steps
-    cdef double *stepval
     cdef Py_ssize_t n, cap
     cdef list keep
-    cdef list states  # the state dict bound to each slot (None until bound)
+    cdef double hyper[MAX_HYPER]
     cdef readonly int typenum
+    cdef tuple keys
+    cdef bint has_step
+    cdef tuple scalars
 
     def __cinit__(self, int typenum):
         self.typenum = typenum
         self.keep = []
-        self.states = []
         self.ts = NULL
-        self.steps = NULL
-        self.stepval = NULL
         self.n = 0
         self.cap = 0
+        self.keys = ()
+        self.scalars = ()
+        self.has_step = False
 
     def __dealloc__(self):
         free(self.ts)
-        free(self.steps)
-        free(self.stepval)
 
     cdef Py_ssize_t _add(self, cnp.ndarray p, cnp.ndarray g) except -1:
         cdef Py_ssize_t cap
@@ -153,14 +284,6 @@ cdef class Plan:
             if mem == NULL:
                 raise MemoryError()
             self.ts = <fo_tensor *>mem
-            mem = realloc(self.steps, cap * sizeof(float *))
-            if mem == NULL:
-                raise MemoryError()
-            self.steps = <float **>mem
-            mem = realloc(self.stepval, cap * sizeof(double))
-            if mem == NULL:
-                raise MemoryError()
-            self.stepval = <double *>mem
             self.cap = cap
         cdef fo_tensor *t = &self.ts[self.n]
         t.param = cnp.PyArray_DATA(p)
@@ -168,21 +291,22 @@ cdef class Plan:
         t.state[0] = NULL
         t.state[1] = NULL
         t.state[2] = NULL
+        t.step = NULL
+        t.aux[0] = NULL
+        t.aux[1] = NULL
         t.numel = cnp.PyArray_SIZE(p)
         t.scalar[0] = 0.0
         t.scalar[1] = 0.0
         t.scalar[2] = 0.0
         t.scalar[3] = 0.0
         t.flags = 0
-        self.steps[self.n] = NULL
         self.keep.append(p)
         self.keep.append(g)
-        self.states.append(None)
         self.n += 1
         return self.n - 1
 
-    cdef int _bind(self, Py_ssize_t slot, object st, tuple keys, bint has_step,
-                   cnp.ndarray p, Py_ssize_t gi, Py_ssize_t pi) except -1:
+    cdef int _bind(self, Py_ssize_t slot, object st, cnp.ndarray p, Py_ssize_t gi,
+                   Py_ssize_t pi) except -1:
         cdef PyObject *item
         cdef cnp.ndarray a
         cdef Py_ssize_t j
@@ -190,6 +314,7 @@ cdef class Plan:
         cdef uintptr_t his[3]
         cdef uintptr_t lo, hi
         cdef int k, nb = 0  # memory spans of the state arrays bound so far
+        cdef tuple keys = self.keys
         if not isinstance(st, dict):
             raise TypeError(f"{_where(gi, pi)}: optimizer.state entry must be a dict, "
                             f"got {type(st).__name__}")
@@ -209,7 +334,8 @@ cdef class Plan:
             a = <cnp.ndarray>obj
             if cnp.PyArray_TYPE(a) != cnp.PyArray_TYPE(p) or not _same_shape(a, p):
                 raise ValueError(f"{_where(gi, pi)}: state[{key!r}] has dtype {a.dtype} and "
-                                 f"shape {(<object>a).shape}; the parameter has {p.dtype} {(<object>p).shape}")
+                                 f"shape {(<object>a).shape}; the parameter has {p.dtype} "
+                                 f"{(<object>p).shape}")
             if not _usable(a):
                 raise ValueError(f"{_where(gi, pi)}: state[{key!r}] must be a writable, "
                                  f"C-contiguous, aligned array")
@@ -228,8 +354,7 @@ cdef class Plan:
                 nb += 1
             self.ts[slot].state[j] = cnp.PyArray_DATA(a)
             self.keep.append(a)
-        self.states[slot] = st
-        if has_step:
+        if self.has_step:
             item = PyDict_GetItem(st, "step")
             if item == NULL:
                 raise KeyError(f"{_where(gi, pi)}: state has no 'step'")
@@ -239,14 +364,22 @@ cdef class Plan:
                     or not _usable(<cnp.ndarray>obj)):
                 raise TypeError(f"{_where(gi, pi)}: state['step'] must be a writable 0-d "
                                 f"float32 array, got {obj!r}")
-            self.steps[slot] = <float *>cnp.PyArray_DATA(<cnp.ndarray>obj)
+            self.ts[slot].step = <float *>cnp.PyArray_DATA(<cnp.ndarray>obj)
+            self.keep.append(obj)
+        for j in range(len(self.scalars)):
+            key = self.scalars[j]
+            item = PyDict_GetItem(st, key)
+            obj = None if item == NULL else <object>item
+            _check_scalar(obj, gi, pi, key)
+            self.ts[slot].aux[j] = <float *>cnp.PyArray_DATA(<cnp.ndarray>obj)
             self.keep.append(obj)
         return 0
 
-    def bind(self, Py_ssize_t slot, st, tuple keys, bint has_step, bint first,
-             cnp.ndarray p, Py_ssize_t gi, Py_ssize_t pi):
-        """Point slot at the state dict ``st`` (used after creating new state)."""
-        self._bind(slot, st, keys, has_step, p, gi, pi)
+    def bind(self, Py_ssize_t slot, st, bint first, cnp.ndarray p, Py_ssize_t gi,
+             Py_ssize_t pi):
+        """Point slot at the state dict ``st`` (used after creating new state); ``first``
+        marks a lazily created buffer that takes the gradient on this step."""
+        self._bind(slot, st, p, gi, pi)
         if first:
             self.ts[slot].flags |= FO_FIRST_STEP
 
@@ -265,7 +398,7 @@ cdef class Plan:
             total += self.ts[k].numel
         if total < 2 * FO_GRAIN:
             return 0
-        spans = <_span *>realloc(NULL, self.n * sizeof(_span))
+        spans = <_span *>malloc(self.n * sizeof(_span))
         if spans == NULL:
             return 1
         for k in range(self.n):
@@ -284,30 +417,21 @@ cdef class Plan:
         free(spans)
         return dup
 
-    cdef void _advance_steps(self) noexcept:
-        """Add 1 to every step counter (float32, as torch's step tensor) and record in
-        stepval[k] the value slot k sees. A parameter listed twice shares one counter and
-        sees it once per occurrence, in list order, as in torch."""
-        cdef Py_ssize_t k
-        for k in range(self.n):
-            self.steps[k][0] = self.steps[k][0] + <float>1.0
-            self.stepval[k] = self.steps[k][0]
 
-    cdef void _go(self, fo_kernel_fn fn, const void *hyper) noexcept:
-        cdef int serial = self._serial()
-        with nogil:
-            fo_run(fn, hyper, self.ts, self.n, serial)
+cdef Plan _new_plan(int typenum, Spec spec, tuple keys):
+    cdef Plan plan = Plan.__new__(Plan, typenum)
+    plan.keys = keys
+    plan.has_step = spec.step_counter
+    plan.scalars = spec.scalars
+    return plan
 
 
-def collect(Py_ssize_t gi, list params, state, tuple keys, bint has_step, int init_mode,
-            list missing):
+cdef tuple _collect(Py_ssize_t gi, list params, state, Spec spec, tuple keys, int init_mode,
+                    list missing):
     """Check group ``gi`` and return plans (p32, p64) of the parameters that have a
-    gradient, by dtype (None for a dtype with none).
-
-    init_mode 0: a parameter with empty state needs new state; 1: one whose state lacks
-    ``keys[0]`` (SGD's momentum buffer) does; 2: no state at all. Parameters that need new
-    state are appended to ``missing`` as (plan, slot, param, array, gi, pi) and left unbound.
-    """
+    gradient, by dtype (None for a dtype with none). Parameters that need new state (see
+    Spec.init_mode) are appended to ``missing`` as (plan, slot, param, array, gi, pi) and
+    left unbound."""
     cdef Py_ssize_t i, slot, n = len(params)
     cdef cnp.ndarray arr, g
     cdef Plan plan, p32 = None, p64 = None
@@ -336,11 +460,11 @@ def collect(Py_ssize_t gi, list params, state, tuple keys, bint has_step, int in
                              f"(torch: 'some elements refer to a single memory location')")
         if cnp.PyArray_TYPE(arr) == cnp.NPY_FLOAT:
             if p32 is None:
-                p32 = Plan.__new__(Plan, cnp.NPY_FLOAT)
+                p32 = _new_plan(cnp.NPY_FLOAT, spec, keys)
             plan = p32
         else:
             if p64 is None:
-                p64 = Plan.__new__(Plan, cnp.NPY_DOUBLE)
+                p64 = _new_plan(cnp.NPY_DOUBLE, spec, keys)
             plan = p64
         slot = plan._add(arr, g)
         if init_mode == 2:
@@ -354,91 +478,77 @@ def collect(Py_ssize_t gi, list params, state, tuple keys, bint has_step, int in
         if need:
             missing.append((plan, slot, obj, arr, gi, i))
         else:
-            plan._bind(slot, <object>item, keys, has_step, arr, gi, i)
+            plan._bind(slot, <object>item, arr, gi, i)
     return p32, p64
 
 
-cdef inline fo_kernel_fn _pick(Plan plan, fo_kernel_fn f32, fo_kernel_fn f64) noexcept:
-    return f32 if plan.typenum == cnp.NPY_FLOAT else f64
-
-
-def run_sgd(Plan plan, double lr, double momentum, double dampening, double weight_decay,
-            bint nesterov, bint maximize):
-    if plan.n == 0:
-        return
-    cdef fo_sgd_hyper h
-    h.lr = lr
-    h.momentum = momentum
-    h.dampening = dampening
-    h.weight_decay = weight_decay
-    h.nesterov = nesterov
-    h.maximize = maximize
-    cdef const fo_kernel_table *k = fo_kernels()
-    plan._go(_pick(plan, k.sgd_f32, k.sgd_f64), &h)
-
-
-def run_adagrad(Plan plan, double lr, double lr_decay, double weight_decay, double eps,
-                bint maximize):
-    if plan.n == 0:
-        return
-    cdef fo_adagrad_hyper h
-    cdef Py_ssize_t j
-    cdef double step
-    h.weight_decay = weight_decay
-    h.eps = eps
-    h.maximize = maximize
-    plan._advance_steps()
-    for j in range(plan.n):
-        step = plan.stepval[j]
-        plan.ts[j].scalar[0] = lr / (1.0 + (step - 1.0) * lr_decay)
-    cdef const fo_kernel_table *k = fo_kernels()
-    plan._go(_pick(plan, k.adagrad_f32, k.adagrad_f64), &h)
-
-
-def run_rmsprop(Plan plan, double lr, double alpha, double eps, double weight_decay,
-                double momentum, bint centered, bint maximize):
-    if plan.n == 0:
-        return
-    cdef fo_rmsprop_hyper h
-    h.lr = lr
-    h.alpha = alpha
-    h.eps = eps
-    h.weight_decay = weight_decay
-    h.momentum = momentum
-    h.centered = centered
-    h.maximize = maximize
-    plan._advance_steps()
-    cdef const fo_kernel_table *k = fo_kernels()
-    plan._go(_pick(plan, k.rmsprop_f32, k.rmsprop_f64), &h)
-
-
-def run_adam(Plan plan, double lr, double beta1, double beta2, double eps, double weight_decay,
-             bint amsgrad, bint maximize, bint decoupled):
-    if plan.n == 0:
-        return
-    cdef fo_adam_hyper h
-    cdef Py_ssize_t j
-    cdef double step
-    h.lr = lr
-    h.beta1 = beta1
-    h.beta2 = beta2
-    h.eps = eps
-    h.weight_decay = weight_decay
-    h.amsgrad = amsgrad
-    h.maximize = maximize
-    h.decoupled = decoupled
-    plan._advance_steps()
-    for j in range(plan.n):
-        step = plan.stepval[j]
-        if j > 0 and step == plan.stepval[j - 1]:  # the usual case: same step as the last
-            plan.ts[j].scalar[0] = plan.ts[j - 1].scalar[0]
-            plan.ts[j].scalar[1] = plan.ts[j - 1].scalar[1]
+cdef int _run(list plans, int kernel) except -1:
+    """One fo_step call over the non-empty plans, in list order, the GIL released."""
+    cdef Py_ssize_t k, ng = 0
+    cdef Plan plan
+    cdef fo_group *gs = <fo_group *>malloc((len(plans) + 1) * sizeof(fo_group))
+    if gs == NULL:
+        raise MemoryError()
+    for obj in plans:
+        plan = <Plan>obj
+        if plan.n == 0:
             continue
-        # as torch: step_size = lr / (1 - beta1**t), bias_correction2_sqrt = (1 - beta2**t)**0.5
-        plan.ts[j].scalar[0] = lr / (1.0 - pow(beta1, step))
-        plan.ts[j].scalar[1] = pow(1.0 - pow(beta2, step), 0.5)
-    cdef const fo_kernel_table *k = fo_kernels()
-    plan._go(_pick(plan, k.adam_f32, k.adam_f64), &h)
+        gs[ng].kernel = kernel
+        gs[ng].f64 = plan.typenum == cnp.NPY_DOUBLE
+        gs[ng].serial = plan._serial()
+        gs[ng].hyper = plan.hyper
+        gs[ng].ts = plan.ts
+        gs[ng].nt = plan.n
+        ng += 1
+    with nogil:
+        fo_step(gs, ng)
+    free(gs)
+    return 0
+
+
+def update(opt, tuple kinds, Spec spec):
+    """The body of ``Optimizer._update`` for ``opt``, whose hyperparameter kinds are
+    ``kinds`` (numeric keys, flag keys, (key, length) pairs) and whose class is described
+    by ``spec``: check and freeze every group and collect every parameter first (nothing is
+    modified), then create missing state through ``opt._create_state``, then run all groups
+    in one call into C."""
+    cdef list missing = [], work = [], plans = []
+    cdef Py_ssize_t gi = 0
+    cdef tuple numeric = kinds[0], flags = kinds[1], pairs = kinds[2]
+    cdef tuple nonneg = spec.nonneg_at_step
+    cdef tuple keys
+    cdef double hyper[MAX_HYPER]
+    cdef Plan p32, p64
+    cdef int mode
+    state = opt.state
+    for group in opt.param_groups:
+        try:
+            frozen = freeze(group, numeric, flags, pairs)
+            check_frozen(frozen, nonneg)
+            spec.pack(frozen, hyper)
+        except (ValueError, TypeError, OverflowError) as e:
+            raise type(e)(f"param_groups[{gi}]: {e}") from None
+        params = group["params"]
+        if type(params) is not list:
+            params = list(params)
+        keys = spec.layout(frozen)
+        mode = spec.init_mode(keys)
+        p32, p64 = _collect(gi, params, state, spec, keys, mode, missing)
+        if p32 is not None:
+            memcpy(p32.hyper, hyper, MAX_HYPER * sizeof(double))
+            plans.append(p32)
+        if p64 is not None:
+            memcpy(p64.hyper, hyper, MAX_HYPER * sizeof(double))
+            plans.append(p64)
+        work.append((frozen, keys, mode))
+        gi += 1
+    if missing:
+        opt._create_state(missing, work)
+    _run(plans, spec.kernel)
+
+
+cdef int _average_kernel = fo_kernel_find(b"average")
+cdef int _sparse_adam_kernel = fo_kernel_find(b"sparse_adam")
 
 
 def average(list dst, list src, double weight, bint lerp):
@@ -459,236 +569,16 @@ def average(list dst, list src, double weight, bint lerp):
                              f"float32 or float64 array")
         s = src[i]
         if cnp.PyArray_TYPE(s) != cnp.PyArray_TYPE(a) or not _same_shape(a, s):
-            raise ValueError(f"array {i}: current value has dtype {s.dtype} shape {(<object>s).shape}, "
-                             f"the average {a.dtype} {(<object>a).shape}")
+            raise ValueError(f"array {i}: current value has dtype {s.dtype} shape "
+                             f"{(<object>s).shape}, the average {a.dtype} {(<object>a).shape}")
         if not (cnp.PyArray_IS_C_CONTIGUOUS(s) and cnp.PyArray_ISALIGNED(s)
                 and cnp.PyArray_ISNOTSWAPPED(s)):
             s = np.array(s, order="C", copy=True)
         (p32 if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT else p64)._add(a, s)
-    cdef fo_average_hyper h
-    h.weight = weight
-    h.mode = FO_AVG_LERP if lerp else FO_AVG_DIV
-    cdef const fo_kernel_table *k = fo_kernels()
-    if p32.n:
-        p32._go(k.average_f32, &h)
-    if p64.n:
-        p64._go(k.average_f64, &h)
-
-
-# ---- run functions of issue 4 (Adadelta, Adamax, NAdam, RAdam, ASGD, Rprop, Lion, SparseAdam)
-
-def run_adadelta(Plan plan, double lr, double rho, double eps, double weight_decay,
-                 bint maximize):
-    if plan.n == 0:
-        return
-    cdef fo_adadelta_hyper h
-    h.lr = lr
-    h.rho = rho
-    h.eps = eps
-    h.weight_decay = weight_decay
-    h.maximize = maximize
-    plan._advance_steps()
-    cdef const fo_kernel_table *k = fo_kernels()
-    plan._go(_pick(plan, k.adadelta_f32, k.adadelta_f64), &h)
-
-
-def run_adamax(Plan plan, double lr, double beta1, double beta2, double eps,
-               double weight_decay, bint maximize):
-    if plan.n == 0:
-        return
-    cdef fo_adamax_hyper h
-    cdef Py_ssize_t j
-    cdef double step
-    h.beta1 = beta1
-    h.beta2 = beta2
-    h.eps = eps
-    h.weight_decay = weight_decay
-    h.maximize = maximize
-    plan._advance_steps()
-    for j in range(plan.n):
-        step = plan.stepval[j]
-        # as torch: clr = lr / (1 - beta1**t)
-        plan.ts[j].scalar[0] = lr / (1.0 - pow(beta1, step))
-    cdef const fo_kernel_table *k = fo_kernels()
-    plan._go(_pick(plan, k.adamax_f32, k.adamax_f64), &h)
-
-
-cdef inline float *_scalar_state(Plan plan, Py_ssize_t j, str key) except NULL:
-    # a 0-d float32 state entry (NAdam's mu_product, ASGD's eta and mu); the optimizer checks
-    # them all before the step (check_scalar_state), this only guards against misuse
-    obj = plan.states[j][key]
-    if (not cnp.PyArray_Check(obj) or cnp.PyArray_TYPE(<cnp.ndarray>obj) != cnp.NPY_FLOAT
-            or cnp.PyArray_SIZE(<cnp.ndarray>obj) != 1 or not _usable(<cnp.ndarray>obj)):
-        raise TypeError(f"state[{key!r}] must be a writable 0-d float32 array")
-    plan.keep.append(obj)
-    return <float *>cnp.PyArray_DATA(<cnp.ndarray>obj)
-
-
-cdef float **_scalar_ptrs(Plan plan, str key) except NULL:
-    """Pointers to state[key] of every slot (freed by the caller)."""
-    cdef float **ptrs = <float **>realloc(NULL, (plan.n + 1) * sizeof(float *))
-    cdef Py_ssize_t j
-    if ptrs == NULL:
-        raise MemoryError()
-    try:
-        for j in range(plan.n):
-            ptrs[j] = _scalar_state(plan, j, key)
-    except BaseException:
-        free(ptrs)
-        raise
-    return ptrs
-
-
-def check_scalar_state(list groups, state, tuple keys):
-    """Raise TypeError naming group and parameter if a parameter that has a gradient and
-    state lacks a writable 0-d float32 array under one of ``keys``; run before a step
-    changes anything."""
-    cdef Py_ssize_t gi, pi
-    cdef PyObject *item
-    cdef PyObject *value
-    for gi in range(len(groups)):
-        params = groups[gi]["params"]
-        for pi in range(len(params)):
-            p = params[pi]
-            item = PyDict_GetItem(state, p)
-            if item == NULL or not isinstance(<object>item, dict) or len(<object>item) == 0:
-                continue
-            if getattr(p, "grad", None) is None:
-                continue
-            for key in keys:
-                value = PyDict_GetItem(<object>item, key)
-                obj = None if value == NULL else <object>value
-                if (obj is None or not cnp.PyArray_Check(obj)
-                        or cnp.PyArray_TYPE(<cnp.ndarray>obj) != cnp.NPY_FLOAT
-                        or cnp.PyArray_SIZE(<cnp.ndarray>obj) != 1
-                        or not _usable(<cnp.ndarray>obj)):
-                    raise TypeError(f"{_where(gi, pi)}: state[{key!r}] must be a writable "
-                                    f"0-d float32 array, got {obj!r}")
-
-
-def run_nadam(Plan plan, double lr, double beta1, double beta2, double eps,
-              double weight_decay, double momentum_decay, bint decoupled, bint maximize):
-    if plan.n == 0:
-        return
-    cdef fo_nadam_hyper h
-    cdef Py_ssize_t j
-    cdef double step, mu, mu_next, prod
-    h.lr = lr
-    h.beta1 = beta1
-    h.beta2 = beta2
-    h.eps = eps
-    h.weight_decay = weight_decay
-    h.decoupled = decoupled
-    h.maximize = maximize
-    cdef float **mu_product = _scalar_ptrs(plan, "mu_product")
-    plan._advance_steps()
-    for j in range(plan.n):
-        step = plan.stepval[j]
-        mu = beta1 * (1.0 - 0.5 * pow(0.96, step * momentum_decay))
-        mu_next = beta1 * (1.0 - 0.5 * pow(0.96, (step + 1.0) * momentum_decay))
-        # torch's mu_product is a float32 tensor: mu is rounded to float32, so is the product
-        mu_product[j][0] = mu_product[j][0] * <float>mu
-        prod = mu_product[j][0]
-        plan.ts[j].scalar[0] = 1.0 - pow(beta2, step)
-        plan.ts[j].scalar[1] = (-lr * (1.0 - mu)) / (1.0 - prod)
-        plan.ts[j].scalar[2] = (-lr * mu_next) / (1.0 - prod * mu_next)
-    free(mu_product)
-    cdef const fo_kernel_table *k = fo_kernels()
-    plan._go(_pick(plan, k.nadam_f32, k.nadam_f64), &h)
-
-
-def run_radam(Plan plan, double lr, double beta1, double beta2, double eps,
-              double weight_decay, bint decoupled, bint maximize):
-    if plan.n == 0:
-        return
-    cdef fo_radam_hyper h
-    cdef Py_ssize_t j
-    cdef double step, bc1, bc2, rho_inf, rho_t
-    h.lr = lr
-    h.beta1 = beta1
-    h.beta2 = beta2
-    h.eps = eps
-    h.weight_decay = weight_decay
-    h.decoupled = decoupled
-    h.maximize = maximize
-    plan._advance_steps()
-    rho_inf = 2.0 / (1.0 - beta2) - 1.0
-    for j in range(plan.n):
-        step = plan.stepval[j]
-        bc1 = 1.0 - pow(beta1, step)
-        bc2 = 1.0 - pow(beta2, step)
-        rho_t = rho_inf - 2.0 * step * pow(beta2, step) / bc2
-        plan.ts[j].scalar[0] = bc1
-        plan.ts[j].scalar[1] = pow(bc2, 0.5)
-        plan.ts[j].flags &= ~(<int64_t>FO_RECTIFY)
-        if rho_t > 5.0:
-            plan.ts[j].scalar[2] = pow((rho_t - 4.0) * (rho_t - 2.0) * rho_inf
-                                       / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t), 0.5)
-            plan.ts[j].flags |= FO_RECTIFY
-    cdef const fo_kernel_table *k = fo_kernels()
-    plan._go(_pick(plan, k.radam_f32, k.radam_f64), &h)
-
-
-def run_asgd(Plan plan, double lr, double lambd, double alpha, double t0,
-             double weight_decay, bint maximize):
-    if plan.n == 0:
-        return
-    cdef fo_asgd_hyper h
-    cdef Py_ssize_t j
-    cdef double step
-    h.lambd = lambd
-    h.weight_decay = weight_decay
-    h.maximize = maximize
-    cdef float **eta = _scalar_ptrs(plan, "eta")
-    cdef float **mu
-    try:
-        mu = _scalar_ptrs(plan, "mu")
-    except BaseException:
-        free(eta)
-        raise
-    plan._advance_steps()
-    for j in range(plan.n):
-        # this step uses the current values; then, as torch (in double, stored as float32):
-        # eta = lr / (1 + lambd lr t)^alpha, mu = 1 / max(1, t - t0). A parameter listed
-        # twice sees the values its first occurrence left, as in torch's loop.
-        plan.ts[j].scalar[0] = eta[j][0]
-        plan.ts[j].scalar[1] = mu[j][0]
-        step = plan.stepval[j]
-        eta[j][0] = <float>(lr / pow(1.0 + lambd * lr * step, alpha))
-        mu[j][0] = <float>(1.0 / (step - t0 if step - t0 > 1.0 else 1.0))
-    free(eta)
-    free(mu)
-    cdef const fo_kernel_table *k = fo_kernels()
-    plan._go(_pick(plan, k.asgd_f32, k.asgd_f64), &h)
-
-
-def run_rprop(Plan plan, double etaminus, double etaplus, double step_size_min,
-              double step_size_max, bint maximize):
-    if plan.n == 0:
-        return
-    cdef fo_rprop_hyper h
-    h.etaminus = etaminus
-    h.etaplus = etaplus
-    h.step_size_min = step_size_min
-    h.step_size_max = step_size_max
-    h.maximize = maximize
-    plan._advance_steps()
-    cdef const fo_kernel_table *k = fo_kernels()
-    plan._go(_pick(plan, k.rprop_f32, k.rprop_f64), &h)
-
-
-def run_lion(Plan plan, double lr, double beta1, double beta2, double weight_decay,
-             bint maximize):
-    if plan.n == 0:
-        return
-    cdef fo_lion_hyper h
-    h.lr = lr
-    h.beta1 = beta1
-    h.beta2 = beta2
-    h.weight_decay = weight_decay
-    h.maximize = maximize
-    cdef const fo_kernel_table *k = fo_kernels()
-    plan._go(_pick(plan, k.lion_f32, k.lion_f64), &h)
+    for plan in (p32, p64):
+        (<Plan>plan).hyper[0] = weight
+        (<Plan>plan).hyper[1] = 1.0 if lerp else 0.0
+    _run([p32, p64], _average_kernel)
 
 
 def run_sparse_adam(list items, double beta1, double beta2, double eps, bint maximize):
@@ -715,16 +605,12 @@ def run_sparse_adam(list items, double beta1, double beta2, double eps, bint max
         plan.ts[slot].scalar[0] = step_size
         plan.ts[slot].scalar[1] = <double>width
         plan.keep.extend((p, rows, m, v))
-    cdef fo_sparse_adam_hyper h
-    h.beta1 = beta1
-    h.beta2 = beta2
-    h.eps = eps
-    h.maximize = maximize
-    cdef const fo_kernel_table *k = fo_kernels()
-    if p32.n:
-        p32._go(k.sparse_adam_f32, &h)
-    if p64.n:
-        p64._go(k.sparse_adam_f64, &h)
+    for plan in (p32, p64):
+        plan.hyper[0] = beta1
+        plan.hyper[1] = beta2
+        plan.hyper[2] = eps
+        plan.hyper[3] = 1.0 if maximize else 0.0
+    _run([p32, p64], _sparse_adam_kernel)
 
 
 # ---- configuration -------------------------------------------------------------------------
@@ -777,7 +663,7 @@ def build_info():
             "grain": FO_GRAIN}
 
 
-# ---- freezing a parameter group's hyperparameters (see Optimizer._freeze) -------------------
+# ---- freezing a parameter group's hyperparameters (see Optimizer._freeze) -----------------
 
 import numbers as _numbers
 
@@ -796,11 +682,6 @@ cdef object _as_real(object value, object key):
     if not isinstance(value, _numbers.Real):
         raise TypeError(f"{key} must be a real number, got {value!r}")
     return float(value)
-
-
-def as_real(value, key):
-    """``value`` as a Python float: numbers, NumPy scalars and 1-element arrays."""
-    return _as_real(value, key)
 
 
 def freeze(dict group, tuple numeric, tuple flags, tuple pairs):
@@ -835,37 +716,3 @@ def freeze(dict group, tuple numeric, tuple flags, tuple pairs):
             raise ValueError(f"{key} must have {n} entries, got {value!r}")
         frozen[key] = tuple([_as_real(items[i], f"{key}[{i}]") for i in range(n)])
     return frozen
-
-
-def update(opt, tuple kinds):
-    """The body of ``Optimizer._update`` for ``opt``, whose hyperparameter kinds are
-    ``kinds`` (numeric keys, flag keys, (key, length) pairs): check and freeze every group
-    and collect every parameter first (nothing is modified), then create missing state,
-    then make one kernel call per group and dtype through ``opt._run_group``."""
-    cdef list missing = [], work = []
-    cdef Py_ssize_t gi = 0
-    cdef tuple numeric = kinds[0], flags = kinds[1], pairs = kinds[2]
-    state = opt.state
-    check_step = opt._check_step
-    state_layout = opt._state_layout
-    for group in opt.param_groups:
-        try:
-            frozen = freeze(group, numeric, flags, pairs)  # = opt._freeze(group)
-            check_step(frozen)
-        except (ValueError, TypeError, OverflowError) as e:
-            raise type(e)(f"param_groups[{gi}]: {e}") from None
-        params = group["params"]
-        if type(params) is not list:
-            params = list(params)
-        layout = state_layout(frozen)
-        p32, p64 = collect(gi, params, state, layout[0], layout[1], layout[2], missing)
-        work.append((frozen, layout, p32, p64))
-        gi += 1
-    if missing:
-        opt._create_state(missing, work)
-    run_group = opt._run_group
-    for frozen, layout, p32, p64 in work:
-        if p32 is not None:
-            run_group(p32, frozen)
-        if p64 is not None:
-            run_group(p64, frozen)

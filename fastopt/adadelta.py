@@ -1,7 +1,5 @@
 """Adadelta."""
-import numpy as np
 
-from fastopt import _kernels
 from fastopt.optimizer import Optimizer, _check_nonneg
 
 __all__ = ["Adadelta"]
@@ -32,13 +30,17 @@ class Adadelta(Optimizer):
     maximize : bool, default False
         Maximize the objective instead of minimizing it.
     foreach, capturable, differentiable : optional
-        Accepted for compatibility with torch.optim; they change nothing here.
+        torch.optim's implementation switches, accepted and ignored (see
+        :class:`~fastopt.optimizer.Optimizer`).
 
     Notes
     -----
     State: ``step`` (float32 0-d), ``square_avg`` (:math:`v`), ``acc_delta`` (:math:`u`).
     """
 
+    _kernel = "adadelta"
+    _hyperparameters = ("lr", "rho", "eps", "weight_decay", "maximize")
+    _state_keys = ("square_avg", "acc_delta")
     _flag_defaults = {"foreach": None, "maximize": False, "differentiable": False,
                       "capturable": False}
 
@@ -55,15 +57,3 @@ class Adadelta(Optimizer):
         if not 0.0 <= group["rho"] <= 1.0:
             raise ValueError(f"Invalid rho value: {group['rho']}")
         _check_nonneg(group, "eps", "weight_decay")
-
-    def _state_layout(self, group):
-        return ("square_avg", "acc_delta"), True, 0
-
-    def _init_state(self, state, array, group):
-        state["step"] = np.array(0.0, dtype=np.float32)
-        state["square_avg"] = np.zeros_like(array)
-        state["acc_delta"] = np.zeros_like(array)
-
-    def _run_group(self, plan, group):
-        _kernels.run_adadelta(plan, group["lr"], group["rho"], group["eps"],
-                              group["weight_decay"], group["maximize"])

@@ -1,7 +1,6 @@
 """Adagrad."""
 import numpy as np
 
-from fastopt import _kernels
 from fastopt.optimizer import Optimizer, _check_impl_flags, _check_nonneg
 
 __all__ = ["Adagrad"]
@@ -33,7 +32,8 @@ class Adagrad(Optimizer):
     maximize : bool, default False
         Maximize the objective instead of minimizing it.
     foreach, differentiable, fused : optional
-        Accepted for compatibility with torch.optim; they change nothing here.
+        torch.optim's implementation switches, accepted and ignored (see
+        :class:`~fastopt.optimizer.Optimizer`).
 
     Notes
     -----
@@ -43,6 +43,12 @@ class Adagrad(Optimizer):
     behaviour, kept for parity).
     """
 
+    _kernel = "adagrad"
+    _hyperparameters = ("lr", "lr_decay", "weight_decay", "eps", "maximize")
+    _state_keys = ("sum",)
+    # a negative lr_decay can make 1 + (step - 1) * lr_decay zero; torch then raises
+    # ZeroDivisionError halfway through a step, fastopt refuses before it
+    _nonneg_at_step = ("lr_decay",)
     _flag_defaults = {"foreach": None, "maximize": False, "differentiable": False,
                       "fused": None}
 
@@ -79,19 +85,6 @@ class Adagrad(Optimizer):
     def _init_state(self, state, array, group):
         self._fill(state, array, self.defaults["initial_accumulator_value"])
 
-    def _check_step(self, frozen):
-        # a negative lr_decay can make 1 + (step - 1) * lr_decay zero; torch then raises
-        # ZeroDivisionError halfway through a step, fastopt refuses before it
-        super()._check_step(frozen)
-        if not frozen["lr_decay"] >= 0:
-            raise ValueError(f"Invalid lr_decay value: {frozen['lr_decay']}")
-
-    def _state_layout(self, group):
-        return ("sum",), True, 0
-
-    def _run_group(self, plan, group):
-        _kernels.run_adagrad(plan, group["lr"], group["lr_decay"], group["weight_decay"],
-                             group["eps"], group["maximize"])
 
 
 def _array_of(p):

@@ -1,7 +1,5 @@
 """Adam and AdamW."""
-import numpy as np
 
-from fastopt import _kernels
 from fastopt.optimizer import Optimizer, _check_betas, _check_impl_flags, _check_nonneg
 
 __all__ = ["Adam", "AdamW"]
@@ -37,7 +35,8 @@ class Adam(Optimizer):
     decoupled_weight_decay : bool, default False
         Decay the weights directly (AdamW) instead of adding an L2 term to the gradient.
     foreach, capturable, differentiable, fused : optional
-        Accepted for compatibility with torch.optim; they change nothing here.
+        torch.optim's implementation switches, accepted and ignored (see
+        :class:`~fastopt.optimizer.Optimizer`).
 
     Notes
     -----
@@ -47,6 +46,10 @@ class Adam(Optimizer):
     so it stops growing at 2**24 steps, as torch's does.
     """
 
+    _kernel = "adam"
+    _hyperparameters = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize",
+                        "decoupled_weight_decay")
+    _state_keys = ("exp_avg", "exp_avg_sq", ("max_exp_avg_sq", "amsgrad"))
     _flag_defaults = {"amsgrad": False, "maximize": False, "foreach": None,
                       "capturable": False, "differentiable": False,
                       "decoupled_weight_decay": False, "fused": None}
@@ -70,23 +73,6 @@ class Adam(Optimizer):
         _check_betas(group["betas"])
         _check_nonneg(group, "weight_decay")
 
-    def _state_layout(self, group):
-        if group["amsgrad"]:
-            return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), True, 0
-        return ("exp_avg", "exp_avg_sq"), True, 0
-
-    def _init_state(self, state, array, group):
-        state["step"] = np.array(0.0, dtype=np.float32)
-        state["exp_avg"] = np.zeros_like(array)
-        state["exp_avg_sq"] = np.zeros_like(array)
-        if group["amsgrad"]:
-            state["max_exp_avg_sq"] = np.zeros_like(array)
-
-    def _run_group(self, plan, group):
-        beta1, beta2 = group["betas"]
-        _kernels.run_adam(plan, group["lr"], beta1, beta2, group["eps"],
-                          group["weight_decay"], group["amsgrad"], group["maximize"],
-                          group["decoupled_weight_decay"])
 
 
 class AdamW(Adam):

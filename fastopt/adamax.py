@@ -1,7 +1,5 @@
 """Adamax."""
-import numpy as np
 
-from fastopt import _kernels
 from fastopt.optimizer import Optimizer, _check_betas, _check_nonneg
 
 __all__ = ["Adamax"]
@@ -31,7 +29,8 @@ class Adamax(Optimizer):
     maximize : bool, default False
         Maximize the objective instead of minimizing it.
     foreach, capturable, differentiable : optional
-        Accepted for compatibility with torch.optim; they change nothing here.
+        torch.optim's implementation switches, accepted and ignored (see
+        :class:`~fastopt.optimizer.Optimizer`).
 
     Notes
     -----
@@ -40,6 +39,9 @@ class Adamax(Optimizer):
     State: ``step``, ``exp_avg``, ``exp_inf``.
     """
 
+    _kernel = "adamax"
+    _hyperparameters = ("lr", "betas", "eps", "weight_decay", "maximize")
+    _state_keys = ("exp_avg", "exp_inf")
     _flag_defaults = {"foreach": None, "maximize": False, "differentiable": False,
                       "capturable": False}
 
@@ -55,16 +57,3 @@ class Adamax(Optimizer):
         _check_nonneg(group, "lr", "eps")
         _check_betas(group["betas"])
         _check_nonneg(group, "weight_decay")
-
-    def _state_layout(self, group):
-        return ("exp_avg", "exp_inf"), True, 0
-
-    def _init_state(self, state, array, group):
-        state["step"] = np.array(0.0, dtype=np.float32)
-        state["exp_avg"] = np.zeros_like(array)
-        state["exp_inf"] = np.zeros_like(array)
-
-    def _run_group(self, plan, group):
-        beta1, beta2 = group["betas"]
-        _kernels.run_adamax(plan, group["lr"], beta1, beta2, group["eps"],
-                            group["weight_decay"], group["maximize"])

@@ -1,8 +1,6 @@
 """ASGD (averaged stochastic gradient descent)."""
 import numpy as np
 
-from fastopt import _kernels
-from fastopt._scalar_state import check_scalar_state
 from fastopt.optimizer import Optimizer, _check_nonneg
 
 __all__ = ["ASGD"]
@@ -36,7 +34,8 @@ class ASGD(Optimizer):
     maximize : bool, default False
         Maximize the objective instead of minimizing it.
     foreach, capturable, differentiable : optional
-        Accepted for compatibility with torch.optim; they change nothing here.
+        torch.optim's implementation switches, accepted and ignored (see
+        :class:`~fastopt.optimizer.Optimizer`).
 
     Notes
     -----
@@ -47,9 +46,12 @@ class ASGD(Optimizer):
     State: ``step``, ``eta``, ``mu``, ``ax``.
     """
 
+    _kernel = "asgd"
+    _hyperparameters = ("lr", "lambd", "alpha", "t0", "weight_decay", "maximize")
+    _state_keys = ("ax",)
+    _scalars = ("eta", "mu")
     _flag_defaults = {"foreach": None, "maximize": False, "differentiable": False,
                       "capturable": False}
-    _scalar_state_keys = frozenset({"step", "eta", "mu"})
 
     def __init__(self, params, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0,
                  foreach=None, maximize=False, differentiable=False, capturable=False):
@@ -62,19 +64,8 @@ class ASGD(Optimizer):
     def _check_group(self, group):
         _check_nonneg(group, "lr", "weight_decay")
 
-    def _state_layout(self, group):
-        return ("ax",), True, 0
-
     def _init_state(self, state, array, group):
         state["step"] = np.array(0.0, dtype=np.float32)
         state["eta"] = np.array(group["lr"], dtype=np.float32)
         state["mu"] = np.array(1.0, dtype=np.float32)
         state["ax"] = np.zeros_like(array)
-
-    def _update(self):
-        check_scalar_state(self, ("eta", "mu"))
-        super()._update()
-
-    def _run_group(self, plan, group):
-        _kernels.run_asgd(plan, group["lr"], group["lambd"], group["alpha"], group["t0"],
-                          group["weight_decay"], group["maximize"])

@@ -1,7 +1,5 @@
 """Lion (EvoLved Sign Momentum), which torch.optim does not have."""
-import numpy as np
 
-from fastopt import _kernels
 from fastopt.optimizer import Optimizer, _check_betas, _check_nonneg
 
 __all__ = ["Lion"]
@@ -34,15 +32,18 @@ class Lion(Optimizer):
     ``sign(0) = 0``: where the interpolant :math:`c` is exactly zero the parameter only
     decays (as ``jnp.sign`` in optax and ``torch.sign``). ``sign(NaN)`` is NaN, as
     ``jnp.sign``, so a NaN gradient shows up in the parameter instead of being hidden
-    (``torch.sign`` returns 0 for NaN on CPU, which would silently skip the element). The weight decay is applied
-    as a separate multiplication before the signed step (the paper's
+    (``torch.sign`` returns 0 for NaN on CPU, which would silently skip the element). The
+    weight decay is applied as a separate multiplication before the signed step (the paper's
     :math:`\theta - \gamma(\operatorname{sign}(c) + \lambda\theta)` regrouped, as the
     authors' PyTorch code does), and the interpolations round as ``torch.lerp``.
     State: ``exp_avg`` (:math:`m`); there is no step counter.
     """
 
+    _kernel = "lion"
+    _hyperparameters = ("lr", "betas", "weight_decay", "maximize")
+    _state_keys = ("exp_avg",)
+    _step_counter = False
     _flag_defaults = {"maximize": False}
-    _scalar_state_keys = frozenset()
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *,
                  maximize=False):
@@ -54,14 +55,3 @@ class Lion(Optimizer):
         _check_nonneg(group, "lr")
         _check_betas(group["betas"])
         _check_nonneg(group, "weight_decay")
-
-    def _state_layout(self, group):
-        return ("exp_avg",), False, 0
-
-    def _init_state(self, state, array, group):
-        state["exp_avg"] = np.zeros_like(array)
-
-    def _run_group(self, plan, group):
-        beta1, beta2 = group["betas"]
-        _kernels.run_lion(plan, group["lr"], beta1, beta2, group["weight_decay"],
-                          group["maximize"])

@@ -1,8 +1,6 @@
 """NAdam."""
 import numpy as np
 
-from fastopt import _kernels
-from fastopt._scalar_state import check_scalar_state
 from fastopt.optimizer import Optimizer, _check_betas, _check_nonneg
 
 __all__ = ["NAdam"]
@@ -40,7 +38,8 @@ class NAdam(Optimizer):
     maximize : bool, default False
         Maximize the objective instead of minimizing it.
     foreach, capturable, differentiable : optional
-        Accepted for compatibility with torch.optim; they change nothing here.
+        torch.optim's implementation switches, accepted and ignored (see
+        :class:`~fastopt.optimizer.Optimizer`).
 
     Notes
     -----
@@ -50,9 +49,13 @@ class NAdam(Optimizer):
     State: ``step``, ``mu_product``, ``exp_avg``, ``exp_avg_sq``.
     """
 
+    _kernel = "nadam"
+    _hyperparameters = ("lr", "betas", "eps", "weight_decay", "momentum_decay",
+                        "decoupled_weight_decay", "maximize")
+    _state_keys = ("exp_avg", "exp_avg_sq")
+    _scalars = ("mu_product",)
     _flag_defaults = {"maximize": False, "foreach": None, "capturable": False,
                       "differentiable": False, "decoupled_weight_decay": False}
-    _scalar_state_keys = frozenset({"step", "mu_product"})
 
     def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  momentum_decay=4e-3, decoupled_weight_decay=False, *, foreach=None,
@@ -69,21 +72,8 @@ class NAdam(Optimizer):
         _check_betas(group["betas"])
         _check_nonneg(group, "weight_decay", "momentum_decay")
 
-    def _state_layout(self, group):
-        return ("exp_avg", "exp_avg_sq"), True, 0
-
     def _init_state(self, state, array, group):
         state["step"] = np.array(0.0, dtype=np.float32)
         state["mu_product"] = np.array(1.0, dtype=np.float32)
         state["exp_avg"] = np.zeros_like(array)
         state["exp_avg_sq"] = np.zeros_like(array)
-
-    def _update(self):
-        check_scalar_state(self, ("mu_product",))
-        super()._update()
-
-    def _run_group(self, plan, group):
-        beta1, beta2 = group["betas"]
-        _kernels.run_nadam(plan, group["lr"], beta1, beta2, group["eps"],
-                           group["weight_decay"], group["momentum_decay"],
-                           group["decoupled_weight_decay"], group["maximize"])

@@ -22,6 +22,7 @@ __all__ = [
     "required",
     "register_optimizer_step_pre_hook",
     "register_optimizer_step_post_hook",
+    "kernel_optimizers",
 ]
 
 
@@ -93,6 +94,18 @@ def _register(hooks, hook, prepend=False):
     return handle
 
 
+#: the per-element optimizers of this package, in definition order (see kernel_optimizers)
+_KERNEL_OPTIMIZERS = []
+
+
+def kernel_optimizers():
+    """Every per-element optimizer class of fastopt by name, in the order of their kernels
+    in csrc/kernels.def (classes sharing a kernel in definition order)."""
+    order = {name: i for i, name in enumerate(_kernels.kernel_names())}
+    ranked = sorted(enumerate(_KERNEL_OPTIMIZERS), key=lambda e: (order[e[1]._kernel], e[0]))
+    return {cls.__name__: cls for _, cls in ranked}
+
+
 _global_step_pre_hooks = OrderedDict()
 _global_step_post_hooks = OrderedDict()
 
@@ -149,6 +162,10 @@ class Optimizer:
 
     Notes
     -----
+    The optimizers accept torch.optim's implementation switches (``foreach``, ``fused``,
+    ``capturable``, ``differentiable``) where torch has them, with torch's conflicts between
+    them, and ignore them otherwise: every step runs the same C kernel.
+
     fastopt checks the hyperparameters of every group (torch checks only the constructor's
     arguments), and before a step changes anything it checks every parameter, gradient and
     state array of every group, so a failing step leaves the optimizer and the parameters
@@ -156,10 +173,31 @@ class Optimizer:
     """
 
     # Subclass interface ------------------------------------------------------------------
+    # A per-element optimizer declares its C kernel with a few class attributes and inherits
+    # the whole step (``_kernels.update``); see ``_kernels.Spec`` for their exact meaning.
+
+    #: name of the C kernel (a line of csrc/kernels.def); None for an optimizer that writes
+    #: its own ``step``
+    _kernel = None
+    #: group keys in the order of the kernel's hyperparameter struct (tuples such as betas
+    #: give one double per entry, flags 0 or 1)
+    _hyperparameters = ()
+    #: the per-element state arrays in the kernel's state[] order: a key, or (key, flag) for
+    #: one that exists only while the group's flag is true
+    _state_keys = ()
+    #: whether the state holds torch's float32 ``step`` counter
+    _step_counter = True
+    #: 0-d float32 state entries that the kernel's prepare reads and updates
+    _scalars = ()
+    #: SGD's rule for its momentum buffer: created when missing, takes the gradient as is
+    _lazy_state = False
+    #: group keys that must be >= 0 at every step (the betas are always checked)
+    _nonneg_at_step = ()
     #: group flags back-filled with these values when a state dict lacks them (torch's
     #: ``__setstate__`` does the same with hard-coded values).
     _flag_defaults = {}
-    #: state entries that are scalars (never shaped like the parameter)
+    #: state entries that are scalars (never shaped like the parameter); derived from
+    #: ``_step_counter`` and ``_scalars`` for a kernel optimizer
     _scalar_state_keys = frozenset({"step"})
 
     def _check_group(self, group):
@@ -170,10 +208,8 @@ class Optimizer:
         the update cannot run without. Ranges are checked when a group is created, not here:
         torch does the same, and schedules legitimately drive lr a rounding error below
         zero (LinearLR to 0, OneCycleLR's last step). A beta of 1 would divide by zero in
-        a bias correction, so betas are checked."""
-        betas = frozen.get("betas")
-        if betas is not None and not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            _check_betas(betas)
+        a bias correction, so betas are checked, and so are ``_nonneg_at_step``."""
+        _kernels.check_frozen(frozen, self._nonneg_at_step)
 
     def _hyper_kinds(self):
         kinds = self.__dict__.get("_kinds")
@@ -201,18 +237,16 @@ class Optimizer:
         self._check_step(frozen)
         return frozen
 
-    def _state_layout(self, group):
-        """(keys of per-element state buffers, has a step counter, init mode); see
-        ``_kernels.collect`` for the init modes."""
-        raise NotImplementedError
-
     def _init_state(self, state, array, group):
-        """Fill the empty dict ``state`` for a parameter whose data is ``array``."""
-        raise NotImplementedError
-
-    def _run_group(self, plan, group):
-        """Update every tensor in ``plan`` (one dtype of one group) with one kernel call."""
-        raise NotImplementedError
+        """Fill the empty dict ``state`` for a parameter whose data is ``array``: the step
+        counter, then zeros for every state array the group uses. Optimizers whose state
+        starts elsewhere (Adagrad's sum, Rprop's step sizes) or that keep ``_scalars``
+        override it."""
+        if self._step_counter:
+            state["step"] = np.array(0.0, dtype=np.float32)
+        for key in self._spec.layout(group):
+            if key is not None:
+                state[key] = np.zeros_like(array)
 
     # -------------------------------------------------------------------------------------
 
@@ -221,6 +255,16 @@ class Optimizer:
         step = cls.__dict__.get("step")
         if step is not None and not getattr(step, "_fastopt_hooked", False):
             cls.step = _with_step_hooks(step)
+        if cls._kernel is not None:
+            cls._spec = _kernels.Spec(cls._kernel, tuple(cls._hyperparameters),
+                                      tuple(cls._state_keys), cls._step_counter,
+                                      tuple(cls._scalars), cls._lazy_state,
+                                      tuple(cls._nonneg_at_step))
+            if "_scalar_state_keys" not in cls.__dict__:
+                cls._scalar_state_keys = frozenset(
+                    (("step",) if cls._step_counter else ()) + tuple(cls._scalars))
+            if cls.__module__.startswith("fastopt."):
+                _KERNEL_OPTIMIZERS.append(cls)
 
     def __init__(self, params, defaults):
         self.defaults = defaults
@@ -388,26 +432,28 @@ class Optimizer:
         return loss
 
     def _update(self):
-        # phase 1: check everything and freeze each group's values (nothing is modified);
-        # phase 2: create state for parameters stepping for the first time; phase 3: one
-        # kernel call per group and dtype. In Cython (_kernels.update) to keep a step's
-        # fixed cost low.
-        update(self, self.__dict__.get("_kinds") or self._hyper_kinds())
+        # check everything and freeze each group's values (nothing is modified), create
+        # state for parameters stepping for the first time, then one call into C for all
+        # groups; in Cython (_kernels.update) to keep a step's fixed cost low
+        update(self, self.__dict__.get("_kinds") or self._hyper_kinds(), self._spec)
 
     def _create_state(self, missing, work):
+        """Called by ``_kernels.update`` with the parameters that step for the first time,
+        as (plan, slot, param, array, group index, index in group), and per group its
+        (frozen group, state keys, init mode)."""
         for plan, slot, obj, array, gi, pi in missing:
-            frozen, (keys, has_step, mode), _, _ = work[gi]
+            frozen, keys, mode = work[gi]
             base = array.view(np.ndarray)  # state arrays are plain arrays, not Parameters
             state = self.state[obj]
             if mode == 1:
                 # SGD: the buffer takes the gradient as is on this step (torch clones it)
                 if state.get(keys[0]) is None:
                     state[keys[0]] = np.zeros_like(base)
-                plan.bind(slot, state, keys, has_step, True, array, gi, pi)
+                plan.bind(slot, state, True, array, gi, pi)
             else:
                 if len(state) == 0:
                     self._init_state(state, base, frozen)
-                plan.bind(slot, state, keys, has_step, False, array, gi, pi)
+                plan.bind(slot, state, False, array, gi, pi)
 
     # Hooks -------------------------------------------------------------------------------
 

@@ -1,7 +1,5 @@
 """RAdam."""
-import numpy as np
 
-from fastopt import _kernels
 from fastopt.optimizer import Optimizer, _check_betas, _check_nonneg
 
 __all__ = ["RAdam"]
@@ -39,7 +37,8 @@ class RAdam(Optimizer):
     maximize : bool, default False
         Maximize the objective instead of minimizing it.
     foreach, capturable, differentiable : optional
-        Accepted for compatibility with torch.optim; they change nothing here.
+        torch.optim's implementation switches, accepted and ignored (see
+        :class:`~fastopt.optimizer.Optimizer`).
 
     Notes
     -----
@@ -47,6 +46,10 @@ class RAdam(Optimizer):
     the un-adapted SGD-with-momentum step. State: ``step``, ``exp_avg``, ``exp_avg_sq``.
     """
 
+    _kernel = "radam"
+    _hyperparameters = ("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay",
+                        "maximize")
+    _state_keys = ("exp_avg", "exp_avg_sq")
     _flag_defaults = {"foreach": None, "maximize": False, "differentiable": False,
                       "decoupled_weight_decay": False, "capturable": False}
 
@@ -64,17 +67,3 @@ class RAdam(Optimizer):
         _check_nonneg(group, "lr", "eps")
         _check_betas(group["betas"])
         _check_nonneg(group, "weight_decay")
-
-    def _state_layout(self, group):
-        return ("exp_avg", "exp_avg_sq"), True, 0
-
-    def _init_state(self, state, array, group):
-        state["step"] = np.array(0.0, dtype=np.float32)
-        state["exp_avg"] = np.zeros_like(array)
-        state["exp_avg_sq"] = np.zeros_like(array)
-
-    def _run_group(self, plan, group):
-        beta1, beta2 = group["betas"]
-        _kernels.run_radam(plan, group["lr"], beta1, beta2, group["eps"],
-                           group["weight_decay"], group["decoupled_weight_decay"],
-                           group["maximize"])

@@ -1,7 +1,5 @@
 """RMSprop, plain, centered and with momentum."""
-import numpy as np
 
-from fastopt import _kernels
 from fastopt.optimizer import Optimizer, _check_impl_flags, _check_nonneg
 
 __all__ = ["RMSprop"]
@@ -35,7 +33,8 @@ class RMSprop(Optimizer):
     centered : bool, default False
         Normalise by an estimate of the gradient's variance.
     capturable, foreach, differentiable : optional
-        Accepted for compatibility with torch.optim; they change nothing here.
+        torch.optim's implementation switches, accepted and ignored (see
+        :class:`~fastopt.optimizer.Optimizer`).
     maximize : bool, default False
         Maximize the objective instead of minimizing it.
 
@@ -45,6 +44,10 @@ class RMSprop(Optimizer):
     state is ``step``, ``square_avg`` and, when used, ``momentum_buffer`` and ``grad_avg``.
     """
 
+    _kernel = "rmsprop"
+    _hyperparameters = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered",
+                        "maximize")
+    _state_keys = ("square_avg", ("momentum_buffer", "momentum"), ("grad_avg", "centered"))
     _flag_defaults = {"momentum": 0, "centered": False, "foreach": None, "maximize": False,
                       "differentiable": False, "capturable": False}
 
@@ -60,23 +63,3 @@ class RMSprop(Optimizer):
 
     def _check_group(self, group):
         _check_nonneg(group, "lr", "eps", "momentum", "weight_decay", "alpha")
-
-    def _state_layout(self, group):
-        # kernel slots: square_avg, momentum_buffer, grad_avg (None: not used)
-        return (("square_avg",
-                 "momentum_buffer" if group["momentum"] > 0 else None,
-                 "grad_avg" if group["centered"] else None), True, 0)
-
-    def _init_state(self, state, array, group):
-        state["step"] = np.array(0.0, dtype=np.float32)
-        state["square_avg"] = np.zeros_like(array)
-        if group["momentum"] > 0:
-            state["momentum_buffer"] = np.zeros_like(array)
-        if group["centered"]:
-            state["grad_avg"] = np.zeros_like(array)
-
-    def _run_group(self, plan, group):
-        _kernels.run_rmsprop(plan, group["lr"], group["alpha"], group["eps"],
-                             group["weight_decay"], group["momentum"], group["centered"],
-                             group["maximize"])
-

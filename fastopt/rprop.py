@@ -1,7 +1,6 @@
 """Rprop (resilient backpropagation)."""
 import numpy as np
 
-from fastopt import _kernels
 from fastopt.optimizer import Optimizer, _check_nonneg
 
 __all__ = ["Rprop"]
@@ -32,7 +31,8 @@ class Rprop(Optimizer):
     maximize : bool, default False
         Maximize the objective instead of minimizing it.
     foreach, capturable, differentiable : optional
-        Accepted for compatibility with torch.optim; they change nothing here.
+        torch.optim's implementation switches, accepted and ignored (see
+        :class:`~fastopt.optimizer.Optimizer`).
 
     Notes
     -----
@@ -40,6 +40,9 @@ class Rprop(Optimizer):
     Bit-identical to torch. State: ``step``, ``prev``, ``step_size``.
     """
 
+    _kernel = "rprop"
+    _hyperparameters = ("etas", "step_sizes", "maximize")
+    _state_keys = ("prev", "step_size")
     _flag_defaults = {"foreach": None, "maximize": False, "differentiable": False,
                       "capturable": False}
 
@@ -60,15 +63,7 @@ class Rprop(Optimizer):
         if not all(isinstance(v, (int, float, np.integer, np.floating)) for v in (lo, hi)):
             raise TypeError(f"step_sizes must be two numbers, got {group['step_sizes']!r}")
 
-    def _state_layout(self, group):
-        return ("prev", "step_size"), True, 0
-
     def _init_state(self, state, array, group):
         state["step"] = np.array(0.0, dtype=np.float32)
         state["prev"] = np.zeros_like(array)
         state["step_size"] = np.full_like(array, group["lr"])
-
-    def _run_group(self, plan, group):
-        etaminus, etaplus = group["etas"]
-        lo, hi = group["step_sizes"]
-        _kernels.run_rprop(plan, etaminus, etaplus, lo, hi, group["maximize"])

@@ -1,5 +1,4 @@
 """Stochastic gradient descent, with momentum and Nesterov momentum."""
-from fastopt import _kernels
 from fastopt.optimizer import Optimizer, _check_impl_flags, _check_nonneg
 
 __all__ = ["SGD"]
@@ -30,7 +29,8 @@ class SGD(Optimizer):
     maximize : bool, default False
         Maximize the objective instead of minimizing it.
     foreach, differentiable, fused : optional
-        Accepted for compatibility with torch.optim; they change nothing here.
+        torch.optim's implementation switches, accepted and ignored (see
+        :class:`~fastopt.optimizer.Optimizer`).
 
     Notes
     -----
@@ -39,9 +39,13 @@ class SGD(Optimizer):
     ``momentum_buffer`` (nothing when momentum is 0).
     """
 
+    _kernel = "sgd"
+    _hyperparameters = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
+    _state_keys = (("momentum_buffer", "momentum"),)
+    _step_counter = False
+    _lazy_state = True
     _flag_defaults = {"nesterov": False, "maximize": False, "foreach": None,
                       "differentiable": False, "fused": None}
-    _scalar_state_keys = frozenset()
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0,
                  nesterov=False, *, maximize=False, foreach=None, differentiable=False,
@@ -57,12 +61,3 @@ class SGD(Optimizer):
         _check_nonneg(group, "lr", "momentum", "weight_decay")
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-
-    def _state_layout(self, group):
-        if group["momentum"] != 0:
-            return ("momentum_buffer",), False, 1
-        return (), False, 2
-
-    def _run_group(self, plan, group):
-        _kernels.run_sgd(plan, group["lr"], group["momentum"], group["dampening"],
-                         group["weight_decay"], group["nesterov"], group["maximize"])
