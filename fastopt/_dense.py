@@ -2,8 +2,8 @@
 parameter with a gradient and check it, raising before anything is modified."""
 import numpy as np
 
-from fastopt._parameter import Parameter
 from fastopt.optimizer import _adapter_for
+from fastopt.parameter import Parameter, SparseGrad
 
 __all__ = ["gather"]
 
@@ -18,8 +18,6 @@ def gather(opt, name):
     Every parameter must be a float32/float64 array (Parameter or adapted tensor) and its
     grad a dense array of the same shape and dtype; anything else raises TypeError,
     ValueError or (sparse gradients, as torch) RuntimeError naming group and parameter."""
-    from fastopt.sparse_adam import SparseGrad
-
     out = []
     for gi, group in enumerate(opt.param_groups):
         items = []

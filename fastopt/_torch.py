@@ -22,6 +22,8 @@ Rules, as torch.optim's where torch has one:
 import sys
 import weakref
 
+from fastopt.parameter import SparseGrad
+
 __all__ = ["ADAPTER", "TorchAdapter"]
 
 
@@ -148,8 +150,6 @@ class TorchAdapter:
         if g.layout is torch.sparse_coo and g.device.type == "cpu" and g.dtype == obj.dtype:
             # an embedding's sparse gradient: SparseAdam takes it as a SparseGrad; the
             # optimizers with dense kernels refuse it naming the parameter, as torch's do
-            from fastopt.sparse_adam import SparseGrad
-
             return SparseGrad.from_torch(g)
         if g.layout is not torch.strided:
             raise RuntimeError(f"{where}: fastopt does not support gradients with layout "

@@ -8,8 +8,8 @@ dot products and the single rounding of torch's fused ``add_(alpha=)`` differ.
 """
 import numpy as np
 
-from fastopt._parameter import Parameter
 from fastopt.optimizer import Optimizer, _adapter_for, _check_nonneg
+from fastopt.parameter import Parameter
 
 __all__ = ["LBFGS"]
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from fastopt import _kernels
 from fastopt._kernels import update
-from fastopt._parameter import Parameter
+from fastopt.parameter import Parameter
 
 __all__ = [
     "Optimizer",
