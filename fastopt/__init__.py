@@ -29,10 +29,7 @@ from fastopt.lbfgs import LBFGS
 from fastopt.adafactor import Adafactor
 from fastopt.muon import Muon
 from fastopt import lr_scheduler, schedules, swa_utils
-from fastopt import _torch
 from fastopt import interop
-
-_torch.register()  # tensors as parameters; imports torch only when given one
 
 __version__ = "0.1.0"
 

@@ -2,14 +2,10 @@
 parameter with a gradient and check it, raising before anything is modified."""
 import numpy as np
 
-from fastopt.optimizer import _adapter_for
-from fastopt.parameter import Parameter, SparseGrad
+from fastopt._adapters import _param_arrays, _where
+from fastopt.parameter import SparseGrad
 
 __all__ = ["gather"]
-
-
-def _where(gi, pi):
-    return f"param_groups[{gi}]['params'][{pi}]"
 
 
 def gather(opt, name):
@@ -22,14 +18,7 @@ def gather(opt, name):
     for gi, group in enumerate(opt.param_groups):
         items = []
         for pi, p in enumerate(group["params"]):
-            if isinstance(p, Parameter):
-                arr, g = p.view(np.ndarray), p.grad
-            else:
-                adapter = _adapter_for(p)
-                if adapter is None:
-                    raise TypeError(f"{_where(gi, pi)}: expected a fastopt.Parameter, got "
-                                    f"{type(p).__name__}")
-                arr, g = adapter.arrays(p, gi, pi)
+            arr, g = _param_arrays(p, gi, pi)
             if g is None:
                 continue
             if isinstance(g, SparseGrad):

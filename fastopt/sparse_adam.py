@@ -2,9 +2,10 @@
 import numpy as np
 
 from fastopt import _kernels
-from fastopt._dense import _where, check_state_array
-from fastopt.optimizer import Optimizer, _adapter_for, _check_betas
-from fastopt.parameter import Parameter, SparseGrad
+from fastopt._adapters import _param_arrays, _where
+from fastopt._dense import check_state_array
+from fastopt.optimizer import Optimizer, _check_betas
+from fastopt.parameter import SparseGrad
 
 __all__ = ["SparseAdam", "SparseGrad"]
 
@@ -63,15 +64,6 @@ class SparseAdam(Optimizer):
             return int(value)
         return super()._cast_state(param, array, value, key, where)
 
-    def _arrays(self, p, gi, pi):
-        if isinstance(p, Parameter):
-            return p.view(np.ndarray), p.grad
-        adapter = _adapter_for(p)
-        if adapter is None:
-            raise TypeError(f"{_where(gi, pi)}: expected a fastopt.Parameter, got "
-                            f"{type(p).__name__}")
-        return adapter.arrays(p, gi, pi)
-
     def step(self, closure=None):
         """Perform one optimization step; returns ``closure()``'s value when given."""
         loss = None
@@ -85,7 +77,7 @@ class SparseAdam(Optimizer):
             except (ValueError, TypeError, OverflowError) as e:
                 raise type(e)(f"param_groups[{gi}]: {e}") from None
             for pi, p in enumerate(group["params"]):
-                arr, g = self._arrays(p, gi, pi)
+                arr, g = _param_arrays(p, gi, pi)
                 if g is None:
                     continue
                 where = _where(gi, pi)
