@@ -3,7 +3,7 @@ import numpy as np
 
 from fastopt import _kernels
 from fastopt._adapters import _param_arrays, _where
-from fastopt._dense import check_state_array
+from fastopt._numpy_step import check_state_array, freeze
 from fastopt.optimizer import Optimizer, _check_betas
 from fastopt.parameter import SparseGrad
 
@@ -72,10 +72,7 @@ class SparseAdam(Optimizer):
         # phase 1: check everything, coalesce the gradients
         work = []
         for gi, group in enumerate(self.param_groups):
-            try:
-                self._freeze(group)  # types; ranges are checked when groups are made
-            except (ValueError, TypeError, OverflowError) as e:
-                raise type(e)(f"param_groups[{gi}]: {e}") from None
+            freeze(self, gi, group)
             for pi, p in enumerate(group["params"]):
                 arr, g = _param_arrays(p, gi, pi)
                 if g is None:
