@@ -13,10 +13,6 @@ from fastopt.optimizer import Optimizer, _check_nonneg
 
 __all__ = ["LBFGS"]
 
-_HISTORY_KEYS = ("func_evals", "n_iter", "d", "t", "old_dirs", "old_stps", "ro", "H_diag",
-                 "prev_flat_grad", "prev_loss", "al")
-
-
 def _cubic_min(x1, f1, g1, x2, f2, g2, bounds=None):
     """Minimiser of the cubic through (x1, f1, g1) and (x2, f2, g2), clipped to ``bounds``
     (default: the interval between x1 and x2); the midpoint if the cubic has no minimum."""
