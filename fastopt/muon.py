@@ -83,8 +83,8 @@ class Muon(Optimizer):
     it in float32 (float64 for float64 parameters). The orthogonalised update therefore
     differs from torch's by about bfloat16's resolution: on 64 x 32 and 16 x 48 random
     matrices one update differs by at most 1.4-2.1 % of its RMS, and after 100 steps of
-    lr 0.02 the parameters agree within about 3e-3. The momentum buffer and the parameter arithmetic are float32 as in
-    torch. State: ``momentum_buffer``.
+    lr 0.02 the parameters agree within about 3e-3. The momentum buffer and the parameter
+    arithmetic are float32 as in torch. State: ``momentum_buffer``.
     """
 
     _flag_defaults = {}

@@ -343,7 +343,8 @@ class SWALR(LRScheduler):
         groups = self.optimizer.param_groups
         # the lr before annealing, solved from lr = swa * a + lr0 * (1 - a)
         starts = [
-            g["swa_lr"] if prev_alpha == 1 else (g["lr"] - prev_alpha * g["swa_lr"]) / (1 - prev_alpha)
+            g["swa_lr"] if prev_alpha == 1
+            else (g["lr"] - prev_alpha * g["swa_lr"]) / (1 - prev_alpha)
             for g in groups
         ]
         alpha = self.anneal_func(max(0, min(1, step / span)))
