@@ -10,7 +10,7 @@ from fastopt._locate import extend_path as _extend_path
 
 _extend_path(__path__)
 
-from fastopt._parameter import Parameter  # noqa: E402
+from fastopt.parameter import Parameter, SparseGrad  # noqa: E402
 from fastopt._config import get_num_threads, set_num_threads, show_config
 from fastopt.optimizer import Optimizer, kernel_optimizers
 from fastopt.sgd import SGD
@@ -24,15 +24,12 @@ from fastopt.radam import RAdam
 from fastopt.asgd import ASGD
 from fastopt.rprop import Rprop
 from fastopt.lion import Lion
-from fastopt.sparse_adam import SparseAdam, SparseGrad
+from fastopt.sparse_adam import SparseAdam
 from fastopt.lbfgs import LBFGS
 from fastopt.adafactor import Adafactor
 from fastopt.muon import Muon
 from fastopt import lr_scheduler, schedules, swa_utils
-from fastopt import _torch
 from fastopt import interop
-
-_torch.register()  # tensors as parameters; imports torch only when given one
 
 __version__ = "0.1.0"
 

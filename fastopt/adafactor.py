@@ -1,7 +1,7 @@
 """Adafactor: factored second moments for matrices (NumPy, not per-element)."""
 import numpy as np
 
-from fastopt._dense import _where, check_state_array, check_step, gather
+from fastopt._numpy_step import check_groups, check_state_array, check_step, lerp_
 from fastopt.optimizer import Optimizer
 
 __all__ = ["Adafactor"]
@@ -99,36 +99,25 @@ class Adafactor(Optimizer):
         col[-2] = 1
         return tuple(row), tuple(col)
 
+    def _check_existing_state(self, st, arr, where):
+        check_step(st.get("step"), where)
+        if arr.ndim > 1:
+            row, col = self._factor_shapes(arr.shape)
+            check_state_array(st.get("row_var"), row, arr.dtype, where, "row_var")
+            check_state_array(st.get("col_var"), col, arr.dtype, where, "col_var")
+        else:
+            check_state_array(st.get("variance"), arr.shape, arr.dtype, where, "variance")
+
     def step(self, closure=None):
         """Perform one optimization step; returns ``closure()``'s value when given."""
         loss = None
         if closure is not None:
             loss = closure()
-        groups = gather(self, "Adafactor")
-        # phase 1: check hyperparameters and existing state
-        for gi, (group, items) in enumerate(zip(self.param_groups, groups)):
-            try:
-                self._freeze(group)  # types; ranges are checked when groups are made
-            except (ValueError, TypeError, OverflowError) as e:
-                raise type(e)(f"param_groups[{gi}]: {e}") from None
-            for _, pi, p, arr, g in items:
-                st = self.state.get(p)
-                if not st:
-                    continue
-                where = _where(gi, pi)
-                check_step(st.get("step"), where)
-                if arr.ndim > 1:
-                    row, col = self._factor_shapes(arr.shape)
-                    check_state_array(st.get("row_var"), row, arr.dtype, where, "row_var")
-                    check_state_array(st.get("col_var"), col, arr.dtype, where, "col_var")
-                else:
-                    check_state_array(st.get("variance"), arr.shape, arr.dtype, where,
-                                      "variance")
-        # phase 2: update
+        groups = check_groups(self, "Adafactor", self._check_existing_state)
         for group, items in zip(self.param_groups, groups):
             lr, wd, d = group["lr"], group["weight_decay"], group["d"]
             eps1, eps2 = group["eps"]
-            for _, _, p, arr, g in items:
+            for _, p, arr, g in items:
                 st = self.state[p]
                 if len(st) == 0:
                     st["step"] = np.array(0.0, dtype=np.float32)
@@ -160,24 +149,16 @@ class Adafactor(Optimizer):
         if g.ndim > 1:
             row_mean = np.sqrt(np.sum(g * g, axis=-1, keepdims=True))
             row_mean = (row_mean * row_mean) / T(g.shape[-1])
-            _lerp_(st["row_var"], row_mean, T(w))
+            lerp_(st["row_var"], row_mean, T(w))
             col_mean = np.sqrt(np.sum(g * g, axis=-2, keepdims=True))
             col_mean = (col_mean * col_mean) / T(g.shape[-2])
-            _lerp_(st["col_var"], col_mean, T(w))
+            lerp_(st["col_var"], col_mean, T(w))
             var = st["row_var"] @ st["col_var"]
             var /= np.maximum(st["row_var"].mean(axis=-2, keepdims=True), T(eps1))
         else:
-            _lerp_(st["variance"], g * g, T(w))
+            lerp_(st["variance"], g * g, T(w))
             var = st["variance"].copy()
         upd = T(1) / np.sqrt(np.maximum(var, T(eps1 * eps1)))
         upd *= g
         denom = max(1.0, float(np.linalg.norm(upd.reshape(-1))) / ((upd.size ** 0.5) * d))
         arr += T(-alpha / denom) * upd
-
-
-def _lerp_(s, e, w):
-    """In place s = lerp(s, e, w), with torch's two formulas (split at w = 0.5)."""
-    if abs(w) < 0.5:
-        s += w * (e - s)
-    else:
-        s[...] = e - (e - s) * (type(w)(1) - w)

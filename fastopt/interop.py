@@ -49,7 +49,7 @@ def _registry():
     """Every fastopt optimizer class by name (the per-element ones and the others)."""
     import fastopt
 
-    return {**fastopt.OPTIMIZERS, **getattr(fastopt, "OTHER_OPTIMIZERS", {})}
+    return {**fastopt.OPTIMIZERS, **fastopt.OTHER_OPTIMIZERS}
 
 
 # torch.optim's optimizer classes in PyTorch 2.13 (kept here so that listing the shared

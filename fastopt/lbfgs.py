@@ -8,14 +8,10 @@ dot products and the single rounding of torch's fused ``add_(alpha=)`` differ.
 """
 import numpy as np
 
-from fastopt._parameter import Parameter
-from fastopt.optimizer import Optimizer, _adapter_for, _check_nonneg
+from fastopt._adapters import _param_arrays
+from fastopt.optimizer import Optimizer, _check_nonneg
 
 __all__ = ["LBFGS"]
-
-_HISTORY_KEYS = ("func_evals", "n_iter", "d", "t", "old_dirs", "old_stps", "ro", "H_diag",
-                 "prev_flat_grad", "prev_loss", "al")
-
 
 def _cubic_min(x1, f1, g1, x2, f2, g2, bounds=None):
     """Minimiser of the cubic through (x1, f1, g1) and (x2, f2, g2), clipped to ``bounds``
@@ -161,17 +157,7 @@ class LBFGS(Optimizer):
     # flat views ---------------------------------------------------------------------------
 
     def _arrays(self):
-        out = []
-        for pi, p in enumerate(self._params):
-            if isinstance(p, Parameter):
-                out.append((p.view(np.ndarray), p.grad))
-            else:
-                adapter = _adapter_for(p)
-                if adapter is None:
-                    raise TypeError(f"param_groups[0]['params'][{pi}]: expected a "
-                                    f"fastopt.Parameter, got {type(p).__name__}")
-                out.append(adapter.arrays(p, 0, pi))
-        return out
+        return [_param_arrays(p, 0, pi) for pi, p in enumerate(self._params)]
 
     def _flat_grad(self):
         arrays = self._arrays()

@@ -412,7 +412,8 @@ class MultiplicativeLR(_LambdaBase):
 
 
 class StepLR(LRScheduler):
-    """Multiply lr by ``gamma`` every ``step_size`` epochs: ``base * gamma**(epoch // step_size)``."""
+    """Multiply lr by ``gamma`` every ``step_size`` epochs:
+    ``base * gamma**(epoch // step_size)``."""
 
     def __init__(self, optimizer, step_size, gamma=0.1, last_epoch=-1):
         self.step_size = step_size
@@ -456,7 +457,8 @@ class ConstantLR(LRScheduler):
 
     def __init__(self, optimizer, factor=1.0 / 3, total_iters=5, last_epoch=-1):
         if factor > 1.0 or factor < 0:
-            raise ValueError(f"factor (constant multiplicative factor) must be in [0, 1], got {factor}")
+            raise ValueError(f"factor (constant multiplicative factor) must be in [0, 1], "
+                             f"got {factor}")
         self.factor = factor
         self.total_iters = total_iters
         super().__init__(optimizer, last_epoch)
@@ -571,7 +573,8 @@ class CosineAnnealingLR(LRScheduler):
         if self._is_initial:
             return _group_values(self.optimizer, "lr")
         if self._step_count == 1 and e > 0:
-            return [eta + (base - eta) * (1 + math.cos(e * math.pi / t)) / 2 for base in self.base_lrs]
+            return [eta + (base - eta) * (1 + math.cos(e * math.pi / t)) / 2
+                    for base in self.base_lrs]
         if (e - 1 - t) % (2 * t) == 0:
             # the step out of the minimum, where the ratio below would divide by zero
             return [
@@ -601,7 +604,8 @@ class CosineAnnealingWarmRestarts(LRScheduler):
             raise ValueError(f"T_mult must be an integer >= 1, got {T_mult!r}")
         if not isinstance(eta_min, (float, int)):
             raise ValueError(  # noqa: TRY004 (torch raises ValueError)
-                f"eta_min must be a float or an int, got {eta_min!r} of type {type(eta_min).__name__}"
+                f"eta_min must be a float or an int, got {eta_min!r} of type "
+                f"{type(eta_min).__name__}"
             )
         self.T_0 = T_0
         self.T_i = T_0
@@ -947,7 +951,8 @@ class ReduceLROnPlateau(LRScheduler):
         n = len(optimizer.param_groups)
         if isinstance(min_lr, (list, tuple)):
             if len(min_lr) != n:
-                raise ValueError(f"min_lr: expected {n} min_lrs (one per param group), got {len(min_lr)}")
+                raise ValueError(f"min_lr: expected {n} min_lrs (one per param group), "
+                                 f"got {len(min_lr)}")
             self.default_min_lr = None
             self.min_lrs = list(min_lr)
         else:

@@ -3,7 +3,7 @@ import math
 
 import numpy as np
 
-from fastopt._dense import _where, check_state_array, gather
+from fastopt._numpy_step import check_groups, check_state_array, lerp_
 from fastopt.optimizer import Optimizer
 
 __all__ = ["Muon"]
@@ -83,8 +83,8 @@ class Muon(Optimizer):
     it in float32 (float64 for float64 parameters). The orthogonalised update therefore
     differs from torch's by about bfloat16's resolution: on 64 x 32 and 16 x 48 random
     matrices one update differs by at most 1.4-2.1 % of its RMS, and after 100 steps of
-    lr 0.02 the parameters agree within about 3e-3. The momentum buffer and the parameter arithmetic are float32 as in
-    torch. State: ``momentum_buffer``.
+    lr 0.02 the parameters agree within about 3e-3. The momentum buffer and the parameter
+    arithmetic are float32 as in torch. State: ``momentum_buffer``.
     """
 
     _flag_defaults = {}
@@ -119,34 +119,30 @@ class Muon(Optimizer):
                 raise ValueError("Muon only supports 2D parameters whereas we found a "
                                  f"parameter with size: {np.shape(p)}")
 
+    @staticmethod
+    def _check_existing_state(st, arr, where):
+        if "momentum_buffer" in st:
+            check_state_array(st["momentum_buffer"], arr.shape, arr.dtype, where,
+                              "momentum_buffer")
+
     def step(self, closure=None):
         """Perform one optimization step; returns ``closure()``'s value when given."""
         loss = None
         if closure is not None:
             loss = closure()
-        groups = gather(self, "Muon")
-        for gi, (group, items) in enumerate(zip(self.param_groups, groups)):
-            try:
-                self._freeze(group)  # types; ranges are checked when groups are made
-            except (ValueError, TypeError, OverflowError) as e:
-                raise type(e)(f"param_groups[{gi}]: {e}") from None
-            for _, pi, p, arr, g in items:
-                st = self.state.get(p)
-                if st and "momentum_buffer" in st:
-                    check_state_array(st["momentum_buffer"], arr.shape, arr.dtype,
-                                      _where(gi, pi), "momentum_buffer")
+        groups = check_groups(self, "Muon", self._check_existing_state)
         for group, items in zip(self.param_groups, groups):
             lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
-            for _, _, p, arr, g in items:
+            for _, p, arr, g in items:
                 T = arr.dtype.type
                 st = self.state[p]
                 if "momentum_buffer" not in st:
                     st["momentum_buffer"] = np.zeros_like(arr)
                 buf = st["momentum_buffer"]
-                _lerp_(buf, g, T(1 - mu))
+                lerp_(buf, g, T(1 - mu))
                 if group["nesterov"]:
                     upd = g.copy()
-                    _lerp_(upd, buf, T(mu))
+                    lerp_(upd, buf, T(mu))
                 else:
                     upd = buf
                 o = newton_schulz(upd, group["ns_coefficients"], group["ns_steps"],
@@ -155,10 +151,3 @@ class Muon(Optimizer):
                 arr += T(-_adjusted_lr(lr, group["adjust_lr_fn"], arr.shape)) * o.astype(
                     arr.dtype, copy=False)
         return loss
-
-
-def _lerp_(s, e, w):
-    if abs(w) < 0.5:
-        s += w * (e - s)
-    else:
-        s[...] = e - (e - s) * (type(w)(1) - w)

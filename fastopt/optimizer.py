@@ -14,8 +14,9 @@ import warnings
 import numpy as np
 
 from fastopt import _kernels
+from fastopt._adapters import _adapter_for, _foreign_arrays, _foreign_param
 from fastopt._kernels import update
-from fastopt._parameter import Parameter
+from fastopt.parameter import Parameter
 
 __all__ = [
     "Optimizer",
@@ -35,29 +36,8 @@ class _RequiredParameter:
 
 required = _RequiredParameter()
 
+# _kernels.collect takes a Parameter's array as it is and asks the adapters for the rest
 _kernels._parameter_type = Parameter
-
-# Adapters for parameter objects that are not fastopt.Parameter (torch tensors, see
-# fastopt._torch). Each has accepts(obj), arrays(obj, gi, pi) -> (array, grad array or None)
-# and zero_grad(obj, set_to_none).
-_ADAPTERS = []
-
-
-def _adapter_for(obj):
-    for a in _ADAPTERS:
-        if a.accepts(obj):
-            return a
-    return None
-
-
-def _foreign_param(obj, gi, pi):
-    a = _adapter_for(obj)
-    if a is None:
-        raise TypeError(f"param_groups[{gi}]['params'][{pi}]: expected a fastopt.Parameter, "
-                        f"got {type(obj).__name__}")
-    return a.arrays(obj, gi, pi)
-
-
 _kernels._foreign_param = _foreign_param
 
 
@@ -611,14 +591,6 @@ class Optimizer:
 
 
 Optimizer.step = _with_step_hooks(Optimizer.step)
-
-
-def _foreign_arrays(obj):
-    """The data of a non-Parameter parameter as an array (no gradient checks)."""
-    adapter = _adapter_for(obj)
-    if hasattr(adapter, "data"):
-        return adapter.data(obj)
-    return adapter.arrays(obj, 0, 0)[0]
 
 
 def _check_betas(betas):

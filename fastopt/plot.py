@@ -74,7 +74,7 @@ def _trace_scheduler(sched, steps, metrics):
                     moms.append(_momenta(opt.param_groups))
                 if t == steps - 1:
                     break
-                if metrics is not None and isinstance(sched, ReduceLROnPlateau):
+                if isinstance(sched, ReduceLROnPlateau):
                     sched.step(metrics[t])
                 else:
                     sched.step()

@@ -311,7 +311,8 @@ def cosine_decay(initial_lr, decay_steps, alpha=0.0):
 
 
 def linear_warmup(peak_value, warmup_steps, init_value=0.0):
-    """Linear ramp from ``init_value`` at step 0 to ``peak_value`` at ``warmup_steps``, then flat."""
+    """Linear ramp from ``init_value`` at step 0 to ``peak_value`` at ``warmup_steps``, then
+    flat."""
     return _LinearWarmup(peak_value, warmup_steps, init_value)
 
 

@@ -1,79 +1,13 @@
-"""SparseAdam and the row-sparse gradient type ``SparseGrad``."""
+"""SparseAdam: Adam for row-sparse gradients (``fastopt.SparseGrad``)."""
 import numpy as np
 
 from fastopt import _kernels
-from fastopt._dense import _where, check_state_array
-from fastopt._parameter import Parameter
-from fastopt.optimizer import Optimizer, _adapter_for, _check_betas
+from fastopt._adapters import _param_arrays, _where
+from fastopt._numpy_step import check_state_array, freeze
+from fastopt.optimizer import Optimizer, _check_betas
+from fastopt.parameter import SparseGrad
 
 __all__ = ["SparseAdam", "SparseGrad"]
-
-
-class SparseGrad:
-    """A row-sparse gradient: ``values[k]`` is the gradient of row ``indices[k]`` of the
-    parameter (rows along axis 0, as an embedding table's lookups produce), all other rows
-    are zero. Repeated indices add up, as in a torch sparse COO tensor.
-
-    Parameters
-    ----------
-    indices : array_like of int
-        Row indices, shape ``(nnz,)`` (or torch's ``(1, nnz)``).
-    values : array_like
-        Shape ``(nnz,) + param.shape[1:]``, the parameter's dtype.
-
-    Examples
-    --------
-    >>> emb = fastopt.Parameter(np.zeros((1000, 16), np.float32))
-    >>> emb.grad = fastopt.SparseGrad([3, 17, 3], np.ones((3, 16), np.float32))
-    >>> fastopt.SparseAdam([emb]).step()       # updates rows 3 and 17 only
-    """
-
-    __slots__ = ("indices", "values")
-
-    def __init__(self, indices, values):
-        idx = np.asarray(indices)
-        if idx.ndim == 2 and idx.shape[0] == 1:
-            idx = idx[0]
-        if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
-            raise TypeError(f"SparseGrad indices must be a 1-D integer array, got "
-                            f"{idx.dtype} of shape {idx.shape}")
-        vals = np.asarray(values)
-        if vals.ndim < 1 or vals.shape[0] != idx.shape[0]:
-            raise ValueError(f"SparseGrad values must have one row per index: "
-                             f"{idx.shape[0]} indices, values of shape {vals.shape}")
-        self.indices = idx.astype(np.int64, copy=False)
-        self.values = vals
-
-    @classmethod
-    def from_torch(cls, tensor):
-        """From a torch sparse COO tensor with one sparse dimension (an embedding's grad)."""
-        t = tensor.coalesce() if not tensor.is_coalesced() else tensor
-        return cls(t.indices().numpy().copy(), t.values().numpy().copy())
-
-    def coalesce(self):
-        """The same gradient with sorted unique rows (duplicates summed)."""
-        idx = self.indices
-        if idx.size == 0 or (idx.size == 1 or bool(np.all(idx[1:] > idx[:-1]))):
-            return self  # already sorted and unique (the common case for a lookup batch)
-        order = np.argsort(self.indices, kind="stable")
-        idx = self.indices[order]
-        vals = self.values[order]
-        starts = np.flatnonzero(np.r_[True, idx[1:] != idx[:-1]])
-        if starts.size == idx.size:
-            return SparseGrad(idx, np.ascontiguousarray(vals))
-        return SparseGrad(idx[starts], np.add.reduceat(vals, starts, axis=0))
-
-    def to_dense(self, shape):
-        out = np.zeros(shape, dtype=self.values.dtype)
-        np.add.at(out, self.indices, self.values)
-        return out
-
-    def __neg__(self):
-        return SparseGrad(self.indices, -self.values)
-
-    def __repr__(self):
-        return f"SparseGrad(indices={self.indices!r}, values=<{self.values.dtype} " \
-               f"{self.values.shape}>)"
 
 
 class SparseAdam(Optimizer):
@@ -130,15 +64,6 @@ class SparseAdam(Optimizer):
             return int(value)
         return super()._cast_state(param, array, value, key, where)
 
-    def _arrays(self, p, gi, pi):
-        if isinstance(p, Parameter):
-            return p.view(np.ndarray), p.grad
-        adapter = _adapter_for(p)
-        if adapter is None:
-            raise TypeError(f"{_where(gi, pi)}: expected a fastopt.Parameter, got "
-                            f"{type(p).__name__}")
-        return adapter.arrays(p, gi, pi)
-
     def step(self, closure=None):
         """Perform one optimization step; returns ``closure()``'s value when given."""
         loss = None
@@ -147,12 +72,9 @@ class SparseAdam(Optimizer):
         # phase 1: check everything, coalesce the gradients
         work = []
         for gi, group in enumerate(self.param_groups):
-            try:
-                self._freeze(group)  # types; ranges are checked when groups are made
-            except (ValueError, TypeError, OverflowError) as e:
-                raise type(e)(f"param_groups[{gi}]: {e}") from None
+            freeze(self, gi, group)
             for pi, p in enumerate(group["params"]):
-                arr, g = self._arrays(p, gi, pi)
+                arr, g = _param_arrays(p, gi, pi)
                 if g is None:
                     continue
                 where = _where(gi, pi)

@@ -60,23 +60,13 @@ def _split(avg_list, cur_list):
 
 def _lerp_inplace(dst, src, weight):
     """dst <- dst + weight * (src - dst) with ATen's lerp rounding, in C."""
-    if not dst:
-        return
-    fn = getattr(_kernels, "lerp_inplace", None)
-    if fn is not None:
-        fn(dst, src, weight)
-    else:
+    if dst:
         _kernels.average(dst, src, weight, True)
 
 
 def _swa_inplace(dst, src, divisor):
     """dst <- dst + (src - dst) / divisor, in C."""
-    if not dst:
-        return
-    fn = getattr(_kernels, "swa_inplace", None)
-    if fn is not None:
-        fn(dst, src, divisor)
-    else:
+    if dst:
         _kernels.average(dst, src, divisor, False)
 
 
@@ -353,7 +343,8 @@ class SWALR(LRScheduler):
         groups = self.optimizer.param_groups
         # the lr before annealing, solved from lr = swa * a + lr0 * (1 - a)
         starts = [
-            g["swa_lr"] if prev_alpha == 1 else (g["lr"] - prev_alpha * g["swa_lr"]) / (1 - prev_alpha)
+            g["swa_lr"] if prev_alpha == 1
+            else (g["lr"] - prev_alpha * g["swa_lr"]) / (1 - prev_alpha)
             for g in groups
         ]
         alpha = self.anneal_func(max(0, min(1, step / span)))

@@ -241,7 +241,7 @@ def test_cached_views_do_not_keep_models_alive():
     import gc
     import weakref
 
-    from fastopt._torch import ADAPTER
+    from fastopt._adapters import TORCH_ADAPTER
 
     model = mlp(4)
     opt = fastopt.SGD(model.parameters(), lr=0.1)
@@ -249,23 +249,23 @@ def test_cached_views_do_not_keep_models_alive():
     torch.nn.functional.cross_entropy(model(x), y).backward()
     opt.step()
     keys = [id(p) for p in model.parameters()]
-    assert all(k in ADAPTER._views for k in keys)
+    assert all(k in TORCH_ADAPTER._views for k in keys)
     ref = weakref.ref(model[0].weight)
     del model, opt
     gc.collect()
     assert ref() is None
-    assert not any(k in ADAPTER._views for k in keys)
+    assert not any(k in TORCH_ADAPTER._views for k in keys)
 
 
 @needs_torch
 def test_adapter_data_view_checks_nothing_about_grads():
-    from fastopt._torch import ADAPTER
+    from fastopt._adapters import TORCH_ADAPTER
 
     w = torch.nn.Parameter(torch.arange(3.0))
     w.grad_dtype = None
     w.grad = torch.zeros(3, dtype=torch.float64)  # wrong for a step, irrelevant here
     before = w._version
-    view = ADAPTER.data(w)
+    view = TORCH_ADAPTER.data(w)
     assert np.shares_memory(view, w.detach().numpy()) and w._version == before
 
 

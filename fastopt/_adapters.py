@@ -1,5 +1,15 @@
-"""CPU ``torch.Tensor`` objects as fastopt parameters.
+"""Parameters that are not ``fastopt.Parameter``: the adapter registry, and the adapter
+that lets an optimizer update CPU ``torch.Tensor`` objects.
 
+An adapter serves one foreign array type. It has ``accepts(obj)`` (is ``obj`` of that type),
+``check(obj, gi, pi, defaults)`` (raise when ``add_param_group`` must refuse ``obj``),
+``arrays(obj, gi, pi)`` (at every step: the array to update in place and the gradient array
+or None), ``data(obj)`` (the array alone, without the gradient checks) and
+``zero_grad(obj, set_to_none)``. ``_ADAPTERS`` lists the adapters; the tensor adapter is the
+only one.
+
+Tensors
+-------
 An optimizer given tensors (``model.parameters()``) updates them in place through NumPy views
 of their memory: no copies, no torch operations in the update itself. This module is imported
 with fastopt but never imports torch; it looks torch up in ``sys.modules`` and only acts on
@@ -22,11 +32,45 @@ Rules, as torch.optim's where torch has one:
 import sys
 import weakref
 
-__all__ = ["ADAPTER", "TorchAdapter"]
+import numpy as np
+
+from fastopt.parameter import Parameter, SparseGrad
+
+__all__ = ["TORCH_ADAPTER", "TorchAdapter"]
 
 
 def _where(gi, pi):
     return f"param_groups[{gi}]['params'][{pi}]"
+
+
+def _adapter_for(obj):
+    """The adapter that accepts ``obj``, or None."""
+    for a in _ADAPTERS:
+        if a.accepts(obj):
+            return a
+    return None
+
+
+def _foreign_param(obj, gi, pi):
+    """(array, grad array or None) of a parameter that is not a ``fastopt.Parameter``."""
+    a = _adapter_for(obj)
+    if a is None:
+        raise TypeError(f"{_where(gi, pi)}: expected a fastopt.Parameter, got "
+                        f"{type(obj).__name__}")
+    return a.arrays(obj, gi, pi)
+
+
+def _param_arrays(p, gi, pi):
+    """(array, grad or None) of ``param_groups[gi]['params'][pi]``, a ``fastopt.Parameter``
+    or an object an adapter accepts; TypeError for anything else."""
+    if isinstance(p, Parameter):
+        return p.view(np.ndarray), p.grad
+    return _foreign_param(p, gi, pi)
+
+
+def _foreign_arrays(obj):
+    """The data of a parameter accepted by an adapter, as an array (no gradient checks)."""
+    return _adapter_for(obj).data(obj)
 
 
 def _torch():
@@ -34,7 +78,7 @@ def _torch():
 
 
 class TorchAdapter:
-    """The ``fastopt.optimizer`` adapter for ``torch.Tensor`` parameters."""
+    """The adapter for ``torch.Tensor`` parameters."""
 
     def __init__(self):
         # id(tensor) -> (weakref, data_ptr, shape, ndarray view); avoids a .numpy() call
@@ -148,8 +192,6 @@ class TorchAdapter:
         if g.layout is torch.sparse_coo and g.device.type == "cpu" and g.dtype == obj.dtype:
             # an embedding's sparse gradient: SparseAdam takes it as a SparseGrad; the
             # optimizers with dense kernels refuse it naming the parameter, as torch's do
-            from fastopt.sparse_adam import SparseGrad
-
             return SparseGrad.from_torch(g)
         if g.layout is not torch.strided:
             raise RuntimeError(f"{where}: fastopt does not support gradients with layout "
@@ -197,12 +239,5 @@ def _version_bumper():
     return bump if probe._version == before + 1 else public
 
 
-ADAPTER = TorchAdapter()
-
-
-def register():
-    """Add the tensor adapter to ``fastopt.optimizer._ADAPTERS`` (idempotent)."""
-    from fastopt import optimizer
-
-    if not any(isinstance(a, TorchAdapter) for a in optimizer._ADAPTERS):
-        optimizer._ADAPTERS.append(ADAPTER)
+TORCH_ADAPTER = TorchAdapter()
+_ADAPTERS = [TORCH_ADAPTER]

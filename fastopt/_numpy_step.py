@@ -1,37 +1,26 @@
-"""Phase 1 of a step for the optimizers written in NumPy (Adafactor, Muon): find every
-parameter with a gradient and check it, raising before anything is modified."""
+"""The parts shared by the optimizers whose step is written in NumPy (Adafactor, Muon, and
+SparseAdam's checks): phase 1 of a step, which checks every hyperparameter, parameter,
+gradient and state array and raises before anything is modified, and torch's ``lerp``."""
 import numpy as np
 
-from fastopt._parameter import Parameter
-from fastopt.optimizer import _adapter_for
+from fastopt._adapters import _param_arrays, _where
+from fastopt.parameter import SparseGrad
 
-__all__ = ["gather"]
-
-
-def _where(gi, pi):
-    return f"param_groups[{gi}]['params'][{pi}]"
+__all__ = ["check_groups", "check_state_array", "check_step", "freeze", "gather", "lerp_"]
 
 
 def gather(opt, name):
-    """Per group, the list of (param object, array, grad array) of parameters with a grad.
+    """Per group, the list of (param index, param object, array, grad array) of the
+    parameters with a grad.
 
     Every parameter must be a float32/float64 array (Parameter or adapted tensor) and its
     grad a dense array of the same shape and dtype; anything else raises TypeError,
     ValueError or (sparse gradients, as torch) RuntimeError naming group and parameter."""
-    from fastopt.sparse_adam import SparseGrad
-
     out = []
     for gi, group in enumerate(opt.param_groups):
         items = []
         for pi, p in enumerate(group["params"]):
-            if isinstance(p, Parameter):
-                arr, g = p.view(np.ndarray), p.grad
-            else:
-                adapter = _adapter_for(p)
-                if adapter is None:
-                    raise TypeError(f"{_where(gi, pi)}: expected a fastopt.Parameter, got "
-                                    f"{type(p).__name__}")
-                arr, g = adapter.arrays(p, gi, pi)
+            arr, g = _param_arrays(p, gi, pi)
             if g is None:
                 continue
             if isinstance(g, SparseGrad):
@@ -51,12 +40,36 @@ def gather(opt, name):
                                  f"{arr.shape}")
             if not arr.flags.writeable:
                 raise ValueError(f"{_where(gi, pi)}: the parameter's array is read-only")
-            items.append((gi, pi, p, arr, g))
+            items.append((pi, p, arr, g))
         out.append(items)
     return out
 
 
+def freeze(opt, gi, group):
+    """Check the types of ``group``'s hyperparameters (``opt._freeze``), the error naming
+    the group. Ranges are checked when groups are made."""
+    try:
+        opt._freeze(group)
+    except (ValueError, TypeError, OverflowError) as e:
+        raise type(e)(f"param_groups[{gi}]: {e}") from None
+
+
+def check_groups(opt, name, check_state):
+    """Phase 1 of a step of the optimizer ``opt`` called ``name``: ``gather``, then per
+    group ``freeze`` and ``check_state(state, array, where)`` for every parameter with a
+    grad and a non-empty state. Returns ``gather``'s lists."""
+    groups = gather(opt, name)
+    for gi, (group, items) in enumerate(zip(opt.param_groups, groups)):
+        freeze(opt, gi, group)
+        for pi, p, arr, _ in items:
+            st = opt.state.get(p)
+            if st:
+                check_state(st, arr, _where(gi, pi))
+    return groups
+
+
 def check_state_array(value, shape, dtype, where, key):
+    """Raise ValueError unless ``value`` is a writable ``dtype`` array of ``shape``."""
     if not isinstance(value, np.ndarray) or value.shape != tuple(shape) or value.dtype != dtype \
             or not value.flags.writeable:
         desc = (f"{value.dtype} {value.shape}" if isinstance(value, np.ndarray)
@@ -66,7 +79,16 @@ def check_state_array(value, shape, dtype, where, key):
 
 
 def check_step(value, where):
+    """Raise TypeError unless ``value`` is a writable float32 array of one element."""
     if not (isinstance(value, np.ndarray) and value.dtype == np.float32 and value.size == 1
             and value.flags.writeable):
         raise TypeError(f"{where}: state['step'] must be a writable 0-d float32 array, got "
                         f"{value!r}")
+
+
+def lerp_(s, e, w):
+    """In place s = lerp(s, e, w), with torch's two formulas (split at w = 0.5)."""
+    if abs(w) < 0.5:
+        s += w * (e - s)
+    else:
+        s[...] = e - (e - s) * (type(w)(1) - w)

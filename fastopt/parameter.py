@@ -1,0 +1,147 @@
+"""What an optimizer updates: ``Parameter`` (an array with its gradient) and ``SparseGrad``
+(a row-sparse gradient)."""
+import numpy as np
+
+__all__ = ["Parameter", "SparseGrad"]
+
+
+class Parameter(np.ndarray):
+    """A float32 or float64 array that carries ``.grad``, as ``torch.nn.Parameter`` does.
+
+    ``Parameter(x)`` wraps an existing array without copying: ``np.asarray(p)`` shares
+    ``x``'s memory, so an optimizer's in-place updates are seen through ``x``. ``grad`` is
+    None or an array of the same shape and dtype; a parameter whose grad is None is skipped
+    by ``step()``. Parameters hash by identity, so they key ``optimizer.state``.
+
+    Arithmetic on a Parameter gives plain ndarrays; slices and views are plain ndarrays too.
+
+    Parameters
+    ----------
+    data : array_like
+        float32 or float64 data. An ndarray is wrapped as is; anything else is converted
+        with ``np.asarray`` (and must already have a float32 or float64 dtype).
+    """
+
+    __slots__ = ("grad",)
+    __hash__ = object.__hash__
+
+    def __new__(cls, data):
+        arr = np.asarray(data)
+        if arr.dtype not in (np.float32, np.float64) or not arr.dtype.isnative:
+            raise TypeError(f"fastopt.Parameter needs float32 or float64 data in native "
+                            f"byte order, got dtype {arr.dtype}")
+        if not (arr.flags.c_contiguous and arr.flags.aligned):
+            raise ValueError("fastopt.Parameter needs a C-contiguous, aligned array; "
+                             "pass np.ascontiguousarray(x) and use the Parameter from then on")
+        obj = arr.view(cls)
+        obj.grad = None
+        return obj
+
+    def __array_finalize__(self, obj):
+        self.grad = None
+
+    def __array_wrap__(self, arr, context=None, return_scalar=False):
+        # results of ufuncs are plain arrays (an in-place op with out=self returns self)
+        if arr is self:
+            return self
+        if return_scalar and arr.ndim == 0:
+            return arr[()]
+        return arr.view(np.ndarray)
+
+    def __getitem__(self, key):
+        out = np.ndarray.__getitem__(self, key)
+        return out.view(np.ndarray) if isinstance(out, Parameter) else out
+
+    def __repr__(self):
+        return "Parameter containing:\n" + repr(self.view(np.ndarray))
+
+    def __reduce__(self):
+        return (_rebuild, (self.view(np.ndarray).copy(), self.grad))
+
+    def __copy__(self):
+        new = Parameter(self.view(np.ndarray).copy())
+        new.grad = None if self.grad is None else self.grad.copy()
+        return new
+
+    def __deepcopy__(self, memo):
+        new = self.__copy__()
+        memo[id(self)] = new
+        return new
+
+    @property
+    def data(self):
+        """The wrapped array as a plain ndarray sharing memory."""
+        return self.view(np.ndarray)
+
+
+def _rebuild(arr, grad):
+    p = Parameter(arr)
+    p.grad = grad
+    return p
+
+
+class SparseGrad:
+    """A row-sparse gradient: ``values[k]`` is the gradient of row ``indices[k]`` of the
+    parameter (rows along axis 0, as an embedding table's lookups produce), all other rows
+    are zero. Repeated indices add up, as in a torch sparse COO tensor.
+
+    Parameters
+    ----------
+    indices : array_like of int
+        Row indices, shape ``(nnz,)`` (or torch's ``(1, nnz)``).
+    values : array_like
+        Shape ``(nnz,) + param.shape[1:]``, the parameter's dtype.
+
+    Examples
+    --------
+    >>> emb = fastopt.Parameter(np.zeros((1000, 16), np.float32))
+    >>> emb.grad = fastopt.SparseGrad([3, 17, 3], np.ones((3, 16), np.float32))
+    >>> fastopt.SparseAdam([emb]).step()       # updates rows 3 and 17 only
+    """
+
+    __slots__ = ("indices", "values")
+
+    def __init__(self, indices, values):
+        idx = np.asarray(indices)
+        if idx.ndim == 2 and idx.shape[0] == 1:
+            idx = idx[0]
+        if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
+            raise TypeError(f"SparseGrad indices must be a 1-D integer array, got "
+                            f"{idx.dtype} of shape {idx.shape}")
+        vals = np.asarray(values)
+        if vals.ndim < 1 or vals.shape[0] != idx.shape[0]:
+            raise ValueError(f"SparseGrad values must have one row per index: "
+                             f"{idx.shape[0]} indices, values of shape {vals.shape}")
+        self.indices = idx.astype(np.int64, copy=False)
+        self.values = vals
+
+    @classmethod
+    def from_torch(cls, tensor):
+        """From a torch sparse COO tensor with one sparse dimension (an embedding's grad)."""
+        t = tensor.coalesce() if not tensor.is_coalesced() else tensor
+        return cls(t.indices().numpy().copy(), t.values().numpy().copy())
+
+    def coalesce(self):
+        """The same gradient with sorted unique rows (duplicates summed)."""
+        idx = self.indices
+        if idx.size == 0 or (idx.size == 1 or bool(np.all(idx[1:] > idx[:-1]))):
+            return self  # already sorted and unique (the common case for a lookup batch)
+        order = np.argsort(self.indices, kind="stable")
+        idx = self.indices[order]
+        vals = self.values[order]
+        starts = np.flatnonzero(np.r_[True, idx[1:] != idx[:-1]])
+        if starts.size == idx.size:
+            return SparseGrad(idx, np.ascontiguousarray(vals))
+        return SparseGrad(idx[starts], np.add.reduceat(vals, starts, axis=0))
+
+    def to_dense(self, shape):
+        out = np.zeros(shape, dtype=self.values.dtype)
+        np.add.at(out, self.indices, self.values)
+        return out
+
+    def __neg__(self):
+        return SparseGrad(self.indices, -self.values)
+
+    def __repr__(self):
+        return f"SparseGrad(indices={self.indices!r}, values=<{self.values.dtype} " \
+               f"{self.values.shape}>)"
