@@ -12,7 +12,7 @@ _extend_path(__path__)
 
 from fastopt.parameter import Parameter, SparseGrad  # noqa: E402
 from fastopt._config import get_num_threads, set_num_threads, show_config
-from fastopt.optimizer import Optimizer, kernel_optimizers
+from fastopt.optimizer import Optimizer, kernel_optimizers, other_optimizers
 from fastopt.sgd import SGD
 from fastopt.adagrad import Adagrad
 from fastopt.rmsprop import RMSprop
@@ -40,12 +40,7 @@ OPTIMIZERS = kernel_optimizers()
 #: The optimizers that are not per-element updates of dense gradients, so generic loops over
 #: ``OPTIMIZERS`` cannot drive them: LBFGS needs a closure, SparseAdam a ``SparseGrad``,
 #: Muon 2-D parameters; Adafactor keeps factored (differently shaped) state.
-OTHER_OPTIMIZERS = {
-    "SparseAdam": SparseAdam,
-    "LBFGS": LBFGS,
-    "Adafactor": Adafactor,
-    "Muon": Muon,
-}
+OTHER_OPTIMIZERS = other_optimizers()
 
 __all__ = ["Parameter", "Optimizer", *OPTIMIZERS, "SparseAdam", "SparseGrad", "LBFGS",
            "Adafactor", "Muon", "OTHER_OPTIMIZERS", "OPTIMIZERS", "show_config",

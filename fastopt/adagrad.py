@@ -1,6 +1,7 @@
 """Adagrad."""
 import numpy as np
 
+from fastopt._adapters import _foreign_arrays
 from fastopt.optimizer import Optimizer, _check_impl_flags, _check_nonneg
 
 __all__ = ["Adagrad"]
@@ -72,7 +73,7 @@ class Adagrad(Optimizer):
         if getattr(self, "_constructing", False):
             value = self.defaults["initial_accumulator_value"]
             for p in group["params"]:
-                array = np.asarray(p) if isinstance(p, np.ndarray) else _array_of(p)
+                array = np.asarray(p) if isinstance(p, np.ndarray) else _foreign_arrays(p)
                 state = self.state[p]
                 if len(state) == 0:
                     self._fill(state, array, value)
@@ -85,8 +86,3 @@ class Adagrad(Optimizer):
     def _init_state(self, state, array, group):
         self._fill(state, array, self.defaults["initial_accumulator_value"])
 
-
-
-def _array_of(p):
-    from fastopt.optimizer import _foreign_arrays
-    return _foreign_arrays(p)

@@ -29,6 +29,8 @@ import sys
 
 import numpy as np
 
+from fastopt.optimizer import kernel_optimizers, other_optimizers
+
 __all__ = [
     "SHARED_OPTIMIZERS",
     "from_torch",
@@ -47,9 +49,7 @@ def _shared():
 
 def _registry():
     """Every fastopt optimizer class by name (the per-element ones and the others)."""
-    import fastopt
-
-    return {**fastopt.OPTIMIZERS, **fastopt.OTHER_OPTIMIZERS}
+    return {**kernel_optimizers(), **other_optimizers()}
 
 
 # torch.optim's optimizer classes in PyTorch 2.13 (kept here so that listing the shared

@@ -24,6 +24,7 @@ __all__ = [
     "register_optimizer_step_pre_hook",
     "register_optimizer_step_post_hook",
     "kernel_optimizers",
+    "other_optimizers",
 ]
 
 
@@ -74,16 +75,23 @@ def _register(hooks, hook, prepend=False):
     return handle
 
 
-#: the per-element optimizers of this package, in definition order (see kernel_optimizers)
-_KERNEL_OPTIMIZERS = []
+#: the optimizer classes of this package, in definition order (see kernel_optimizers)
+_FASTOPT_OPTIMIZERS = []
 
 
 def kernel_optimizers():
     """Every per-element optimizer class of fastopt by name, in the order of their kernels
     in csrc/kernels.def (classes sharing a kernel in definition order)."""
     order = {name: i for i, name in enumerate(_kernels.kernel_names())}
-    ranked = sorted(enumerate(_KERNEL_OPTIMIZERS), key=lambda e: (order[e[1]._kernel], e[0]))
-    return {cls.__name__: cls for _, cls in ranked}
+    ranked = sorted(((order[cls._kernel], i, cls) for i, cls in enumerate(_FASTOPT_OPTIMIZERS)
+                     if cls._kernel is not None), key=lambda e: e[:2])
+    return {cls.__name__: cls for _, _, cls in ranked}
+
+
+def other_optimizers():
+    """Every fastopt optimizer class that writes its own ``step`` (no C kernel of the
+    generic path), by name, in definition order."""
+    return {cls.__name__: cls for cls in _FASTOPT_OPTIMIZERS if cls._kernel is None}
 
 
 _global_step_pre_hooks = OrderedDict()
@@ -235,6 +243,8 @@ class Optimizer:
         step = cls.__dict__.get("step")
         if step is not None and not getattr(step, "_fastopt_hooked", False):
             cls.step = _with_step_hooks(step)
+        if cls.__module__.startswith("fastopt."):
+            _FASTOPT_OPTIMIZERS.append(cls)
         if cls._kernel is not None:
             cls._spec = _kernels.Spec(cls._kernel, tuple(cls._hyperparameters),
                                       tuple(cls._state_keys), cls._step_counter,
@@ -243,8 +253,6 @@ class Optimizer:
             if "_scalar_state_keys" not in cls.__dict__:
                 cls._scalar_state_keys = frozenset(
                     (("step",) if cls._step_counter else ()) + tuple(cls._scalars))
-            if cls.__module__.startswith("fastopt."):
-                _KERNEL_OPTIMIZERS.append(cls)
 
     def __init__(self, params, defaults):
         self.defaults = defaults
