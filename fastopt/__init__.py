@@ -6,6 +6,8 @@
 >>> w.grad = np.ones(3, dtype=np.float32)
 >>> opt.step()
 """
+from importlib.metadata import version as _version
+
 from fastopt._locate import extend_path as _extend_path
 
 _extend_path(__path__)
@@ -34,7 +36,7 @@ from fastopt import interop
 
 _torch.register()  # tensors as parameters; imports torch only when given one
 
-__version__ = "0.1.0"
+__version__ = _version("fastopt")  # pyproject.toml's version
 
 #: Every optimizer by name, so tests and benchmarks cover a new one automatically.
 OPTIMIZERS = {
