@@ -8,11 +8,7 @@
 """
 from importlib.metadata import version as _version
 
-from fastopt._locate import extend_path as _extend_path
-
-_extend_path(__path__)
-
-from fastopt._parameter import Parameter  # noqa: E402
+from fastopt._parameter import Parameter
 from fastopt._config import get_num_threads, set_num_threads, show_config
 from fastopt.optimizer import Optimizer
 from fastopt.sgd import SGD
