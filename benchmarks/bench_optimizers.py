@@ -1,4 +1,4 @@
-"""pytest-benchmark suite: every optimizer in fastopt._bench_cases at 1e3 to 1e7 float32
+"""pytest-benchmark suite: every optimizer in fastopt._cli.cases.CASES at 1e3 to 1e7 float32
 elements and 100 tensors of 1000, for fastopt, in-place NumPy and torch (fused=True where
 torch has a fused CPU kernel; skipped when torch is absent). One group per optimizer and
 size, so the table shows the three side by side.
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import fastopt
-from fastopt._bench import _make_fastopt, _make_numpy, _make_torch, parse_size
-from fastopt._bench_cases import CASES
+from fastopt._cli.bench import _make_fastopt, _make_numpy, _make_torch, parse_size
+from fastopt._cli.cases import CASES
 
 SIZES = ["1e3", "1e4", "1e5", "1e6", "1e7", "100x1000"]
 IMPLS = ["fastopt", "numpy", "torch"]

@@ -6,11 +6,9 @@
 >>> w.grad = np.ones(3, dtype=np.float32)
 >>> opt.step()
 """
-from fastopt._locate import extend_path as _extend_path
+from importlib.metadata import version as _version
 
-_extend_path(__path__)
-
-from fastopt.parameter import Parameter, SparseGrad  # noqa: E402
+from fastopt.parameter import Parameter, SparseGrad
 from fastopt._config import get_num_threads, set_num_threads, show_config
 from fastopt.optimizer import Optimizer, kernel_optimizers, other_optimizers
 from fastopt.sgd import SGD
@@ -31,7 +29,7 @@ from fastopt.muon import Muon
 from fastopt import lr_scheduler, schedules, swa_utils
 from fastopt import interop
 
-__version__ = "0.1.0"
+__version__ = _version("fastopt")  # pyproject.toml's version
 
 #: Every per-element optimizer by name, in the order of their C kernels (csrc/kernels.def), so
 #: tests and benchmarks cover a new one automatically.

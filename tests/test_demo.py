@@ -1,13 +1,12 @@
-"""``python -m fastopt demo``: tables, pictures, and the same numbers as the examples."""
+"""``python -m fastopt demo``: tables, pictures, and the numbers of the example programs it runs."""
 import importlib.util
 import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
-from fastopt import _demo
+from fastopt._cli import demo, main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNGS = {  # --quick sizes
@@ -59,52 +58,64 @@ def test_demo_quick_writes_pictures_and_summary(tmp_path):
         f1, f2 = float(cells[0]), float(cells[1])
         assert f1 < 6.45 / 10 and f2 < 33.8 / 10, name  # well below f at the start
         if cells[2] != "-":
-            assert float(cells[2]) < 1.3 * _demo.NOISE ** 2, name  # at the noise floor
+            assert float(cells[2]) < 1.3 * 0.1 ** 2, name  # at the noise floor (sd 0.1)
         assert 0 < float(cells[3]) < 1e4, name  # microseconds per step
     assert rows["Nesterov"][2] == "-"  # not part of the fit
     assert any("OneCycleLR" in line for line in lines)
     assert sum(line.startswith("wrote ") for line in lines) == 5
 
 
+def summary_rows(stdout):
+    """``{optimizer: [final f1, final f2, fit loss, us/step]}`` of the demo's summary table."""
+    lines = stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("optimizer"))
+    return {line.split()[0]: line.split()[1:] for line in lines[header + 2:header + 8]}
+
+
 def test_demo_without_matplotlib_prints_tables_and_the_hint(tmp_path):
     code = ("import sys; sys.modules['matplotlib'] = None\n"
-            "from fastopt import _demo\n"
-            f"sys.exit(_demo.main(['--quick', '--out', {str(tmp_path / 'pics')!r}]))\n")
+            "from fastopt._cli import main\n"
+            f"sys.exit(main(['demo', '--quick', '--out', {str(tmp_path / 'pics')!r}]))\n")
     r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True,
                        text=True, timeout=300, cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr
     assert 'pip install "fastopt[plot]"' in r.stdout
     assert "optimizer" in r.stdout and "CosineAnnealingLR" in r.stdout
     assert not (tmp_path / "pics").exists()
+    # the table holds the results of the example programs in examples/
+    rows = summary_rows(r.stdout)
+    traj = load_example("trajectories")
+    paths = traj.run_all()
+    fit = load_example("linear_fit").run_all()
+    assert list(rows) == list(paths["f1"])
+    for name, cells in rows.items():
+        assert cells[0] == f"{traj.value('f1', paths['f1'][name][0][-1]):.3e}", name
+        assert cells[1] == f"{traj.value('f2', paths['f2'][name][0][-1]):.3e}", name
+        expected_fit = f"{fit[name]['epoch_loss'][-1]:.3e}" if name in fit else "-"
+        assert cells[2] == expected_fit, name
+
+
+def test_demo_imports_the_example_programs():
+    """The wheel installs examples/ as fastopt.examples (pyproject.toml's wheel.packages);
+    the demo runs those programs rather than a copy of them."""
+    trajectories, linear_fit = demo.examples()
+    assert trajectories.__name__ == "fastopt.examples.trajectories"
+    assert linear_fit.__name__ == "fastopt.examples.linear_fit"
+    assert os.path.basename(trajectories.__file__) == "trajectories.py"
+    assert os.path.basename(linear_fit.__file__) == "linear_fit.py"
 
 
 def test_demo_usage(capsys):
-    assert _demo.main(["--help"]) == 0
+    assert main(["demo", "--help"]) == 0
     assert "--quick" in capsys.readouterr().out
-    assert _demo.main(["--bogus"]) == 2
-    assert "unrecognized arguments" in capsys.readouterr().err
-
-
-def test_demo_experiments_are_the_examples():
-    """The demo and examples/ run the same experiments: identical numbers."""
-    traj = load_example("trajectories").run_all()
-    mine = _demo.run_trajectories()
-    for problem in traj:
-        assert list(traj[problem]) == list(mine[problem])
-        for name in traj[problem]:
-            np.testing.assert_array_equal(traj[problem][name][0], mine[problem][name][0])
-    fit = load_example("linear_fit").run_all()
-    mine = _demo.run_linear_fit()
-    assert list(fit) == list(mine)
-    for name in fit:
-        np.testing.assert_array_equal(fit[name]["iter_loss"], mine[name]["iter_loss"])
-        np.testing.assert_array_equal(fit[name]["w"], mine[name]["w"])
+    assert main(["demo", "--bogus"]) == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
 def test_schedule_gallery_shapes():
     from fastopt.plot import lr_trace
 
-    gallery = _demo.schedule_gallery(100)
+    gallery = demo.schedule_gallery(100)
     assert len(gallery) == 9
     for title, sched in gallery:
         lrs = [row[0] for row in lr_trace(sched, 100)["lr"]]

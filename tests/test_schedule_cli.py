@@ -9,9 +9,14 @@ import numpy as np
 import pytest
 
 import fastopt
+from fastopt import _cli
 from fastopt import lr_scheduler as L
 from fastopt import schedules as S
-from fastopt._schedule_cli import main
+
+
+def main(argv):
+    """``python -m fastopt schedule ARGV``, in this process: the exit status."""
+    return _cli.main(["schedule", *argv])
 
 
 def table(out):
@@ -117,15 +122,21 @@ BAD = [
     (["StepLR", "--step_size", "2"], "--steps"),
     (["StepLR", "--steps", "0", "--step_size", "2"], "--steps"),
     (["StepLR", "--steps", "x", "--step_size", "2"], "--steps"),
-    (["StepLR", "--steps", "3", "--step_size"], "needs a value"),
+    (["StepLR", "--steps", "3", "--step_size"], "--step_size/--step-size: expected one argument"),
+    (["StepLR", "--steps", "3", "--step_size", "2", "--step-size", "3"], "given twice"),
+    (["StepLR", "--steps", "3", "--steps", "4", "--step_size", "2"], "--steps given twice"),
+    (["StepLR", "--ste", "3", "--step_size", "2"], "--ste"),  # no abbreviations
     (["StepLR", "--steps", "3", "stray"], "unexpected argument"),
     (["ConstantLR", "--steps", "3", "--factor", "2"], "factor"),
     (["OneCycleLR", "--steps", "30", "--max_lr", "1", "--total_steps", "10"], "Tried to step"),
     (["ReduceLROnPlateau", "--steps", "3"], "--metrics"),
     (["LambdaLR", "--steps", "3", "--lr_lambda", "lambda e: e.__class__"], "private"),
     (["StepLR", "--steps", "3", "--step_size", "2", "--optimizer", "lbfgs"], "--optimizer"),
-    (["--steps", "3"], "NAME"),
-    ([], None),
+    (["--steps", "3"], "NAME must come first"),
+    (["StepLR", "--steps", "3", "--step_size", "2", "--lr", "fast"], "--lr"),
+    (["StepLR", "--steps", "3", "--step_size", "2", "--width", "-5"], "--width"),
+    (["ReduceLROnPlateau", "--steps", "3", "--metrics", "1,x"], "--metrics"),
+    ([], "NAME is missing"),
 ]
 
 
@@ -147,6 +158,38 @@ def test_help_exits_0(capsys):
     assert main(["CyclicLR", "--help"]) == 0
     out = capsys.readouterr().out
     assert "--base_lr VALUE" in out and "[--mode 'triangular']" in out
+
+
+@pytest.mark.parametrize("spelling", ["steplr", "STEPLR", "stepLR"])
+def test_names_in_any_case_print_the_canonical_name(capsys, spelling):
+    assert main([spelling, "--steps", "6", "--step_size", "2", "--gamma", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "# StepLR"
+    _, rows = table(out)
+    assert [r[1] for r in rows] == reference(lambda o: L.StepLR(o, 2, 0.5), 6)
+    assert main([spelling.upper().replace("STEPLR", "Exponential_Decay"), "--steps", "3",
+                 "--initial_lr", "1", "--decay_steps", "1", "--decay_rate", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "# exponential_decay"
+    assert [r[1] for r in table(out)[1]] == [1.0, 0.5, 0.25]
+
+
+def test_optimizer_option_in_any_case_and_dashed_names(capsys):
+    argv = ["CyclicLR", "--steps", "4", "--base-lr", "0.01", "--max_lr", "0.1",
+            "--step-size-up", "2"]
+    assert main(argv + ["--optimizer", "ADAM"]) == 0
+    adam = table(capsys.readouterr().out)
+    assert main(argv + ["--optimizer", "adam"]) == 0
+    assert table(capsys.readouterr().out) == adam
+    # Adam's betas[0] cycles between base_momentum 0.8 and max_momentum 0.9
+    assert adam[0] == ["step", "lr", "momentum"]
+    assert [r[1] for r in adam[1]] == pytest.approx([0.01, 0.055, 0.1, 0.055], rel=1e-12)
+    assert [r[2] for r in adam[1]] == pytest.approx([0.9, 0.85, 0.8, 0.85], rel=1e-12)
+
+
+def test_negative_and_equals_values(capsys):
+    assert main(["LambdaLR", "--steps=3", "--lr=2", "--lr_lambda=lambda e: -e"]) == 0
+    assert [r[1] for r in table(capsys.readouterr().out)[1]] == [-0.0, -2.0, -4.0]
 
 
 def test_python_dash_m(tmp_path):

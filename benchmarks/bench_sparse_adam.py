@@ -1,9 +1,9 @@
-"""pytest-benchmark suite for SparseAdam, which fastopt._bench_cases cannot hold: fastopt's
-C row kernel against torch's sparse path and a NumPy fancy-indexing version on an embedding
-table. The per-element optimizers (Lion included) are in bench_optimizers.py through
-fastopt._bench_cases.CASES.
+"""pytest-benchmark suite for SparseAdam: fastopt's C row kernel against torch's sparse path
+and a NumPy fancy-indexing version on an embedding table. Its gradients are row-sparse, so it
+has no case in fastopt._cli.cases.CASES, whose optimizers bench_optimizers.py times on dense
+gradients.
 
-    pytest benchmarks/bench_extra.py --benchmark-only --benchmark-group-by=group \
+    pytest benchmarks/bench_sparse_adam.py --benchmark-only --benchmark-group-by=group \
         --benchmark-columns=median,iqr,rounds --benchmark-sort=name
 """
 import numpy as np

@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 import fastopt
-from fastopt._bench_cases import CASES
+from fastopt._cli.cases import CASES
 
 DEFAULT_SIZES = ["1e4", "1e5", "1e6", "1e7", "100x1000"]
 QUICK_SIZES = ["1e4", "1e5", "1e6", "100x1000"]
@@ -53,11 +53,11 @@ def _make_numpy(case, arrays, grads):
 
 
 def _make_torch(torch, case, arrays, grads):
-    cls_name, extra = case.torch
+    cls_name, torch_kwargs = case.torch
     tensors = [torch.from_numpy(a).requires_grad_() for a in arrays]
     for t, g in zip(tensors, grads):
         t.grad = torch.from_numpy(g)
-    opt = getattr(torch.optim, cls_name)(tensors, **dict(case.kwargs, **extra))
+    opt = getattr(torch.optim, cls_name)(tensors, **dict(case.kwargs, **torch_kwargs))
     return opt.step
 
 
@@ -94,8 +94,8 @@ def measure(name, sizes, impls, rounds, target, torch=None):
     reps = {impl: _calibrate(fn, target) for impl, fn in steps.items()}
     samples = {impl: [] for impl in steps}
     for _ in range(rounds):
-        for impl in steps:
-            fn, k = steps[impl], reps[impl]
+        for impl, fn in steps.items():
+            k = reps[impl]
             t0 = time.perf_counter()
             for _ in range(k):
                 fn()
@@ -112,8 +112,8 @@ def _fmt(x, spec):
 def format_table(rows, threads):
     head = (f"{'optimizer':<9} {'size':>9} {'fastopt':>9} {'numpy':>9} {'torch':>9} "
             f"{'GB/s':>6} {'x numpy':>8} {'x torch':>8} {'step us':>9}")
-    out = [f"float32, {threads} thread(s); times are ns per element (median of interleaved "
-           f"rounds); GB/s is fastopt's effective bandwidth; step us is fastopt's time per step",
+    out = [(f"float32, {threads} thread(s); times are ns per element (median of interleaved "
+            f"rounds); GB/s is fastopt's effective bandwidth; step us is fastopt's time per step"),
            head, "-" * len(head)]
     for r in rows:
         out.append(f"{r['optimizer']:<9} {r['size']:>9} {_fmt(r['fastopt_ns'], '9.3f')} "
@@ -123,44 +123,67 @@ def format_table(rows, threads):
     return "\n".join(out)
 
 
-def build_parser():
-    ap = argparse.ArgumentParser(
-        prog="python -m fastopt bench",
-        description="Time one optimizer step of fastopt, in-place NumPy and torch (fused=True "
-                    "where torch has a fused CPU kernel, else its default loop) on the same "
-                    "float32 data, interleaved, and print ns/element, GB/s and speedups.")
-    ap.add_argument("--optimizers", default=None,
-                    help=f"comma-separated names (default: all of {', '.join(CASES)})")
-    ap.add_argument("--sizes", default=None,
+DESCRIPTION = ("Time one optimizer step of fastopt, in-place NumPy and torch (fused=True "
+               "where torch has a fused CPU kernel, else its default loop) on the same float32 "
+               "data, interleaved, and print ns/element, GB/s and speedups.")
+
+
+def optimizer_names(text):
+    """'adam, SGD' -> ['Adam', 'SGD']: names of ``CASES`` in any case, spelled canonically."""
+    canonical = {name.lower(): name for name in CASES}
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [n for n in names if n.lower() not in canonical]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown optimizer(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    return [canonical[n.lower()] for n in names]
+
+
+def _sizes(text):
+    if not text:
+        return []  # the default sizes
+    try:
+        return [(s.strip(), parse_size(s)) for s in text.split(",")]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(
+            f"bad size {e}; use N (like 1e6) or COUNTxN (like 100x1000)") from None
+
+
+def _threads(text):
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError("--threads must be at least 1")
+    return n
+
+
+def configure(ap):
+    """Add the arguments of ``bench`` to the parser ``ap``; ``run`` is its action."""
+    ap.add_argument("--optimizers", type=optimizer_names, default=None,
+                    help="comma-separated names, in any case (default: all of "
+                         f"{', '.join(CASES)})")
+    ap.add_argument("--sizes", type=_sizes, default=None,
                     help="comma-separated sizes: N elements ('1e6') or COUNTxN tensors "
                          f"('100x1000'); default {','.join(DEFAULT_SIZES)}")
-    ap.add_argument("--threads", type=int, default=1,
+    ap.add_argument("--threads", type=_threads, default=1,
                     help="threads for fastopt and torch (default 1)")
-    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5; 3 with --quick)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="interleaved rounds (default 5; 3 with --quick)")
     ap.add_argument("--quick", action="store_true",
                     help="fewer sizes (no 1e7), fewer and shorter rounds")
     ap.add_argument("--no-torch", action="store_true", help="leave torch out")
     ap.add_argument("--no-numpy", action="store_true", help="leave NumPy out")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    ap.set_defaults(run=run)
     return ap
 
 
-def main(argv=None):
-    ap = build_parser()
-    args = ap.parse_args(argv)
-    names = list(CASES) if args.optimizers is None else [
-        s.strip() for s in args.optimizers.split(",") if s.strip()]
-    unknown = [n for n in names if n not in CASES]
-    if unknown:
-        ap.error(f"unknown optimizer(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
-    size_texts = args.sizes.split(",") if args.sizes else (
-        QUICK_SIZES if args.quick else DEFAULT_SIZES)
-    try:
-        sizes = [(s.strip(), parse_size(s)) for s in size_texts]
-    except ValueError as e:
-        ap.error(f"bad size {e}; use N (like 1e6) or COUNTxN (like 100x1000)")
-    if args.threads < 1:
-        ap.error("--threads must be at least 1")
+def run(args):
+    """Run the benchmark from the parsed arguments; returns the exit status."""
+    names = list(CASES) if args.optimizers is None else args.optimizers
+    sizes = args.sizes or _sizes(",".join(QUICK_SIZES if args.quick else DEFAULT_SIZES))
     rounds = args.rounds or (3 if args.quick else 5)
     target = 0.01 if args.quick else 0.015
 

@@ -1,13 +1,108 @@
-"""Benchmark cases of issue 4's per-element optimizers, merged into ``_bench_cases.CASES``.
+"""What ``python -m fastopt bench`` and ``benchmarks/`` compare, optimizer by optimizer.
 
-torch has no fused CPU kernel for any of them, so torch runs its default for-loop path.
+Each case gives the fastopt keyword arguments, an in-place NumPy implementation of the same
+update (what a NumPy user would write: ufuncs with ``out=``, no temporaries per element
+beyond one scratch array), how to build torch's fastest CPU optimizer for it, and the bytes
+the update must move per element (the memory-bandwidth floor). torch has a fused CPU kernel
+for SGD, Adagrad, Adam and AdamW only; for the others it runs its default for-loop path.
 Lion is not in torch: the bench compares it with NumPy only.
 """
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
 import numpy as np
 
-from fastopt._bench_cases import BenchCase, _scratch
+__all__ = ["CASES", "BenchCase"]
 
-__all__ = ["EXTRA_CASES"]
+
+@dataclass
+class BenchCase:
+    kwargs: dict
+    #: numpy_step(params, grads, state, step) updates the float32 arrays in place;
+    #: ``state`` is a dict it may fill on first use.
+    numpy_step: Callable
+    #: (torch optimizer class name, keyword arguments added for torch): fused=True where
+    #: torch has a fused kernel; a class name of None where torch lacks the optimizer
+    torch: tuple
+    bytes_per_element: int
+    note: str = field(default="")
+
+
+def _scratch(state, key, p):
+    arr = state.get(key)
+    if arr is None:
+        arr = state[key] = [np.zeros_like(x) for x in p]
+    return arr
+
+
+def _sgd_momentum(lr=0.01, mu=0.9):
+    def step(params, grads, state, t):
+        bufs = _scratch(state, "buf", params)
+        tmp = _scratch(state, "tmp", params)
+        for p, g, b, s in zip(params, grads, bufs, tmp):
+            np.multiply(b, mu, out=b)
+            np.add(b, g, out=b)
+            np.multiply(b, lr, out=s)
+            np.subtract(p, s, out=p)
+    return step
+
+
+def _adagrad(lr=0.01, eps=1e-10):
+    def step(params, grads, state, t):
+        sums = _scratch(state, "sum", params)
+        tmp = _scratch(state, "tmp", params)
+        for p, g, acc, s in zip(params, grads, sums, tmp):
+            np.multiply(g, g, out=s)
+            np.add(acc, s, out=acc)
+            np.sqrt(acc, out=s)
+            np.add(s, eps, out=s)
+            np.divide(g, s, out=s)
+            np.multiply(s, lr, out=s)
+            np.subtract(p, s, out=p)
+    return step
+
+
+def _rmsprop(lr=0.01, alpha=0.99, eps=1e-8):
+    def step(params, grads, state, t):
+        sqs = _scratch(state, "sq", params)
+        tmp = _scratch(state, "tmp", params)
+        for p, g, sq, s in zip(params, grads, sqs, tmp):
+            np.multiply(sq, alpha, out=sq)
+            np.multiply(g, g, out=s)
+            np.multiply(s, 1 - alpha, out=s)
+            np.add(sq, s, out=sq)
+            np.sqrt(sq, out=s)
+            np.add(s, eps, out=s)
+            np.divide(g, s, out=s)
+            np.multiply(s, lr, out=s)
+            np.subtract(p, s, out=p)
+    return step
+
+
+def _adam(lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, wd=0.0):
+    def step(params, grads, state, t):
+        ms = _scratch(state, "m", params)
+        vs = _scratch(state, "v", params)
+        tmp = _scratch(state, "tmp", params)
+        step_size = lr / (1 - b1 ** t)
+        bc2 = (1 - b2 ** t) ** 0.5
+        for p, g, m, v, s in zip(params, grads, ms, vs, tmp):
+            if wd:
+                np.multiply(p, 1 - lr * wd, out=p)
+            np.multiply(m, b1, out=m)
+            np.multiply(g, 1 - b1, out=s)
+            np.add(m, s, out=m)
+            np.multiply(v, b2, out=v)
+            np.multiply(g, g, out=s)
+            np.multiply(s, 1 - b2, out=s)
+            np.add(v, s, out=v)
+            np.sqrt(v, out=s)
+            np.divide(s, bc2, out=s)
+            np.add(s, eps, out=s)
+            np.divide(m, s, out=s)
+            np.multiply(s, step_size, out=s)
+            np.subtract(p, s, out=p)
+    return step
 
 
 def _adadelta(lr=1.0, rho=0.9, eps=1e-6):
@@ -182,15 +277,23 @@ def _lion(lr=1e-4, b1=0.9, b2=0.99):
 
 _LOOP = "torch has no fused kernel: its default for-loop path"
 
-#: optimizer name -> case (merged into fastopt._bench_cases.CASES)
-EXTRA_CASES = {
-    "Adadelta": BenchCase(dict(lr=1.0), _adadelta(), ("Adadelta", {}), 28, _LOOP),
-    "Adamax": BenchCase(dict(lr=2e-3), _adamax(), ("Adamax", {}), 28, _LOOP),
-    "NAdam": BenchCase(dict(lr=2e-3), _nadam(), ("NAdam", {}), 28, _LOOP),
-    "RAdam": BenchCase(dict(lr=1e-3), _radam(), ("RAdam", {}), 28, _LOOP),
-    "ASGD": BenchCase(dict(lr=1e-2), _asgd(), ("ASGD", {}), 16,
+#: optimizer name -> case, one per optimizer in ``fastopt.OPTIMIZERS``.
+CASES = {
+    "SGD": BenchCase({"lr": 0.01, "momentum": 0.9}, _sgd_momentum(), ("SGD", {"fused": True}),
+                     20, "momentum 0.9"),
+    "Adagrad": BenchCase({"lr": 0.01}, _adagrad(), ("Adagrad", {"fused": True}), 20),
+    "RMSprop": BenchCase({"lr": 0.01}, _rmsprop(), ("RMSprop", {}), 20,
+                         "torch has no fused RMSprop: its default for-loop path"),
+    "Adam": BenchCase({"lr": 1e-3}, _adam(), ("Adam", {"fused": True}), 28),
+    "AdamW": BenchCase({"lr": 1e-3, "weight_decay": 1e-2}, _adam(wd=1e-2),
+                       ("AdamW", {"fused": True}), 28),
+    "Adadelta": BenchCase({"lr": 1.0}, _adadelta(), ("Adadelta", {}), 28, _LOOP),
+    "Adamax": BenchCase({"lr": 2e-3}, _adamax(), ("Adamax", {}), 28, _LOOP),
+    "NAdam": BenchCase({"lr": 2e-3}, _nadam(), ("NAdam", {}), 28, _LOOP),
+    "RAdam": BenchCase({"lr": 1e-3}, _radam(), ("RAdam", {}), 28, _LOOP),
+    "ASGD": BenchCase({"lr": 1e-2}, _asgd(), ("ASGD", {}), 16,
                       _LOOP + "; before t0 the average is a copy (no read of ax)"),
-    "Rprop": BenchCase(dict(lr=1e-2), _rprop(), ("Rprop", {}), 28, _LOOP),
+    "Rprop": BenchCase({"lr": 1e-2}, _rprop(), ("Rprop", {}), 28, _LOOP),
     # Lion has no torch twin (torch=None): compared with NumPy only
-    "Lion": BenchCase(dict(lr=1e-4), _lion(), (None, {}), 20, "not in torch"),
+    "Lion": BenchCase({"lr": 1e-4}, _lion(), (None, {}), 20, "not in torch"),
 }
