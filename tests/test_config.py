@@ -15,9 +15,9 @@ from fastopt import _cli, _kernels
 from fastopt._cli.cases import CASES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Subprocesses start outside the checkout, whose fastopt/ folder (first on sys.path with
-# -c and -m) has no compiled extension: they import the installed package.
-OUTSIDE = os.path.dirname(ROOT)
+# Subprocesses start in the repository root, where the README's commands run: the package
+# lives in src/, so the folder first on sys.path with -c and -m holds no fastopt and they
+# import the installed one.
 
 
 def test_show_config_reports_and_prints(capsys):
@@ -41,7 +41,7 @@ def test_best_level_is_chosen_by_default():
     code = "import fastopt; print(fastopt.show_config(False)['isa'])"
     env = {k: v for k, v in os.environ.items() if k != "FASTOPT_CPU_CAPABILITY"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                         text=True, check=True, cwd=OUTSIDE).stdout.split()[-1]
+                         text=True, check=True, cwd=ROOT).stdout.split()[-1]
     assert out == supported[-1]
 
 
@@ -49,7 +49,7 @@ def test_environment_variable_forces_the_portable_path():
     code = "import fastopt; print(fastopt.show_config(False)['isa'])"
     env = dict(os.environ, FASTOPT_CPU_CAPABILITY="baseline")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                         text=True, check=True, cwd=OUTSIDE).stdout.split()[-1]
+                         text=True, check=True, cwd=ROOT).stdout.split()[-1]
     assert out == "baseline"
 
 
@@ -73,7 +73,7 @@ def test_thread_count_is_respected(threads):
 
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "fastopt", *args], check=False,
-                          capture_output=True, text=True, cwd=OUTSIDE)
+                          capture_output=True, text=True, cwd=ROOT)
 
 
 def test_bench_command_prints_a_table_and_json(tmp_path):

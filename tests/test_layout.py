@@ -153,7 +153,7 @@ def _cycles(graph):
 
 
 def test_the_package_has_no_import_cycle():
-    graph = _import_graph(ROOT / "fastopt")
+    graph = _import_graph(ROOT / "src" / "fastopt")
     assert "fastopt.optimizer" in graph and graph["fastopt.optimizer"]
     assert _cycles(graph) == []
 
