@@ -174,6 +174,49 @@ def _adam_hyper(draw):
             "amsgrad": draw(st.booleans()), "eps": draw(st.floats(0.0, 1e-2))}
 
 
+def _adadelta_hyper(draw):
+    return {"lr": draw(st.floats(0.0, 1.0)), "maximize": draw(st.booleans()),
+            "rho": draw(_unit), "eps": draw(st.floats(1e-10, 1e-2)),
+            "weight_decay": draw(_small)}
+
+
+def _adamax_hyper(draw):
+    return {"lr": draw(st.floats(0.0, 1.0)), "maximize": draw(st.booleans()),
+            "betas": (draw(_unit), draw(_unit)), "eps": draw(st.floats(0.0, 1e-2)),
+            "weight_decay": draw(_small)}
+
+
+def _nadam_hyper(draw):
+    return {"lr": draw(st.floats(0.0, 1.0)), "maximize": draw(st.booleans()),
+            "betas": (draw(_unit), draw(_unit)), "eps": draw(st.floats(1e-10, 1e-2)),
+            "weight_decay": draw(_small), "momentum_decay": draw(st.floats(0.0, 0.1)),
+            "decoupled_weight_decay": draw(st.booleans())}
+
+
+def _radam_hyper(draw):
+    return {"lr": draw(st.floats(0.0, 1.0)), "maximize": draw(st.booleans()),
+            "betas": (draw(_unit), draw(_unit)), "eps": draw(st.floats(1e-10, 1e-2)),
+            "weight_decay": draw(_small), "decoupled_weight_decay": draw(st.booleans())}
+
+
+def _asgd_hyper(draw):
+    return {"lr": draw(st.floats(0.0, 1.0)), "maximize": draw(st.booleans()),
+            "lambd": draw(_small), "alpha": draw(st.floats(0.0, 1.0)),
+            "t0": draw(st.sampled_from([0.0, 1.0, 2.0, 1e6])), "weight_decay": draw(_small)}
+
+
+def _rprop_hyper(draw):
+    low = draw(st.floats(0.0, 1e-3))
+    return {"lr": draw(st.floats(1e-6, 1.0)), "maximize": draw(st.booleans()),
+            "etas": (draw(st.floats(0.01, 0.99)), draw(st.floats(1.01, 3.0))),
+            "step_sizes": (low, draw(st.floats(max(low, 1e-6), 50.0)))}
+
+
+def _lion_hyper(draw):
+    return {"lr": draw(st.floats(0.0, 1.0)), "maximize": draw(st.booleans()),
+            "betas": (draw(_unit), draw(_unit)), "weight_decay": draw(_small)}
+
+
 # ---- the database -------------------------------------------------------------------------------
 
 OPTIM_DB = [
@@ -319,6 +362,7 @@ OPTIM_DB = [
         # any rho/eps/lr tried), so it is only required to make a 10x progress
         rosenbrock=Convergence(dict(lr=1.0, rho=0.95, eps=1e-5), 2000, 1.25),
         interop_kwargs={"lr": 1.0},
+        hyperparameters=_adadelta_hyper,
     ),
     OptimizerInfo(
         "Adamax",
@@ -336,6 +380,7 @@ OPTIM_DB = [
         quadratic=Convergence(dict(lr=0.05), 500, 1e-3),
         rosenbrock=Convergence(dict(lr=0.02), 8000, 1e-8),
         interop_kwargs={"lr": 1e-2},
+        hyperparameters=_adamax_hyper,
     ),
     OptimizerInfo(
         "NAdam",
@@ -355,6 +400,7 @@ OPTIM_DB = [
         quadratic=Convergence(dict(lr=0.05), 500, 1e-3),
         rosenbrock=Convergence(dict(lr=0.005), 8000, 1e-5),
         interop_kwargs={"lr": 1e-2},
+        hyperparameters=_nadam_hyper,
     ),
     OptimizerInfo(
         "RAdam",
@@ -372,6 +418,7 @@ OPTIM_DB = [
         quadratic=Convergence(dict(lr=0.05), 500, 1e-3),
         rosenbrock=Convergence(dict(lr=0.01), 8000, 1e-6),
         interop_kwargs={"lr": 1e-2},
+        hyperparameters=_radam_hyper,
     ),
     OptimizerInfo(
         "ASGD",
@@ -389,6 +436,7 @@ OPTIM_DB = [
         quadratic=Convergence(dict(lr=0.05, t0=100), 500, 1e-3),
         rosenbrock=Convergence(dict(lr=1e-3, t0=1e9), 8000, 1e-3),
         interop_kwargs={"lr": 1e-2, "t0": 2},
+        hyperparameters=_asgd_hyper,
     ),
     OptimizerInfo(
         "Rprop",
@@ -406,6 +454,7 @@ OPTIM_DB = [
         quadratic=Convergence(dict(lr=0.01), 500, 1e-3),
         rosenbrock=Convergence(dict(lr=1e-3, step_sizes=(1e-9, 0.1)), 8000, 1e-8),
         interop_kwargs={"lr": 1e-2},
+        hyperparameters=_rprop_hyper,
     ),
     OptimizerInfo(
         "Lion",
@@ -420,6 +469,7 @@ OPTIM_DB = [
         ),
         quadratic=Convergence(dict(lr=0.01), 500, 1e-3),
         rosenbrock=Convergence(dict(lr=1e-3), 8000, 1e-8),
+        hyperparameters=_lion_hyper,
     ),
     # ---- not per-element: each has its own test file -------------------------------------------
     OptimizerInfo(
