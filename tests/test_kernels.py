@@ -1,95 +1,181 @@
-"""Kernels against the NumPy reference (tests/reference.py), to the last bit.
+"""Per-element kernels against the NumPy reference (tests/reference.py), to the last bit.
 
-Every valid configuration runs at sizes that cover every vector tail (0, 1, 7, 15, 16, 17,
-1029) and a large size (100003, where two threads split the work), on each ISA level this
-CPU supports, with 1 and 2 threads. The float64 reference computes fma with exact rationals,
-which is slow: at the large sizes it checks a sample of elements (start, end, the thread
-split point and random ones), enough since every element is updated independently.
+Every valid configuration of every per-element optimizer (tests/optim_db.py) runs at sizes
+that cover every vector tail (0, 1, 7, 15, 16, 17, 1029) and a large size (100003, where two
+threads split the work), on each ISA level this CPU supports, with 1 and 2 threads, alone and
+as one of many tensors of mixed shapes in one optimizer. Parameters and state are compared
+bit for bit. The float64 reference computes fma with exact rationals, which is slow: at the
+large sizes it checks a sample of elements (start, end, the thread split point and random
+ones), enough since every element is updated independently.
+
+Closed forms complete the picture: NaN and infinite gradients, Lion against the paper's
+algorithm, and the division by Adam's bias correction for every float32 significand.
 """
 import numpy as np
 import pytest
 
 import fastopt
 import reference as R
-from cases import VALID
+from fastopt import _kernels
+from helpers import assert_bits, grads, same_bits
+from optim_db import configs
 
+CONFIGS = configs()
 SMALL = [0, 1, 7, 15, 16, 17, 1029]
-STEPS = 3
+SMALL64 = [0, 1, 7, 15, 16, 17, 67]
+LARGE = 100003
+STEPS = 4
 
 
-def run_both(name, kwargs, n, dtype, rng, steps=STEPS, shape=None):
-    shape = (n,) if shape is None else shape
+def run_both(name, kwargs, shape, dtype, rng, steps=STEPS):
+    """The kernel and the reference side by side on one parameter of ``shape``."""
     x = rng.standard_normal(shape).astype(dtype)
     p = fastopt.Parameter(x.copy())
     opt = fastopt.OPTIMIZERS[name]([p], **kwargs)
     ref_p = x.copy()
     state = R.new_state(name, ref_p, kwargs)
-    for _ in range(steps):
-        g = rng.standard_normal(shape).astype(dtype)
+    for k in range(steps):
+        g = grads(rng, shape, dtype, k)
         p.grad = g
         opt.step()
-        ref_p = R.step(name, ref_p, g, state, kwargs)
+        with np.errstate(all="ignore"):
+            ref_p = R.step(name, ref_p, g, state, kwargs)
     return p, opt, ref_p, state
 
 
-def assert_bits(actual, expected):
-    actual = np.asarray(actual)
-    assert actual.dtype == expected.dtype
-    # equal bit patterns (NaN payloads included) or, for NaN, both NaN
-    assert actual.shape == expected.shape
-    itype = np.int32 if actual.dtype == np.float32 else np.int64
-    same = actual.reshape(-1).view(itype) == expected.reshape(-1).view(itype)
-    ok = same | (np.isnan(actual.reshape(-1)) & np.isnan(expected.reshape(-1)))
-    assert ok.all(), f"{(~ok).sum()} of {ok.size} elements differ; first at {np.argmin(ok)}"
-
-
-def check_state(name, opt, p, state):
-    st = opt.state[p]
+def check_state(ours, state, msg="", index=None):
+    """fastopt's state equals the reference's: the same entries, ``step`` equal, every
+    array and scalar bit for bit (``index`` selects the sampled elements)."""
+    assert set(ours) == {k for k, v in state.items() if v is not None}, msg
     for key, value in state.items():
         if key == "step":
-            assert float(st["step"]) == value
+            assert float(ours["step"]) == value, msg
         elif value is not None:
-            assert_bits(st[key], value)
+            mine = np.asarray(ours[key])
+            if index is not None and mine.ndim:
+                mine = mine[index]
+            assert_bits(mine, np.asarray(value), f"{msg} state[{key!r}]")
 
 
-@pytest.mark.parametrize("name,kwargs", VALID, ids=[f"{n}-{i}" for i, (n, _) in enumerate(VALID)])
+@pytest.mark.parametrize("name,kwargs", CONFIGS)
 @pytest.mark.parametrize("n", SMALL)
 def test_float32_matches_reference(name, kwargs, n, isa, rng):
-    p, opt, ref_p, state = run_both(name, kwargs, n, np.float32, rng)
+    p, opt, ref_p, state = run_both(name, kwargs, (n,), np.float32, rng)
     assert_bits(p, ref_p)
-    check_state(name, opt, p, state)
+    check_state(opt.state.get(p, {}), state)
 
 
-@pytest.mark.parametrize("name,kwargs", VALID, ids=[f"{n}-{i}" for i, (n, _) in enumerate(VALID)])
-@pytest.mark.parametrize("n", [1, 17, 67])
+@pytest.mark.parametrize("name,kwargs", CONFIGS)
+@pytest.mark.parametrize("n", SMALL64)
 def test_float64_matches_reference(name, kwargs, n, isa, rng):
-    p, opt, ref_p, state = run_both(name, kwargs, n, np.float64, rng)
+    p, opt, ref_p, state = run_both(name, kwargs, (n,), np.float64, rng)
     assert_bits(p, ref_p)
-    check_state(name, opt, p, state)
+    check_state(opt.state.get(p, {}), state)
 
 
-@pytest.mark.parametrize("name,kwargs", VALID, ids=[f"{n}-{i}" for i, (n, _) in enumerate(VALID)])
+@pytest.mark.parametrize("name,kwargs", CONFIGS)
 @pytest.mark.parametrize("nthreads", [1, 2])
 def test_large_float32_any_thread_count(name, kwargs, nthreads, isa, threads, rng):
     threads(nthreads)
-    p, opt, ref_p, state = run_both(name, kwargs, 100003, np.float32, rng, steps=2)
+    p, opt, ref_p, state = run_both(name, kwargs, (LARGE,), np.float32, rng)
     assert_bits(p, ref_p)
-    check_state(name, opt, p, state)
+    check_state(opt.state.get(p, {}), state)
 
 
-def test_isa_levels_give_identical_bits(rng):
+def _sample(n, rng):
+    """Indices covering the start, the end, the two-thread split point and random elements."""
+    idx = set(range(min(n, 40))) | set(range(max(0, n - 40), n))
+    idx |= set(range(max(0, n // 2 - 24), min(n, n // 2 + 24)))
+    idx |= set(rng.integers(0, n, 150).tolist())
+    return np.array(sorted(idx))
+
+
+@pytest.mark.parametrize("name,kwargs", CONFIGS)
+@pytest.mark.parametrize("n,nthreads", [(1029, 1), (LARGE, 1), (LARGE, 2)])
+def test_float64_large_matches_reference_on_a_sample(name, kwargs, n, nthreads, isa, threads):
+    """float64 at the large sizes: the kernel runs on the whole array, and the exact
+    (rational) reference runs on a sample of elements, which is enough because every element
+    is updated independently of the others."""
+    threads(nthreads)
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal(n)
+    p = fastopt.Parameter(x.copy())
+    opt = fastopt.OPTIMIZERS[name]([p], **kwargs)
+    idx = _sample(n, rng)
+    ref = x[idx].copy()
+    state = R.new_state(name, ref, kwargs)
+    for k in range(2):
+        g = grads(rng, (n,), np.float64, k)
+        p.grad = g
+        opt.step()
+        with np.errstate(all="ignore"):
+            ref = R.step(name, ref, g[idx], state, kwargs)
+    assert_bits(np.asarray(p)[idx], ref)
+    check_state(opt.state.get(p, {}), state, index=idx)
+
+
+#: many tensors in one optimizer: mixed shapes, 0-d and empty ones, and every tail size
+SHAPES = {np.float32: [(3, 5), (40000,), (), (1,), (17, 33), (30001,), (0,), (2, 2, 2)]
+          + [(n,) for n in SMALL + [LARGE]],
+          np.float64: [(3, 5), (), (1,), (0,), (2, 2, 2)] + [(n,) for n in SMALL64]}
+
+
+@pytest.mark.parametrize("nthreads", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name,kwargs", CONFIGS)
+def test_many_tensors_in_one_optimizer_match_reference(name, kwargs, dtype, nthreads, isa,
+                                                       threads):
+    """Many tensors of mixed sizes and shapes in one group, with the work split over the
+    threads, equal the reference tensor by tensor, state included."""
+    threads(nthreads)
+    rng = np.random.default_rng(7)
+    shapes = SHAPES[dtype]
+    xs = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    ps = [fastopt.Parameter(x.copy()) for x in xs]
+    opt = fastopt.OPTIMIZERS[name](ps, **kwargs)
+    refs = [x.copy() for x in xs]
+    states = [R.new_state(name, x, kwargs) for x in xs]
+    for k in range(STEPS):
+        for i, p in enumerate(ps):
+            g = grads(rng, p.shape, dtype, k)
+            p.grad = g
+            with np.errstate(all="ignore"):
+                refs[i] = R.step(name, refs[i], g, states[i], kwargs)
+        opt.step()
+        for i, p in enumerate(ps):
+            assert_bits(p, refs[i], f"shape {shapes[i]} step {k}")
+            check_state(opt.state.get(p, {}), states[i], f"shape {shapes[i]} step {k}")
+
+
+@pytest.mark.parametrize("name,kwargs", CONFIGS)
+def test_nan_and_inf_follow_the_reference(name, kwargs):
+    """Special values go through the same operations as in the reference (and torch)."""
+    vals = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-45, 3e38, -1.0], np.float32)
+    p = fastopt.Parameter(np.ones(8, np.float32))
+    opt = fastopt.OPTIMIZERS[name]([p], **kwargs)
+    r = np.ones(8, np.float32)
+    st = R.new_state(name, r, kwargs)
+    for k, g in enumerate((vals, vals[::-1].copy(), np.ones(8, np.float32))):
+        p.grad = g
+        opt.step()
+        with np.errstate(all="ignore"):
+            r = R.step(name, r, g, st, kwargs)
+        assert same_bits(p.view(np.ndarray), r), k
+
+
+def test_isa_levels_give_identical_bits():
     """The same run on every supported level (and thread count) gives the same bits."""
-    from fastopt import _kernels
     before, nthr = _kernels.get_isa(), fastopt.get_num_threads()
     results = []
     try:
-        for level in [l for l in _kernels.isa_levels() if _kernels.isa_supported(l)]:
+        for level in [lv for lv in _kernels.isa_levels() if _kernels.isa_supported(lv)]:
             for nthreads in (1, 2):
                 _kernels.set_isa(level)
                 fastopt.set_num_threads(nthreads)
                 out = []
-                for name, kwargs in VALID:
-                    p, _, _, _ = run_both(name, kwargs, 70001, np.float32,
+                for param in CONFIGS:
+                    name, kwargs = param.values
+                    p, _, _, _ = run_both(name, kwargs, (70001,), np.float32,
                                           np.random.default_rng(7), steps=2)
                     out.append(np.asarray(p).copy())
                 results.append(out)
@@ -101,26 +187,7 @@ def test_isa_levels_give_identical_bits(rng):
             assert_bits(a, b)
 
 
-@pytest.mark.parametrize("name,kwargs", VALID[:: 3])
-def test_multi_tensor_group_matches_reference(name, kwargs, rng, threads):
-    """Many tensors of mixed sizes and shapes in one group, with the work split over two
-    threads, equal the reference tensor by tensor."""
-    threads(2)
-    shapes = [(3, 5), (40000,), (), (1,), (17, 33), (30001,), (0,), (2, 2, 2)]
-    xs = [rng.standard_normal(s).astype(np.float32) for s in shapes]
-    ps = [fastopt.Parameter(x.copy()) for x in xs]
-    opt = fastopt.OPTIMIZERS[name](ps, **kwargs)
-    refs = [x.copy() for x in xs]
-    states = [R.new_state(name, r, kwargs) for r in refs]
-    for _ in range(3):
-        for i, s in enumerate(shapes):
-            g = rng.standard_normal(s).astype(np.float32)
-            ps[i].grad = g
-            refs[i] = R.step(name, refs[i], g, states[i], kwargs)
-        opt.step()
-    for p, r in zip(ps, refs):
-        assert_bits(p, r)
-
+# ---- closed forms -------------------------------------------------------------------------------
 
 def test_nan_and_inf_gradients_propagate_as_torch():
     """NaN gradients give NaN parameters; in Adam +inf gives NaN (inf/inf), as in torch."""
@@ -138,38 +205,35 @@ def test_nan_and_inf_gradients_propagate_as_torch():
     assert np.isnan(q[0]) and q[1] == -np.inf and np.isclose(q[2], -0.1)
 
 
-def _sample(n, rng):
-    """Indices covering the start, the end, the two-thread split point and random elements."""
-    idx = set(range(min(n, 40))) | set(range(max(0, n - 40), n))
-    idx |= set(range(max(0, n // 2 - 24), min(n, n // 2 + 24)))
-    idx |= set(rng.integers(0, n, 150).tolist())
-    return np.array(sorted(idx))
+def test_lion_sign_of_zero_is_zero():
+    p = fastopt.Parameter(np.array([1.0, 2.0, 3.0], np.float32))
+    opt = fastopt.Lion([p], lr=0.1)
+    p.grad = np.array([0.0, -1.0, 1.0], np.float32)
+    opt.step()
+    assert p.tolist() == [1.0, np.float32(2.1), np.float32(2.9)]
 
 
-@pytest.mark.parametrize("name,kwargs", VALID, ids=[f"{n}-{i}" for i, (n, _) in enumerate(VALID)])
-@pytest.mark.parametrize("n,nthreads", [(1029, 1), (100003, 1), (100003, 2)])
-def test_float64_large_matches_reference_on_a_sample(name, kwargs, n, nthreads, isa, threads):
-    """float64 at the large sizes: the kernel runs on the whole array, and the exact
-    (rational) reference runs on a sample of elements, which is enough because every element
-    is updated independently of the others."""
-    threads(nthreads)
-    rng = np.random.default_rng(n)
-    x = rng.standard_normal(n)
+def test_lion_matches_paper_algorithm_float64():
+    """Lion against the paper's Algorithm 2, written independently in float64. The kernel
+    regroups theta - lr (sign(c) + wd theta) as theta (1 - lr wd) - lr sign(c), so the two
+    differ by rounding only (a few ulps per step)."""
+    rng = np.random.default_rng(3)
+    hyper = dict(lr=3e-3, beta1=0.9, beta2=0.99, weight_decay=0.3)
+    x = rng.standard_normal(1029)
     p = fastopt.Parameter(x.copy())
-    opt = fastopt.OPTIMIZERS[name]([p], **kwargs)
-    idx = _sample(n, rng)
-    ref = x[idx].copy()
-    state = R.new_state(name, ref, kwargs)
-    for _ in range(2):
-        g = rng.standard_normal(n)
+    opt = fastopt.Lion([p], lr=hyper["lr"], betas=(hyper["beta1"], hyper["beta2"]),
+                       weight_decay=hyper["weight_decay"])
+    q, m = x.copy(), np.zeros_like(x)
+    for _ in range(100):
+        g = rng.standard_normal(x.shape)
         p.grad = g
         opt.step()
-        ref = R.step(name, ref, g[idx], state, kwargs)
-    assert_bits(np.asarray(p)[idx], ref)
-    for key, value in state.items():
-        if key != "step" and value is not None:
-            assert_bits(opt.state[p][key][idx], value)
+        q, m = R.lion_paper(q, g, m, **hyper)
+        np.testing.assert_allclose(p, q, rtol=0, atol=1e-13)
+        np.testing.assert_allclose(opt.state[p]["exp_avg"], m, rtol=0, atol=1e-14)
 
+
+# ---- Adam's division by the bias correction -----------------------------------------------------
 
 def _adam_denominator_run(v, beta2, step, dtype, amsgrad=False):
     """One Adam step that shows the kernel's denominator sqrt(v') / c exactly, where v' is

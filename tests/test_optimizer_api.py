@@ -1,8 +1,7 @@
-"""torch.optim's Optimizer contract: construction, groups, zero_grad, closures, hooks,
-state_dict / load_state_dict, repr, pickling, and bad input that changes nothing."""
+"""torch.optim's Optimizer contract: construction, groups, zero_grad, closures, threads, hooks,
+state_dict / load_state_dict, repr and pickling. (Bad input is in test_invalid_input.py.)"""
 import copy
 import pickle
-import re
 
 import numpy as np
 import pytest
@@ -10,40 +9,11 @@ import pytest
 import fastopt
 from fastopt.optimizer import (register_optimizer_step_post_hook,
                                register_optimizer_step_pre_hook)
-from cases import INVALID, VALID
+from helpers import P, assert_bits, snapshot
+from optim_db import DB, configs
 
 
-def P(*shape, dtype=np.float32, seed=0):
-    return fastopt.Parameter(np.random.default_rng(seed).standard_normal(shape).astype(dtype))
-
-
-def snapshot(opt, params):
-    """Deep copies of everything a step could change."""
-    return ([np.asarray(p).copy() for p in params],
-            copy.deepcopy({id(k): v for k, v in opt.state.items()}),
-            copy.deepcopy([{k: v for k, v in g.items() if k != "params"}
-                           for g in opt.param_groups]))
-
-
-def assert_unchanged(before, after):
-    for a, b in zip(before[0], after[0]):
-        assert np.array_equal(a, b, equal_nan=True)
-    assert before[1].keys() == after[1].keys()
-    for k in before[1]:
-        assert before[1][k].keys() == after[1][k].keys()
-        for kk in before[1][k]:
-            assert np.array_equal(before[1][k][kk], after[1][k][kk], equal_nan=True)
-    assert repr(before[2]) == repr(after[2])
-
-
-# ---- construction and groups ------------------------------------------------------------
-
-@pytest.mark.parametrize("name,kwargs,exc,match", INVALID)
-def test_invalid_hyperparameters(name, kwargs, exc, match):
-    with pytest.raises(exc, match=re.escape(match) if "(" in match else match):
-        fastopt.OPTIMIZERS[name]([P(3)], **kwargs)
-
-
+# ---- construction and groups --------------------------------------------------------------------
 def test_params_must_be_an_iterable_of_parameters():
     with pytest.raises(TypeError, match="iterable of Tensors or dicts"):
         fastopt.SGD(P(3))
@@ -144,8 +114,7 @@ def test_duplicate_parameter_with_threads_is_updated_in_order(threads):
     assert float(opt.state[p]["step"]) == 2.0
 
 
-# ---- stepping -------------------------------------------------------------------------
-
+# ---- stepping -----------------------------------------------------------------------------------
 def test_step_returns_closure_value_and_zero_grad():
     p = P(3)
     opt = fastopt.SGD([p], lr=0.1)
@@ -182,32 +151,32 @@ def test_state_is_created_lazily_except_adagrad():
     np.testing.assert_array_equal(ada.state[q]["sum"], np.full(2, 0.25, np.float32))
 
 
-def test_lr_zero_leaves_parameters_unchanged():
-    for name, kwargs in VALID:
-        if name in ("Adam", "AdamW", "RMSprop", "SGD", "Adagrad"):
-            p = P(37)
-            x = np.asarray(p).copy()
-            kw = dict(kwargs, lr=0.0)
-            opt = fastopt.OPTIMIZERS[name]([p], **kw)
-            for _ in range(3):
-                p.grad = np.random.default_rng(1).standard_normal(37).astype(np.float32)
-                opt.step()
-            np.testing.assert_array_equal(np.asarray(p), x)
+@pytest.mark.parametrize("name,kwargs", configs(where=lambda info: info.lr_scales_update))
+def test_lr_zero_leaves_parameters_unchanged(name, kwargs):
+    """(Rprop is left out: its lr only seeds the step sizes, which are clamped from below.)"""
+    p = P(37)
+    x = np.asarray(p).copy()
+    opt = fastopt.OPTIMIZERS[name]([p], **dict(kwargs, lr=0.0))
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        p.grad = rng.standard_normal(37).astype(np.float32)
+        opt.step()
+    assert_bits(p, x)
 
 
-def test_maximize_equals_minimizing_the_negated_gradient():
-    for name, kwargs in VALID:
-        if kwargs.get("maximize"):
-            a, b = P(50), P(50)
-            oa = fastopt.OPTIMIZERS[name]([a], **kwargs)
-            ob = fastopt.OPTIMIZERS[name]([b], **dict(kwargs, maximize=False))
-            rng = np.random.default_rng(4)
-            for _ in range(4):
-                g = rng.standard_normal(50).astype(np.float32)
-                a.grad, b.grad = g, -g
-                oa.step()
-                ob.step()
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+@pytest.mark.parametrize("name,kwargs",
+                         configs(where=lambda info: "maximize" in info.flags))
+def test_maximize_equals_minimizing_the_negated_gradient(name, kwargs):
+    a, b = P(50), P(50)
+    oa = fastopt.OPTIMIZERS[name]([a], **dict(kwargs, maximize=True))
+    ob = fastopt.OPTIMIZERS[name]([b], **dict(kwargs, maximize=False))
+    rng = np.random.default_rng(4)
+    for _ in range(5):
+        g = rng.standard_normal(50).astype(np.float32)
+        a.grad, b.grad = g, -g
+        oa.step()
+        ob.step()
+    assert_bits(a, b)
 
 
 def test_mixed_dtypes_in_one_group():
@@ -241,98 +210,83 @@ def test_non_contiguous_grad_is_used_correctly():
     np.testing.assert_array_equal(np.asarray(r), before - np.array([0, 2, 4], np.float32))
 
 
-# ---- bad input: a clear error and nothing changed -----------------------------------------
+def test_a_flag_is_read_once_per_step():
+    """The flags that choose state buffers are frozen when the step checks them, so a value
+    whose truth changes later cannot send the kernel to a buffer that was never bound."""
 
-BAD_GRADS = [
-    (lambda p: np.zeros(p.shape, np.float64), TypeError, "dtype float64"),
-    (lambda p: np.zeros((p.size + 1,), np.float32), ValueError, "shape"),
-    (lambda p: [0.0] * p.size, TypeError, "must be a numpy.ndarray"),
-    (lambda p: np.zeros(p.shape, ">f4"), TypeError, "dtype"),
-]
+    class Flaky:
+        calls = 0
 
+        def __bool__(self):
+            Flaky.calls += 1
+            return Flaky.calls > 1
 
-@pytest.mark.parametrize("name,kwargs", VALID[::2])
-@pytest.mark.parametrize("bad,exc,match", BAD_GRADS)
-def test_bad_grad_in_second_group_changes_nothing(name, kwargs, bad, exc, match):
-    a, b, c = P(6, seed=1), P(6, seed=2), P(3, 2, seed=3)
-    opt = fastopt.OPTIMIZERS[name]([{"params": [a, b]}, {"params": [c]}], **kwargs)
-    rng = np.random.default_rng(0)
-    for p in (a, b, c):
-        p.grad = rng.standard_normal(p.shape).astype(np.float32)
-    opt.step()  # state exists for a, b, c
-    for p in (a, b):
-        p.grad = rng.standard_normal(p.shape).astype(np.float32)
-    c.grad = bad(c)
-    before = snapshot(opt, [a, b, c])
-    with pytest.raises(exc, match=match) as info:
-        opt.step()
-    assert "param_groups[1]['params'][0]" in str(info.value)
-    assert_unchanged(before, snapshot(opt, [a, b, c]))
-
-
-def test_first_step_with_bad_grad_creates_no_state():
-    a, b = P(3), P(3)
-    opt = fastopt.Adam([a, b])
-    a.grad = np.ones(3, np.float32)
-    b.grad = np.ones(4, np.float32)
-    with pytest.raises(ValueError, match=r"\[1\]: \.grad has shape \(4,\)"):
-        opt.step()
-    assert len(opt.state) == 0
-
-
-def test_read_only_parameter_is_rejected_before_any_change():
-    a, b = P(3), P(3)
-    opt = fastopt.SGD([a, b], lr=0.1)
-    b.flags.writeable = False
-    a.grad = np.ones(3, np.float32)
-    b.grad = np.ones(3, np.float32)
-    before = np.asarray(a).copy()
-    with pytest.raises(ValueError, match=r"\['params'\]\[1\]: the parameter's array is read-only"):
-        opt.step()
-    np.testing.assert_array_equal(np.asarray(a), before)
-
-
-def test_plain_array_smuggled_into_a_group_is_rejected():
-    a = P(3)
-    opt = fastopt.SGD([a], lr=0.1)
-    opt.param_groups[0]["params"].append(np.zeros(3, np.float32))
-    a.grad = np.ones(3, np.float32)
-    with pytest.raises(TypeError, match=r"\[1\]: expected a fastopt.Parameter.*wrap"):
-        opt.step()
-    assert (np.asarray(a) == np.asarray(P(3))).all()
-
-
-def test_corrupted_state_is_rejected_before_any_change():
-    a, b = P(4), P(4)
-    opt = fastopt.Adam([a, b])
-    a.grad = np.ones(4, np.float32)
-    b.grad = np.ones(4, np.float32)
+    p = P(5)
+    opt = fastopt.Adam([p])
+    p.grad = np.ones(5, np.float32)
     opt.step()
-    opt.state[b]["exp_avg_sq"] = np.zeros(5, np.float32)
-    before = snapshot(opt, [a, b])
-    with pytest.raises(ValueError, match=r"\['params'\]\[1\]: state\['exp_avg_sq'\] has"):
-        opt.step()
-    assert_unchanged(before, snapshot(opt, [a, b]))
-    opt.state[b]["exp_avg_sq"] = np.zeros(4, np.float32)
-    opt.param_groups[0]["amsgrad"] = True  # switched on after state exists: KeyError (torch)
-    with pytest.raises(KeyError, match="max_exp_avg_sq"):
-        opt.step()
+    opt.param_groups[0]["amsgrad"] = Flaky()
+    opt.step()  # read once as False: a plain Adam step
+    assert "max_exp_avg_sq" not in opt.state[p] and float(opt.state[p]["step"]) == 2.0
 
 
-def test_hyperparameter_broken_after_construction_changes_nothing():
-    a = P(3)
-    opt = fastopt.Adam([a])
-    a.grad = np.ones(3, np.float32)
+def test_one_element_array_hyperparameters_are_accepted():
+    a, b = P(3), P(3)
+    oa = fastopt.Adam([a], lr=0.1)
+    ob = fastopt.Adam([b], lr=0.1)
+    oa.param_groups[0]["lr"] = np.array([0.05], np.float64)
+    ob.param_groups[0]["lr"] = 0.05
+    a.grad, b.grad = np.ones(3, np.float32), np.ones(3, np.float32)
+    oa.step()
+    ob.step()
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ---- threads and overlapping memory -------------------------------------------------------------
+def test_overlapping_parameters_update_in_list_order_with_threads(threads):
+    """Two parameters over overlapping memory: with two threads the step still runs them
+    one after the other (no lost updates), as torch's loop does."""
+    n = 200000
+    results = []
+    for nthreads in (1, 2):
+        threads(nthreads)
+        base = np.zeros(n + 16, np.float32)
+        p1, p2 = fastopt.Parameter(base[16:]), fastopt.Parameter(base[:n])
+        opt = fastopt.SGD([p1, p2], lr=1.0)
+        p1.grad = np.ones(n, np.float32)
+        p2.grad = np.ones(n, np.float32)
+        opt.step()
+        results.append(base.copy())
+    np.testing.assert_array_equal(results[0], results[1])
+    assert (results[0][16:n] == -2).all()
+
+
+def test_concurrent_steps_from_two_threads_do_not_crash():
+    import threading
+    ps = [fastopt.Parameter(np.zeros(100000, np.float32)) for _ in range(3)]
+    for p in ps:
+        p.grad = np.ones(p.shape, np.float32)
+    opt = fastopt.Adam(ps)
     opt.step()
-    opt.param_groups[0]["betas"] = (1.0, 0.999)  # would divide by zero in the bias correction
-    before = snapshot(opt, [a])
-    with pytest.raises(ValueError, match=r"param_groups\[0\]: Invalid beta parameter at index 0"):
-        opt.step()
-    assert_unchanged(before, snapshot(opt, [a]))
+    errors = []
+
+    def run():
+        try:
+            for _ in range(30):
+                opt.step()
+        except Exception as e:  # a race may raise; it must not crash the process
+            errors.append(e)
+
+    workers = [threading.Thread(target=run) for _ in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not errors
+    assert all(np.isfinite(np.asarray(p)).all() for p in ps)
 
 
-# ---- hooks ------------------------------------------------------------------------------
-
+# ---- hooks --------------------------------------------------------------------------------------
 def test_step_hooks_run_in_torch_order_and_can_be_removed():
     p = P(2)
     opt = fastopt.SGD([p], lr=0.1)
@@ -356,6 +310,22 @@ def test_step_hooks_run_in_torch_order_and_can_be_removed():
     bad.remove()
 
 
+def test_step_hooks_see_the_optimizer_in_args_and_can_replace_the_closure():
+    p = P(2)
+    opt = fastopt.SGD([p], lr=0.1)
+    seen = []
+
+    def hook(o, args, kwargs):
+        seen.append(args)
+        self_, closure = args
+        return (self_, lambda: closure() * 2), kwargs
+
+    h = opt.register_step_pre_hook(hook)
+    assert opt.step(lambda: 1.5) == 3.0
+    h.remove()
+    assert seen[0][0] is opt and len(seen[0]) == 2
+
+
 def test_state_dict_hooks():
     p = P(2)
     opt = fastopt.SGD([p], lr=0.1)
@@ -371,8 +341,7 @@ def test_state_dict_hooks():
     assert seen[-1] == "loaded"
 
 
-# ---- state_dict ---------------------------------------------------------------------------
-
+# ---- state_dict ---------------------------------------------------------------------------------
 def test_state_dict_format():
     a, b, c = P(2), P(3), P(4)
     opt = fastopt.Adam([{"params": [a, b]}, {"params": [c], "lr": 0.1}])
@@ -389,7 +358,7 @@ def test_state_dict_format():
     assert float(sd["state"][2]["step"]) == 2.0 and float(sd["state"][0]["step"]) == 1.0
 
 
-@pytest.mark.parametrize("name,kwargs", VALID, ids=[f"{n}-{i}" for i, (n, _) in enumerate(VALID)])
+@pytest.mark.parametrize("name,kwargs", configs())
 def test_state_dict_round_trip_in_lockstep(name, kwargs):
     """torch's test: run, save, load into a fresh optimizer, step both: identical, and the
     saved dict is unchanged by the later steps of the new optimizer."""
@@ -425,12 +394,52 @@ def test_state_dict_round_trip_in_lockstep(name, kwargs):
         opt.step()
         opt2.step()
         for p, q in zip(ps, qs):
-            assert np.array_equal(np.asarray(p), np.asarray(q))
+            assert_bits(p, q)
     sd1, sd2 = opt.state_dict(), opt2.state_dict()
     assert sd1["param_groups"] == sd2["param_groups"]
+    assert list(sd1["state"]) == list(sd2["state"])
     for k in sd1["state"]:
+        assert list(sd1["state"][k]) == list(sd2["state"][k])
         for kk in sd1["state"][k]:
-            np.testing.assert_array_equal(sd1["state"][k][kk], sd2["state"][k][kk])
+            assert_bits(sd1["state"][k][kk], sd2["state"][k][kk])
+            assert type(sd1["state"][k][kk]) is type(sd2["state"][k][kk]), kk
+
+
+def _sparse_or_dense(name, p, g):
+    if name == "SparseAdam":
+        return fastopt.SparseGrad(np.arange(p.shape[0]), g)
+    return g
+
+
+@pytest.mark.parametrize("name,kwargs", configs([DB["SparseAdam"], DB["Adafactor"], DB["Muon"]]))
+def test_state_dict_round_trip_sparse_factored_and_matrix_optimizers(name, kwargs):
+    """The same for SparseAdam (sparse gradients), Adafactor (factored state of vectors,
+    matrices and 3-D tensors) and Muon (matrices): the continuation is identical and the
+    loaded state entries keep their types (SparseAdam's step stays an int)."""
+    rng = np.random.default_rng(14)
+    shapes = [(6, 4), (4, 6)] if name != "Adafactor" else [(6, 4), (5,), (2, 3, 4)]
+    grads = [[rng.standard_normal(s) for s in shapes] for _ in range(8)]
+    xs = [rng.standard_normal(s) for s in shapes]
+    a = [fastopt.Parameter(x.copy()) for x in xs]
+    b = [fastopt.Parameter(x.copy()) for x in xs]
+    cls = DB[name].cls
+    oa, ob = cls(a, **kwargs), cls(b, **kwargs)
+    for k, gs in enumerate(grads):
+        if k == 4:
+            sd = ob.state_dict()
+            b = [fastopt.Parameter(np.asarray(p).copy()) for p in b]
+            ob = cls(b, **kwargs)
+            ob.load_state_dict(sd)
+        for p, q, g in zip(a, b, gs):
+            p.grad = _sparse_or_dense(name, p, g)
+            q.grad = _sparse_or_dense(name, q, g)
+        oa.step()
+        ob.step()
+    for p, q in zip(a, b):
+        assert_bits(p, q)
+        for key in oa.state[p]:
+            assert np.array_equal(np.asarray(oa.state[p][key]), np.asarray(ob.state[q][key]))
+            assert type(oa.state[p][key]) is type(ob.state[q][key]), key
 
 
 def test_load_state_dict_errors_leave_optimizer_unchanged():
@@ -465,7 +474,7 @@ def test_load_state_dict_errors_leave_optimizer_unchanged():
     with pytest.raises(ValueError, match=r"loaded param_groups\[0\]: betas must have 2"):
         other.load_state_dict(bad)
     assert other.state is state_before and other.param_groups[0]["lr"] == 0.5
-    assert_unchanged(before, snapshot(other, other.param_groups[0]["params"]))
+    assert snapshot(other, other.param_groups[0]["params"]) == before
 
 
 def test_load_casts_state_to_parameter_dtype_and_backfills_flags():
@@ -503,158 +512,6 @@ def test_pickle_and_deepcopy_keep_parameters_and_state_together():
         assert float(clone.state[p]["step"]) == 2.0
 
 
-def test_non_numeric_hyperparameter_is_rejected_before_any_change():
-    a, b = P(3), P(3)
-    opt = fastopt.SGD([{"params": [a]}, {"params": [b]}], lr=0.1, momentum=0.9)
-    a.grad, b.grad = np.ones(3, np.float32), np.ones(3, np.float32)
-    opt.step()
-    opt.param_groups[1]["momentum"] = "0.9"
-    before = snapshot(opt, [a, b])
-    with pytest.raises(TypeError, match=r"param_groups\[1\]: momentum must be a real number"):
-        opt.step()
-    assert_unchanged(before, snapshot(opt, [a, b]))
-    # ranges are the constructor's business, as in torch: a schedule may end a hair below 0
-    opt.param_groups[1]["momentum"] = 0.9
-    opt.param_groups[1]["lr"] = -4e-17
-    opt.step()
-
-
-def test_sparse_gradient_to_a_dense_optimizer_raises_like_torch():
-    a = P(4, 2)
-    opt = fastopt.Adam([a])
-    a.grad = fastopt.SparseGrad([1], np.ones((1, 2), np.float32))
-    with pytest.raises(RuntimeError, match=r"\['params'\]\[0\]: this optimizer does not "
-                                           r"support sparse gradients"):
-        opt.step()
-    assert len(opt.state) == 0
-
-
-# ---- found in review: torch's hook arguments, frozen hyperparameters, overlaps, threads ---
-
-def test_step_hooks_see_the_optimizer_in_args_and_can_replace_the_closure():
-    p = P(2)
-    opt = fastopt.SGD([p], lr=0.1)
-    seen = []
-
-    def hook(o, args, kwargs):
-        seen.append(args)
-        self_, closure = args
-        return (self_, lambda: closure() * 2), kwargs
-
-    h = opt.register_step_pre_hook(hook)
-    assert opt.step(lambda: 1.5) == 3.0
-    h.remove()
-    assert seen[0][0] is opt and len(seen[0]) == 2
-
-
-def test_a_flag_is_read_once_per_step():
-    """The flags that choose state buffers are frozen when the step checks them, so a value
-    whose truth changes later cannot send the kernel to a buffer that was never bound."""
-
-    class Flaky:
-        calls = 0
-
-        def __bool__(self):
-            Flaky.calls += 1
-            return Flaky.calls > 1
-
-    p = P(5)
-    opt = fastopt.Adam([p])
-    p.grad = np.ones(5, np.float32)
-    opt.step()
-    opt.param_groups[0]["amsgrad"] = Flaky()
-    opt.step()  # read once as False: a plain Adam step
-    assert "max_exp_avg_sq" not in opt.state[p] and float(opt.state[p]["step"]) == 2.0
-
-
-@pytest.mark.parametrize("key,value,exc", [
-    ("lr", np.array([[0.1, 0.2]]), TypeError),
-    ("lr", 10 ** 400, OverflowError),
-    ("lr", "0.1", TypeError),
-    ("betas", (0.9, 0.99, 0.999), ValueError),
-    ("betas", (np.array([0.9, 0.8]), 0.999), TypeError),
-    ("maximize", np.array([True, False]), TypeError),
-])
-def test_bad_values_in_a_later_group_change_nothing(key, value, exc):
-    a, b = P(3, seed=1), P(3, seed=2)
-    opt = fastopt.Adam([{"params": [a]}, {"params": [b]}], lr=0.1)
-    a.grad, b.grad = np.ones(3, np.float32), np.ones(3, np.float32)
-    opt.step()
-    opt.param_groups[1][key] = value
-    before = snapshot(opt, [a, b])
-    with pytest.raises(exc, match=r"param_groups\[1\]"):
-        opt.step()
-    assert_unchanged(before, snapshot(opt, [a, b]))
-
-
-def test_one_element_array_hyperparameters_are_accepted():
-    a, b = P(3), P(3)
-    oa = fastopt.Adam([a], lr=0.1)
-    ob = fastopt.Adam([b], lr=0.1)
-    oa.param_groups[0]["lr"] = np.array([0.05], np.float64)
-    ob.param_groups[0]["lr"] = 0.05
-    a.grad, b.grad = np.ones(3, np.float32), np.ones(3, np.float32)
-    oa.step()
-    ob.step()
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
-def test_adagrad_negative_lr_decay_at_step_is_refused():
-    a = P(3)
-    opt = fastopt.Adagrad([a])
-    a.grad = np.ones(3, np.float32)
-    opt.step()
-    opt.param_groups[0]["lr_decay"] = -1.0  # 1 + (2 - 1) * -1 == 0: torch divides by zero
-    with pytest.raises(ValueError, match="Invalid lr_decay value"):
-        opt.step()
-
-
-def test_grad_partly_overlapping_its_parameter_is_refused():
-    base = np.arange(101, dtype=np.float32)
-    p = fastopt.Parameter(base[1:])
-    opt = fastopt.SGD([p], lr=0.5)
-    p.grad = base[:100]
-    with pytest.raises(ValueError, match=r"\['params'\]\[0\]: \.grad partly overlaps"):
-        opt.step()
-    np.testing.assert_array_equal(base, np.arange(101, dtype=np.float32))
-    p.grad = np.asarray(p)  # the grad *is* the parameter: allowed, as in torch
-    opt.step()
-    np.testing.assert_array_equal(base[1:], np.arange(1, 101, dtype=np.float32) * 0.5)
-
-
-def test_state_sharing_memory_is_refused():
-    a = P(4)
-    opt = fastopt.Adam([a])
-    a.grad = np.ones(4, np.float32)
-    opt.step()
-    opt.state[a]["exp_avg_sq"] = opt.state[a]["exp_avg"]
-    before = snapshot(opt, [a])
-    with pytest.raises(ValueError, match="shares memory with another state array"):
-        opt.step()
-    assert_unchanged(before, snapshot(opt, [a]))
-    opt.state[a]["exp_avg_sq"] = np.asarray(a)
-    with pytest.raises(ValueError, match="shares memory with the parameter"):
-        opt.step()
-
-
-def test_overlapping_parameters_update_in_list_order_with_threads(threads):
-    """Two parameters over overlapping memory: with two threads the step still runs them
-    one after the other (no lost updates), as torch's loop does."""
-    n = 200000
-    results = []
-    for nthreads in (1, 2):
-        threads(nthreads)
-        base = np.zeros(n + 16, np.float32)
-        p1, p2 = fastopt.Parameter(base[16:]), fastopt.Parameter(base[:n])
-        opt = fastopt.SGD([p1, p2], lr=1.0)
-        p1.grad = np.ones(n, np.float32)
-        p2.grad = np.ones(n, np.float32)
-        opt.step()
-        results.append(base.copy())
-    np.testing.assert_array_equal(results[0], results[1])
-    assert (results[0][16:n] == -2).all()
-
-
 def test_state_arrays_are_plain_arrays_and_repeated_ids_follow_torch():
     a, b, c = P(2), P(3), P(4)
     with pytest.warns(UserWarning):
@@ -666,28 +523,3 @@ def test_state_arrays_are_plain_arrays_and_repeated_ids_follow_torch():
     sd = opt.state_dict()
     # torch numbers a repeated parameter by its last position in the group: [3, 2, 3]
     assert [g["params"] for g in sd["param_groups"]] == [[0], [3, 2, 3]]
-
-
-def test_concurrent_steps_from_two_threads_do_not_crash():
-    import threading
-    ps = [fastopt.Parameter(np.zeros(100000, np.float32)) for _ in range(3)]
-    for p in ps:
-        p.grad = np.ones(p.shape, np.float32)
-    opt = fastopt.Adam(ps)
-    opt.step()
-    errors = []
-
-    def run():
-        try:
-            for _ in range(30):
-                opt.step()
-        except Exception as e:  # a race may raise; it must not crash the process
-            errors.append(e)
-
-    workers = [threading.Thread(target=run) for _ in range(3)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    assert not errors
-    assert all(np.isfinite(np.asarray(p)).all() for p in ps)

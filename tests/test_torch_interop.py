@@ -3,8 +3,9 @@
 The lockstep tests train the same small MLP twice from the same weights and data, once with
 torch.optim and once with fastopt updating the tensors in place, and compare the loss at
 every step. fastopt's kernels use IEEE sqrt where torch's CPU sqrt is not correctly rounded
-(TORCH_SEMANTICS.md, headline 3), so the comparison uses torch's float32 tolerance rather
-than equality; moving a run to the other library and back is compared bit for bit.
+(MKL's), so the comparison uses torch's float32 tolerance rather than equality; moving a run
+to the other library and back is compared bit for bit. The optimizers, their settings and the
+scheduled runs come from the database (tests/optim_db.py).
 """
 import copy
 import os
@@ -18,6 +19,7 @@ import pytest
 import fastopt
 from fastopt import interop
 from fastopt import lr_scheduler as flr
+from optim_db import DB, OPTIM_DB, configs, names
 
 try:
     import torch
@@ -312,7 +314,7 @@ BAD_PARAMS = ["gpu-like (meta)", "sparse", "non-contiguous", "int", "float16", "
 
 @needs_torch
 @pytest.mark.parametrize("case", BAD_PARAMS)
-@pytest.mark.parametrize("name", ["SGD", "Adam"])
+@pytest.mark.parametrize("name", names())
 def test_bad_tensor_params_are_refused_by_name(case, name):
     bad, exc, msg = _bad_params()[case]
     good = torch.nn.Parameter(torch.zeros(3))
@@ -358,13 +360,12 @@ def _bad_grads():
 
 @needs_torch
 @pytest.mark.parametrize("case", ["sparse", "dtype", "bfloat16", "shape"])
-@pytest.mark.parametrize("name", ["SGD", "Adam", "RMSprop"])
-def test_bad_grad_fails_the_step_and_changes_nothing(case, name):
+@pytest.mark.parametrize("name,kwargs", configs())
+def test_bad_grad_fails_the_step_and_changes_nothing(case, name, kwargs):
     bad, exc, msg = _bad_grads()[case]
     a = torch.nn.Parameter(torch.ones(3))
     b = torch.nn.Parameter(torch.ones(3))
-    kwargs = {"momentum": 0.9} if name == "SGD" else {}
-    opt = fastopt.OPTIMIZERS[name]([{"params": [a]}, {"params": [b]}], lr=0.1, **kwargs)
+    opt = fastopt.OPTIMIZERS[name]([{"params": [a]}, {"params": [b]}], **kwargs)
     a.grad = torch.ones(3)
     b.grad = torch.ones(3)
     opt.step()
@@ -384,27 +385,17 @@ def test_bad_grad_fails_the_step_and_changes_nothing(case, name):
 
 # --------------------------------------------------------------------------- MLP lockstep
 
-LOCKSTEP = {
-    # name: (optimizer kwargs, scheduler factory taking (lr_scheduler module, optimizer))
-    "SGD-momentum": ("SGD", {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4},
-                     lambda S, o: S.OneCycleLR(o, max_lr=0.2, total_steps=50)),
-    "Adam": ("Adam", {"lr": 3e-3, "weight_decay": 1e-4},
-             lambda S, o: S.CosineAnnealingLR(o, T_max=50, eta_min=1e-4)),
-    "AdamW": ("AdamW", {"lr": 3e-3, "weight_decay": 0.05, "amsgrad": True},
-              lambda S, o: S.SequentialLR(o, [S.LinearLR(o, 0.1, total_iters=10),
-                                              S.ExponentialLR(o, 0.97)], milestones=[10])),
-    "RMSprop": ("RMSprop", {"lr": 1e-3, "momentum": 0.5, "centered": True},
-                lambda S, o: S.StepLR(o, step_size=10, gamma=0.5)),
-}
+SCHEDULED = [pytest.param(info.name, run, id=f"{info.name}-{run.desc}")
+             for info in OPTIM_DB for run in info.scheduled_runs]
 
 
 @needs_torch
-@pytest.mark.parametrize("case", list(LOCKSTEP))
-def test_mlp_training_in_lockstep_with_torch(case):
-    name, kwargs, make_sched = LOCKSTEP[case]
+@pytest.mark.parametrize("name,run", SCHEDULED)
+def test_mlp_training_in_lockstep_with_torch(name, run):
+    kwargs, make_sched = run.kwargs, run.scheduler
     model = mlp(10)
     ref = copy.deepcopy(model)
-    opt = FASTOPT[name](model.parameters(), **kwargs)
+    opt = DB[name].cls(model.parameters(), **kwargs)
     topt = getattr(torch.optim, name)(ref.parameters(), **kwargs)
     sched = make_sched(flr, opt)
     tsched = make_sched(torch.optim.lr_scheduler, topt)
@@ -429,28 +420,6 @@ def test_mlp_training_in_lockstep_with_torch(case):
 
 
 # --------------------------------------------------------------------------- interop
-
-INTEROP_KWARGS = {
-    "SGD": {"lr": 0.05, "momentum": 0.9, "dampening": 0.1, "weight_decay": 1e-3},
-    "Adagrad": {"lr": 0.05, "lr_decay": 1e-3, "initial_accumulator_value": 0.1},
-    "RMSprop": {"lr": 1e-2, "momentum": 0.9, "centered": True, "weight_decay": 1e-3},
-    "Adam": {"lr": 1e-2, "amsgrad": True, "weight_decay": 1e-3},
-    "AdamW": {"lr": 1e-2},
-    "Adamax": {"lr": 1e-2},
-    "NAdam": {"lr": 1e-2},
-    "RAdam": {"lr": 1e-2},
-    "Adadelta": {"lr": 1.0},
-    "ASGD": {"lr": 1e-2, "t0": 2},
-    "Rprop": {"lr": 1e-2},
-    "LBFGS": {"lr": 0.2, "max_iter": 3, "history_size": 3},  # not chaotic: see moves test
-    "SparseAdam": {"lr": 1e-2},
-    "Adafactor": {"lr": 1e-2},
-    "Muon": {"lr": 1e-2},
-}
-
-
-FASTOPT = {**fastopt.OPTIMIZERS, **getattr(fastopt, "OTHER_OPTIMIZERS", {})}
-
 
 def _shared_names():
     return list(interop.SHARED_OPTIMIZERS) if torch is not None else ["SGD"]
@@ -502,7 +471,7 @@ def _train(net, opt, steps, x, y, sched=None):
 
 def _pair(name, seed=20):
     net = _Embedding(seed) if name == "SparseAdam" else _Net(seed, name)
-    kwargs = INTEROP_KWARGS.get(name, {})
+    kwargs = DB[name].interop_kwargs
     return net, kwargs
 
 
@@ -562,7 +531,7 @@ def test_torch_state_converts_exactly_and_round_trips_bitwise(name):
 def test_fastopt_state_round_trips_through_torch_bitwise(name):
     model, kwargs = _pair(name)
     x, y = data(seed=4, n=64)
-    opt = FASTOPT[name](model.parameters(), **kwargs)
+    opt = DB[name].cls(model.parameters(), **kwargs)
     _train(model, opt, 4, x, y)
     tsd = interop.state_dict_to_torch(opt.state_dict())
     for st in tsd["state"].values():
@@ -575,7 +544,7 @@ def test_fastopt_state_round_trips_through_torch_bitwise(name):
             assert st["step"].dtype == torch.float32 and st["step"].dim() == 0
     back = interop.state_dict_from_torch(tsd)
     twin = copy.deepcopy(model)
-    opt2 = FASTOPT[name](twin.parameters())
+    opt2 = DB[name].cls(twin.parameters())
     opt2.load_state_dict(back)
     assert opt2.param_groups[0] == {**opt.param_groups[0],
                                     "params": opt2.param_groups[0]["params"]}
@@ -608,7 +577,7 @@ def test_a_run_moves_between_libraries_and_continues(name, direction):
     x, y = data(seed=5, n=64)
     first, second = direction.split("->")
     make = {"torch": lambda m: getattr(torch.optim, name)(m.parameters(), **kwargs),
-            "fastopt": lambda m: FASTOPT[name](m.parameters(), **kwargs)}
+            "fastopt": lambda m: DB[name].cls(m.parameters(), **kwargs)}
     opt = make[first](model)
     _train(model, opt, 5, x, y)
     moved = interop.from_torch(opt) if second == "fastopt" else interop.to_torch(opt)
