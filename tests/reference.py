@@ -90,8 +90,44 @@ def _tick(state):
 
 
 # ---- one rule per optimizer ---------------------------------------------------------------------
-# Each takes (p, g, state, **constructor kwargs), returns the new p and updates ``state``.
+# Each takes (p, g, state, **constructor kwargs), returns the new p and updates ``state``; its
+# @rule line names the optimizer and gives the state a fresh optimizer creates,
+# init(p, constructor kwargs).
 
+#: optimizer name -> (rule, init)
+RULES = {}
+
+
+def rule(name, init):
+    def register(fn):
+        RULES[name] = (fn, init)
+        return fn
+    return register
+
+
+def _zeros(*keys, step=True):
+    """init for a state of a step counter (unless step=False) and zero arrays."""
+    def init(p, group):
+        st = {"step": 0.0} if step else {}
+        st.update((k, np.zeros_like(p)) for k in keys)
+        return st
+    return init
+
+
+def _rmsprop_state(p, group):
+    keys = ["square_avg"]
+    if group.get("momentum", 0) > 0:
+        keys.append("momentum_buffer")
+    if group.get("centered", False):
+        keys.append("grad_avg")
+    return _zeros(*keys)(p, group)
+
+
+def _adam_state(p, group):
+    return _zeros("exp_avg", "exp_avg_sq",
+                  *(["max_exp_avg_sq"] if group.get("amsgrad", False) else []))(p, group)
+
+@rule("SGD", lambda p, group: {"momentum_buffer": None})
 def sgd(p, g, st, *, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
         maximize=False):
     """SGD; state: momentum_buffer (None until the first step with momentum)."""
@@ -108,6 +144,8 @@ def sgd(p, g, st, *, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nes
     return fma(g, T(-lr), p)
 
 
+@rule("Adagrad", lambda p, group: {
+    "step": 0.0, "sum": np.full_like(p, group.get("initial_accumulator_value", 0))})
 def adagrad(p, g, st, *, lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=1e-10, maximize=False,
             initial_accumulator_value=0.0):
     """Adagrad; state: step, sum (``initial_accumulator_value`` only seeds the state)."""
@@ -120,6 +158,7 @@ def adagrad(p, g, st, *, lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=1e-10, max
     return p + (T(-clr) * g) / std
 
 
+@rule("RMSprop", _rmsprop_state)
 def rmsprop(p, g, st, *, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
             centered=False, maximize=False):
     """RMSprop; state: step, square_avg[, momentum_buffer][, grad_avg]."""
@@ -142,6 +181,7 @@ def rmsprop(p, g, st, *, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, moment
     return p + (T(-lr) * g) / avg
 
 
+@rule("Adam", _adam_state)
 def adam(p, g, st, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
          maximize=False, decoupled_weight_decay=False):
     """Adam; state: step, exp_avg, exp_avg_sq[, max_exp_avg_sq]."""
@@ -166,12 +206,14 @@ def adam(p, g, st, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, a
     return p + (T(-step_size) * st["exp_avg"]) / denom
 
 
+@rule("AdamW", _adam_state)
 def adamw(p, g, st, *, weight_decay=1e-2, **kwargs):
     """AdamW: Adam with decoupled weight decay (always on) and weight_decay 0.01 by default."""
     kwargs["decoupled_weight_decay"] = True
     return adam(p, g, st, weight_decay=weight_decay, **kwargs)
 
 
+@rule("Adadelta", _zeros("square_avg", "acc_delta"))
 def adadelta(p, g, st, *, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, maximize=False):
     """Adadelta; state: step, square_avg, acc_delta."""
     T = p.dtype.type
@@ -186,6 +228,7 @@ def adadelta(p, g, st, *, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, maximize=
     return fma(delta, T(-lr), p)
 
 
+@rule("Adamax", _zeros("exp_avg", "exp_inf"))
 def adamax(p, g, st, *, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
            maximize=False):
     """Adamax; state: step, exp_avg, exp_inf."""
@@ -198,6 +241,8 @@ def adamax(p, g, st, *, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
     return p + (T(-clr) * st["exp_avg"]) / st["exp_inf"]
 
 
+@rule("NAdam", lambda p, group: {"step": 0.0, "mu_product": np.float32(1.0),
+                                 "exp_avg": np.zeros_like(p), "exp_avg_sq": np.zeros_like(p)})
 def nadam(p, g, st, *, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
           momentum_decay=4e-3, decoupled_weight_decay=False, maximize=False):
     """NAdam; state: step, mu_product (a float32 scalar), exp_avg, exp_avg_sq."""
@@ -222,6 +267,7 @@ def nadam(p, g, st, *, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
     return p + (T((-lr * mu_next) / (1.0 - prod * mu_next)) * st["exp_avg"]) / denom
 
 
+@rule("RAdam", _zeros("exp_avg", "exp_avg_sq"))
 def radam(p, g, st, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
           decoupled_weight_decay=False, maximize=False):
     """RAdam; state: step, exp_avg, exp_avg_sq."""
@@ -249,6 +295,8 @@ def radam(p, g, st, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
     return p - upd
 
 
+@rule("ASGD", lambda p, group: {"step": 0.0, "eta": np.float32(group.get("lr", 1e-2)),
+                                "mu": np.float32(1.0), "ax": np.zeros_like(p)})
 def asgd(p, g, st, *, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0.0,
          maximize=False):
     """ASGD; state: step, eta and mu (float32 scalars), ax."""
@@ -267,6 +315,8 @@ def asgd(p, g, st, *, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0.0,
     return p
 
 
+@rule("Rprop", lambda p, group: {"step": 0.0, "prev": np.zeros_like(p),
+                                 "step_size": np.full_like(p, group.get("lr", 1e-2))})
 def rprop(p, g, st, *, lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50), maximize=False):
     """Rprop; state: step, prev, step_size (``lr`` only seeds step_size)."""
     T = p.dtype.type
@@ -282,6 +332,7 @@ def rprop(p, g, st, *, lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50), maximize
     return fma(-sg, ss, p)
 
 
+@rule("Lion", _zeros("exp_avg", step=False))
 def lion(p, g, st, *, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False):
     """Lion; state: exp_avg (no step counter)."""
     T = p.dtype.type
@@ -294,58 +345,16 @@ def lion(p, g, st, *, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=Fal
     return p
 
 
-RULES = {"SGD": sgd, "Adagrad": adagrad, "RMSprop": rmsprop, "Adam": adam, "AdamW": adamw,
-         "Adadelta": adadelta, "Adamax": adamax, "NAdam": nadam, "RAdam": radam, "ASGD": asgd,
-         "Rprop": rprop, "Lion": lion}
-
-#: torch's default lr where the state a fresh optimizer creates depends on it
-_DEFAULT_LR = {"ASGD": 1e-2, "Rprop": 1e-2}
-
-
 def new_state(name, p, group):
     """The state a fresh optimizer ``name`` with constructor kwargs ``group`` creates for ``p``
     (reference side, in the dtype of ``p``)."""
-    z = np.zeros_like(p)
-    if name == "SGD":
-        return {"momentum_buffer": None}
-    if name == "Adagrad":
-        return {"step": 0.0, "sum": np.full_like(p, group.get("initial_accumulator_value", 0))}
-    if name == "RMSprop":
-        st = {"step": 0.0, "square_avg": z.copy()}
-        if group.get("momentum", 0) > 0:
-            st["momentum_buffer"] = z.copy()
-        if group.get("centered", False):
-            st["grad_avg"] = z.copy()
-        return st
-    if name in ("Adam", "AdamW"):
-        st = {"step": 0.0, "exp_avg": z.copy(), "exp_avg_sq": z.copy()}
-        if group.get("amsgrad", False):
-            st["max_exp_avg_sq"] = z.copy()
-        return st
-    if name == "Adadelta":
-        return {"step": 0.0, "square_avg": z, "acc_delta": z.copy()}
-    if name == "Adamax":
-        return {"step": 0.0, "exp_avg": z, "exp_inf": z.copy()}
-    if name == "NAdam":
-        return {"step": 0.0, "mu_product": np.float32(1.0), "exp_avg": z,
-                "exp_avg_sq": z.copy()}
-    if name == "RAdam":
-        return {"step": 0.0, "exp_avg": z, "exp_avg_sq": z.copy()}
-    if name == "ASGD":
-        return {"step": 0.0, "eta": np.float32(group.get("lr", _DEFAULT_LR["ASGD"])),
-                "mu": np.float32(1.0), "ax": z}
-    if name == "Rprop":
-        return {"step": 0.0, "prev": z,
-                "step_size": np.full_like(p, group.get("lr", _DEFAULT_LR["Rprop"]))}
-    if name == "Lion":
-        return {"exp_avg": z}
-    raise KeyError(name)
+    return RULES[name][1](p, group)
 
 
 def step(name, p, g, state, group):
     """One step of optimizer ``name`` with constructor kwargs ``group`` (torch's defaults for
     what it leaves out). Returns the new p; updates ``state`` in place."""
-    return RULES[name](p, g, state, **group)
+    return RULES[name][0](p, g, state, **group)
 
 
 # ---- rules with no kernel-order twin ------------------------------------------------------------
