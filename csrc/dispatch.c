@@ -85,6 +85,11 @@ const fo_kernel *fo_kernel_get(int id)
     return fo_current[id];
 }
 
+const fo_kernel *fo_kernel_info(int id)
+{
+    return (id >= 0 && id < FO_KERNEL_COUNT) ? fo_table_baseline[id] : NULL;
+}
+
 int fo_kernel_find(const char *name)
 {
     for (int id = 0; id < FO_KERNEL_COUNT; id++)

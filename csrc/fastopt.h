@@ -64,6 +64,9 @@ typedef struct fo_kernel {
 const fo_kernel *fo_kernel_get(int id);
 /* The id of the kernel called `name`, or -1. */
 int fo_kernel_find(const char *name);
+/* Kernel `id` of the baseline level, or NULL: its name and nhyper are those of every level,
+ * and asking does not pick the ISA level (fo_kernel_get does). */
+const fo_kernel *fo_kernel_info(int id);
 
 /* ISA levels, best last. */
 enum { FO_ISA_BASELINE = 0, FO_ISA_AVX2 = 1, FO_ISA_AVX512 = 2, FO_ISA_COUNT = 3 };

@@ -194,3 +194,12 @@ def test_bench_numpy_cases_compute_the_same_update():
             opt.step()
             case.numpy_step(arrays, [g], state, t)
         np.testing.assert_allclose(arrays[0], np.asarray(p), rtol=1e-5, atol=1e-6)
+
+
+def test_the_isa_level_is_picked_at_first_use_not_at_import():
+    code = ("import os, fastopt; os.environ['FASTOPT_CPU_CAPABILITY'] = 'baseline'; "
+            "print(fastopt.show_config(False)['isa'])")
+    env = {k: v for k, v in os.environ.items() if k != "FASTOPT_CPU_CAPABILITY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True, cwd=ROOT).stdout.split()[-1]
+    assert out == "baseline"

@@ -36,8 +36,12 @@ def test_registries_follow_the_kernel_table():
     order = {name: i for i, name in enumerate(_def_names())}
     ranks = [order[cls._kernel] for cls in fastopt.OPTIMIZERS.values()]
     assert ranks == sorted(ranks)
-    assert list(fastopt.OPTIMIZERS)[:5] == ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
-    assert list(fastopt.OTHER_OPTIMIZERS)[:2] == ["SparseAdam", "LBFGS"]
+    # the optimizers of today, in order (an added one may stand anywhere between them)
+    known = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adadelta", "Adamax", "NAdam",
+             "RAdam", "ASGD", "Rprop", "Lion"]
+    assert [name for name in fastopt.OPTIMIZERS if name in known] == known
+    others = ["SparseAdam", "LBFGS", "Adafactor", "Muon"]
+    assert [name for name in fastopt.OTHER_OPTIMIZERS if name in others] == others
     assert all(cls._kernel is None for cls in fastopt.OTHER_OPTIMIZERS.values())
     for name, cls in {**fastopt.OPTIMIZERS, **fastopt.OTHER_OPTIMIZERS}.items():
         assert getattr(fastopt, name) is cls and name in fastopt.__all__

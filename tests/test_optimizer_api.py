@@ -523,3 +523,77 @@ def test_state_arrays_are_plain_arrays_and_repeated_ids_follow_torch():
     sd = opt.state_dict()
     # torch numbers a repeated parameter by its last position in the group: [3, 2, 3]
     assert [g["params"] for g in sd["param_groups"]] == [[0], [3, 2, 3]]
+
+
+# ---- hyperparameters of any type torch accepts -------------------------------------------------
+
+def _two_steps(cls, **kwargs):
+    p = fastopt.Parameter(np.linspace(-1, 1, 7, dtype=np.float32))
+    p.grad = np.linspace(1, -2, 7, dtype=np.float32)
+    opt = cls([p], **kwargs)
+    opt.step()
+    opt.step()
+    return np.array(p), opt
+
+
+@pytest.mark.parametrize("name, given, same_as", [
+    ("NAdam", dict(betas=[0.8, 0.9]), dict(betas=(0.8, 0.9))),
+    ("RAdam", dict(betas=[0.8, 0.9]), dict(betas=(0.8, 0.9))),
+    ("Adamax", dict(betas=[0.8, 0.9]), dict(betas=(0.8, 0.9))),
+    ("Lion", dict(betas=[0.8, 0.9]), dict(betas=(0.8, 0.9))),
+    ("Lion", dict(betas=np.array([0.8, 0.9])), dict(betas=(0.8, 0.9))),
+    ("Rprop", dict(etas=[0.4, 1.3], step_sizes=[1e-5, 10]),
+     dict(etas=(0.4, 1.3), step_sizes=(1e-5, 10))),
+    ("Adam", dict(maximize=None, amsgrad=None), dict(maximize=False, amsgrad=False)),
+    ("SGD", dict(momentum=0.9, maximize=None), dict(momentum=0.9, maximize=False)),
+    ("RMSprop", dict(centered="yes"), dict(centered=True)),
+    ("NAdam", dict(decoupled_weight_decay=1, weight_decay=0.1),
+     dict(decoupled_weight_decay=True, weight_decay=0.1)),
+])
+def test_sequences_and_truthy_flags_step_as_torch_reads_them(name, given, same_as):
+    cls = fastopt.OPTIMIZERS[name]
+    a, _ = _two_steps(cls, **given)
+    b, _ = _two_steps(cls, **same_as)
+    assert_bits(a, b)
+
+
+def test_a_bad_hyperparameter_value_is_named():
+    p = fastopt.Parameter(np.ones(3, dtype=np.float32))
+    p.grad = np.ones(3, dtype=np.float32)
+    opt = fastopt.Lion([p], betas=[0.9, 0.99])
+    opt.param_groups[0]["betas"] = [0.9, "x"]
+    with pytest.raises(TypeError, match=r"param_groups\[0\]: betas\[1\] must be a real number"):
+        opt.step()
+    np.testing.assert_array_equal(p, 1.0)
+
+
+def test_rmsprop_keeps_a_momentum_buffer_only_for_positive_momentum_as_torch():
+    p = fastopt.Parameter(np.ones(3, dtype=np.float32))
+    p.grad = np.ones(3, dtype=np.float32)
+    opt = fastopt.RMSprop([p], lr=0.1)
+    opt.param_groups[0]["momentum"] = -0.5  # torch tests `momentum > 0`
+    opt.step()
+    assert list(opt.state[p]) == ["step", "square_avg"]
+    opt.param_groups[0]["momentum"] = 0.0
+    opt.step()
+    opt.param_groups[0]["momentum"] = 0.5  # switched on after the first step: torch's KeyError
+    with pytest.raises(KeyError, match="momentum_buffer"):
+        opt.step()
+
+
+def test_a_subclass_check_step_runs_at_every_step():
+    class CappedAdam(fastopt.Adam):
+        def _check_step(self, frozen):
+            super()._check_step(frozen)
+            if frozen["lr"] > 1:
+                raise ValueError(f"lr {frozen['lr']} is above 1")
+
+    p = fastopt.Parameter(np.ones(3, dtype=np.float32))
+    p.grad = np.ones(3, dtype=np.float32)
+    opt = CappedAdam([p], lr=0.5)
+    opt.step()
+    before = np.array(p)
+    opt.param_groups[0]["lr"] = 5.0
+    with pytest.raises(ValueError, match=r"param_groups\[0\]: lr 5.0 is above 1"):
+        opt.step()
+    np.testing.assert_array_equal(p, before)

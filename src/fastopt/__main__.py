@@ -1,3 +1,5 @@
+"""``python -m fastopt``: the command line (fastopt._cli)."""
 from fastopt._cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -40,6 +40,7 @@ cdef extern from "fastopt.h" nogil:
 
     const fo_kernel *fo_kernel_get(int id) noexcept
     int fo_kernel_find(const char *name) noexcept
+    const fo_kernel *fo_kernel_info(int id) noexcept
     const char *fo_isa_name(int level) noexcept
     int fo_isa_supported(int level) noexcept
     int fo_isa_current() noexcept

@@ -132,7 +132,7 @@ cdef enum:
 
 def kernel_names():
     """The names of the C kernels, in the order of csrc/kernels.def."""
-    return [fo_kernel_get(k).name.decode() for k in range(FO_KERNEL_COUNT)]
+    return [fo_kernel_info(k).name.decode() for k in range(FO_KERNEL_COUNT)]
 
 
 cdef int _kernel_id(str name) except -1:
@@ -155,7 +155,9 @@ cdef class Spec:
         double per entry, a bool 0 or 1.
     state_keys : tuple
         The per-element state arrays, in the kernel's state[] order: a key, or (key, flag)
-        for one that exists only while ``group[flag]`` is true (AMSGrad's max_exp_avg_sq).
+        for one that exists only while ``group[flag]`` is true (AMSGrad's max_exp_avg_sq),
+        or (key, flag, "positive") for one that exists only while ``group[flag] > 0``
+        (RMSprop's momentum_buffer, as torch tests it).
     step_counter : bool
         Whether the state holds torch's float32 ``step`` counter.
     scalars : tuple of str
@@ -170,11 +172,13 @@ cdef class Spec:
     cdef readonly int nhyper
     cdef readonly tuple hyperparameters, state_keys, scalars, nonneg_at_step
     cdef readonly bint step_counter, lazy
+    #: set by Optimizer for a class that overrides _check_step: update then calls it
+    cdef public bint custom_check
 
     def __init__(self, str kernel, tuple hyperparameters, tuple state_keys, bint step_counter,
                  tuple scalars=(), bint lazy=False, tuple nonneg_at_step=()):
         self.kernel = _kernel_id(kernel)
-        self.nhyper = fo_kernel_get(self.kernel).nhyper
+        self.nhyper = fo_kernel_info(self.kernel).nhyper
         if self.nhyper > MAX_HYPER:
             raise ValueError(f"kernel {kernel!r} has {self.nhyper} hyperparameters; at most "
                              f"{MAX_HYPER} are supported")
@@ -188,13 +192,18 @@ cdef class Spec:
         self.scalars = scalars
         self.lazy = lazy
         self.nonneg_at_step = nonneg_at_step
+        self.custom_check = False
 
     cpdef tuple layout(self, dict group):
-        """The state keys in the kernel's order, None for one whose flag is off."""
+        """The state keys in the kernel's order, None for one whose condition is off."""
         cdef list keys = []
+        cdef tuple e
         for entry in self.state_keys:
             if type(entry) is tuple:
-                keys.append((<tuple>entry)[0] if group[(<tuple>entry)[1]] else None)
+                e = <tuple>entry
+                value = group[e[1]]
+                on = value > 0 if len(e) > 2 and e[2] == "positive" else bool(value)
+                keys.append(e[0] if on else None)
             else:
                 keys.append(entry)
         return tuple(keys)
@@ -207,24 +216,32 @@ cdef class Spec:
         return 1 if keys[0] is not None else 2
 
     cdef int pack(self, dict frozen, double *out) except -1:
-        """The frozen group's hyperparameters as the kernel's doubles."""
+        """The frozen group's hyperparameters as the kernel's doubles. Values the freeze did
+        not convert (a sequence or array of betas, a number given where the defaults had
+        none) are converted here, with the key named when that fails."""
         cdef int n = 0
         cdef Py_ssize_t j
+        cdef list values = []
         for key in self.hyperparameters:
             value = frozen[key]
-            if type(value) is tuple:
-                for j in range(len(<tuple>value)):
-                    if n < MAX_HYPER:
-                        out[n] = (<tuple>value)[j]
-                    n += 1
+            t = type(value)
+            if t is float or t is bool:
+                values.append(value)
+            elif t is tuple or t is list or (cnp.PyArray_Check(value)
+                                             and cnp.PyArray_SIZE(<cnp.ndarray>value) != 1):
+                for j, item in enumerate(value):
+                    values.append(item if type(item) is float else _as_real(item, f"{key}[{j}]"))
             else:
-                if n < MAX_HYPER:
-                    out[n] = value
-                n += 1
+                values.append(_as_real(value, key))
+        n = len(values)
         if n != self.nhyper:
             raise TypeError(f"the hyperparameters {self.hyperparameters} give {n} numbers; "
-                            f"the kernel {fo_kernel_get(self.kernel).name.decode()!r} takes "
+                            f"the kernel {fo_kernel_info(self.kernel).name.decode()!r} takes "
                             f"{self.nhyper}")
+        for j in range(n):
+            out[j] = values[j]
+        for j in range(n, MAX_HYPER):
+            out[j] = 0.0
         return 0
 
 
@@ -379,6 +396,8 @@ cdef class Plan:
              Py_ssize_t pi):
         """Point slot at the state dict ``st`` (used after creating new state); ``first``
         marks a lazily created buffer that takes the gradient on this step."""
+        if not 0 <= slot < self.n:
+            raise IndexError(f"slot {slot} out of range for a plan of {self.n} tensors")
         self._bind(slot, st, p, gi, pi)
         if first:
             self.ts[slot].flags |= FO_FIRST_STEP
@@ -524,7 +543,10 @@ def update(opt, tuple kinds, Spec spec):
     for group in opt.param_groups:
         try:
             frozen = freeze(group, numeric, flags, pairs)
-            check_frozen(frozen, nonneg)
+            if spec.custom_check:
+                opt._check_step(frozen)
+            else:
+                check_frozen(frozen, nonneg)
             spec.pack(frozen, hyper)
         except (ValueError, TypeError, OverflowError) as e:
             raise type(e)(f"param_groups[{gi}]: {e}") from None
@@ -547,8 +569,8 @@ def update(opt, tuple kinds, Spec spec):
     _run(plans, spec.kernel)
 
 
-cdef int _average_kernel = fo_kernel_find(b"average")
-cdef int _sparse_adam_kernel = fo_kernel_find(b"sparse_adam")
+cdef int _average_kernel = _kernel_id("average")
+cdef int _sparse_adam_kernel = _kernel_id("sparse_adam")
 
 
 def average(list dst, list src, double weight, bint lerp):

@@ -1,6 +1,7 @@
 """The ``Optimizer`` base class: torch.optim.Optimizer's contract on NumPy arrays.
 
-Subclasses describe their state layout and call one kernel per parameter group and dtype;
+A per-element optimizer names its C kernel, hyperparameters and state in a few class
+attributes and inherits the step, one call into C for all groups (``_kernels.update``);
 this module does the bookkeeping: parameter groups, hooks, ``state_dict`` and
 ``load_state_dict`` in torch's exact format, and the two-phase step (check everything, then
 update) that leaves nothing half-updated when an input is bad.
@@ -37,7 +38,7 @@ class _RequiredParameter:
 
 required = _RequiredParameter()
 
-# _kernels.collect takes a Parameter's array as it is and asks the adapters for the rest
+# the step takes a Parameter's array as it is and asks the adapters for the rest
 _kernels._parameter_type = Parameter
 _kernels._foreign_param = _foreign_param
 
@@ -171,7 +172,8 @@ class Optimizer:
     #: give one double per entry, flags 0 or 1)
     _hyperparameters = ()
     #: the per-element state arrays in the kernel's state[] order: a key, or (key, flag) for
-    #: one that exists only while the group's flag is true
+    #: one that exists only while the group's flag is true, or (key, flag, "positive") for
+    #: one that exists only while it is > 0
     _state_keys = ()
     #: whether the state holds torch's float32 ``step`` counter
     _step_counter = True
@@ -204,11 +206,12 @@ class Optimizer:
         if kinds is None:
             numeric, flags, pairs = [], [], []
             for key, default in self.defaults.items():
-                if isinstance(default, bool):
+                # a flag given as None or 0 is still a flag (torch tests its truth)
+                if isinstance(default, bool) or isinstance(self._flag_defaults.get(key), bool):
                     flags.append(key)
                 elif isinstance(default, (int, float)):
                     numeric.append(key)
-                elif (isinstance(default, tuple) and default
+                elif (isinstance(default, (tuple, list)) and default
                       and all(isinstance(x, (int, float)) and not isinstance(x, bool)
                               for x in default)):
                     pairs.append((key, len(default)))
@@ -250,6 +253,7 @@ class Optimizer:
                                       tuple(cls._state_keys), cls._step_counter,
                                       tuple(cls._scalars), cls._lazy_state,
                                       tuple(cls._nonneg_at_step))
+            cls._spec.custom_check = cls._check_step is not Optimizer._check_step
             if "_scalar_state_keys" not in cls.__dict__:
                 cls._scalar_state_keys = frozenset(
                     (("step",) if cls._step_counter else ()) + tuple(cls._scalars))

@@ -47,7 +47,8 @@ class RMSprop(Optimizer):
     _kernel = "rmsprop"
     _hyperparameters = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered",
                         "maximize")
-    _state_keys = ("square_avg", ("momentum_buffer", "momentum"), ("grad_avg", "centered"))
+    _state_keys = ("square_avg", ("momentum_buffer", "momentum", "positive"),
+                   ("grad_avg", "centered"))
     _flag_defaults = {"momentum": 0, "centered": False, "foreach": None, "maximize": False,
                       "differentiable": False, "capturable": False}
 
