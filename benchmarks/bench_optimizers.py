@@ -9,25 +9,11 @@ size, so the table shows the three side by side.
 import numpy as np
 import pytest
 
-import fastopt
 from fastopt._cli.bench import _make_fastopt, _make_numpy, _make_torch, parse_size
 from fastopt._cli.cases import CASES
 
 SIZES = ["1e3", "1e4", "1e5", "1e6", "1e7", "100x1000"]
 IMPLS = ["fastopt", "numpy", "torch"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = fastopt.get_num_threads()
-    fastopt.set_num_threads(1)
-    try:
-        import torch
-        torch.set_num_threads(1)
-    except ImportError:
-        pass
-    yield
-    fastopt.set_num_threads(before)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

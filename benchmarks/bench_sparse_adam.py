@@ -12,19 +12,6 @@ import pytest
 import fastopt
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = fastopt.get_num_threads()
-    fastopt.set_num_threads(1)
-    try:
-        import torch
-        torch.set_num_threads(1)
-    except ImportError:
-        pass
-    yield
-    fastopt.set_num_threads(before)
-
-
 def _numpy_sparse_adam(table, m, v, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8):
     t = [0]
 

@@ -84,16 +84,6 @@ def make_step(impl, name, optimizer_only=False):
     return opt.step, model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def threads():
-    before_f, before_t = fastopt.get_num_threads(), torch.get_num_threads()
-    fastopt.set_num_threads(1)
-    torch.set_num_threads(1)
-    yield
-    fastopt.set_num_threads(before_f)
-    torch.set_num_threads(before_t)
-
-
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 @pytest.mark.parametrize("what", ["train-step", "optimizer-step"])

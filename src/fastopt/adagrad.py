@@ -33,8 +33,7 @@ class Adagrad(Optimizer):
     maximize : bool, default False
         Maximize the objective instead of minimizing it.
     foreach, differentiable, fused : optional
-        torch.optim's implementation switches, accepted and ignored (see
-        :class:`~fastopt.optimizer.Optimizer`).
+        Accepted and ignored, as in :class:`~fastopt.optimizer.Optimizer`.
 
     Notes
     -----

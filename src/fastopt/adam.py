@@ -35,8 +35,7 @@ class Adam(Optimizer):
     decoupled_weight_decay : bool, default False
         Decay the weights directly (AdamW) instead of adding an L2 term to the gradient.
     foreach, capturable, differentiable, fused : optional
-        torch.optim's implementation switches, accepted and ignored (see
-        :class:`~fastopt.optimizer.Optimizer`).
+        Accepted and ignored, as in :class:`~fastopt.optimizer.Optimizer`.
 
     Notes
     -----

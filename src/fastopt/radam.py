@@ -37,8 +37,7 @@ class RAdam(Optimizer):
     maximize : bool, default False
         Maximize the objective instead of minimizing it.
     foreach, capturable, differentiable : optional
-        torch.optim's implementation switches, accepted and ignored (see
-        :class:`~fastopt.optimizer.Optimizer`).
+        Accepted and ignored, as in :class:`~fastopt.optimizer.Optimizer`.
 
     Notes
     -----

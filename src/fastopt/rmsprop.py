@@ -33,8 +33,7 @@ class RMSprop(Optimizer):
     centered : bool, default False
         Normalise by an estimate of the gradient's variance.
     capturable, foreach, differentiable : optional
-        torch.optim's implementation switches, accepted and ignored (see
-        :class:`~fastopt.optimizer.Optimizer`).
+        Accepted and ignored, as in :class:`~fastopt.optimizer.Optimizer`.
     maximize : bool, default False
         Maximize the objective instead of minimizing it.
 
