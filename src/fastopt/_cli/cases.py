@@ -35,6 +35,21 @@ def _scratch(state, key, p):
     return arr
 
 
+def _ema(m, g, beta, tmp):
+    """m = beta m + (1 - beta) g in place, as three NumPy operations (tmp is scratch)."""
+    np.multiply(m, beta, out=m)
+    np.multiply(g, 1 - beta, out=tmp)
+    np.add(m, tmp, out=m)
+
+
+def _ema_sq(v, g, beta, tmp):
+    """v = beta v + (1 - beta) g^2 in place, as four NumPy operations (tmp is scratch)."""
+    np.multiply(v, beta, out=v)
+    np.multiply(g, g, out=tmp)
+    np.multiply(tmp, 1 - beta, out=tmp)
+    np.add(v, tmp, out=v)
+
+
 def _sgd_momentum(lr=0.01, mu=0.9):
     def step(params, grads, state, t):
         bufs = _scratch(state, "buf", params)
@@ -67,10 +82,7 @@ def _rmsprop(lr=0.01, alpha=0.99, eps=1e-8):
         sqs = _scratch(state, "sq", params)
         tmp = _scratch(state, "tmp", params)
         for p, g, sq, s in zip(params, grads, sqs, tmp):
-            np.multiply(sq, alpha, out=sq)
-            np.multiply(g, g, out=s)
-            np.multiply(s, 1 - alpha, out=s)
-            np.add(sq, s, out=sq)
+            _ema_sq(sq, g, alpha, s)
             np.sqrt(sq, out=s)
             np.add(s, eps, out=s)
             np.divide(g, s, out=s)
@@ -89,13 +101,8 @@ def _adam(lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, wd=0.0):
         for p, g, m, v, s in zip(params, grads, ms, vs, tmp):
             if wd:
                 np.multiply(p, 1 - lr * wd, out=p)
-            np.multiply(m, b1, out=m)
-            np.multiply(g, 1 - b1, out=s)
-            np.add(m, s, out=m)
-            np.multiply(v, b2, out=v)
-            np.multiply(g, g, out=s)
-            np.multiply(s, 1 - b2, out=s)
-            np.add(v, s, out=v)
+            _ema(m, g, b1, s)
+            _ema_sq(v, g, b2, s)
             np.sqrt(v, out=s)
             np.divide(s, bc2, out=s)
             np.add(s, eps, out=s)
@@ -112,10 +119,7 @@ def _adadelta(lr=1.0, rho=0.9, eps=1e-6):
         tmp = _scratch(state, "tmp", params)
         tmp2 = _scratch(state, "tmp2", params)
         for p, g, sq, acc, s, d in zip(params, grads, sqs, accs, tmp, tmp2):
-            np.multiply(sq, rho, out=sq)
-            np.multiply(g, g, out=s)
-            np.multiply(s, 1 - rho, out=s)
-            np.add(sq, s, out=sq)
+            _ema_sq(sq, g, rho, s)
             np.add(sq, eps, out=s)
             np.sqrt(s, out=s)
             np.add(acc, eps, out=d)
@@ -138,9 +142,7 @@ def _adamax(lr=2e-3, b1=0.9, b2=0.999, eps=1e-8):
         tmp = _scratch(state, "tmp", params)
         clr = lr / (1 - b1 ** t)
         for p, g, m, u, s in zip(params, grads, ms, us, tmp):
-            np.multiply(m, b1, out=m)
-            np.multiply(g, 1 - b1, out=s)
-            np.add(m, s, out=m)
+            _ema(m, g, b1, s)
             np.multiply(u, b2, out=u)
             np.abs(g, out=s)
             np.add(s, eps, out=s)
@@ -164,13 +166,8 @@ def _nadam(lr=2e-3, b1=0.9, b2=0.999, eps=1e-8, psi=4e-3):
         c1 = lr * (1 - mu) / (1 - prod)
         c2 = lr * mu_next / (1 - prod * mu_next)
         for p, g, m, v, s, d in zip(params, grads, ms, vs, tmp, tmp2):
-            np.multiply(m, b1, out=m)
-            np.multiply(g, 1 - b1, out=s)
-            np.add(m, s, out=m)
-            np.multiply(v, b2, out=v)
-            np.multiply(g, g, out=s)
-            np.multiply(s, 1 - b2, out=s)
-            np.add(v, s, out=v)
+            _ema(m, g, b1, s)
+            _ema_sq(v, g, b2, s)
             np.divide(v, bc2, out=d)
             np.sqrt(d, out=d)
             np.add(d, eps, out=d)
@@ -193,13 +190,8 @@ def _radam(lr=1e-3, b1=0.9, b2=0.999, eps=1e-8):
         bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
         rho_t = rho_inf - 2 * t * b2 ** t / bc2
         for p, g, m, v, s in zip(params, grads, ms, vs, tmp):
-            np.multiply(m, b1, out=m)
-            np.multiply(g, 1 - b1, out=s)
-            np.add(m, s, out=m)
-            np.multiply(v, b2, out=v)
-            np.multiply(g, g, out=s)
-            np.multiply(s, 1 - b2, out=s)
-            np.add(v, s, out=v)
+            _ema(m, g, b1, s)
+            _ema_sq(v, g, b2, s)
             if rho_t > 5:
                 rect = ((rho_t - 4) * (rho_t - 2) * rho_inf
                         / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
@@ -269,9 +261,7 @@ def _lion(lr=1e-4, b1=0.9, b2=0.99):
             np.sign(c, out=c)
             np.multiply(c, lr, out=c)
             np.subtract(p, c, out=p)
-            np.multiply(m, b2, out=m)
-            np.multiply(g, 1 - b2, out=s)
-            np.add(m, s, out=m)
+            _ema(m, g, b2, s)
     return step
 
 
