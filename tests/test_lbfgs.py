@@ -166,7 +166,7 @@ def test_lbfgs_closure_error_restores_parameters_and_history(line_search_fn, fir
 
 
 def test_lbfgs_bad_grad_mid_step_restores_everything():
-    opt, ps, closure, calls = _lbfgs()
+    opt, ps, closure, _ = _lbfgs()
     opt.step(closure)
     before = _history(opt, ps)
     n = [0]
@@ -226,7 +226,7 @@ def test_lbfgs_load_state_dict_checks_the_history(key, value, exc, match):
 def test_lbfgs_loads_tuples_and_0d_arrays_and_a_shorter_history_size():
     """What a step can use is accepted: tuples become lists, 0-d arrays numbers; a lower
     history_size drops the oldest pairs at the next update."""
-    opt, ps, sd = _saved()
+    _, ps, sd = _saved()
     st = sd["state"][0]
     assert len(st["old_dirs"]) >= 3
     sd = {"state": {0: dict(st, old_dirs=tuple(st["old_dirs"]), t=np.array(st["t"]))},

@@ -6,9 +6,9 @@ scalars of the parameter dtype, exactly where torch's are 0-d tensors of that dt
 float32 arithmetic follows the same promotions as torch's; only the summation order inside
 dot products and the single rounding of torch's fused ``add_(alpha=)`` differ.
 """
-import numpy as np
-
 import numbers
+
+import numpy as np
 
 from fastopt._adapters import _foreign_arrays, _param_arrays
 from fastopt.optimizer import Optimizer, _check_nonneg
