@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import fastopt
-from helpers import import_torch, rosenbrock
+from helpers import import_torch, rosenbrock, snapshot
 from optim_db import inputs_of
 
 
@@ -89,3 +89,112 @@ def test_adafactor_bad_input_changes_nothing():
     ps[1].grad = fastopt.SparseGrad([0], np.ones((1,), np.float32))
     with pytest.raises(RuntimeError, match="does not support sparse gradients"):
         opt.step()
+
+
+def _two_groups(**group1):
+    """An Adafactor of a matrix in group 0 and a vector in group 1, stepped once."""
+    ps = [fastopt.Parameter(np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)),
+          fastopt.Parameter(np.linspace(1, 2, 5, dtype=np.float32))]
+    opt = fastopt.Adafactor([{"params": ps[:1]}, {"params": ps[1:]}], lr=0.05)
+    for p in ps:
+        p.grad = np.ones_like(p)
+    opt.step()
+    opt.param_groups[1].update(group1)
+    return opt, ps
+
+
+@pytest.mark.parametrize("eps, exc", [
+    ((None, "x"), TypeError), (("x", 1e-3), TypeError), ((1e-30,), TypeError),
+    (None, TypeError), ((None, np.ones(2)), TypeError)])
+def test_adafactor_bad_eps_in_a_later_group_changes_nothing(eps, exc):
+    """eps holds None, so it is not among the numbers every group's check converts: it is
+    checked with every other group value before group 0 is updated."""
+    opt, ps = _two_groups(eps=eps)
+    before = snapshot(opt, ps)
+    with pytest.raises(exc, match=r"param_groups\[1\]: eps"):
+        opt.step()
+    assert snapshot(opt, ps) == before
+    opt.param_groups[1]["eps"] = (None, 1e-3)
+    opt.step()
+    assert float(opt.state[ps[1]]["step"]) == 2.0
+
+
+@pytest.mark.parametrize("step", [np.zeros(1, np.float32), np.zeros((1, 1), np.float32),
+                                  np.float32(1.0), np.array(1.0), 1.0])
+def test_adafactor_step_counter_must_be_a_0d_float32_array(step):
+    """A (1,)-shaped counter used to pass the check and fail in the update of a later
+    group; any counter but torch's 0-d float32 array is refused before anything changes."""
+    opt, ps = _two_groups()
+    opt.state[ps[1]]["step"] = step
+    before = snapshot(opt, ps)
+    with pytest.raises(TypeError, match=r"param_groups\[1\]\['params'\]\[0\]: "
+                                        r"state\['step'\] must be a writable 0-d float32"):
+        opt.step()
+    assert snapshot(opt, ps) == before
+
+
+def test_adafactor_load_checks_the_step_counter():
+    opt, ps = _two_groups()
+    sd = opt.state_dict()
+    sd["state"][1] = dict(sd["state"][1], step=np.ones(1, np.float32))
+    opt.load_state_dict(sd)  # one element: made 0-d as torch's
+    assert opt.state[ps[1]]["step"].shape == ()
+    before = snapshot(opt, ps)
+    for bad in ("x", None, np.ones(2, np.float32)):
+        sd["state"][1] = dict(sd["state"][1], step=bad)
+        with pytest.raises((TypeError, ValueError),
+                           match=r"param_groups\[1\]\['params'\]\[0\].*state\['step'\]"):
+            opt.load_state_dict(sd)
+        assert snapshot(opt, ps) == before
+
+
+@pytest.mark.parametrize("shape", [(0,), (0, 4), (4, 0), (2, 0, 3)])
+def test_adafactor_empty_parameter_raises_before_anything_changes(shape):
+    """torch divides by the parameter's size (ZeroDivisionError after the parameters before
+    it were updated); fastopt refuses it first."""
+    torch = import_torch(vector_kernels=False)
+    ts = [torch.ones(3, requires_grad=True), torch.ones(shape, requires_grad=True)]
+    for t in ts:
+        t.grad = torch.ones_like(t)
+    with pytest.raises(ZeroDivisionError):
+        torch.optim.Adafactor(ts).step()
+    ps = [fastopt.Parameter(np.ones(3, np.float32)), fastopt.Parameter(np.ones(shape, np.float32))]
+    for p in ps:
+        p.grad = np.ones_like(p)
+    opt = fastopt.Adafactor(ps)
+    before = snapshot(opt, ps)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[1\]: .*no elements"):
+        opt.step()
+    assert snapshot(opt, ps) == before
+
+
+class _FailingInit(fastopt.Adafactor):
+    """Adafactor whose state creation runs out of memory for the parameter ``fail_at``
+    (a real failed allocation, as a huge parameter would cause)."""
+
+    fail_at = 1
+
+    def _init_state(self, state, array, group):
+        super()._init_state(state, array, group)
+        if array.shape[0] == self.fail_at:
+            state["variance"] = np.zeros((1 << 40, 1 << 20), np.float32)
+
+
+def test_adafactor_state_is_created_for_all_new_parameters_or_none():
+    xs = [np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3), np.ones(1, np.float32)]
+    ps = [fastopt.Parameter(x.copy()) for x in xs]
+    for p in ps:
+        p.grad = np.full_like(p, 0.5)
+    opt = _FailingInit(ps)
+    with pytest.raises(MemoryError):
+        opt.step()
+    assert len(opt.state) == 0
+    assert all(np.array_equal(p, x) for p, x in zip(ps, xs))
+    opt.fail_at = None
+    opt.step()
+    qs = [fastopt.Parameter(x.copy()) for x in xs]
+    for q in qs:
+        q.grad = np.full_like(q, 0.5)
+    fastopt.Adafactor(qs).step()
+    assert all(np.array_equal(p, q) for p, q in zip(ps, qs))
+    assert all(float(opt.state[p]["step"]) == 1.0 for p in ps)

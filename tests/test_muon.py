@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import fastopt
-from helpers import import_torch, rosenbrock
+from helpers import import_torch, rosenbrock, snapshot
 from optim_db import inputs_of
 
 
@@ -84,3 +84,114 @@ def test_muon_converges_on_rosenbrock():
         w.grad = rosenbrock(w.ravel())[1].reshape(1, 2)
         opt.step()
     assert rosenbrock(w.ravel())[0] < 1e-4
+
+
+def _two_groups(**group1):
+    """A Muon with one matrix per group, stepped once."""
+    rng = np.random.default_rng(3)
+    ps = [fastopt.Parameter(rng.standard_normal((4, 3)).astype(np.float32)),
+          fastopt.Parameter(rng.standard_normal((2, 5)).astype(np.float32))]
+    opt = fastopt.Muon([{"params": ps[:1]}, {"params": ps[1:]}], lr=0.02)
+    for p in ps:
+        p.grad = np.ones_like(p)
+    opt.step()
+    opt.param_groups[1].update(group1)
+    return opt, ps
+
+
+@pytest.mark.parametrize("group1, exc, match", [
+    (dict(ns_steps=2.5), TypeError, "ns_steps must be an int"),
+    (dict(ns_steps=100), ValueError, "Number of steps must be less than 100"),
+    (dict(ns_coefficients=(1.0, 2.0)), ValueError, "ns_coefficients must have 3 entries"),
+    (dict(ns_coefficients=(1.0, "b", 2.0)), TypeError, r"ns_coefficients\[1\]"),
+    (dict(eps="x"), TypeError, "eps must be a real number"),
+    (dict(adjust_lr_fn="x"), ValueError, "Adjust learning rate function x"),
+    (dict(nesterov="maybe", lr=None), TypeError, "lr must be a real number")])
+def test_muon_bad_value_in_a_later_group_changes_nothing(group1, exc, match):
+    """Every group's values are checked before group 0 is updated (ns_steps=2.5 used to
+    fail in group 1's Newton-Schulz loop after group 0 had stepped)."""
+    opt, ps = _two_groups(**group1)
+    before = snapshot(opt, ps)
+    with pytest.raises(exc, match=r"param_groups\[1\]: " + match):
+        opt.step()
+    assert snapshot(opt, ps) == before
+
+
+def test_muon_ns_steps_takes_any_integer():
+    opt, ps = _two_groups(ns_steps=np.int64(3))
+    ref, qs = _two_groups(ns_steps=3)
+    opt.step()
+    ref.step()
+    assert all(np.array_equal(p, q) for p, q in zip(ps, qs))
+
+
+def test_muon_bad_state_in_a_later_group_changes_nothing():
+    opt, ps = _two_groups()
+    opt.state[ps[1]]["momentum_buffer"] = np.zeros((5, 2), np.float32)
+    before = snapshot(opt, ps)
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[0\]: "
+                                         r"state\['momentum_buffer'\]"):
+        opt.step()
+    assert snapshot(opt, ps) == before
+
+
+@pytest.mark.parametrize("shape, fn, works", [
+    ((0, 4), None, True), ((4, 0), "match_rms_adamw", True), ((0, 0), "match_rms_adamw", True),
+    ((4, 0), None, False), ((4, 0), "original", False), ((0, 0), None, False)])
+def test_muon_empty_parameter_as_torch_or_raises_first(shape, fn, works):
+    """torch steps an empty matrix unless its learning-rate adjustment divides by the
+    column count (ZeroDivisionError after the parameters before it were updated); there
+    fastopt raises before anything changes."""
+    torch = import_torch(vector_kernels=False)
+    x = np.random.default_rng(1).standard_normal((3, 4)).astype(np.float32)
+    ts = [torch.tensor(x.copy(), requires_grad=True), torch.ones(shape, requires_grad=True)]
+    ps = [fastopt.Parameter(x.copy()), fastopt.Parameter(np.ones(shape, np.float32))]
+    for t, p in zip(ts, ps):
+        t.grad = torch.ones_like(t)
+        p.grad = np.ones_like(p)
+    opt = fastopt.Muon(ps, lr=0.02, adjust_lr_fn=fn)
+    topt = torch.optim.Muon(ts, lr=0.02, adjust_lr_fn=fn)
+    if works:
+        topt.step()
+        opt.step()
+        np.testing.assert_allclose(ps[0], ts[0].detach().numpy(), atol=1e-3)
+        assert opt.state[ps[1]]["momentum_buffer"].shape == shape
+        return
+    with pytest.raises(ZeroDivisionError):
+        topt.step()
+    before = snapshot(opt, ps)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[1\]: .*no columns"):
+        opt.step()
+    assert snapshot(opt, ps) == before
+
+
+class _FailingInit(fastopt.Muon):
+    """Muon whose state creation runs out of memory for a parameter with ``fail_rows`` rows
+    (a real failed allocation, as a huge parameter would cause)."""
+
+    fail_rows = 2
+
+    def _init_state(self, state, array, group):
+        super()._init_state(state, array, group)
+        if array.shape[0] == self.fail_rows:
+            state["momentum_buffer"] = np.zeros((1 << 40, 1 << 20), np.float32)
+
+
+def test_muon_state_is_created_for_all_new_parameters_or_none():
+    rng = np.random.default_rng(8)
+    xs = [rng.standard_normal(s).astype(np.float32) for s in [(4, 3), (2, 5)]]
+    ps = [fastopt.Parameter(x.copy()) for x in xs]
+    for p in ps:
+        p.grad = np.ones_like(p)
+    opt = _FailingInit(ps, lr=0.02)
+    with pytest.raises(MemoryError):
+        opt.step()
+    assert len(opt.state) == 0
+    assert all(np.array_equal(p, x) for p, x in zip(ps, xs))
+    opt.fail_rows = None
+    opt.step()
+    qs = [fastopt.Parameter(x.copy()) for x in xs]
+    for q in qs:
+        q.grad = np.ones_like(q)
+    fastopt.Muon(qs, lr=0.02).step()
+    assert all(np.array_equal(p, q) for p, q in zip(ps, qs))

@@ -6,7 +6,7 @@ import pytest
 
 import fastopt
 import reference as ref
-from helpers import import_torch, rosenbrock
+from helpers import import_torch, rosenbrock, snapshot
 from optim_db import inputs_of
 
 
@@ -123,3 +123,109 @@ def test_sparse_adam_converges_on_rosenbrock():
         p.grad = fastopt.SparseGrad([0, 1], rosenbrock(p.ravel())[1].reshape(2, 1))
         opt.step()
     assert rosenbrock(p.ravel())[0] < 1e-6
+
+
+def _two_groups():
+    """A SparseAdam with one embedding-like parameter per group, stepped once."""
+    ps = [fastopt.Parameter(np.linspace(-1, 1, 8, dtype=np.float32).reshape(4, 2)),
+          fastopt.Parameter(np.linspace(1, 2, 6, dtype=np.float32).reshape(3, 2))]
+    opt = fastopt.SparseAdam([{"params": ps[:1]}, {"params": ps[1:]}], lr=0.1)
+    for p in ps:
+        p.grad = fastopt.SparseGrad([0, 2], np.ones((2, 2), np.float32))
+    opt.step()
+    return opt, ps
+
+
+@pytest.mark.parametrize("group1, exc, match", [
+    (dict(lr="x"), TypeError, "lr must be a real number"),
+    (dict(betas=(0.9, 1.0)), ValueError, "Invalid beta parameter at index 1"),
+    (dict(betas=(0.9,)), ValueError, "betas must have 2 entries"),
+    (dict(eps=np.ones(2)), TypeError, "eps must be a number or a 1-element array")])
+def test_sparse_adam_bad_group_1_changes_nothing(group1, exc, match):
+    opt, ps = _two_groups()
+    opt.param_groups[1].update(group1)
+    before = snapshot(opt, ps)
+    with pytest.raises(exc, match=r"param_groups\[1\]: " + match):
+        opt.step()
+    assert snapshot(opt, ps) == before
+
+
+@pytest.mark.parametrize("key, value, exc, match", [
+    ("step", -1, TypeError, r"state\['step'\] must be an int >= 0"),
+    ("step", True, TypeError, r"state\['step'\] must be an int >= 0"),
+    ("step", 1.0, TypeError, r"state\['step'\] must be an int >= 0"),
+    ("exp_avg", np.zeros((2, 3), np.float32), ValueError, r"state\['exp_avg'\]"),
+    ("exp_avg_sq", None, ValueError, r"state\['exp_avg_sq'\]")])
+def test_sparse_adam_bad_state_in_group_1_changes_nothing(key, value, exc, match):
+    """A counter of -1 used to divide by zero (1 - beta1^0) after the counters of group 0
+    had moved."""
+    opt, ps = _two_groups()
+    opt.state[ps[1]][key] = value
+    before = snapshot(opt, ps)
+    with pytest.raises(exc, match=r"param_groups\[1\]\['params'\]\[0\]: " + match):
+        opt.step()
+    assert snapshot(opt, ps) == before
+
+
+def test_sparse_adam_load_checks_the_step_counter():
+    opt, ps = _two_groups()
+    sd = opt.state_dict()
+    before = snapshot(opt, ps)
+    for bad in ("x", None, -2, 1.5):
+        sd["state"][1] = dict(sd["state"][1], step=bad)
+        with pytest.raises(TypeError, match=r"param_groups\[1\]\['params'\]\[0\].*"
+                                            r"state\['step'\] must be an int >= 0"):
+            opt.load_state_dict(sd)
+        assert snapshot(opt, ps) == before
+    sd["state"][1] = dict(sd["state"][1], step=np.int64(1))
+    opt.load_state_dict(sd)
+    assert type(opt.state[ps[1]]["step"]) is int
+
+
+def test_sparse_adam_empty_parameters_step_as_torch():
+    torch = import_torch(vector_kernels=False)
+    for shape in [(0, 3), (3, 0)]:
+        p, q = fastopt.Parameter(np.ones((3, 2), np.float32)), fastopt.Parameter(
+            np.ones(shape, np.float32))
+        rows = [0] if shape[0] else []
+        p.grad = fastopt.SparseGrad([1], np.ones((1, 2), np.float32))
+        q.grad = fastopt.SparseGrad(rows, np.ones((len(rows), shape[1]), np.float32))
+        opt = fastopt.SparseAdam([p, q])
+        opt.step()
+        a, b = torch.ones((3, 2), requires_grad=True), torch.ones(shape, requires_grad=True)
+        a.grad = torch.sparse_coo_tensor([[1]], torch.ones((1, 2)), (3, 2),
+                                         check_invariants=True)
+        b.grad = torch.sparse_coo_tensor([rows], torch.ones((len(rows), shape[1])), shape,
+                                         check_invariants=True)
+        topt = torch.optim.SparseAdam([a, b])
+        topt.step()
+        np.testing.assert_allclose(p, a.detach().numpy(), rtol=1.3e-6)
+        assert opt.state[q]["step"] == topt.state[b]["step"] == 1
+        assert opt.state[q]["exp_avg"].shape == shape
+
+
+class _FailingInit(fastopt.SparseAdam):
+    """SparseAdam whose state creation runs out of memory for a parameter with
+    ``fail_rows`` rows (a real failed allocation)."""
+
+    fail_rows = 3
+
+    def _init_state(self, state, array, group):
+        super()._init_state(state, array, group)
+        if array.shape[0] == self.fail_rows:
+            state["exp_avg_sq"] = np.zeros((1 << 40, 1 << 20), np.float32)
+
+
+def test_sparse_adam_state_is_created_for_all_new_parameters_or_none():
+    xs = [np.linspace(-1, 1, 8).reshape(4, 2), np.linspace(1, 2, 6).reshape(3, 2)]
+    ps = [fastopt.Parameter(x.copy()) for x in xs]
+    for p in ps:
+        p.grad = fastopt.SparseGrad([0, 2], np.ones((2, 2)))
+    opt = _FailingInit(ps)
+    with pytest.raises(MemoryError):
+        opt.step()
+    assert len(opt.state) == 0
+    assert all(np.array_equal(p, x) for p, x in zip(ps, xs))
+    opt.fail_rows = None
+    opt.step()
+    assert [opt.state[p]["step"] for p in ps] == [1, 1]

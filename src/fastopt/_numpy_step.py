@@ -1,12 +1,16 @@
 """The parts shared by the optimizers whose step is written in NumPy (Adafactor, Muon, and
 SparseAdam's checks): phase 1 of a step, which checks every hyperparameter, parameter,
-gradient and state array and raises before anything is modified, and torch's ``lerp``."""
+gradient and state array and creates the state of new parameters, raising before anything
+is modified, and torch's ``lerp``."""
+import numbers
+
 import numpy as np
 
 from fastopt._adapters import _param_arrays, _where
 from fastopt.parameter import SparseGrad
 
-__all__ = ["check_groups", "check_state_array", "check_step", "freeze", "gather", "lerp_"]
+__all__ = ["check_groups", "check_state_array", "check_step", "commit_state", "freeze",
+           "gather", "lerp_", "new_state", "prepare", "real"]
 
 
 def gather(opt, name):
@@ -45,27 +49,89 @@ def gather(opt, name):
     return out
 
 
-def freeze(opt, gi, group):
-    """Check the types of ``group``'s hyperparameters (``opt._freeze``), the error naming
-    the group. Ranges are checked when groups are made."""
+def freeze(opt, gi, group, check=None):
+    """``opt._freeze(group)``, the frozen copy of ``group`` (hyperparameters as floats and
+    bools), after ``check(frozen, group)`` when given; errors name the group. Ranges are
+    checked when groups are made."""
     try:
-        opt._freeze(group)
+        frozen = opt._freeze(group)
+        if check is not None:
+            check(frozen, group)
     except (ValueError, TypeError, OverflowError) as e:
         raise type(e)(f"param_groups[{gi}]: {e}") from None
+    return frozen
 
 
-def check_groups(opt, name, check_state):
-    """Phase 1 of a step of the optimizer ``opt`` called ``name``: ``gather``, then per
-    group ``freeze`` and ``check_state(state, array, where)`` for every parameter with a
-    grad and a non-empty state. Returns ``gather``'s lists."""
+def real(value, key):
+    """``value`` as a float: a real number or a 1-element array, else TypeError naming
+    ``key`` (the rule of ``Optimizer._freeze``)."""
+    if type(value) is float:
+        return value
+    if isinstance(value, np.ndarray):
+        if value.size != 1:
+            raise TypeError(f"{key} must be a number or a 1-element array, got an array of "
+                            f"shape {value.shape}")
+        value = value.reshape(())[()]
+    if not isinstance(value, numbers.Real):
+        raise TypeError(f"{key} must be a real number, got {value!r}")
+    return float(value)
+
+
+def check_groups(opt, name, check_state, check_group=None, check_param=None):
+    """The checks of phase 1 of a step of the optimizer ``opt`` called ``name``: ``gather``,
+    ``freeze`` every group (with ``check_group(frozen, group)``), then for every parameter with a
+    grad ``check_param(frozen, array, where)`` and, when its state is not empty,
+    ``check_state(state, array, where)``. Every group is checked before any state is.
+    Returns (the frozen groups, ``gather``'s lists)."""
     groups = gather(opt, name)
-    for gi, (group, items) in enumerate(zip(opt.param_groups, groups)):
-        freeze(opt, gi, group)
+    frozen = [freeze(opt, gi, group, check_group) for gi, group in enumerate(opt.param_groups)]
+    for gi, items in enumerate(groups):
         for pi, p, arr, _ in items:
+            where = _where(gi, pi)
+            if check_param is not None:
+                check_param(frozen[gi], arr, where)
             st = opt.state.get(p)
+            if st is not None and not isinstance(st, dict):
+                raise TypeError(f"{where}: optimizer.state entry must be a dict, got "
+                                f"{type(st).__name__}")
             if st:
-                check_state(st, arr, _where(gi, pi))
-    return groups
+                check_state(st, arr, where)
+    return frozen, groups
+
+
+def new_state(opt, frozen, groups, needs_state, check_state):
+    """The state of the parameters that step for the first time, created but not stored:
+    ``{id(param): (param, dict)}`` filled by ``opt._init_state(dict, array, frozen group)``
+    for every parameter whose state ``needs_state``, each checked with ``check_state``. An
+    error here (a MemoryError) leaves ``opt.state`` as it was; ``commit_state`` stores it."""
+    out = {}
+    for gi, items in enumerate(groups):
+        for pi, p, arr, _ in items:
+            if id(p) in out:  # listed twice: one state
+                continue
+            st = opt.state.get(p)
+            if st is None or needs_state(st):
+                fresh = {}
+                opt._init_state(fresh, arr, frozen[gi])
+                check_state({**(st or {}), **fresh}, arr, _where(gi, pi))
+                out[id(p)] = (p, fresh)
+    return out
+
+
+def commit_state(opt, created):
+    """Store ``new_state``'s dicts: merged into the parameter's state dict (kept if one
+    exists). Only dict updates, which cannot fail halfway."""
+    for p, fresh in created.values():
+        opt.state.setdefault(p, {}).update(fresh)
+
+
+def prepare(opt, name, check_state, needs_state, check_group=None, check_param=None):
+    """Phase 1 of a step: ``check_groups``, then the state of new parameters created for
+    all of them or for none (``new_state``, ``commit_state``). Nothing is modified when it
+    raises. Returns (the frozen groups, ``gather``'s lists)."""
+    frozen, groups = check_groups(opt, name, check_state, check_group, check_param)
+    commit_state(opt, new_state(opt, frozen, groups, needs_state, check_state))
+    return frozen, groups
 
 
 def check_state_array(value, shape, dtype, where, key):
@@ -79,8 +145,8 @@ def check_state_array(value, shape, dtype, where, key):
 
 
 def check_step(value, where):
-    """Raise TypeError unless ``value`` is a writable float32 array of one element."""
-    if not (isinstance(value, np.ndarray) and value.dtype == np.float32 and value.size == 1
+    """Raise TypeError unless ``value`` is a writable 0-d float32 array (torch's counter)."""
+    if not (isinstance(value, np.ndarray) and value.dtype == np.float32 and value.ndim == 0
             and value.flags.writeable):
         raise TypeError(f"{where}: state['step'] must be a writable 0-d float32 array, got "
                         f"{value!r}")

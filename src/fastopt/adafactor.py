@@ -1,7 +1,7 @@
 """Adafactor: factored second moments for matrices (NumPy, not per-element)."""
 import numpy as np
 
-from fastopt._numpy_step import check_groups, check_state_array, check_step, lerp_
+from fastopt._numpy_step import check_state_array, check_step, lerp_, prepare, real
 from fastopt.optimizer import Optimizer
 
 __all__ = ["Adafactor"]
@@ -52,6 +52,9 @@ class Adafactor(Optimizer):
     *first* parameter with a gradient in a group is used for the whole group. Row and column
     means are computed as torch does, as the squared 2-norm divided by the length.
     State: ``step`` (float32 0-d) and ``row_var``, ``col_var`` or ``variance``.
+
+    A parameter with no elements raises ValueError before anything changes (torch divides
+    by its size and raises ZeroDivisionError after updating the parameters before it).
     """
 
     _flag_defaults = {"foreach": None, "maximize": False}
@@ -90,7 +93,10 @@ class Adafactor(Optimizer):
                 raise ValueError(f"{where}: state[{key!r}] has shape {value.shape}, expected "
                                  f"{want} for a parameter of shape {array.shape}")
             return np.array(value, dtype=array.dtype, order="C")
-        return super()._cast_state(param, array, value, key, where)
+        value = super()._cast_state(param, array, value, key, where)
+        if key == "step":
+            check_step(value, where)
+        return value
 
     @staticmethod
     def _factor_shapes(shape):
@@ -108,26 +114,43 @@ class Adafactor(Optimizer):
         else:
             check_state_array(st.get("variance"), arr.shape, arr.dtype, where, "variance")
 
+    @staticmethod
+    def _check_frozen(frozen, group):
+        # eps holds None, so _freeze leaves it as it is
+        eps = frozen["eps"]
+        if not isinstance(eps, (tuple, list)) or len(eps) != 2:
+            raise TypeError(f"eps must be a pair (epsilon1 or None, epsilon2), got {eps!r}")
+        frozen["eps"] = (None if eps[0] is None else real(eps[0], "eps[0]"),
+                         real(eps[1], "eps[1]"))
+
+    @staticmethod
+    def _check_param(frozen, arr, where):
+        if arr.size == 0:
+            raise ValueError(f"{where}: Adafactor cannot step a parameter with no elements "
+                             f"(shape {arr.shape})")
+
+    def _init_state(self, state, array, group):
+        state["step"] = np.array(0.0, dtype=np.float32)
+        if array.ndim > 1:
+            row, col = self._factor_shapes(array.shape)
+            state["row_var"] = np.zeros(row, array.dtype)
+            state["col_var"] = np.zeros(col, array.dtype)
+        else:
+            state["variance"] = np.zeros_like(array)
+
     def step(self, closure=None):
         """Perform one optimization step; returns ``closure()``'s value when given."""
         loss = None
         if closure is not None:
             loss = closure()
-        groups = check_groups(self, "Adafactor", self._check_existing_state)
-        for group, items in zip(self.param_groups, groups):
+        frozen, groups = prepare(self, "Adafactor", self._check_existing_state,
+                                 lambda st: len(st) == 0, self._check_frozen,
+                                 self._check_param)
+        for group, items in zip(frozen, groups):
             lr, wd, d = group["lr"], group["weight_decay"], group["d"]
             eps1, eps2 = group["eps"]
             for _, p, arr, g in items:
-                st = self.state[p]
-                if len(st) == 0:
-                    st["step"] = np.array(0.0, dtype=np.float32)
-                    if arr.ndim > 1:
-                        row, col = self._factor_shapes(arr.shape)
-                        st["row_var"] = np.zeros(row, arr.dtype)
-                        st["col_var"] = np.zeros(col, arr.dtype)
-                    else:
-                        st["variance"] = np.zeros_like(arr)
-                self._update_one(arr, g, st, lr, wd, d, eps1, eps2, group)
+                self._update_one(arr, g, self.state[p], lr, wd, d, eps1, eps2, group)
                 if eps1 is None:
                     eps1 = float(np.finfo(arr.dtype).eps)
         return loss

@@ -6,12 +6,25 @@ scalars of the parameter dtype, exactly where torch's are 0-d tensors of that dt
 float32 arithmetic follows the same promotions as torch's; only the summation order inside
 dot products and the single rounding of torch's fused ``add_(alpha=)`` differ.
 """
+import numbers
+
 import numpy as np
 
-from fastopt._adapters import _param_arrays
+from fastopt._adapters import _foreign_arrays, _param_arrays
 from fastopt.optimizer import Optimizer, _check_nonneg
+from fastopt.parameter import Parameter
 
 __all__ = ["LBFGS"]
+
+#: the state keys holding a vector of all parameters' elements, a list of such vectors, a
+#: scalar, a list of scalars, an int counter
+_VECTORS = ("d", "prev_flat_grad")
+_VECTOR_LISTS = ("old_dirs", "old_stps")
+_SCALARS = ("t", "H_diag", "prev_loss")
+_SCALAR_LISTS = ("ro", "al")
+_COUNTERS = ("func_evals", "n_iter")
+#: what a step reads once ``n_iter`` > 0
+_HISTORY = _VECTORS + _VECTOR_LISTS + _SCALARS + ("ro",)
 
 def _cubic_min(x1, f1, g1, x2, f2, g2, bounds=None):
     """Minimiser of the cubic through (x1, f1, g1) and (x2, f2, g2), clipped to ``bounds``
@@ -133,6 +146,13 @@ class LBFGS(Optimizer):
     ``func_evals``, ``n_iter`` (ints), ``d``, ``t``, ``old_dirs``, ``old_stps``, ``ro``,
     ``H_diag``, ``prev_flat_grad``, ``prev_loss``, ``al``. Unlike torch, an unsupported
     ``line_search_fn`` raises before the closure runs (torch evaluates once first).
+
+    A step that raises (in the closure or anywhere else) puts the parameters and the state
+    back as they were before it, so the next step runs as if it had not been called (torch
+    leaves the parameters moved and its state unusable). ``load_state_dict`` checks the
+    history (types, lengths, and vectors of the parameters' total size) and raises, naming
+    the key, before anything changes. When ``history_size`` is lowered below the number of
+    pairs kept, the next update drops the oldest pairs down to it.
     """
 
     _flag_defaults = {}
@@ -195,6 +215,11 @@ class LBFGS(Optimizer):
     # state dicts: the history vectors are not shaped like a parameter -------------------
 
     def _cast_state(self, param, array, value, key, where):
+        if key is None and isinstance(value, dict):
+            out = {k: self._cast_state(param, array, v, k, where) for k, v in value.items()}
+            if self._params and param is self._params[0]:
+                self._check_history(out, array.dtype, where)
+            return out
         if isinstance(value, dict):
             return {k: self._cast_state(param, array, v, k, where) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
@@ -204,15 +229,95 @@ class LBFGS(Optimizer):
             if value.ndim == 0:
                 value = value[()]
         if isinstance(value, np.ndarray) and value.dtype.kind == "f":
-            return np.array(value, dtype=array.dtype)
+            value = np.array(value, dtype=array.dtype)
+            return value[()] if value.ndim == 0 else value
+        if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iu":
+            return value[()]
         if isinstance(value, np.floating):
             return array.dtype.type(value)
         return value
 
+    def _numel(self):
+        return sum(int(np.size(p if isinstance(p, Parameter) else _foreign_arrays(p)))
+                   for p in self._params)
+
+    def _check_history(self, st, dtype, where):
+        """Raise (TypeError or ValueError naming the key) unless the loaded state ``st`` of
+        the first parameter is a history a step can continue from; lists are made lists."""
+        n = self._numel()
+
+        def scalar(v):
+            return isinstance(v, (numbers.Real, np.floating, np.integer)) and not isinstance(
+                v, (bool, np.bool_))
+
+        def vector(v, path):
+            if not (isinstance(v, np.ndarray) and v.dtype == dtype and v.shape == (n,)):
+                desc = (f"{v.dtype} array of shape {v.shape}" if isinstance(v, np.ndarray)
+                        else repr(v) if v is None or isinstance(v, str)
+                        else type(v).__name__)
+                raise ValueError(f"{where}: {path} must be a {dtype} vector of {n} elements "
+                                 f"(the parameters' total size), got {desc}")
+
+        for key in _COUNTERS:
+            if key in st:
+                v = st[key]
+                if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)) \
+                        or v < 0:
+                    raise TypeError(f"{where}: state[{key!r}] must be an int >= 0, got {v!r}")
+                st[key] = int(v)
+        if st.get("n_iter", 0) > 0:
+            for key in _HISTORY:
+                if key not in st:
+                    raise KeyError(f"{where}: state has n_iter = {st['n_iter']} but no "
+                                   f"{key!r}")
+        for key in _VECTORS:
+            if key in st:
+                vector(st[key], f"state[{key!r}]")
+        for key in _SCALARS:
+            if key in st and not scalar(st[key]):
+                raise TypeError(f"{where}: state[{key!r}] must be a real number, got "
+                                f"{st[key]!r}")
+        for key in _VECTOR_LISTS + _SCALAR_LISTS:
+            if key not in st:
+                continue
+            v = st[key]
+            if not isinstance(v, (list, tuple)):
+                raise TypeError(f"{where}: state[{key!r}] must be a list, got "
+                                f"{type(v).__name__}")
+            for i, item in enumerate(v):
+                if key in _VECTOR_LISTS:
+                    vector(item, f"state[{key!r}][{i}]")
+                elif not (scalar(item) or (key == "al" and item is None)):
+                    raise TypeError(f"{where}: state[{key!r}][{i}] must be a real number"
+                                    f"{' or None' if key == 'al' else ''}, got {item!r}")
+            st[key] = list(v)
+        lengths = {key: len(st[key]) for key in _VECTOR_LISTS + ("ro",) if key in st}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"{where}: state['old_dirs'], state['old_stps'] and state['ro'] "
+                             f"must have one length, got {lengths}")
+
     # the step -------------------------------------------------------------------------------
 
     def step(self, closure):
-        """Run up to ``max_iter`` L-BFGS iterations; returns the first loss."""
+        """Run up to ``max_iter`` L-BFGS iterations; returns the first loss. When it raises,
+        the parameters and the state are as they were before the call."""
+        key = self._params[0] if self._params else None
+        had = key in self.state
+        saved = {k: (list(v) if isinstance(v, list) else v)
+                 for k, v in self.state[key].items()} if had else None
+        x0 = self._snapshot()
+        try:
+            return self._step(closure)
+        except BaseException:
+            self._restore(x0)
+            if had:
+                self.state[key].clear()
+                self.state[key].update(saved)
+            else:
+                self.state.pop(key, None)
+            raise
+
+    def _step(self, closure):
         if len(self.param_groups) != 1:
             raise ValueError(f"LBFGS needs exactly one param_group, got "
                              f"{len(self.param_groups)}")
@@ -255,14 +360,18 @@ class LBFGS(Optimizer):
                 s = d * t
                 ys = y.dot(s)
                 if ys > 1e-10:
-                    if len(old_dirs) == history:
-                        del old_dirs[0], old_stps[0], ro[0]
+                    if len(old_dirs) >= history:
+                        # one pair (torch); more when history_size was lowered
+                        drop = len(old_dirs) - history + 1
+                        del old_dirs[:drop], old_stps[:drop], ro[:drop]
                     old_dirs.append(y)
                     old_stps.append(s)
                     ro.append(1.0 / ys)
                     h_diag = ys / y.dot(y)
                 # two-loop recursion: d = -H g
                 al = state.setdefault("al", [None] * history)
+                if len(al) < len(old_dirs):
+                    al.extend([None] * (len(old_dirs) - len(al)))
                 q = -g
                 for i in range(len(old_dirs) - 1, -1, -1):
                     al[i] = old_stps[i].dot(q) * ro[i]

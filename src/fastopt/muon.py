@@ -1,9 +1,10 @@
 """Muon: momentum orthogonalised by a Newton-Schulz iteration (NumPy, 2-D parameters)."""
 import math
+import operator
 
 import numpy as np
 
-from fastopt._numpy_step import check_groups, check_state_array, lerp_
+from fastopt._numpy_step import check_state_array, lerp_, prepare
 from fastopt.optimizer import Optimizer
 
 __all__ = ["Muon"]
@@ -85,6 +86,10 @@ class Muon(Optimizer):
     matrices one update differs by at most 1.4-2.1 % of its RMS, and after 100 steps of
     lr 0.02 the parameters agree within about 3e-3. The momentum buffer and the parameter
     arithmetic are float32 as in torch. State: ``momentum_buffer``.
+
+    With ``adjust_lr_fn`` None or ``"original"`` a parameter with no columns raises
+    ValueError before anything changes (torch divides by the column count and raises
+    ZeroDivisionError after updating the parameters before it).
     """
 
     _flag_defaults = {}
@@ -125,20 +130,48 @@ class Muon(Optimizer):
             check_state_array(st["momentum_buffer"], arr.shape, arr.dtype, where,
                               "momentum_buffer")
 
+    @staticmethod
+    def _check_frozen(frozen, group):
+        # what newton_schulz and _adjusted_lr would reject in the middle of a step
+        # (_freeze made ns_steps a float)
+        try:
+            steps = operator.index(group["ns_steps"])
+        except TypeError:
+            raise TypeError(f"ns_steps must be an int, got {group['ns_steps']!r}") from None
+        if steps >= 100:
+            raise ValueError("Number of steps must be less than 100 for computational "
+                             "efficiency")
+        frozen["ns_steps"] = steps
+        fn = frozen["adjust_lr_fn"]
+        if fn is not None and fn not in ("original", "match_rms_adamw"):
+            raise ValueError(f"Adjust learning rate function {fn} is not supported")
+
+    @staticmethod
+    def _check_param(frozen, arr, where):
+        if arr.ndim != 2:
+            raise ValueError(f"{where}: Muon only supports 2D parameters whereas we found a "
+                             f"parameter with size: {arr.shape}")
+        if arr.shape[1] == 0 and frozen["adjust_lr_fn"] in (None, "original"):
+            raise ValueError(f"{where}: a parameter with no columns (shape {arr.shape}); "
+                             f"the learning rate adjustment 'original' divides by their "
+                             f"number")
+
+    def _init_state(self, state, array, group):
+        state["momentum_buffer"] = np.zeros_like(array)
+
     def step(self, closure=None):
         """Perform one optimization step; returns ``closure()``'s value when given."""
         loss = None
         if closure is not None:
             loss = closure()
-        groups = check_groups(self, "Muon", self._check_existing_state)
-        for group, items in zip(self.param_groups, groups):
+        frozen, groups = prepare(self, "Muon", self._check_existing_state,
+                                 lambda st: "momentum_buffer" not in st, self._check_frozen,
+                                 self._check_param)
+        for group, items in zip(frozen, groups):
             lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
             for _, p, arr, g in items:
                 T = arr.dtype.type
-                st = self.state[p]
-                if "momentum_buffer" not in st:
-                    st["momentum_buffer"] = np.zeros_like(arr)
-                buf = st["momentum_buffer"]
+                buf = self.state[p]["momentum_buffer"]
                 lerp_(buf, g, T(1 - mu))
                 if group["nesterov"]:
                     upd = g.copy()

@@ -3,7 +3,7 @@ import numpy as np
 
 from fastopt import _kernels
 from fastopt._adapters import _param_arrays, _where
-from fastopt._numpy_step import check_state_array, freeze
+from fastopt._numpy_step import check_state_array, commit_state, freeze
 from fastopt.optimizer import Optimizer, _check_betas
 from fastopt.parameter import SparseGrad
 
@@ -61,18 +61,39 @@ class SparseAdam(Optimizer):
         if key == "step" and not isinstance(value, dict):
             if hasattr(value, "item"):
                 value = value.item()
-            return int(value)
+            try:
+                step = int(value)
+            except (TypeError, ValueError, OverflowError):
+                step = None
+            if step is None or isinstance(value, bool) or step != value or step < 0:
+                raise TypeError(f"{where}: state['step'] must be an int >= 0, got {value!r}")
+            return step
         return super()._cast_state(param, array, value, key, where)
+
+    def _init_state(self, state, array, group):
+        state["step"] = 0
+        state["exp_avg"] = np.zeros_like(array)
+        state["exp_avg_sq"] = np.zeros_like(array)
+
+    @staticmethod
+    def _check_state(st, arr, where):
+        step = st.get("step")
+        if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
+            raise TypeError(f"{where}: state['step'] must be an int >= 0, got {step!r}")
+        for key in ("exp_avg", "exp_avg_sq"):
+            check_state_array(st.get(key), arr.shape, arr.dtype, where, key)
+            if not st[key].flags.c_contiguous:
+                raise ValueError(f"{where}: state[{key!r}] must be C-contiguous")
 
     def step(self, closure=None):
         """Perform one optimization step; returns ``closure()``'s value when given."""
         loss = None
         if closure is not None:
             loss = closure()
-        # phase 1: check everything, coalesce the gradients
+        # phase 1: check everything, coalesce the gradients, create new state (not stored)
+        frozen = [freeze(self, gi, group) for gi, group in enumerate(self.param_groups)]
         work = []
         for gi, group in enumerate(self.param_groups):
-            freeze(self, gi, group)
             for pi, p in enumerate(group["params"]):
                 arr, g = _param_arrays(p, gi, pi)
                 if g is None:
@@ -97,33 +118,37 @@ class SparseAdam(Optimizer):
                     raise IndexError(f"{where}: sparse gradient row index out of range "
                                      f"[0, {arr.shape[0]})")
                 st = self.state.get(p)
+                if st is not None and not isinstance(st, dict):
+                    raise TypeError(f"{where}: optimizer.state entry must be a dict, got "
+                                    f"{type(st).__name__}")
                 if st:
-                    if not isinstance(st.get("step"), (int, np.integer)):
-                        raise TypeError(f"{where}: state['step'] must be an int, got "
-                                        f"{st.get('step')!r}")
-                    for key in ("exp_avg", "exp_avg_sq"):
-                        check_state_array(st.get(key), arr.shape, arr.dtype, where, key)
-                        if not st[key].flags.c_contiguous:
-                            raise ValueError(f"{where}: state[{key!r}] must be C-contiguous")
+                    self._check_state(st, arr, where)
                 g = g.coalesce()
-                work.append((group, p, arr, g))
-        # phase 2: state and scalars, then one C call per group
+                work.append((gi, p, arr, np.ascontiguousarray(g.indices),
+                             np.ascontiguousarray(g.values, dtype=arr.dtype)))
+        created = {}
+        for gi, p, arr, _, _ in work:
+            if not self.state.get(p) and id(p) not in created:
+                fresh = {}
+                self._init_state(fresh, arr, frozen[gi])
+                created[id(p)] = (p, fresh)
+        # the step sizes, computed before any counter moves (a parameter listed twice
+        # counts twice, as torch)
+        steps = {}
         items_of = {}
-        for group, p, arr, g in work:
-            st = self.state[p]
-            if len(st) == 0:
-                st["step"] = 0
-                st["exp_avg"] = np.zeros_like(arr)
-                st["exp_avg_sq"] = np.zeros_like(arr)
-            st["step"] += 1
-            t = st["step"]
-            beta1, beta2 = group["betas"]
-            step_size = group["lr"] * np.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
-            vals = np.ascontiguousarray(g.values, dtype=arr.dtype)
-            items_of.setdefault(id(group), (group, []))[1].append(
-                (arr, np.ascontiguousarray(g.indices), vals, st["exp_avg"], st["exp_avg_sq"],
-                 float(step_size)))
-        for group, items in items_of.values():
+        for gi, p, arr, rows, vals in work:
+            st = created[id(p)][1] if id(p) in created else self.state[p]
+            t = steps[id(p)] = steps.get(id(p), st["step"]) + 1
+            beta1, beta2 = frozen[gi]["betas"]
+            step_size = frozen[gi]["lr"] * np.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
+            items_of.setdefault(gi, []).append(
+                (arr, rows, vals, st["exp_avg"], st["exp_avg_sq"], float(step_size)))
+        # phase 2: store the new state and the counters, then one C call per group
+        commit_state(self, created)
+        for gi, p, _, _, _ in work:
+            self.state[p]["step"] = steps[id(p)]
+        for gi, items in items_of.items():
+            group = frozen[gi]
             beta1, beta2 = group["betas"]
             _kernels.run_sparse_adam(items, beta1, beta2, group["eps"], group["maximize"])
         return loss
