@@ -292,3 +292,37 @@ def test_sparse_gradient_to_a_dense_optimizer_raises_like_torch():
                                            r"support sparse gradients"):
         opt.step()
     assert len(opt.state) == 0
+
+
+class _FailingAdam(fastopt.Adam):
+    """Adam whose state creation runs out of memory (a real failed allocation) for the
+    parameter of shape ``fail_shape``."""
+
+    fail_shape = (3,)
+
+    def _init_state(self, state, array, group):
+        super()._init_state(state, array, group)
+        if array.shape == self.fail_shape:
+            state["exp_avg_sq"] = np.zeros((1 << 40, 1 << 20), np.float32)
+
+
+def test_new_state_is_created_for_all_parameters_or_none():
+    """A MemoryError while creating the state of the second new parameter leaves no state
+    for the first (and no half-made state for the second); the next step starts both."""
+    xs = [np.linspace(-1, 1, 4, dtype=np.float32), np.ones(3, np.float32)]
+    ps = [fastopt.Parameter(x.copy()) for x in xs]
+    for p in ps:
+        p.grad = np.full_like(p, 0.5)
+    opt = _FailingAdam(ps, lr=0.1)
+    with pytest.raises(MemoryError):
+        opt.step()
+    assert not any(opt.state.get(p) for p in ps)
+    assert all(np.array_equal(p, x) for p, x in zip(ps, xs))
+    opt.fail_shape = None
+    opt.step()
+    qs = [fastopt.Parameter(x.copy()) for x in xs]
+    for q in qs:
+        q.grad = np.full_like(q, 0.5)
+    fastopt.Adam(qs, lr=0.1).step()
+    assert all(np.array_equal(p, q) for p, q in zip(ps, qs))
+    assert [float(opt.state[p]["step"]) for p in ps] == [1.0, 1.0]

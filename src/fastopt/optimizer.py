@@ -432,20 +432,31 @@ class Optimizer:
     def _create_state(self, missing, work):
         """Called by ``_kernels.update`` with the parameters that step for the first time,
         as (plan, slot, param, array, group index, index in group), and per group its
-        (frozen group, state keys, init mode)."""
+        (frozen group, state keys, init mode). The state is made in fresh dicts and stored
+        only when every one was made and bound: an error (a MemoryError) leaves
+        ``self.state`` as it was."""
+        made = {}  # id(param) -> (param, fresh state): a parameter listed twice gets one
         for plan, slot, obj, array, gi, pi in missing:
             frozen, keys, mode = work[gi]
-            base = array.view(np.ndarray)  # state arrays are plain arrays, not Parameters
-            state = self.state[obj]
-            if mode == 1:
-                # SGD: the buffer takes the gradient as is on this step (torch clones it)
-                if state.get(keys[0]) is None:
-                    state[keys[0]] = np.zeros_like(base)
-                plan.bind(slot, state, True, array, gi, pi)
+            entry = made.get(id(obj))
+            if entry is None:
+                base = array.view(np.ndarray)  # state arrays are plain arrays
+                old = self.state.get(obj)
+                fresh = dict(old) if isinstance(old, dict) else {}
+                if mode == 1:
+                    # SGD: the buffer takes the gradient as is on this step (torch clones it)
+                    if fresh.get(keys[0]) is None:
+                        fresh[keys[0]] = np.zeros_like(base)
+                elif len(fresh) == 0:
+                    self._init_state(fresh, base, frozen)
+                entry = made[id(obj)] = (obj, fresh)
+            plan.bind(slot, entry[1], mode == 1, array, gi, pi)
+        for obj, fresh in made.values():
+            current = self.state.get(obj)
+            if isinstance(current, dict):
+                current.update(fresh)
             else:
-                if len(state) == 0:
-                    self._init_state(state, base, frozen)
-                plan.bind(slot, state, False, array, gi, pi)
+                self.state[obj] = fresh
 
     # Hooks -------------------------------------------------------------------------------
 
