@@ -57,11 +57,11 @@ shape ``[]`` and load as 0-d arrays of their dtype. NumPy scalars (``np.float32(
 Safety
 ------
 :func:`save` writes a temporary file in the target's directory (``.<name>.<random>.tmp``),
-flushes and ``fsync``\\ s it, renames it over the target (``os.replace``, atomic) and
-``fsync``\\ s the directory: a crash at any point leaves either the previous checkpoint or
-the new one, never a mix. A crash before the rename leaves the temporary file behind (it is
-never read as the checkpoint, and can be deleted). A new file gets the permissions of the
-file it replaces, or owner read/write only when there was none.
+flushes it and calls ``os.fsync`` on it, renames it over the target (``os.replace``, atomic)
+and calls ``os.fsync`` on the directory: a crash at any point leaves either the previous
+checkpoint or the new one, never a mix. A crash before the rename leaves the temporary file
+behind (it is never read as the checkpoint, and can be deleted). A new file gets the
+permissions of the file it replaces, or owner read/write only when there was none.
 
 :func:`load` reads and checks the whole file before it changes anything: a truncated file
 raises :class:`TruncatedCheckpointError`, a damaged one :class:`CorruptCheckpointError`
