@@ -61,7 +61,7 @@ flushes it and calls ``os.fsync`` on it, renames it over the target (``os.replac
 and calls ``os.fsync`` on the directory: a crash at any point leaves either the previous
 checkpoint or the new one, never a mix. A crash before the rename leaves the temporary file
 behind (it is never read as the checkpoint, and can be deleted). A new file gets the
-permissions of the file it replaces, or owner read/write only when there was none.
+permissions of the file it replaces, or those ``open`` gives (0o666 less the umask).
 
 :func:`load` reads and checks the whole file before it changes anything: a truncated file
 raises :class:`TruncatedCheckpointError`, a damaged one :class:`CorruptCheckpointError`
@@ -74,8 +74,8 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import stat
-import tempfile
 from collections import Counter, OrderedDict
 
 import numpy as np
@@ -365,16 +365,31 @@ def save(path, optimizer, scheduler=None, extra=None):
     _write_atomic(path, chunks)
 
 
+def _temporary(path):
+    """Create ``.<name>.<random>.tmp`` next to ``path``: (fd, its path). Mode 0o666 less
+    the umask, as ``open`` gives; the mode of ``path`` when that exists."""
+    directory, name = os.path.split(os.path.abspath(path))
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        mode = None
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = os.path.join(directory, f".{name}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(tmp, flags, 0o666)
+        except FileExistsError:
+            continue
+        if mode is not None:
+            os.chmod(tmp, mode)
+        return fd, tmp
+
+
 def _write_atomic(path, chunks):
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                               dir=directory)
+    fd, tmp = _temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
-            try:
-                os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
-            except FileNotFoundError:
-                pass
             for chunk in chunks:
                 f.write(chunk)
             f.flush()
