@@ -193,10 +193,8 @@ class _Encoder:
         if tag is not None:
             pairs = []
             for k, v in value.items():
-                key = self.encode(k, path, f"{where} (a key)")
-                if isinstance(key, list):
-                    raise TypeError(f"{where}: cannot store the dict key {k!r}")
-                pairs.append([key, self.encode(v, path + (k,), f"{where}[{k!r}]")])
+                pairs.append([self.encode(k, path, f"{where} (a key)"),
+                              self.encode(v, path + (k,), f"{where}[{k!r}]")])
             return {tag: pairs}
         raise TypeError(f"{where}: cannot store a {type(value).__module__}."
                         f"{type(value).__qualname__} in a checkpoint (arrays, numbers, "
