@@ -28,6 +28,7 @@ from fastopt.adafactor import Adafactor
 from fastopt.muon import Muon
 from fastopt import lr_scheduler, schedules, swa_utils
 from fastopt import interop
+from fastopt.checkpoint import save, load
 
 __version__ = _version("fastopt")  # pyproject.toml's version
 
@@ -43,4 +44,4 @@ OTHER_OPTIMIZERS = other_optimizers()
 __all__ = ["Parameter", "Optimizer", *OPTIMIZERS, "SparseAdam", "SparseGrad", "LBFGS",
            "Adafactor", "Muon", "OTHER_OPTIMIZERS", "OPTIMIZERS", "show_config",
            "set_num_threads", "get_num_threads", "interop", "lr_scheduler", "schedules",
-           "swa_utils"]
+           "swa_utils", "save", "load"]
