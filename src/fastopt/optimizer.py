@@ -602,7 +602,8 @@ class Optimizer:
           KeyError (torch keeps it as a key of ``optimizer.state`` and the parameter starts
           from empty state). Ids written as strings of digits (after a JSON round trip) are
           read as the same ints; keys that are neither ints nor digit strings are not
-          parameter state and are kept as they are, as torch keeps them. A parameter without
+          parameter state and are kept as they are, as torch keeps them (their values must
+          be dicts, as every entry of ``state``). A parameter without
           saved state is fine: its state is created at its next step, as in torch;
         * a saved ``step`` must be a finite number >= 0 (ValueError): torch loads -1, -5.5,
           NaN or inf, and its next step raises ZeroDivisionError or an error about complex
@@ -671,10 +672,14 @@ class Optimizer:
         seen = {}
         for k, v in saved_state.items():
             pid = _state_id(k)
+            path = f"state[{k!r}]"
             if pid is None:
+                # not a parameter's state: kept as torch keeps it, but a dict as every entry
+                if not isinstance(v, dict):
+                    raise TypeError(f"{path} must be a dict, got {_describe(v)}")
+                _check_tree(v, path)
                 state[k] = v
                 continue
-            path = f"state[{k!r}]"
             if pid in seen:
                 raise KeyError(f"{path}: id {pid} is given twice (as {seen[pid]!r} and {k!r})")
             seen[pid] = k
