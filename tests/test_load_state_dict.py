@@ -276,6 +276,10 @@ MALFORMED = [
     ("eps is nan", lambda sd: dict(sd, param_groups=[dict(sd["param_groups"][0],
                                                           eps=float("nan"))]),
      ValueError, r"loaded param_groups\[0\]\['eps'\] is nan"),
+    ("lr is missing", lambda sd: dict(sd, param_groups=[{k: v for k, v in
+                                                          sd["param_groups"][0].items()
+                                                          if k != "lr"}]),
+     KeyError, r"loaded param_groups\[0\] has no 'lr' entry, which the optimizer needs"),
     ("lr is a str", lambda sd: dict(sd, param_groups=[dict(sd["param_groups"][0], lr="x")]),
      TypeError, r"loaded param_groups\[0\]: lr must be a real number"),
 ]

@@ -662,8 +662,11 @@ class Optimizer:
             # schedule a hair below zero must load
             try:
                 frozen = self._freeze(group)
-            except (ValueError, TypeError, OverflowError, KeyError) as e:
-                raise type(e)(f"loaded param_groups[{gi}]: {_message(e)}") from None
+            except KeyError as e:
+                raise KeyError(f"loaded param_groups[{gi}] has no {_message(e)!r} entry, "
+                               f"which the optimizer needs") from None
+            except (ValueError, TypeError, OverflowError) as e:
+                raise type(e)(f"loaded param_groups[{gi}]: {e}") from None
             _check_no_nan(frozen, gi, kinds)
             for p in group["params"]:
                 frozen_of.setdefault(id(p), frozen)
