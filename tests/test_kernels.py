@@ -260,8 +260,7 @@ def _adam_denominator_run(v, beta2, step, dtype, amsgrad=False):
           "exp_avg_sq": np.zeros(n, dtype) if amsgrad else v.copy()}
     if amsgrad:
         st["max_exp_avg_sq"] = v.copy()
-    opt.load_state_dict({"state": {0: st},
-                         "param_groups": [dict(opt.state_dict()["param_groups"][0])]})
+    opt.state[p].update(st)  # set, not loaded: load_state_dict refuses a step of -1
     opt.step()
     finite = np.isfinite(q) & (q != 0)
     if t >= 1:

@@ -1,14 +1,41 @@
 """Build and runtime configuration: ISA dispatch, threads, compiler flags."""
+import operator
+
 from fastopt import _kernels
 
 __all__ = ["show_config", "set_num_threads", "get_num_threads"]
 
 
+class _ThreadCountTypeError(TypeError, RuntimeError):
+    """torch.set_num_threads raises RuntimeError for a count that is no int; a TypeError is
+    what Python raises for a wrong type: this is both."""
+
+
 def set_num_threads(n):
     """Use at most ``n`` threads in the kernels (1 turns threading off). Results are the
-    same bits for any thread count. Tensors below a size threshold always run on one."""
-    n = int(n)
-    _kernels.set_num_threads(n)
+    same bits for any thread count. Tensors below a size threshold always run on one.
+
+    Parameters
+    ----------
+    n : int
+        A positive integer: a Python or NumPy int (anything with ``__index__``), not a bool.
+
+    Raises
+    ------
+    TypeError
+        For a float, a string, a bool or None (torch.set_num_threads raises RuntimeError for
+        these: the error raised is both a TypeError and a RuntimeError).
+    ValueError
+        For ``n < 1``.
+    """
+    try:
+        if isinstance(n, bool) or type(n).__name__ == "bool_":
+            raise TypeError
+        count = operator.index(n)
+    except TypeError:
+        raise _ThreadCountTypeError(f"set_num_threads expects an int, but got "
+                                    f"{type(n).__name__}") from None
+    _kernels.set_num_threads(count)
 
 
 def get_num_threads():

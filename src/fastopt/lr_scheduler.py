@@ -137,6 +137,13 @@ def _callables_state(fns):
     ]
 
 
+def _check_callables_state(saved, key):
+    for i, state in enumerate(saved):
+        if state is not None and not isinstance(state, dict):
+            raise TypeError(f"state_dict[{key!r}][{i}] must be None or the __dict__ of a "
+                            f"callable object, got {type(state).__name__}")
+
+
 def _restore_callables(fns, saved):
     for fn, state in zip(fns, saved):
         if state is not None:
@@ -189,6 +196,142 @@ class _Flag:
         setattr(self.obj, self.name, False)
 
 
+# --------------------------------------------------------------------------- state checks
+
+
+def _is_real(value):
+    """A real number: int, float or NumPy number, or a 1-element numeric array (bools and
+    strings are not)."""
+    if isinstance(value, (bool, np.bool_, str, bytes)):
+        return False
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return True
+    return (isinstance(value, np.ndarray) and value.size == 1
+            and value.dtype.kind in "iuf")
+
+
+def _shown(value):
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def _check_real(value, path, finite=True, integer=False, minimum=None):
+    """Raise TypeError unless ``value`` is a real number (an int with ``integer``), and
+    ValueError for NaN (with ``finite``, for infinities too) or a value below ``minimum``."""
+    if integer:
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{path} must be an int, got {_shown(value)}")
+    elif not _is_real(value):
+        raise TypeError(f"{path} must be a real number, got {_shown(value)}")
+    x = float(np.asarray(value).reshape(()))
+    if x != x or (finite and not math.isfinite(x)):
+        raise ValueError(f"{path} must be finite, got {x}")
+    if minimum is not None and x < minimum:
+        raise ValueError(f"{path} must be >= {minimum}, got {value!r}")
+
+
+#: state entries that hold one value per param group
+_PER_GROUP = frozenset({"base_lrs", "_last_lr", "max_lrs", "base_momentums", "max_momentums",
+                        "min_lrs"})
+#: counters and positions in the schedule: finite numbers (ints where marked)
+_COUNTERS = {"last_epoch": {}, "_step_count": {"integer": True, "minimum": 0},
+             "T_cur": {}, "T_i": {}, "T_0": {"integer": True, "minimum": 1},
+             "T_mult": {"integer": True, "minimum": 1},
+             "total_steps": {"integer": True, "minimum": 1},
+             "total_size": {}, "step_ratio": {}, "anneal_epochs": {"integer": True, "minimum": 0},
+             "cooldown_counter": {"minimum": 0}, "num_bad_epochs": {"minimum": 0}}
+#: entries that may be None where the scheduler holds a value, and the other way round
+_NULLABLE = frozenset({"default_min_lr"})
+#: string entries with a fixed set of values
+_CHOICES = {"mode": None, "threshold_mode": ("rel", "abs"), "scale_mode": ("cycle", "iterations"),
+            "_anneal_func_type": ("cos", "linear"), "_anneal_strategy": ("cos", "linear")}
+
+
+def _check_like(current, value, key, path, n_groups):
+    """Raise TypeError or ValueError unless the saved ``value`` of entry ``key`` can stand
+    where the scheduler now holds ``current``: the same kind of value, finite counters, one
+    finite number per param group in the per-group lists."""
+    if key in _COUNTERS:
+        _check_real(value, path, **_COUNTERS[key])
+        return
+    if key in _PER_GROUP:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{path} must be a list with one value per param group, got "
+                            f"{_shown(value)}")
+        if len(value) != n_groups:
+            raise ValueError(f"{path} has {len(value)} values, the optimizer {n_groups} param "
+                             f"groups")
+        for i, v in enumerate(value):
+            _check_real(v, f"{path}[{i}]")
+        return
+    if current is None or (value is None and key in _NULLABLE):
+        return
+    if isinstance(current, (bool, np.bool_)):
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{path} must be a bool, got {_shown(value)}")
+    elif _is_real(current):
+        _check_real(value, path, finite=False)
+    elif isinstance(current, str):
+        if not isinstance(value, str):
+            raise TypeError(f"{path} must be a str, got {_shown(value)}")
+        choices = _CHOICES.get(key)
+        if choices is not None and value not in choices:
+            raise ValueError(f"{path} must be one of {choices}, got {value!r}")
+    elif isinstance(current, dict):
+        if not isinstance(value, dict):
+            raise TypeError(f"{path} must be a dict, got {_shown(value)}")
+    elif isinstance(current, (list, tuple)):
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{path} must be a list, got {_shown(value)}")
+
+
+class _AllOrNothing:
+    """What a scheduler's ``step()`` may change, to restore when it raises: the attributes
+    of the scheduler and of its sub-schedulers, and the entries of the optimizer's param
+    groups (arrays, such as 0-d lrs, restored in place)."""
+
+    def __init__(self, sched):
+        self.scheds = []
+        self._take(sched)
+        opt = sched.__dict__.get("optimizer")
+        groups = getattr(opt, "param_groups", None) or ()
+        self.groups = [(g, dict(g), {k: v.copy() for k, v in g.items()
+                                     if isinstance(v, np.ndarray)}) for g in groups]
+
+    def _take(self, sched):
+        self.scheds.append((sched, dict(sched.__dict__)))
+        for sub in sched.__dict__.get("_schedulers", ()):
+            if hasattr(sub, "__dict__"):
+                self._take(sub)
+
+    def restore(self):
+        for sched, saved in self.scheds:
+            sched.__dict__.clear()
+            sched.__dict__.update(saved)
+        for group, saved, arrays in self.groups:
+            group.clear()
+            group.update(saved)
+            for key, copy_ in arrays.items():
+                saved[key][...] = copy_
+
+
+def _all_or_nothing(step):
+    """Wrap a scheduler's ``step`` so that an exception leaves the scheduler and the
+    optimizer's param groups as they were before it."""
+
+    @functools.wraps(step)
+    def wrapper(self, *args, **kwargs):
+        saved = _AllOrNothing(self)
+        try:
+            return step(self, *args, **kwargs)
+        except BaseException:
+            saved.restore()
+            raise
+
+    wrapper._all_or_nothing = True
+    return wrapper
+
+
 # --------------------------------------------------------------------------- base class
 
 
@@ -210,6 +353,12 @@ class LRScheduler:
     _is_initial = False
     # attributes never written to a state_dict
     _not_saved = ("optimizer",)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        step = cls.__dict__.get("step")
+        if step is not None and not getattr(step, "_all_or_nothing", False):
+            cls.step = _all_or_nothing(step)
 
     def __init__(self, optimizer, last_epoch=-1):
         _check_optimizer(optimizer)
@@ -252,7 +401,12 @@ class LRScheduler:
         return self._last_lr
 
     def step(self, epoch=None):
-        """Advance one epoch (or jump to ``epoch``, deprecated) and write the new lrs."""
+        """Advance one epoch (or jump to ``epoch``, deprecated) and write the new lrs.
+
+        All or nothing, in every scheduler class: when it raises (an ``lr_lambda`` that
+        fails, a OneCycleLR stepped past ``total_steps``), the counters, ``get_last_lr()``
+        and the optimizer's param groups are left as they were (torch has already advanced
+        ``last_epoch``). State kept by the user's own callables is not restored."""
         if self._step_count == 1:
             if not hasattr(self.optimizer.step, "_wrapped_by_lr_sched"):
                 warnings.warn(_WARN_OVERRIDDEN, UserWarning, stacklevel=2)
@@ -315,6 +469,14 @@ class LRScheduler:
             raise ValueError(
                 f"state_dict does not match {name}: " + "; ".join(parts)
             )
+        n_groups = len(self.optimizer.param_groups)
+        for key, value in state_dict.items():
+            if key not in self._not_checked:
+                _check_like(self.__dict__.get(key), value, key, f"state_dict[{key!r}]",
+                            n_groups)
+
+    #: entries that ``_check_state_dict`` of a subclass checks itself
+    _not_checked = (_CLASS_KEY, "lr_lambdas", "schedules", "_schedulers", "_scale_fn_custom")
 
     def _apply_state_dict(self, state_dict):
         for key, value in state_dict.items():
@@ -324,8 +486,15 @@ class LRScheduler:
     def load_state_dict(self, state_dict):
         """Restore a state saved by ``state_dict()`` of the same class.
 
-        Raises ``ValueError`` (and leaves the scheduler unchanged) for a dict from another
-        scheduler class or with missing or unexpected keys.
+        Everything is checked before anything changes: ``ValueError`` for a dict from
+        another scheduler class or with missing or unexpected keys, ``TypeError`` or
+        ``ValueError`` naming the entry for a value that is not what the scheduler holds
+        there: counters (``last_epoch``, ``_step_count``, ...) that are no finite numbers,
+        per-group lists (``base_lrs``, ``_last_lr``, ...) whose length is not the
+        optimizer's number of param groups or that hold no finite numbers, a string, bool,
+        list or dict where the scheduler holds another kind of value, a mode that does not
+        exist. torch loads all of these, and its next ``step()`` writes ``lr = nan`` or
+        fails after its counters have moved.
         """
         self._check_state_dict(state_dict)
         self._apply_state_dict(state_dict)
@@ -334,6 +503,7 @@ class LRScheduler:
         return f"{type(self).__name__}(last_epoch={getattr(self, 'last_epoch', None)})"
 
 
+LRScheduler.step = _all_or_nothing(LRScheduler.step)
 _LRScheduler = LRScheduler
 
 
@@ -373,6 +543,7 @@ class _LambdaBase(LRScheduler):
             raise ValueError(
                 f"state_dict['lr_lambdas'] must hold {len(self.lr_lambdas)} entries"
             )
+        _check_callables_state(saved, "lr_lambdas")
 
     def _apply_state_dict(self, state_dict):
         rest = {k: v for k, v in state_dict.items() if k != "lr_lambdas"}
@@ -783,6 +954,18 @@ class CyclicLR(LRScheduler):
         )
         return state
 
+    def _check_state_dict(self, state_dict):
+        super()._check_state_dict(state_dict)
+        mode = state_dict["mode"]
+        if self._scale_fn_custom is None and mode not in ("triangular", "triangular2",
+                                                          "exp_range"):
+            raise ValueError(f"state_dict['mode'] must be 'triangular', 'triangular2' or "
+                             f"'exp_range' without a scale_fn, got {mode!r}")
+        saved_fn = state_dict["_scale_fn_custom"]
+        if saved_fn is not None and not isinstance(saved_fn, dict):
+            raise TypeError(f"state_dict['_scale_fn_custom'] must be None or a dict, got "
+                            f"{_shown(saved_fn)}")
+
     def _apply_state_dict(self, state_dict):
         saved_fn = state_dict["_scale_fn_custom"]
         super()._apply_state_dict(
@@ -1033,6 +1216,12 @@ class ReduceLROnPlateau(LRScheduler):
             if old - new > self.eps:
                 _set_group_value(group, "lr", new)
 
+    def _check_state_dict(self, state_dict):
+        super()._check_state_dict(state_dict)
+        if state_dict["mode"] not in ("min", "max"):
+            raise ValueError(f"state_dict['mode'] must be 'min' or 'max', got "
+                             f"{state_dict['mode']!r}")
+
     def _apply_state_dict(self, state_dict):
         super()._apply_state_dict(state_dict)
         self._init_is_better(self.mode, self.threshold, self.threshold_mode)
@@ -1076,8 +1265,11 @@ class _Composite(LRScheduler):
             raise ValueError(
                 f"state_dict['_schedulers'] must hold {len(self._schedulers)} scheduler states"
             )
-        for sched, sub in zip(self._schedulers, subs):
-            sched._check_state_dict(sub)
+        for i, (sched, sub) in enumerate(zip(self._schedulers, subs)):
+            try:
+                sched._check_state_dict(sub)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"state_dict['_schedulers'][{i}]: {e}") from None
 
     def _apply_state_dict(self, state_dict):
         super()._apply_state_dict({k: v for k, v in state_dict.items() if k != "_schedulers"})
@@ -1187,6 +1379,7 @@ class FunctionLR(LRScheduler):
         saved = state_dict["schedules"]
         if not isinstance(saved, (list, tuple)) or len(saved) != len(self.schedules):
             raise ValueError(f"state_dict['schedules'] must hold {len(self.schedules)} entries")
+        _check_callables_state(saved, "schedules")
 
     def _apply_state_dict(self, state_dict):
         super()._apply_state_dict({k: v for k, v in state_dict.items() if k != "schedules"})

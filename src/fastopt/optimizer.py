@@ -7,9 +7,11 @@ this module does the bookkeeping: parameter groups, hooks, ``state_dict`` and
 update) that leaves nothing half-updated when an input is bad.
 """
 from collections import OrderedDict, defaultdict
+from collections.abc import Mapping
 from copy import deepcopy
 from itertools import chain
 import functools
+import math
 import warnings
 
 import numpy as np
@@ -523,29 +525,32 @@ class Optimizer:
 
     def _cast_state(self, param, array, value, key, where):
         """A saved state value made ready for ``param`` (torch's policy: tensors cast to the
-        parameter's dtype, ``step`` kept as a float32 0-d array)."""
+        parameter's dtype, ``step`` kept as a float32 0-d array).
+
+        ``load_state_dict`` has already checked the value's structure (no container that
+        holds itself, bounded nesting) and the saved ``step`` (a finite number >= 0), so an
+        override inherits those checks; an error it raises should start with ``where``."""
         if isinstance(value, dict):
             return {k: self._cast_state(param, array, v, k, where) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
             return type(value)(self._cast_state(param, array, v, key, where) for v in value)
-        if type(value).__module__.startswith("torch") and hasattr(value, "detach"):
-            value = value.detach().cpu().numpy()
+        value = _from_torch(value)
         if key == "step" or key in self._scalar_state_keys:
-            if isinstance(value, (np.ndarray, np.generic, int, float)) and not isinstance(
-                    value, bool):
-                arr = np.asarray(value)
-                if arr.size != 1:
-                    raise ValueError(f"{where}: state[{key!r}] must be a scalar, got shape "
-                                     f"{arr.shape}")
-                if arr.dtype == np.float32 and arr.ndim == 0 and arr.flags.writeable:
-                    return arr
-                return np.array(float(arr.reshape(())), dtype=np.float32)
-            return value
+            arr = _as_number_array(value)
+            if arr is None:
+                raise TypeError(f"{where}: state[{key!r}] must be a number or a 1-element "
+                                f"array, got {_describe(value)}")
+            if arr.size != 1:
+                raise ValueError(f"{where}: state[{key!r}] must be a scalar, got shape "
+                                 f"{arr.shape}")
+            if arr.dtype == np.float32 and arr.ndim == 0 and arr.flags.writeable:
+                return arr
+            return np.array(float(arr.reshape(())), dtype=np.float32)
         if isinstance(value, np.ndarray):
             if value.shape != array.shape:
                 raise ValueError(f"{where}: state[{key!r}] has shape {value.shape}, the "
                                  f"parameter {array.shape}")
-            if not np.can_cast(value.dtype, np.float64) and value.dtype.kind != "f":
+            if value.dtype.kind not in "biuf":
                 raise TypeError(f"{where}: state[{key!r}] has dtype {value.dtype}; expected "
                                 f"floating point")
             out = np.asarray(value, dtype=array.dtype)
@@ -555,66 +560,300 @@ class Optimizer:
             return out
         return value
 
+    def _check_loaded_state(self, state, array, group, where):
+        """Raise TypeError, ValueError or KeyError (the message starting with ``where``)
+        unless the cast, non-empty ``state`` of a parameter whose data is ``array`` is what
+        a step of the loaded, frozen ``group`` needs.
+
+        A per-element optimizer checks the arrays of the group's state layout (present, of
+        the parameter's dtype and shape), ``step`` and its 0-d scalars, as its step would.
+        An optimizer without a kernel is checked by its ``_check_existing_state(state,
+        array, where)`` (the state check of its own step) when it has one."""
+        if self._kernel is None:
+            check = getattr(self, "_check_existing_state", None)
+            if check is not None:
+                check(state, array, where)
+            return
+        for j, key in enumerate(self._spec.layout(group)):
+            if key is None:
+                continue
+            value = state.get(key)
+            if value is None and self._lazy_state and j == 0:
+                continue  # SGD's momentum buffer is created by the next step
+            if value is None:
+                raise KeyError(f"{where}: state has no {key!r}, which the loaded group's "
+                               f"settings need")
+            if not isinstance(value, np.ndarray):
+                raise TypeError(f"{where}: state[{key!r}] must be an array, got "
+                                f"{_describe(value)}")
+            if value.shape != array.shape or value.dtype != array.dtype:
+                raise ValueError(f"{where}: state[{key!r}] has dtype {value.dtype} and shape "
+                                 f"{value.shape}; the parameter has {array.dtype} "
+                                 f"{array.shape}")
+        for key in (("step",) if self._step_counter else ()) + tuple(self._scalars):
+            value = state.get(key)
+            if value is None:
+                raise KeyError(f"{where}: state has no {key!r}")
+            if not (isinstance(value, np.ndarray) and value.dtype == np.float32
+                    and value.size == 1):
+                raise TypeError(f"{where}: state[{key!r}] must be a 0-d float32 array, got "
+                                f"{_describe(value)}")
+
     def load_state_dict(self, state_dict):
         """Load a state dict made by ``state_dict()`` (of this library or, with tensors turned
         into arrays, of torch.optim). Hyperparameters come from the saved groups, state arrays
-        are cast to each parameter's dtype. Mismatched group counts, group sizes or state
-        shapes raise ValueError and leave the optimizer unchanged."""
+        are cast to each parameter's dtype.
+
+        Everything is checked before anything changes: a malformed dict raises TypeError,
+        ValueError or KeyError naming the key path (``state[3]['exp_avg']``,
+        ``param_groups[1]['lr']``) and leaves the optimizer as it was. Beyond torch, which
+        loads these and fails later or computes NaN:
+
+        * the ids of ``state`` must be ids of the saved ``param_groups``: an unknown id is a
+          KeyError (torch keeps it as a key of ``optimizer.state`` and the parameter starts
+          from empty state). Ids written as strings of digits (after a JSON round trip) are
+          read as the same ints; keys that are neither ints nor digit strings are not
+          parameter state and are kept as they are, as torch keeps them (their values must
+          be dicts, as every entry of ``state``). A parameter without
+          saved state is fine: its state is created at its next step, as in torch;
+        * a saved ``step`` must be a finite number >= 0 (ValueError): torch loads -1, -5.5,
+          NaN or inf, and its next step raises ZeroDivisionError or an error about complex
+          numbers, or writes NaN into the parameters;
+        * the state of a parameter must hold the arrays its loaded group steps with, of the
+          parameter's shape, and numeric hyperparameters must not be NaN.
+        """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a dict, got {_describe(state_dict)}")
         state_dict = dict(state_dict)
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a dict, got {_describe(state_dict)} (from a "
+                            f"load_state_dict pre-hook)")
         for key in ("state", "param_groups"):
             if key not in state_dict:
                 raise KeyError(f"state_dict has no {key!r} entry")
         groups = self.param_groups
-        saved_groups = deepcopy(state_dict["param_groups"])
+        saved_groups = self._loaded_groups(state_dict["param_groups"])
+        saved_state = state_dict["state"]
+        if not isinstance(saved_state, Mapping):
+            raise TypeError(f"state_dict['state'] must be a dict of parameter states, got "
+                            f"{_describe(saved_state)}")
         if len(groups) != len(saved_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
         if any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)):
             raise ValueError("loaded state dict contains a parameter group that doesn't match "
                              "the size of optimizer's group")
-        id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
-                          chain.from_iterable(g["params"] for g in groups)))
-        where_of = {}
-        for gi, g in enumerate(groups):
-            for pi, p in enumerate(g["params"]):
-                where_of.setdefault(id(p), f"param_groups[{gi}]['params'][{pi}]")
-        state = defaultdict(dict)
-        for k, v in state_dict["state"].items():
-            if k in id_map:
-                param = id_map[k]
-                array = param if isinstance(param, Parameter) else _foreign_arrays(param)
-                where = where_of[id(param)] + f" (saved id {k})"
-                if not isinstance(v, dict):
-                    raise TypeError(f"{where}: saved state must be a dict, got "
-                                    f"{type(v).__name__}")
-                state[param] = self._cast_state(param, array, v, None, where)
-            else:
-                state[k] = v
-        new_groups = []
+        id_map, where_of, saved_at = {}, {}, {}
         for gi, (group, saved) in enumerate(zip(groups, saved_groups)):
+            for pi, (k, p) in enumerate(zip(saved["params"], group["params"])):
+                where_of.setdefault(id(p), f"param_groups[{gi}]['params'][{pi}]")
+                if k in id_map and id_map[k] is not p:
+                    raise ValueError(f"param_groups[{gi}]['params'][{pi}]: id {k} is also at "
+                                     f"{saved_at[k]}, which holds a different parameter in "
+                                     f"this optimizer")
+                id_map[k] = p
+                saved_at.setdefault(k, f"param_groups[{gi}]['params'][{pi}]")
+
+        # the new groups, frozen once to check them (types, and no NaN)
+        new_groups = []
+        for group, saved in zip(groups, saved_groups):
             saved["params"] = group["params"]
             if "param_names" in group and "param_names" not in saved:
                 saved["param_names"] = group["param_names"]
             new_groups.append(saved)
         self._backfill(new_groups)
+        frozen_of = {}
+        numeric, _, pairs = self.__dict__.get("_kinds") or self._hyper_kinds()
+        kinds = numeric + tuple(key for key, _ in pairs)
         for gi, group in enumerate(new_groups):
             # types only, as at a step: torch checks nothing here, and a run that ended on a
             # schedule a hair below zero must load
             try:
-                self._freeze(group)
-            except (ValueError, TypeError, OverflowError, KeyError) as e:
+                frozen = self._freeze(group)
+            except KeyError as e:
+                raise KeyError(f"loaded param_groups[{gi}] has no {_message(e)!r} entry, "
+                               f"which the optimizer needs") from None
+            except (ValueError, TypeError, OverflowError) as e:
                 raise type(e)(f"loaded param_groups[{gi}]: {e}") from None
+            _check_no_nan(frozen, gi, kinds)
+            for p in group["params"]:
+                frozen_of.setdefault(id(p), frozen)
+
+        state = defaultdict(dict)
+        seen = {}
+        for k, v in saved_state.items():
+            pid = _state_id(k)
+            path = f"state[{k!r}]"
+            if pid is None:
+                # not a parameter's state: kept as torch keeps it, but a dict as every entry
+                if not isinstance(v, dict):
+                    raise TypeError(f"{path} must be a dict, got {_describe(v)}")
+                _check_tree(v, path)
+                state[k] = v
+                continue
+            if pid in seen:
+                raise KeyError(f"{path}: id {pid} is given twice (as {seen[pid]!r} and {k!r})")
+            seen[pid] = k
+            if pid not in id_map:
+                known = sorted(id_map)
+                shown = (f"{known[0]}..{known[-1]}" if known == list(range(known[0],
+                         known[-1] + 1)) and len(known) > 2 else str(known)) if known else "none"
+                raise KeyError(f"{path}: no parameter of the saved param_groups has id {pid} "
+                               f"(their ids: {shown})")
+            param = id_map[pid]
+            array = param if isinstance(param, Parameter) else _foreign_arrays(param)
+            where = where_of[id(param)] + f" (saved id {k!r})"
+            if not isinstance(v, dict):
+                raise TypeError(f"{where}: saved state must be a dict, got "
+                                f"{type(v).__name__}")
+            _check_tree(v, path)
+            if "step" in v:
+                _check_saved_step(v["step"], f"{path}['step'] ({where_of[id(param)]})")
+            try:
+                cast = self._cast_state(param, array, v, None, where)
+                if cast:
+                    self._check_loaded_state(cast, array, frozen_of[id(param)], where)
+            except (TypeError, ValueError, KeyError, OverflowError, AttributeError,
+                    IndexError) as e:
+                raise _located(e, where) from e
+            state[param] = cast
         self.state = state
         self.param_groups = new_groups
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
+    @staticmethod
+    def _loaded_groups(saved_groups):
+        """Copies of the saved groups, checked to be dicts with a list of int ids."""
+        if not isinstance(saved_groups, (list, tuple)):
+            raise TypeError(f"state_dict['param_groups'] must be a list of dicts, got "
+                            f"{_describe(saved_groups)}")
+        out = []
+        for gi, saved in enumerate(saved_groups):
+            if not isinstance(saved, Mapping):
+                raise TypeError(f"param_groups[{gi}] must be a dict, got {_describe(saved)}")
+            if "params" not in saved:
+                raise KeyError(f"param_groups[{gi}] has no 'params' entry")
+            ids = saved["params"]
+            if not isinstance(ids, (list, tuple)):
+                raise TypeError(f"param_groups[{gi}]['params'] must be a list of ids, got "
+                                f"{_describe(ids)}")
+            for pi, k in enumerate(ids):
+                if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+                    raise TypeError(f"param_groups[{gi}]['params'][{pi}] must be an int id, "
+                                    f"got {k!r}")
+            try:
+                copied = deepcopy(dict(saved))
+            except Exception as e:
+                raise TypeError(f"param_groups[{gi}] cannot be copied: {e}") from None
+            copied["params"] = [int(k) for k in ids]
+            out.append(copied)
+        return out
 
 Optimizer.step = _with_step_hooks(Optimizer.step)
 
+
+# Loading state dicts ---------------------------------------------------------------------
+
+#: containers in a saved parameter state may nest this deep (LBFGS's lists of arrays: 2)
+_MAX_STATE_DEPTH = 32
+
+
+def _describe(value):
+    if isinstance(value, np.ndarray):
+        return f"a {value.dtype} array of shape {value.shape}"
+    text = repr(value)
+    return f"{_typename(value)} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def _message(e):
+    return e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 else str(e)
+
+
+def _located(e, where):
+    """``e`` as a TypeError, ValueError or KeyError whose message names ``where``."""
+    msg = _message(e)
+    if "state[" not in msg and "param_groups[" not in msg:
+        msg = f"{where}: {msg}"
+    for kind in (KeyError, TypeError, ValueError):
+        if isinstance(e, kind):
+            return kind(msg)
+    return (TypeError if isinstance(e, AttributeError) else ValueError)(msg)
+
+
+def _from_torch(value):
+    if type(value).__module__.startswith("torch") and hasattr(value, "detach"):
+        return value.detach().cpu().numpy()
+    return value
+
+
+def _as_number_array(value):
+    """``value`` as a numeric (bool excluded) array, or None when it is no number."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+            value, (np.ndarray, np.generic, int, float)):
+        return None
+    arr = np.asarray(value)
+    return arr if arr.dtype.kind in "iuf" else None
+
+
+def _state_id(key):
+    """The parameter id that a key of a saved ``state`` stands for: an int, or a string of
+    digits (JSON turns int keys into strings); None for a key that names no parameter."""
+    if isinstance(key, (bool, np.bool_)):
+        raise TypeError(f"state[{key!r}]: state ids must be ints, got a bool")
+    if isinstance(key, (int, np.integer)):
+        return int(key)
+    if isinstance(key, str) and key.isascii() and key.isdigit():
+        return int(key)
+    if isinstance(key, (float, complex, np.number)):
+        raise TypeError(f"state[{key!r}]: state ids must be ints, got {_typename(key)}")
+    return None
+
+
+def _check_tree(value, path, active=None):
+    """Raise ValueError for a container that holds itself or nests too deeply (where a
+    recursive cast would hit Python's recursion limit)."""
+    if not isinstance(value, (dict, list, tuple)):
+        return
+    if active is None:
+        active = set()
+    if id(value) in active:
+        raise ValueError(f"{path} contains itself")
+    if len(active) >= _MAX_STATE_DEPTH:
+        raise ValueError(f"{path}: containers nested more than {_MAX_STATE_DEPTH} deep")
+    active.add(id(value))
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    for k, v in items:
+        _check_tree(v, f"{path}[{k!r}]", active)
+    active.discard(id(value))
+
+
+def _check_saved_step(value, path):
+    """A saved step counter must be a finite number >= 0 (any numeric type or 1-element
+    array: SparseAdam's is an int, the others' a float32 0-d array)."""
+    arr = _as_number_array(_from_torch(value))
+    if arr is None:
+        raise TypeError(f"{path} must be a number, got {_describe(value)}")
+    if arr.size != 1:
+        raise ValueError(f"{path} must be a single number, got shape {arr.shape}")
+    step = float(arr.reshape(()))
+    if not (math.isfinite(step) and step >= 0):
+        raise ValueError(f"{path} is {step}: a step count must be a finite number >= 0")
+
+
+def _check_no_nan(frozen, gi, keys):
+    """Raise ValueError for a NaN among the numeric hyperparameters ``keys`` of a frozen
+    loaded group (a NaN lr or beta turns every parameter into NaN at the next step)."""
+    for key in keys:
+        value = frozen.get(key)
+        values = value if isinstance(value, tuple) else (value,)
+        for j, v in enumerate(values):
+            if type(v) is float and v != v:
+                at = f"[{j}]" if isinstance(value, tuple) else ""
+                raise ValueError(f"loaded param_groups[{gi}][{key!r}]{at} is nan")
 
 def _check_betas(betas):
     if not 0.0 <= betas[0] < 1.0:

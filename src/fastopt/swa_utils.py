@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -272,27 +273,58 @@ class AveragedModel:
         }
 
     def load_state_dict(self, state_dict):
-        """Restore from ``state_dict()``; checks everything before changing anything."""
+        """Restore from ``state_dict()``; checks everything before changing anything.
+
+        ``params`` and ``buffers`` must be lists holding one array (or tensor, or nested
+        list of numbers) per average, of its shape and of a dtype that casts to the
+        average's (``same_kind``: float64 into float32, not floats into an integer buffer);
+        ``n_averaged`` an int >= 0. Anything else raises TypeError or ValueError naming the
+        entry, and the average is left as it was.
+        """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         missing = {"params", "buffers", "n_averaged"} - set(state_dict)
         if missing:
             raise ValueError(f"AveragedModel state_dict is missing keys {sorted(missing)}")
+        new = []
         for name, mine in (("params", self.params), ("buffers", self.buffers)):
             theirs = state_dict[name]
+            if not isinstance(theirs, (list, tuple)):
+                raise TypeError(f"state_dict[{name!r}] must be a list of arrays, got "
+                                f"{type(theirs).__name__}")
             if len(theirs) != len(mine):
                 raise ValueError(f"state_dict[{name!r}] holds {len(theirs)} arrays, expected "
                                  f"{len(mine)}")
             for i, (a, b) in enumerate(zip(mine, theirs)):
-                if np.shape(b) != a.shape:
-                    raise ValueError(f"state_dict[{name!r}][{i}] has shape {np.shape(b)}, "
-                                     f"expected {a.shape}")
+                new.append((a, _loaded_array(a, b, f"state_dict[{name!r}][{i}]")))
         n = state_dict["n_averaged"]
-        if not isinstance(n, (int, np.integer)) or n < 0:
+        if type(n).__module__.startswith("torch") and hasattr(n, "item"):
+            n = n.item()  # torch keeps n_averaged as a tensor
+        if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or n < 0:
             raise ValueError(f"n_averaged must be a non-negative integer, got {n!r}")
-        for mine, theirs in ((self.params, state_dict["params"]),
-                             (self.buffers, state_dict["buffers"])):
-            for a, b in zip(mine, theirs):
-                a[...] = b
+        for a, b in new:
+            a[...] = b
         self.n_averaged = int(n)
+
+
+def _loaded_array(avg, value, path):
+    """``value`` as an array that can be copied into ``avg`` (checked, not copied yet)."""
+    if type(value).__module__.startswith("torch") and hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    if isinstance(value, (str, bytes, dict)) or value is None:
+        raise TypeError(f"{path} must be an array, got {type(value).__name__}")
+    try:
+        arr = np.asarray(value)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{path} must be an array: {e}") from None
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(f"{path} has dtype {arr.dtype}; expected numbers")
+    if arr.shape != avg.shape:
+        raise ValueError(f"{path} has shape {arr.shape}, expected {avg.shape}")
+    if not np.can_cast(arr.dtype, avg.dtype, casting="same_kind"):
+        raise TypeError(f"{path} has dtype {arr.dtype}, which does not cast to the "
+                        f"average's {avg.dtype}")
+    return arr
 
 
 # --------------------------------------------------------------------------- SWALR
