@@ -173,9 +173,10 @@ def test_sparse_adam_load_checks_the_step_counter():
     before = snapshot(opt, ps)
     for bad in ("x", None, -2, 1.5):
         sd["state"][1] = dict(sd["state"][1], step=bad)
-        with pytest.raises(TypeError, match=r"param_groups\[1\]\['params'\]\[0\].*"
-                                            r"state\['step'\] must be an int >= 0"):
+        with pytest.raises((TypeError, ValueError),
+                           match=r"param_groups\[1\]\['params'\]\[0\]") as info:
             opt.load_state_dict(sd)
+        assert "['step']" in str(info.value)
         assert snapshot(opt, ps) == before
     sd["state"][1] = dict(sd["state"][1], step=np.int64(1))
     opt.load_state_dict(sd)
