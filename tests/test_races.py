@@ -211,6 +211,22 @@ def test_parameter_listed_twice_across_threads_matches_torch_order(threads):
             assert_bits(x, y)
 
 
+def test_overlap_found_among_arrays_far_apart():
+    """Small arrays (from the heap) next to a large one (mapped on its own, far away), enough
+    of them for the radix sort over many address bits: a state array inside the large
+    parameter is found, and without it the step runs."""
+    big = fastopt.Parameter(np.zeros(1 << 20, np.float32))
+    small = [P(6, seed=s) for s in range(40)]
+    opt = _stepped(fastopt.Adam, small + [big])
+    opt.state[small[7]]["exp_avg"] = big.view(np.ndarray)[123456:123462]
+    with pytest.raises(ValueError, match=_where(0, 7) + re.escape(": state['exp_avg']")
+                       + " shares memory with " + _where(0, 40) + "; "):
+        opt.step()
+    opt.state[small[7]]["exp_avg"] = np.zeros(6, np.float32)
+    opt.step()
+    assert float(opt.state[big]["step"]) == 2.0
+
+
 # ---- any arrangement: the step raises exactly when two arrays may not share memory -------------
 
 def _arrays(opt):

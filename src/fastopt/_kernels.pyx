@@ -142,32 +142,41 @@ cdef enum:
     _ROLE_STATE = 2   # 2, 3, 4: the state arrays, in the kernel's order
     _ROLE_STEP = 5
     _ROLE_AUX = 6     # 6, 7: the 0-d scalar state entries
-    _ROLE_BITS = 3    # _mspan.tag = plan index << _ROLE_BITS | role
+    _ROLE_BITS = 3    # _sinfo.tag = plan index << _ROLE_BITS | role
     _SORT_SMALL = 32  # below this many spans, insertion sort
 
 
-ctypedef struct _mspan:
-    uintptr_t lo
-    uintptr_t hi
+ctypedef struct _sinfo:
     uintptr_t owner  # the parameter object: a parameter listed twice gives the same owner
     int32_t pi       # the index in its group
     int32_t tag
 
 
 cdef class _Spans:
-    """The memory spans of the arrays of one step, and the plans they belong to."""
-    cdef _mspan *s
+    """The memory spans [lo, hi) of the arrays of one step, what each array is (``info``),
+    the plans they belong to, and the least and greatest start and the OR of all starts."""
+    cdef uintptr_t *lo
+    cdef uintptr_t *hi
+    cdef _sinfo *info
     cdef Py_ssize_t n, cap
+    cdef uintptr_t lo_min, lo_max, lo_or
     cdef list plans
 
     def __cinit__(self):
-        self.s = NULL
+        self.lo = NULL
+        self.hi = NULL
+        self.info = NULL
         self.n = 0
         self.cap = 0
+        self.lo_min = <uintptr_t>-1
+        self.lo_max = 0
+        self.lo_or = 0
         self.plans = []
 
     def __dealloc__(self):
-        free(self.s)
+        free(self.lo)
+        free(self.hi)
+        free(self.info)
 
     cdef int reserve(self, Py_ssize_t more) except -1:
         cdef Py_ssize_t cap = self.cap
@@ -176,10 +185,18 @@ cdef class _Spans:
             return 0
         while cap < self.n + more:
             cap = 256 if cap == 0 else 2 * cap
-        mem = realloc(self.s, cap * sizeof(_mspan))
+        mem = realloc(self.lo, cap * sizeof(uintptr_t))
         if mem == NULL:
             raise MemoryError()
-        self.s = <_mspan *>mem
+        self.lo = <uintptr_t *>mem
+        mem = realloc(self.hi, cap * sizeof(uintptr_t))
+        if mem == NULL:
+            raise MemoryError()
+        self.hi = <uintptr_t *>mem
+        mem = realloc(self.info, cap * sizeof(_sinfo))
+        if mem == NULL:
+            raise MemoryError()
+        self.info = <_sinfo *>mem
         self.cap = cap
         return 0
 
@@ -187,18 +204,22 @@ cdef class _Spans:
 cdef inline int _push(_Spans sp, void *data, uintptr_t nbytes, object owner, Py_ssize_t pi,
                       int plan, int role) except -1:
     cdef uintptr_t lo = <uintptr_t>data
-    cdef _mspan *e
+    cdef Py_ssize_t k = sp.n
     if nbytes == 0:
         return 0
-    if sp.n == sp.cap:
+    if k == sp.cap:
         sp.reserve(1)
-    e = &sp.s[sp.n]
-    e.lo = lo
-    e.hi = lo + nbytes
-    e.owner = <uintptr_t><PyObject *>owner
-    e.pi = <int32_t>pi
-    e.tag = (plan << _ROLE_BITS) | role
-    sp.n += 1
+    sp.lo[k] = lo
+    sp.hi[k] = lo + nbytes
+    sp.info[k].owner = <uintptr_t><PyObject *>owner
+    sp.info[k].pi = <int32_t>pi
+    sp.info[k].tag = (plan << _ROLE_BITS) | role
+    if lo < sp.lo_min:
+        sp.lo_min = lo
+    if lo > sp.lo_max:
+        sp.lo_max = lo
+    sp.lo_or |= lo
+    sp.n = k + 1
     return 0
 
 
@@ -215,39 +236,46 @@ cdef enum:
     _RADIX_PASSES = 6  # enough passes for 64 bits
 
 
-cdef uint64_t *_sorted_by_address(const _mspan *s, Py_ssize_t n, uint64_t *buf,
-                                  uint32_t *count) noexcept nogil:
+cdef inline void _scatter(const uint64_t *a, uint64_t *b, Py_ssize_t n, uint32_t *cnt,
+                          int shift, uint64_t dmask) noexcept nogil:
+    # one stable pass of the radix sort: a's keys into b by the digit at ``shift``
+    cdef Py_ssize_t i, j
+    cdef uint32_t pos = 0, c
+    for j in range(<Py_ssize_t>dmask + 1):
+        c = cnt[j]
+        cnt[j] = pos
+        pos += c
+    for i in range(n):
+        j = <Py_ssize_t>((a[i] >> shift) & dmask)
+        b[cnt[j]] = a[i]
+        cnt[j] += 1
+
+
+cdef uint64_t *_sorted_by_address(_Spans sp, uint64_t *buf, uint32_t *count) noexcept nogil:
     """The spans' indices in the order of their start address (ties in index order), as the
     low ``ib`` bits of keys ``(lo - min lo) >> shift << ib | index``. ``buf`` holds 2 n keys,
     ``count`` _RADIX_PASSES << _RADIX_BITS counters. An LSD radix sort over the address bits
-    that vary, its histograms counted in one pass; NULL when the key does not fit 64 bits
-    (the caller then sorts another way)."""
-    cdef Py_ssize_t i, j
-    cdef uint32_t pos, c
-    cdef uintptr_t mn = s[0].lo, mx = s[0].lo, low = 0, lo
+    that vary, its histograms counted while the keys are made; NULL when the key does not
+    fit 64 bits (the caller then sorts another way)."""
+    cdef Py_ssize_t i, j, n = sp.n
+    cdef const uintptr_t *los = sp.lo
+    cdef uintptr_t mn = sp.lo_min
     cdef uint64_t x, dmask
     cdef uint64_t *a = buf
     cdef uint64_t *b = buf + n
     cdef uint64_t *t
-    cdef uint32_t *cnt
+    cdef uint32_t *c1
     cdef int shift = 0, ib, ab, passes, width, p
-    for i in range(n):
-        lo = s[i].lo
-        if lo < mn:
-            mn = lo
-        if lo > mx:
-            mx = lo
-        low |= lo
-    if low:  # bits below the coarsest alignment of all spans are 0 in every key
-        while not (low >> shift) & 1:
+    if sp.lo_or:  # bits below the coarsest alignment of all spans are 0 in every key
+        while not (sp.lo_or >> shift) & 1:
             shift += 1
     ib = _bit_length(<uint64_t>(n - 1))
-    ab = _bit_length(<uint64_t>((mx - mn) >> shift))
+    ab = _bit_length(<uint64_t>((sp.lo_max - mn) >> shift))
     if ib + ab > 64:
         return NULL
     if n < _SORT_SMALL:
         for i in range(n):
-            a[i] = (<uint64_t>((s[i].lo - mn) >> shift) << ib) | <uint64_t>i
+            a[i] = (<uint64_t>((los[i] - mn) >> shift) << ib) | <uint64_t>i
         for i in range(1, n):
             x = a[i]
             j = i - 1
@@ -261,24 +289,23 @@ cdef uint64_t *_sorted_by_address(const _mspan *s, Py_ssize_t n, uint64_t *buf,
     dmask = (<uint64_t>1 << width) - 1
     for j in range(passes << width):
         count[j] = 0
-    for i in range(n):
-        x = (<uint64_t>((s[i].lo - mn) >> shift) << ib) | <uint64_t>i
-        a[i] = x
-        x >>= ib
-        for p in range(passes):
-            count[(p << width) + <Py_ssize_t>(x & dmask)] += 1
-            x >>= width
-    for p in range(passes):
-        cnt = count + (p << width)
-        pos = 0
-        for j in range(1 << width):
-            c = cnt[j]
-            cnt[j] = pos
-            pos += c
+    if passes == 2:  # the usual case: addresses within 2^22 words
+        c1 = count + (1 << width)
         for i in range(n):
-            j = <Py_ssize_t>((a[i] >> (ib + p * width)) & dmask)
-            b[cnt[j]] = a[i]
-            cnt[j] += 1
+            x = (<uint64_t>((los[i] - mn) >> shift) << ib) | <uint64_t>i
+            a[i] = x
+            count[(x >> ib) & dmask] += 1
+            c1[(x >> (ib + width)) & dmask] += 1
+    else:
+        for i in range(n):
+            x = (<uint64_t>((los[i] - mn) >> shift) << ib) | <uint64_t>i
+            a[i] = x
+            x >>= ib
+            for p in range(passes):
+                count[(p << width) + <Py_ssize_t>(x & dmask)] += 1
+                x >>= width
+    for p in range(passes):
+        _scatter(a, b, n, count + (p << width), ib + p * width, dmask)
         t = a
         a = b
         b = t
@@ -298,12 +325,12 @@ cdef int _cmp_skey(const void *a, const void *b) noexcept nogil:
     return (x.idx > y.idx) - (x.idx < y.idx)
 
 
-cdef str _span_name(_Spans sp, const _mspan *e, bint lead):
-    """An array of the step in words: the parameter, its gradient or a state entry
+cdef str _span_name(_Spans sp, Py_ssize_t i, bint lead):
+    """Array ``i`` of the step in words: the parameter, its gradient or a state entry
     (``lead``: at the start of a message)."""
-    cdef Plan plan = <Plan>sp.plans[e.tag >> _ROLE_BITS]
-    cdef int role = e.tag & ((1 << _ROLE_BITS) - 1)
-    where = _where(plan.gi, e.pi)
+    cdef Plan plan = <Plan>sp.plans[sp.info[i].tag >> _ROLE_BITS]
+    cdef int role = sp.info[i].tag & ((1 << _ROLE_BITS) - 1)
+    where = _where(plan.gi, sp.info[i].pi)
     if role == _ROLE_PARAM:
         return where
     if role == _ROLE_GRAD:
@@ -317,15 +344,15 @@ cdef str _span_name(_Spans sp, const _mspan *e, bint lead):
     return f"{where}: state[{key!r}]" if lead else f"{where}'s state[{key!r}]"
 
 
-cdef tuple _rank(_Spans sp, const _mspan *e):
+cdef tuple _rank(_Spans sp, Py_ssize_t i):
     # a gradient is named first, then a state entry, then a parameter; among equals the one
     # listed later
-    cdef int role = e.tag & ((1 << _ROLE_BITS) - 1)
+    cdef int role = sp.info[i].tag & ((1 << _ROLE_BITS) - 1)
     return (2 if role == _ROLE_GRAD else 0 if role == _ROLE_PARAM else 1,
-            (<Plan>sp.plans[e.tag >> _ROLE_BITS]).gi, e.pi, role)
+            (<Plan>sp.plans[sp.info[i].tag >> _ROLE_BITS]).gi, sp.info[i].pi, role)
 
 
-cdef int _shared(_Spans sp, const _mspan *a, const _mspan *b) except -1:
+cdef int _shared(_Spans sp, Py_ssize_t a, Py_ssize_t b) except -1:
     if _rank(sp, b) > _rank(sp, a):
         a, b = b, a
     raise ValueError(f"{_span_name(sp, a, True)} shares memory with {_span_name(sp, b, False)}; "
@@ -336,46 +363,47 @@ cdef int _shared(_Spans sp, const _mspan *a, const _mspan *b) except -1:
 cdef int _sweep(_Spans sp, const uint64_t *order, uint64_t mask) except -1:
     """The spans in address order (indices order[k] & mask): raise for the first overlap
     the step cannot run in a defined order; mark plans with overlapping parameters serial."""
-    cdef Py_ssize_t k, i
-    cdef const _mspan *e
-    cdef const _mspan *m
-    cdef uintptr_t hi_all = 0, hi_write = 0, hi_param = 0, hi_grad = 0
+    cdef Py_ssize_t k, i, m
+    cdef uintptr_t lo, hi, hi_all = 0, hi_write = 0, hi_param = 0, hi_grad = 0
     cdef Py_ssize_t at_all = 0, at_write = 0, at_param = 0, at_grad = 0
     cdef int role
+    cdef int rmask = (1 << _ROLE_BITS) - 1
     for k in range(sp.n):
         i = <Py_ssize_t>(order[k] & mask)
-        e = &sp.s[i]
-        role = e.tag & ((1 << _ROLE_BITS) - 1)
+        lo = sp.lo[i]
+        hi = sp.hi[i]
+        role = sp.info[i].tag & rmask
         if role == _ROLE_PARAM:
-            if hi_write > e.lo:
-                _shared(sp, e, &sp.s[at_write])
-            if hi_grad > e.lo:
-                _shared(sp, e, &sp.s[at_grad])
-            if hi_param > e.lo:
-                (<Plan>sp.plans[e.tag >> _ROLE_BITS]).serial = 1
-            if e.hi > hi_param:
-                hi_param = e.hi
+            if hi_write > lo:
+                _shared(sp, i, at_write)
+            if hi_grad > lo:
+                _shared(sp, i, at_grad)
+            if hi_param > lo:
+                (<Plan>sp.plans[sp.info[i].tag >> _ROLE_BITS]).serial = 1
+            if hi > hi_param:
+                hi_param = hi
                 at_param = i
         elif role == _ROLE_GRAD:
-            if hi_write > e.lo:
-                _shared(sp, e, &sp.s[at_write])
-            if hi_param > e.lo:
-                _shared(sp, e, &sp.s[at_param])
-            if e.hi > hi_grad:
-                hi_grad = e.hi
+            if hi_write > lo:
+                _shared(sp, i, at_write)
+            if hi_param > lo:
+                _shared(sp, i, at_param)
+            if hi > hi_grad:
+                hi_grad = hi
                 at_grad = i
         else:
-            if hi_all > e.lo:
-                m = &sp.s[at_all]
+            if hi_all > lo:
+                m = at_all
                 # the same array of the same parameter (listed twice) is fine
-                if not (m.lo == e.lo and m.hi == e.hi and m.owner == e.owner
-                        and (m.tag & ((1 << _ROLE_BITS) - 1)) == role):
-                    _shared(sp, e, m)
-            if e.hi > hi_write:
-                hi_write = e.hi
+                if not (sp.lo[m] == lo and sp.hi[m] == hi
+                        and sp.info[m].owner == sp.info[i].owner
+                        and (sp.info[m].tag & rmask) == role):
+                    _shared(sp, i, m)
+            if hi > hi_write:
+                hi_write = hi
                 at_write = i
-        if e.hi > hi_all:
-            hi_all = e.hi
+        if hi > hi_all:
+            hi_all = hi
             at_all = i
     return 0
 
@@ -388,6 +416,7 @@ cdef int _check_spans(_Spans sp) except -1:
     cdef uint64_t *order
     cdef uint64_t mask
     cdef uintptr_t hi = 0
+    cdef const uintptr_t *his = sp.hi
     cdef _skey *keys
     cdef bint overlap = False
     if n < 2:
@@ -397,7 +426,7 @@ cdef int _check_spans(_Spans sp) except -1:
     if buf == NULL:
         raise MemoryError()
     try:
-        order = _sorted_by_address(sp.s, n, buf, <uint32_t *>(buf + 2 * n))
+        order = _sorted_by_address(sp, buf, <uint32_t *>(buf + 2 * n))
         if order != NULL:
             mask = (<uint64_t>1 << _bit_length(<uint64_t>(n - 1))) - 1
         else:  # addresses too far apart to pack with the index (not on usual systems)
@@ -405,7 +434,7 @@ cdef int _check_spans(_Spans sp) except -1:
             if keys == NULL:
                 raise MemoryError()
             for k in range(n):
-                keys[k].lo = sp.s[k].lo
+                keys[k].lo = sp.lo[k]
                 keys[k].idx = k
             qsort(keys, n, sizeof(_skey), _cmp_skey)
             for k in range(n):
@@ -414,11 +443,11 @@ cdef int _check_spans(_Spans sp) except -1:
             order = buf
             mask = ~(<uint64_t>0)
         for k in range(n):
-            if sp.s[order[k] & mask].lo < hi:
+            if sp.lo[order[k] & mask] < hi:
                 overlap = True
                 break
-            if sp.s[order[k] & mask].hi > hi:
-                hi = sp.s[order[k] & mask].hi
+            if his[order[k] & mask] > hi:
+                hi = his[order[k] & mask]
         if overlap:
             _sweep(sp, order, mask)
     finally:
