@@ -455,7 +455,14 @@ class Optimizer:
     # Stepping ----------------------------------------------------------------------------
 
     def step(self, closure=None):
-        """Perform one optimization step; returns ``closure()``'s value when given."""
+        """Perform one optimization step; returns ``closure()``'s value when given.
+
+        Bad input raises before anything changes; among it, ValueError when an array the
+        step writes (a parameter, a state array, a step counter) shares memory with another
+        array of the step (a parameter listed twice, and parameters over overlapping memory,
+        are fine: they update in list order). RuntimeError when another step of this
+        optimizer is running, in another thread or around this call (from its closure or a
+        step hook)."""
         loss = None
         if closure is not None:
             loss = closure()
