@@ -6,16 +6,17 @@ A class names its kernel (a line of csrc/kernels.def), its hyperparameters in th
 the kernel's struct of doubles, and its state keys (see ``Optimizer``); ``Spec`` holds that
 declaration. ``update`` runs a whole step: it freezes and checks every group, walks every
 parameter once (``collect``), checking each parameter, gradient and state array it will
-touch and recording raw pointers in one ``Plan`` per group and dtype, so that it raises
-before anything is modified; it calls back into Python only to create the state of
-parameters stepping for the first time; then one GIL-free call to ``fo_step`` advances the
-step counters, computes the per-tensor scalars (the kernel's ``prepare``) and runs the loops
-of all groups.
+touch and recording raw pointers in one ``Plan`` per group and dtype, then checks with one
+sort of their memory spans that no array the step writes shares memory with another array
+of the step (``_check_spans``), so that it raises before anything is modified; it calls
+back into Python only to create the state of parameters stepping for the first time; then
+one GIL-free call to ``fo_step`` advances the step counters, computes the per-tensor scalars
+(the kernel's ``prepare``) and runs the loops of all groups.
 """
 cimport numpy as cnp
 from cpython.dict cimport PyDict_GetItem
 from cpython.object cimport PyObject
-from libc.stdint cimport int64_t, uintptr_t
+from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc, qsort, realloc
 from libc.string cimport memcpy
 
@@ -124,6 +125,334 @@ cdef inline bint _overlap(cnp.ndarray a, cnp.ndarray b, bint allow_identical):
         return False
     return a0 < b1 and b0 < a1
 
+
+# ---- memory shared between the arrays of one step ----------------------------------------
+#
+# A step writes every parameter, state array, step counter and 0-d scalar state entry, and
+# reads every gradient. ``update`` records the memory span of each array it collects and,
+# before anything changes, sorts them once and sweeps: an array the step writes may share
+# memory only with itself (a parameter listed twice sees its own state twice) or, for a
+# parameter, with other parameters (overlapping views: the group then runs on one thread, in
+# list order, as torch's loop does). Every other overlap is refused, naming both arrays. A
+# gradient that is its own parameter (allowed, as in torch) counts as the parameter.
+
+cdef enum:
+    _ROLE_PARAM = 0
+    _ROLE_GRAD = 1
+    _ROLE_STATE = 2   # 2, 3, 4: the state arrays, in the kernel's order
+    _ROLE_STEP = 5
+    _ROLE_AUX = 6     # 6, 7: the 0-d scalar state entries
+    _ROLE_BITS = 3    # _sinfo.tag = plan index << _ROLE_BITS | role
+    _SORT_SMALL = 32  # below this many spans, insertion sort
+
+
+ctypedef struct _sinfo:
+    uintptr_t owner  # the parameter object: a parameter listed twice gives the same owner
+    int32_t pi       # the index in its group
+    int32_t tag
+
+
+cdef class _Spans:
+    """The memory spans [lo, hi) of the arrays of one step, what each array is (``info``),
+    the plans they belong to, and the least and greatest start and the OR of all starts."""
+    cdef uintptr_t *lo
+    cdef uintptr_t *hi
+    cdef _sinfo *info
+    cdef Py_ssize_t n, cap
+    cdef uintptr_t lo_min, lo_max, lo_or
+    cdef list plans
+
+    def __cinit__(self):
+        self.lo = NULL
+        self.hi = NULL
+        self.info = NULL
+        self.n = 0
+        self.cap = 0
+        self.lo_min = <uintptr_t>-1
+        self.lo_max = 0
+        self.lo_or = 0
+        self.plans = []
+
+    def __dealloc__(self):
+        free(self.lo)
+        free(self.hi)
+        free(self.info)
+
+    cdef int reserve(self, Py_ssize_t more) except -1:
+        cdef Py_ssize_t cap = self.cap
+        cdef void *mem
+        if self.n + more <= cap:
+            return 0
+        while cap < self.n + more:
+            cap = 256 if cap == 0 else 2 * cap
+        mem = realloc(self.lo, cap * sizeof(uintptr_t))
+        if mem == NULL:
+            raise MemoryError()
+        self.lo = <uintptr_t *>mem
+        mem = realloc(self.hi, cap * sizeof(uintptr_t))
+        if mem == NULL:
+            raise MemoryError()
+        self.hi = <uintptr_t *>mem
+        mem = realloc(self.info, cap * sizeof(_sinfo))
+        if mem == NULL:
+            raise MemoryError()
+        self.info = <_sinfo *>mem
+        self.cap = cap
+        return 0
+
+
+cdef inline int _push(_Spans sp, void *data, uintptr_t nbytes, object owner, Py_ssize_t pi,
+                      int plan, int role) except -1:
+    cdef uintptr_t lo = <uintptr_t>data
+    cdef Py_ssize_t k = sp.n
+    if nbytes == 0:
+        return 0
+    if k == sp.cap:
+        sp.reserve(1)
+    sp.lo[k] = lo
+    sp.hi[k] = lo + nbytes
+    sp.info[k].owner = <uintptr_t><PyObject *>owner
+    sp.info[k].pi = <int32_t>pi
+    sp.info[k].tag = (plan << _ROLE_BITS) | role
+    if lo < sp.lo_min:
+        sp.lo_min = lo
+    if lo > sp.lo_max:
+        sp.lo_max = lo
+    sp.lo_or |= lo
+    sp.n = k + 1
+    return 0
+
+
+cdef inline int _bit_length(uint64_t x) noexcept nogil:
+    cdef int n = 0
+    while x:
+        x >>= 1
+        n += 1
+    return n
+
+
+cdef enum:
+    _RADIX_BITS = 11  # the widest digit of the radix sort
+    _RADIX_PASSES = 6  # enough passes for 64 bits
+
+
+cdef inline void _scatter(const uint64_t *a, uint64_t *b, Py_ssize_t n, uint32_t *cnt,
+                          int shift, uint64_t dmask) noexcept nogil:
+    # one stable pass of the radix sort: a's keys into b by the digit at ``shift``
+    cdef Py_ssize_t i, j
+    cdef uint32_t pos = 0, c
+    for j in range(<Py_ssize_t>dmask + 1):
+        c = cnt[j]
+        cnt[j] = pos
+        pos += c
+    for i in range(n):
+        j = <Py_ssize_t>((a[i] >> shift) & dmask)
+        b[cnt[j]] = a[i]
+        cnt[j] += 1
+
+
+cdef uint64_t *_sorted_by_address(_Spans sp, uint64_t *buf, uint32_t *count) noexcept nogil:
+    """The spans' indices in the order of their start address (ties in index order), as the
+    low ``ib`` bits of keys ``(lo - min lo) >> shift << ib | index``. ``buf`` holds 2 n keys,
+    ``count`` _RADIX_PASSES << _RADIX_BITS counters. An LSD radix sort over the address bits
+    that vary, its histograms counted while the keys are made; NULL when the key does not
+    fit 64 bits (the caller then sorts another way)."""
+    cdef Py_ssize_t i, j, n = sp.n
+    cdef const uintptr_t *los = sp.lo
+    cdef uintptr_t mn = sp.lo_min
+    cdef uint64_t x, dmask
+    cdef uint64_t *a = buf
+    cdef uint64_t *b = buf + n
+    cdef uint64_t *t
+    cdef uint32_t *c1
+    cdef int shift = 0, ib, ab, passes, width, p
+    if sp.lo_or:  # bits below the coarsest alignment of all spans are 0 in every key
+        while not (sp.lo_or >> shift) & 1:
+            shift += 1
+    ib = _bit_length(<uint64_t>(n - 1))
+    ab = _bit_length(<uint64_t>((sp.lo_max - mn) >> shift))
+    if ib + ab > 64:
+        return NULL
+    if n < _SORT_SMALL:
+        for i in range(n):
+            a[i] = (<uint64_t>((los[i] - mn) >> shift) << ib) | <uint64_t>i
+        for i in range(1, n):
+            x = a[i]
+            j = i - 1
+            while j >= 0 and a[j] > x:
+                a[j + 1] = a[j]
+                j -= 1
+            a[j + 1] = x
+        return a
+    passes = (ab + _RADIX_BITS - 1) // _RADIX_BITS
+    width = (ab + passes - 1) // passes if passes else 0
+    dmask = (<uint64_t>1 << width) - 1
+    for j in range(passes << width):
+        count[j] = 0
+    if passes == 2:  # the usual case: addresses within 2^22 words
+        c1 = count + (1 << width)
+        for i in range(n):
+            x = (<uint64_t>((los[i] - mn) >> shift) << ib) | <uint64_t>i
+            a[i] = x
+            count[(x >> ib) & dmask] += 1
+            c1[(x >> (ib + width)) & dmask] += 1
+    else:
+        for i in range(n):
+            x = (<uint64_t>((los[i] - mn) >> shift) << ib) | <uint64_t>i
+            a[i] = x
+            x >>= ib
+            for p in range(passes):
+                count[(p << width) + <Py_ssize_t>(x & dmask)] += 1
+                x >>= width
+    for p in range(passes):
+        _scatter(a, b, n, count + (p << width), ib + p * width, dmask)
+        t = a
+        a = b
+        b = t
+    return a
+
+
+ctypedef struct _skey:
+    uintptr_t lo
+    uint64_t idx
+
+
+cdef int _cmp_skey(const void *a, const void *b) noexcept nogil:
+    cdef const _skey *x = <const _skey *>a
+    cdef const _skey *y = <const _skey *>b
+    if x.lo != y.lo:
+        return -1 if x.lo < y.lo else 1
+    return (x.idx > y.idx) - (x.idx < y.idx)
+
+
+cdef str _span_name(_Spans sp, Py_ssize_t i, bint lead):
+    """Array ``i`` of the step in words: the parameter, its gradient or a state entry
+    (``lead``: at the start of a message)."""
+    cdef Plan plan = <Plan>sp.plans[sp.info[i].tag >> _ROLE_BITS]
+    cdef int role = sp.info[i].tag & ((1 << _ROLE_BITS) - 1)
+    where = _where(plan.gi, sp.info[i].pi)
+    if role == _ROLE_PARAM:
+        return where
+    if role == _ROLE_GRAD:
+        return where + ".grad"
+    if role == _ROLE_STEP:
+        key = "step"
+    elif role >= _ROLE_AUX:
+        key = plan.scalars[role - _ROLE_AUX]
+    else:
+        key = plan.keys[role - _ROLE_STATE]
+    return f"{where}: state[{key!r}]" if lead else f"{where}'s state[{key!r}]"
+
+
+cdef tuple _rank(_Spans sp, Py_ssize_t i):
+    # a gradient is named first, then a state entry, then a parameter; among equals the one
+    # listed later
+    cdef int role = sp.info[i].tag & ((1 << _ROLE_BITS) - 1)
+    return (2 if role == _ROLE_GRAD else 0 if role == _ROLE_PARAM else 1,
+            (<Plan>sp.plans[sp.info[i].tag >> _ROLE_BITS]).gi, sp.info[i].pi, role)
+
+
+cdef int _shared(_Spans sp, Py_ssize_t a, Py_ssize_t b) except -1:
+    if _rank(sp, b) > _rank(sp, a):
+        a, b = b, a
+    raise ValueError(f"{_span_name(sp, a, True)} shares memory with {_span_name(sp, b, False)}; "
+                     f"a step writes every parameter and state array, so none of them may "
+                     f"share memory with another array of the step")
+
+
+cdef int _sweep(_Spans sp, const uint64_t *order, uint64_t mask) except -1:
+    """The spans in address order (indices order[k] & mask): raise for the first overlap
+    the step cannot run in a defined order; mark plans with overlapping parameters serial."""
+    cdef Py_ssize_t k, i, m
+    cdef uintptr_t lo, hi, hi_all = 0, hi_write = 0, hi_param = 0, hi_grad = 0
+    cdef Py_ssize_t at_all = 0, at_write = 0, at_param = 0, at_grad = 0
+    cdef int role
+    cdef int rmask = (1 << _ROLE_BITS) - 1
+    for k in range(sp.n):
+        i = <Py_ssize_t>(order[k] & mask)
+        lo = sp.lo[i]
+        hi = sp.hi[i]
+        role = sp.info[i].tag & rmask
+        if role == _ROLE_PARAM:
+            if hi_write > lo:
+                _shared(sp, i, at_write)
+            if hi_grad > lo:
+                _shared(sp, i, at_grad)
+            if hi_param > lo:
+                (<Plan>sp.plans[sp.info[i].tag >> _ROLE_BITS]).serial = 1
+            if hi > hi_param:
+                hi_param = hi
+                at_param = i
+        elif role == _ROLE_GRAD:
+            if hi_write > lo:
+                _shared(sp, i, at_write)
+            if hi_param > lo:
+                _shared(sp, i, at_param)
+            if hi > hi_grad:
+                hi_grad = hi
+                at_grad = i
+        else:
+            if hi_all > lo:
+                m = at_all
+                # the same array of the same parameter (listed twice) is fine
+                if not (sp.lo[m] == lo and sp.hi[m] == hi
+                        and sp.info[m].owner == sp.info[i].owner
+                        and (sp.info[m].tag & rmask) == role):
+                    _shared(sp, i, m)
+            if hi > hi_write:
+                hi_write = hi
+                at_write = i
+        if hi > hi_all:
+            hi_all = hi
+            at_all = i
+    return 0
+
+
+cdef int _check_spans(_Spans sp) except -1:
+    """Sort the spans of the step by address and sweep (see above); the usual step, where no
+    two arrays share memory, takes one pass after the sort."""
+    cdef Py_ssize_t n = sp.n, k
+    cdef uint64_t *buf
+    cdef uint64_t *order
+    cdef uint64_t mask
+    cdef uintptr_t hi = 0
+    cdef const uintptr_t *his = sp.hi
+    cdef _skey *keys
+    cdef bint overlap = False
+    if n < 2:
+        return 0
+    buf = <uint64_t *>malloc(2 * n * sizeof(uint64_t)
+                             + (_RADIX_PASSES << _RADIX_BITS) * sizeof(uint32_t))
+    if buf == NULL:
+        raise MemoryError()
+    try:
+        order = _sorted_by_address(sp, buf, <uint32_t *>(buf + 2 * n))
+        if order != NULL:
+            mask = (<uint64_t>1 << _bit_length(<uint64_t>(n - 1))) - 1
+        else:  # addresses too far apart to pack with the index (not on usual systems)
+            keys = <_skey *>malloc(n * sizeof(_skey))
+            if keys == NULL:
+                raise MemoryError()
+            for k in range(n):
+                keys[k].lo = sp.lo[k]
+                keys[k].idx = k
+            qsort(keys, n, sizeof(_skey), _cmp_skey)
+            for k in range(n):
+                buf[k] = keys[k].idx
+            free(keys)
+            order = buf
+            mask = ~(<uint64_t>0)
+        for k in range(n):
+            if sp.lo[order[k] & mask] < hi:
+                overlap = True
+                break
+            if his[order[k] & mask] > hi:
+                hi = his[order[k] & mask]
+        if overlap:
+            _sweep(sp, order, mask)
+    finally:
+        free(buf)
+    return 0
 
 
 cdef enum:
@@ -278,9 +607,14 @@ cdef class Plan:
     cdef tuple keys
     cdef bint has_step
     cdef tuple scalars
+    cdef int sid     # index in the step's _Spans.plans, -1 outside update
+    cdef Py_ssize_t gi  # the group's index
+    cdef int serial  # 1: run on one thread (set by _check_spans), -1: not known yet
 
     def __cinit__(self, int typenum):
         self.typenum = typenum
+        self.sid = -1
+        self.serial = -1
         self.keep = []
         self.ts = NULL
         self.n = 0
@@ -323,7 +657,8 @@ cdef class Plan:
         return self.n - 1
 
     cdef int _bind(self, Py_ssize_t slot, object st, cnp.ndarray p, Py_ssize_t gi,
-                   Py_ssize_t pi) except -1:
+                   Py_ssize_t pi, _Spans sp, object owner) except -1:
+        # sp: where to record the memory of the state arrays (None for new state)
         cdef PyObject *item
         cdef cnp.ndarray a
         cdef Py_ssize_t j
@@ -332,6 +667,10 @@ cdef class Plan:
         cdef uintptr_t lo, hi
         cdef int k, nb = 0  # memory spans of the state arrays bound so far
         cdef tuple keys = self.keys
+        # every state array has the parameter's dtype and shape (checked below)
+        cdef uintptr_t nbytes = (<uintptr_t>self.ts[slot].numel
+                                 * (4 if self.typenum == cnp.NPY_FLOAT else 8))
+        cdef uintptr_t p0 = <uintptr_t>cnp.PyArray_DATA(p)
         if not isinstance(st, dict):
             raise TypeError(f"{_where(gi, pi)}: optimizer.state entry must be a dict, "
                             f"got {type(st).__name__}")
@@ -356,11 +695,11 @@ cdef class Plan:
             if not _usable(a):
                 raise ValueError(f"{_where(gi, pi)}: state[{key!r}] must be a writable, "
                                  f"C-contiguous, aligned array")
-            if _overlap(a, p, False):
+            lo = <uintptr_t>cnp.PyArray_DATA(a)
+            hi = lo + nbytes
+            if lo < hi and lo < p0 + nbytes and p0 < hi:
                 raise ValueError(f"{_where(gi, pi)}: state[{key!r}] shares memory with the "
                                  f"parameter")
-            lo = <uintptr_t>cnp.PyArray_DATA(a)
-            hi = lo + <uintptr_t>cnp.PyArray_NBYTES(a)
             for k in range(nb):
                 if lo < his[k] and los[k] < hi:
                     raise ValueError(f"{_where(gi, pi)}: state[{key!r}] shares memory with "
@@ -371,6 +710,9 @@ cdef class Plan:
                 nb += 1
             self.ts[slot].state[j] = cnp.PyArray_DATA(a)
             self.keep.append(a)
+            if sp is not None:
+                _push(sp, cnp.PyArray_DATA(a), nbytes, owner, pi, self.sid,
+                      _ROLE_STATE + <int>j)
         if self.has_step:
             item = PyDict_GetItem(st, "step")
             if item == NULL:
@@ -383,6 +725,8 @@ cdef class Plan:
                                 f"float32 array, got {obj!r}")
             self.ts[slot].step = <float *>cnp.PyArray_DATA(<cnp.ndarray>obj)
             self.keep.append(obj)
+            if sp is not None:
+                _push(sp, self.ts[slot].step, 4, owner, pi, self.sid, _ROLE_STEP)
         for j in range(len(self.scalars)):
             key = self.scalars[j]
             item = PyDict_GetItem(st, key)
@@ -390,6 +734,8 @@ cdef class Plan:
             _check_scalar(obj, gi, pi, key)
             self.ts[slot].aux[j] = <float *>cnp.PyArray_DATA(<cnp.ndarray>obj)
             self.keep.append(obj)
+            if sp is not None:
+                _push(sp, self.ts[slot].aux[j], 4, owner, pi, self.sid, _ROLE_AUX + <int>j)
         return 0
 
     def bind(self, Py_ssize_t slot, st, bint first, cnp.ndarray p, Py_ssize_t gi,
@@ -398,14 +744,14 @@ cdef class Plan:
         marks a lazily created buffer that takes the gradient on this step."""
         if not 0 <= slot < self.n:
             raise IndexError(f"slot {slot} out of range for a plan of {self.n} tensors")
-        self._bind(slot, st, p, gi, pi)
+        self._bind(slot, st, p, gi, pi, None, None)
         if first:
             self.ts[slot].flags |= FO_FIRST_STEP
 
     cdef int _serial(self) noexcept:
         """1 when two tensors share memory (a parameter listed twice, or overlapping views)
         and the work would be split over threads: then one thread updates them in list
-        order, as torch does."""
+        order, as torch does. For the plans of ``update`` _check_spans decides instead."""
         cdef Py_ssize_t k
         cdef int64_t total = 0
         cdef uintptr_t hi = 0
@@ -437,26 +783,32 @@ cdef class Plan:
         return dup
 
 
-cdef Plan _new_plan(int typenum, Spec spec, tuple keys):
+cdef Plan _new_plan(int typenum, Spec spec, tuple keys, _Spans sp, Py_ssize_t gi):
     cdef Plan plan = Plan.__new__(Plan, typenum)
+    plan.gi = gi
     plan.keys = keys
     plan.has_step = spec.step_counter
     plan.scalars = spec.scalars
+    plan.sid = len(sp.plans)
+    plan.serial = 0
+    sp.plans.append(plan)
     return plan
 
 
 cdef tuple _collect(Py_ssize_t gi, list params, state, Spec spec, tuple keys, int init_mode,
-                    list missing):
+                    list missing, _Spans sp):
     """Check group ``gi`` and return plans (p32, p64) of the parameters that have a
     gradient, by dtype (None for a dtype with none). Parameters that need new state (see
     Spec.init_mode) are appended to ``missing`` as (plan, slot, param, array, gi, pi) and
-    left unbound."""
+    left unbound. The memory of every array is recorded in ``sp``."""
     cdef Py_ssize_t i, slot, n = len(params)
     cdef cnp.ndarray arr, g
     cdef Plan plan, p32 = None, p64 = None
     cdef PyObject *item
     cdef bint need
+    cdef uintptr_t nbytes
     ptype = _parameter_type
+    sp.reserve(n * (2 + len(keys) + spec.step_counter + len(spec.scalars)))
     for i in range(n):
         obj = params[i]
         if type(obj) is ptype or isinstance(obj, ptype):
@@ -479,13 +831,19 @@ cdef tuple _collect(Py_ssize_t gi, list params, state, Spec spec, tuple keys, in
                              f"(torch: 'some elements refer to a single memory location')")
         if cnp.PyArray_TYPE(arr) == cnp.NPY_FLOAT:
             if p32 is None:
-                p32 = _new_plan(cnp.NPY_FLOAT, spec, keys)
+                p32 = _new_plan(cnp.NPY_FLOAT, spec, keys, sp, gi)
             plan = p32
         else:
             if p64 is None:
-                p64 = _new_plan(cnp.NPY_DOUBLE, spec, keys)
+                p64 = _new_plan(cnp.NPY_DOUBLE, spec, keys, sp, gi)
             plan = p64
         slot = plan._add(arr, g)
+        nbytes = <uintptr_t>plan.ts[slot].numel * (4 if plan.typenum == cnp.NPY_FLOAT else 8)
+        _push(sp, cnp.PyArray_DATA(arr), nbytes, obj, i, plan.sid, _ROLE_PARAM)
+        # a gradient that is the parameter itself (allowed above) is covered by the
+        # parameter's span; a contiguous copy made by _check_grad shares nothing
+        if g is gobj and cnp.PyArray_DATA(g) != cnp.PyArray_DATA(arr):
+            _push(sp, cnp.PyArray_DATA(g), nbytes, obj, i, plan.sid, _ROLE_GRAD)
         if init_mode == 2:
             continue
         item = PyDict_GetItem(state, obj)
@@ -497,7 +855,7 @@ cdef tuple _collect(Py_ssize_t gi, list params, state, Spec spec, tuple keys, in
         if need:
             missing.append((plan, slot, obj, arr, gi, i))
         else:
-            plan._bind(slot, <object>item, arr, gi, i)
+            plan._bind(slot, <object>item, arr, gi, i, sp, obj)
     return p32, p64
 
 
@@ -514,7 +872,7 @@ cdef int _run(list plans, int kernel) except -1:
             continue
         gs[ng].kernel = kernel
         gs[ng].f64 = plan.typenum == cnp.NPY_DOUBLE
-        gs[ng].serial = plan._serial()
+        gs[ng].serial = plan.serial if plan.serial >= 0 else plan._serial()
         gs[ng].hyper = plan.hyper
         gs[ng].ts = plan.ts
         gs[ng].nt = plan.n
@@ -528,9 +886,9 @@ cdef int _run(list plans, int kernel) except -1:
 def update(opt, tuple kinds, Spec spec):
     """The body of ``Optimizer._update`` for ``opt``, whose hyperparameter kinds are
     ``kinds`` (numeric keys, flag keys, (key, length) pairs) and whose class is described
-    by ``spec``: check and freeze every group and collect every parameter first (nothing is
-    modified), then create missing state through ``opt._create_state``, then run all groups
-    in one call into C."""
+    by ``spec``: check and freeze every group, collect every parameter and check the memory
+    the step touches first (nothing is modified), then create missing state through
+    ``opt._create_state``, then run all groups in one call into C."""
     cdef list missing = [], work = [], plans = []
     cdef Py_ssize_t gi = 0
     cdef tuple numeric = kinds[0], flags = kinds[1], pairs = kinds[2]
@@ -539,6 +897,7 @@ def update(opt, tuple kinds, Spec spec):
     cdef double hyper[MAX_HYPER]
     cdef Plan p32, p64
     cdef int mode
+    cdef _Spans sp = _Spans()
     state = opt.state
     for group in opt.param_groups:
         try:
@@ -555,7 +914,7 @@ def update(opt, tuple kinds, Spec spec):
             params = list(params)
         keys = spec.layout(frozen)
         mode = spec.init_mode(keys)
-        p32, p64 = _collect(gi, params, state, spec, keys, mode, missing)
+        p32, p64 = _collect(gi, params, state, spec, keys, mode, missing, sp)
         if p32 is not None:
             memcpy(p32.hyper, hyper, MAX_HYPER * sizeof(double))
             plans.append(p32)
@@ -564,6 +923,7 @@ def update(opt, tuple kinds, Spec spec):
             plans.append(p64)
         work.append((frozen, keys, mode))
         gi += 1
+    _check_spans(sp)
     if missing:
         opt._create_state(missing, work)
     _run(plans, spec.kernel)

@@ -10,6 +10,7 @@ from collections import OrderedDict, defaultdict
 from collections.abc import Mapping
 from copy import deepcopy
 from itertools import chain
+from threading import get_ident
 import functools
 import math
 import warnings
@@ -111,33 +112,71 @@ def register_optimizer_step_post_hook(hook):
     return _register(_global_step_post_hooks, hook)
 
 
+# id(optimizer) -> (thread ident, step function) of the step running now
+_running_steps = {}
+
+
+def _step_conflict(self, running, func):
+    """Raise unless the step ``running`` (from ``_running_steps``) may call ``func``: only a
+    step reaching its base class's step through ``super().step()`` may."""
+    name = type(self).__name__
+    if running[0] != get_ident():
+        raise RuntimeError(f"{name}.step() was called while another thread runs a step of the "
+                           f"same {name} optimizer; steps of one optimizer must not overlap "
+                           f"(call step() from one thread, or hold a lock around it)")
+    if running[1] is func:
+        raise RuntimeError(f"{name}.step() was called from inside a step of the same {name} "
+                           f"optimizer (from its closure or a step hook); call it again after "
+                           f"the step returns")
+
+
 def _with_step_hooks(func):
     """Wrap a subclass's ``step`` with the global and instance step hooks, in torch's order:
-    global pre, instance pre, step, instance post, global post."""
+    global pre, instance pre, step, instance post, global post.
+
+    The wrapper also refuses overlapping steps of one optimizer: a second ``step()`` while
+    one runs, from another thread or from the closure or a hook of the running one, raises
+    RuntimeError before anything changes (torch has no such guard; there the two steps race
+    on the state). A subclass's step may still call ``super().step()``."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         self = args[0]
-        if not (_global_step_pre_hooks or _global_step_post_hooks
-                or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks):
-            return func(*args, **kwargs)
-        # as torch: hooks see args with the optimizer first, and may replace args and kwargs
-        for hook in chain(_global_step_pre_hooks.values(), self._optimizer_step_pre_hooks.values()):
-            result = hook(self, args, kwargs)
-            if result is not None:
-                if isinstance(result, tuple) and len(result) == 2:
-                    args, kwargs = result
-                else:
-                    raise RuntimeError(f"{func} must return None or a tuple of "
-                                       f"(new_args, new_kwargs), but got {result}.")
-        out = func(*args, **kwargs)
-        for hook in chain(self._optimizer_step_post_hooks.values(),
-                          _global_step_post_hooks.values()):
-            hook(self, args, kwargs)
-        return out
+        key = id(self)
+        token = (get_ident(), func)
+        running = _running_steps.setdefault(key, token)  # atomic: one call into the dict
+        if running is not token:
+            _step_conflict(self, running, func)
+            return _hooked_step(func, args, kwargs)
+        try:
+            return _hooked_step(func, args, kwargs)
+        finally:
+            del _running_steps[key]
 
     wrapper._fastopt_hooked = True
     return wrapper
+
+
+def _hooked_step(func, args, kwargs):
+    """``func(*args, **kwargs)`` with the global and instance step hooks around it."""
+    self = args[0]
+    if not (_global_step_pre_hooks or _global_step_post_hooks
+            or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks):
+        return func(*args, **kwargs)
+    # as torch: hooks see args with the optimizer first, and may replace args and kwargs
+    for hook in chain(_global_step_pre_hooks.values(), self._optimizer_step_pre_hooks.values()):
+        result = hook(self, args, kwargs)
+        if result is not None:
+            if isinstance(result, tuple) and len(result) == 2:
+                args, kwargs = result
+            else:
+                raise RuntimeError(f"{func} must return None or a tuple of "
+                                   f"(new_args, new_kwargs), but got {result}.")
+    out = func(*args, **kwargs)
+    for hook in chain(self._optimizer_step_post_hooks.values(),
+                      _global_step_post_hooks.values()):
+        hook(self, args, kwargs)
+    return out
 
 
 class Optimizer:
@@ -418,7 +457,14 @@ class Optimizer:
     # Stepping ----------------------------------------------------------------------------
 
     def step(self, closure=None):
-        """Perform one optimization step; returns ``closure()``'s value when given."""
+        """Perform one optimization step; returns ``closure()``'s value when given.
+
+        Bad input raises before anything changes; among it, ValueError when an array the
+        step writes (a parameter, a state array, a step counter) shares memory with another
+        array of the step (a parameter listed twice, and parameters over overlapping memory,
+        are fine: they update in list order). RuntimeError when another step of this
+        optimizer is running, in another thread or around this call (from its closure or a
+        step hook)."""
         loss = None
         if closure is not None:
             loss = closure()
