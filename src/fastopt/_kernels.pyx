@@ -21,6 +21,7 @@ from libc.stdlib cimport free, malloc, qsort, realloc
 from libc.string cimport memcpy
 
 import numpy as np
+from threading import get_ident as _get_ident
 
 cnp.import_array()
 
@@ -993,6 +994,31 @@ def run_sparse_adam(list items, double beta1, double beta2, double eps, bint max
         plan.hyper[2] = eps
         plan.hyper[3] = 1.0 if maximize else 0.0
     _run([p32, p64], _sparse_adam_kernel)
+
+
+# ---- one step at a time per optimizer (see optimizer._with_step_hooks) -------------------
+
+# id(optimizer) -> (thread ident, step function) of the step running now
+_running_steps = {}
+
+
+def guarded_step(func, tuple args, dict kwargs, run, conflict):
+    """``run(func, args, kwargs)`` (the step with its hooks) unless another step of the same
+    optimizer runs, in which case ``conflict(optimizer, running, func)`` raises. Compiled,
+    so that between taking the optimizer's slot and freeing it no Python signal handler can
+    run outside the step itself: an exception it raises cannot leave the slot taken."""
+    self = args[0]
+    key = id(self)
+    token = (_get_ident(), func)
+    running = _running_steps.setdefault(key, token)  # atomic: one call into the dict
+    try:
+        if running is not token:
+            conflict(self, running, func)  # raises, except for super().step() in a step
+        return run(func, args, kwargs)
+    finally:
+        # only the step that took the slot frees it (not a super().step() inside it)
+        if _running_steps.get(key) is token:
+            del _running_steps[key]
 
 
 # ---- configuration -------------------------------------------------------------------------

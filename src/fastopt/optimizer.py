@@ -19,7 +19,7 @@ import numpy as np
 
 from fastopt import _kernels
 from fastopt._adapters import _adapter_for, _foreign_arrays, _foreign_param
-from fastopt._kernels import update
+from fastopt._kernels import guarded_step, update
 from fastopt.parameter import Parameter
 
 __all__ = [
@@ -112,13 +112,9 @@ def register_optimizer_step_post_hook(hook):
     return _register(_global_step_post_hooks, hook)
 
 
-# id(optimizer) -> (thread ident, step function) of the step running now
-_running_steps = {}
-
-
 def _step_conflict(self, running, func):
-    """Raise unless the step ``running`` (from ``_running_steps``) may call ``func``: only a
-    step reaching its base class's step through ``super().step()`` may."""
+    """Raise unless the step ``running`` (a (thread ident, step function) pair) may call
+    ``func``: only a step reaching its base class's step through ``super().step()`` may."""
     name = type(self).__name__
     if running[0] != get_ident():
         raise RuntimeError(f"{name}.step() was called while another thread runs a step of the "
@@ -141,17 +137,7 @@ def _with_step_hooks(func):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        self = args[0]
-        key = id(self)
-        token = (get_ident(), func)
-        running = _running_steps.setdefault(key, token)  # atomic: one call into the dict
-        if running is not token:
-            _step_conflict(self, running, func)
-            return _hooked_step(func, args, kwargs)
-        try:
-            return _hooked_step(func, args, kwargs)
-        finally:
-            del _running_steps[key]
+        return guarded_step(func, args, kwargs, _hooked_step, _step_conflict)
 
     wrapper._fastopt_hooked = True
     return wrapper
