@@ -14,7 +14,7 @@ one GIL-free call to ``fo_step`` advances the step counters, computes the per-te
 (the kernel's ``prepare``) and runs the loops of all groups.
 """
 cimport numpy as cnp
-from cpython.dict cimport PyDict_GetItem
+from cpython.dict cimport PyDict_GetItem, PyDict_SetItem
 from cpython.object cimport PyObject
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc, qsort, realloc
@@ -964,36 +964,44 @@ def average(list dst, list src, double weight, bint lerp):
     _run([p32, p64], _average_kernel)
 
 
-def run_sparse_adam(list items, double beta1, double beta2, double eps, bint maximize):
-    """One SparseAdam step. ``items`` holds (param, rows, values, exp_avg, exp_avg_sq,
-    step_size) per parameter, already checked by the caller: rows a unique int64 vector,
-    values a C-contiguous (len(rows), width) array of the parameter's dtype, every row index
-    in range, the moments shaped and typed as the parameter."""
-    cdef Plan p32 = Plan(cnp.NPY_FLOAT), p64 = Plan(cnp.NPY_DOUBLE)
-    cdef Plan plan
+def run_sparse_adam(list groups, list counters):
+    """One SparseAdam step of every group in one call into C, after setting
+    ``st["step"] = t`` for every (st, t) of ``counters``. ``groups`` holds per group
+    (items, beta1, beta2, eps, maximize), ``items`` (param, rows, values, exp_avg,
+    exp_avg_sq, step_size) per parameter, already checked by the caller: rows a unique int64
+    vector, values a C-contiguous (len(rows), width) array of the parameter's dtype, every
+    row index in range, the moments shaped and typed as the parameter."""
+    cdef list plans = []
+    cdef Plan plan, p32, p64
     cdef cnp.ndarray p, rows, vals, m, v
     cdef Py_ssize_t slot
     cdef int64_t width
-    for item in items:
-        p, rows, vals, m, v, step_size = item
-        if cnp.PyArray_SIZE(vals) == 0:
-            continue
-        plan = p32 if cnp.PyArray_TYPE(p) == cnp.NPY_FLOAT else p64
-        width = cnp.PyArray_SIZE(vals) // cnp.PyArray_SIZE(rows)
-        slot = plan._add(vals, vals)
-        plan.ts[slot].param = cnp.PyArray_DATA(p)
-        plan.ts[slot].state[0] = cnp.PyArray_DATA(m)
-        plan.ts[slot].state[1] = cnp.PyArray_DATA(v)
-        plan.ts[slot].state[2] = cnp.PyArray_DATA(rows)
-        plan.ts[slot].scalar[0] = step_size
-        plan.ts[slot].scalar[1] = <double>width
-        plan.keep.extend((p, rows, m, v))
-    for plan in (p32, p64):
-        plan.hyper[0] = beta1
-        plan.hyper[1] = beta2
-        plan.hyper[2] = eps
-        plan.hyper[3] = 1.0 if maximize else 0.0
-    _run([p32, p64], _sparse_adam_kernel)
+    for items, beta1, beta2, eps, maximize in groups:
+        p32 = Plan(cnp.NPY_FLOAT)
+        p64 = Plan(cnp.NPY_DOUBLE)
+        for item in items:
+            p, rows, vals, m, v, step_size = item
+            if cnp.PyArray_SIZE(vals) == 0:
+                continue
+            plan = p32 if cnp.PyArray_TYPE(p) == cnp.NPY_FLOAT else p64
+            width = cnp.PyArray_SIZE(vals) // cnp.PyArray_SIZE(rows)
+            slot = plan._add(vals, vals)
+            plan.ts[slot].param = cnp.PyArray_DATA(p)
+            plan.ts[slot].state[0] = cnp.PyArray_DATA(m)
+            plan.ts[slot].state[1] = cnp.PyArray_DATA(v)
+            plan.ts[slot].state[2] = cnp.PyArray_DATA(rows)
+            plan.ts[slot].scalar[0] = step_size
+            plan.ts[slot].scalar[1] = <double>width
+            plan.keep.extend((p, rows, m, v))
+        for plan in (p32, p64):
+            plan.hyper[0] = beta1
+            plan.hyper[1] = beta2
+            plan.hyper[2] = eps
+            plan.hyper[3] = 1.0 if maximize else 0.0
+            plans.append(plan)
+    for st, t in counters:
+        PyDict_SetItem(st, "step", t)
+    _run(plans, _sparse_adam_kernel)
 
 
 # ---- one step at a time per optimizer (see optimizer._with_step_hooks) -------------------

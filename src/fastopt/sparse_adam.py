@@ -143,12 +143,12 @@ class SparseAdam(Optimizer):
             step_size = frozen[gi]["lr"] * np.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
             items_of.setdefault(gi, []).append(
                 (arr, rows, vals, st["exp_avg"], st["exp_avg_sq"], float(step_size)))
-        # phase 2: store the new state and the counters, then one C call per group
+        # phase 2: store the new state (zeros at step 0: as good as none if the step stops
+        # here), then one compiled call sets the counters and updates all groups, with no
+        # point in between where a signal handler could stop it
         commit_state(self, created)
-        for gi, p, _, _, _ in work:
-            self.state[p]["step"] = steps[id(p)]
-        for gi, items in items_of.items():
-            group = frozen[gi]
-            beta1, beta2 = group["betas"]
-            _kernels.run_sparse_adam(items, beta1, beta2, group["eps"], group["maximize"])
+        counters = [(self.state[p], steps[id(p)]) for _, p, _, _, _ in work]
+        _kernels.run_sparse_adam([(items, *frozen[gi]["betas"], frozen[gi]["eps"],
+                                   frozen[gi]["maximize"]) for gi, items in items_of.items()],
+                                 counters)
         return loss
