@@ -101,3 +101,39 @@ def test_an_interrupt_during_a_sparse_adam_step_steps_all_groups_or_none():
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, before)
     assert interrupted > 0 and completed > 0
+
+
+@pytest.mark.parametrize("name", ["Adafactor", "Muon"])
+def test_an_interrupt_during_a_numpy_written_step_steps_all_groups_or_none(name):
+    """Adafactor and Muon update in NumPy, group after group: the handlers' exceptions wait
+    until every group is done, and are raised then."""
+    shape, groups, steps = (64, 64), 4, 80
+    rng = np.random.default_rng(2)
+    ps = [fastopt.Parameter(rng.standard_normal(shape).astype(np.float32))
+          for _ in range(groups)]
+    grads = [rng.standard_normal(shape).astype(np.float32) for _ in range(groups)]
+    opt = getattr(fastopt, name)([{"params": [p]} for p in ps], lr=1e-2)
+    for p, g in zip(ps, grads):
+        p.grad = g
+    opt.step()
+    interrupted = completed = 0
+    before = signal.signal(signal.SIGALRM, _raise)
+    signal.setitimer(signal.ITIMER_REAL, 2e-4, 2e-4)
+    try:
+        for i in range(steps):
+            old = [np.array(p) for p in ps]
+            try:
+                _armed[0] = 1 + i % 8
+                opt.step()
+                _armed[0] = 0
+                completed += 1
+            except _Interrupt:
+                interrupted += 1
+            changed = [not np.array_equal(o, p) for o, p in zip(old, ps)]
+            assert len(set(changed)) == 1, f"groups {changed} changed: half a step"
+            assert signal.getsignal(signal.SIGALRM) is _raise  # the step put it back
+    finally:
+        _armed[0] = 0
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, before)
+    assert interrupted > 0 and completed > 0

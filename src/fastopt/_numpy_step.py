@@ -2,7 +2,10 @@
 SparseAdam's checks): phase 1 of a step, which checks every hyperparameter, parameter,
 gradient and state array and creates the state of new parameters, raising before anything
 is modified, and torch's ``lerp``."""
+import contextlib
 import numbers
+import signal
+import threading
 
 import numpy as np
 
@@ -10,7 +13,7 @@ from fastopt._adapters import _param_arrays, _where
 from fastopt.parameter import SparseGrad
 
 __all__ = ["check_groups", "check_state_array", "check_step", "commit_state", "freeze",
-           "gather", "lerp_", "new_state", "prepare", "real"]
+           "gather", "lerp_", "new_state", "prepare", "real", "signals_deferred"]
 
 
 def gather(opt, name):
@@ -158,3 +161,34 @@ def lerp_(s, e, w):
         s += w * (e - s)
     else:
         s[...] = e - (e - s) * (type(w)(1) - w)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold back Python signal handlers (Ctrl-C's KeyboardInterrupt included) while the
+    block runs, and run the held ones, in order, when it ends: an update written in NumPy
+    is then never stopped half-way through its groups by an exception from a handler.
+
+    Python runs signal handlers only in the main thread, so elsewhere this does nothing.
+    Signals whose handler is not a Python function (ignored, default, set from C) are left
+    alone."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held, saved = [], {}
+
+    def hold(signum, frame):
+        held.append((signum, frame))
+
+    try:
+        for sig in signal.valid_signals():
+            handler = signal.getsignal(sig)
+            if callable(handler):
+                saved[sig] = handler
+                signal.signal(sig, hold)
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        for signum, frame in held:
+            saved[signum](signum, frame)

@@ -1,7 +1,8 @@
 """Adafactor: factored second moments for matrices (NumPy, not per-element)."""
 import numpy as np
 
-from fastopt._numpy_step import check_state_array, check_step, lerp_, prepare, real
+from fastopt._numpy_step import (check_state_array, check_step, lerp_, prepare, real,
+                                 signals_deferred)
 from fastopt.optimizer import Optimizer
 
 __all__ = ["Adafactor"]
@@ -146,13 +147,14 @@ class Adafactor(Optimizer):
         frozen, groups = prepare(self, "Adafactor", self._check_existing_state,
                                  lambda st: len(st) == 0, self._check_frozen,
                                  self._check_param)
-        for group, items in zip(frozen, groups):
-            lr, wd, d = group["lr"], group["weight_decay"], group["d"]
-            eps1, eps2 = group["eps"]
-            for _, p, arr, g in items:
-                self._update_one(arr, g, self.state[p], lr, wd, d, eps1, eps2, group)
-                if eps1 is None:
-                    eps1 = float(np.finfo(arr.dtype).eps)
+        with signals_deferred():  # every group is updated, or (the checks failed) none
+            for group, items in zip(frozen, groups):
+                lr, wd, d = group["lr"], group["weight_decay"], group["d"]
+                eps1, eps2 = group["eps"]
+                for _, p, arr, g in items:
+                    self._update_one(arr, g, self.state[p], lr, wd, d, eps1, eps2, group)
+                    if eps1 is None:
+                        eps1 = float(np.finfo(arr.dtype).eps)
         return loss
 
     @staticmethod

@@ -4,7 +4,7 @@ import operator
 
 import numpy as np
 
-from fastopt._numpy_step import check_state_array, lerp_, prepare
+from fastopt._numpy_step import check_state_array, lerp_, prepare, signals_deferred
 from fastopt.optimizer import Optimizer
 
 __all__ = ["Muon"]
@@ -167,20 +167,21 @@ class Muon(Optimizer):
         frozen, groups = prepare(self, "Muon", self._check_existing_state,
                                  lambda st: "momentum_buffer" not in st, self._check_frozen,
                                  self._check_param)
-        for group, items in zip(frozen, groups):
-            lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
-            for _, p, arr, g in items:
-                T = arr.dtype.type
-                buf = self.state[p]["momentum_buffer"]
-                lerp_(buf, g, T(1 - mu))
-                if group["nesterov"]:
-                    upd = g.copy()
-                    lerp_(upd, buf, T(mu))
-                else:
-                    upd = buf
-                o = newton_schulz(upd, group["ns_coefficients"], group["ns_steps"],
-                                  group["eps"])
-                arr *= T(1 - lr * wd)
-                arr += T(-_adjusted_lr(lr, group["adjust_lr_fn"], arr.shape)) * o.astype(
-                    arr.dtype, copy=False)
+        with signals_deferred():  # every group is updated, or (the checks failed) none
+            for group, items in zip(frozen, groups):
+                lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+                for _, p, arr, g in items:
+                    T = arr.dtype.type
+                    buf = self.state[p]["momentum_buffer"]
+                    lerp_(buf, g, T(1 - mu))
+                    if group["nesterov"]:
+                        upd = g.copy()
+                        lerp_(upd, buf, T(mu))
+                    else:
+                        upd = buf
+                    o = newton_schulz(upd, group["ns_coefficients"], group["ns_steps"],
+                                      group["eps"])
+                    arr *= T(1 - lr * wd)
+                    arr += T(-_adjusted_lr(lr, group["adjust_lr_fn"], arr.shape)) * o.astype(
+                        arr.dtype, copy=False)
         return loss
