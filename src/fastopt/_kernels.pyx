@@ -14,16 +14,20 @@ one GIL-free call to ``fo_step`` advances the step counters, computes the per-te
 (the kernel's ``prepare``) and runs the loops of all groups.
 """
 cimport numpy as cnp
-from cpython.dict cimport PyDict_GetItem, PyDict_SetItem
+from cpython.dict cimport PyDict_DelItem, PyDict_GetItem, PyDict_SetItem
+from cpython.long cimport PyLong_FromUnsignedLong, PyLong_FromVoidPtr
+from cpython.pythread cimport PyThread_get_thread_ident
 from cpython.object cimport PyObject
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc, qsort, realloc
 from libc.string cimport memcpy
 
 import numpy as np
-from threading import get_ident as _get_ident
 
 cnp.import_array()
+
+cdef extern from "Python.h":
+    PyObject *PyDict_SetDefault(object d, object key, object default) except NULL
 
 cdef extern from *:
     """
@@ -1007,26 +1011,33 @@ def run_sparse_adam(list groups, list counters):
 # ---- one step at a time per optimizer (see optimizer._with_step_hooks) -------------------
 
 # id(optimizer) -> (thread ident, step function) of the step running now
-_running_steps = {}
+cdef dict _running_steps = {}
 
 
-def guarded_step(func, tuple args, dict kwargs, run, conflict):
-    """``run(func, args, kwargs)`` (the step with its hooks) unless another step of the same
-    optimizer runs, in which case ``conflict(optimizer, running, func)`` raises. Compiled,
-    so that between taking the optimizer's slot and freeing it no Python signal handler can
-    run outside the step itself: an exception it raises cannot leave the slot taken."""
+def guarded_step(func, tuple args, dict kwargs, run, conflict, global_pre,
+                 global_post):
+    """``run(func, args, kwargs)`` (the step with its hooks; ``func(*args, **kwargs)`` when
+    there is none: neither ``global_pre`` nor ``global_post`` nor the optimizer's own) unless
+    another step of the same optimizer runs, in which case ``conflict(optimizer, running,
+    func)`` raises. Compiled, so that between taking the optimizer's slot and freeing it no
+    Python signal handler can run outside the step itself: an exception it raises cannot
+    leave the slot taken."""
     self = args[0]
-    key = id(self)
-    token = (_get_ident(), func)
-    running = _running_steps.setdefault(key, token)  # atomic: one call into the dict
+    key = PyLong_FromVoidPtr(<void *>self)  # id(self)
+    token = (PyLong_FromUnsignedLong(PyThread_get_thread_ident()), func)
+    # atomic: one call into the dict; borrowed reference, kept alive by the dict or by token
+    running = <object>PyDict_SetDefault(_running_steps, key, token)
     try:
         if running is not token:
             conflict(self, running, func)  # raises, except for super().step() in a step
-        return run(func, args, kwargs)
+        if (global_pre or global_post or self._optimizer_step_pre_hooks
+                or self._optimizer_step_post_hooks):
+            return run(func, args, kwargs)
+        return func(*args, **kwargs)
     finally:
         # only the step that took the slot frees it (not a super().step() inside it)
-        if _running_steps.get(key) is token:
-            del _running_steps[key]
+        if PyDict_GetItem(_running_steps, key) == <PyObject *>token:
+            PyDict_DelItem(_running_steps, key)
 
 
 # ---- configuration -------------------------------------------------------------------------

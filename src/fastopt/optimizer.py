@@ -137,7 +137,8 @@ def _with_step_hooks(func):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        return guarded_step(func, args, kwargs, _hooked_step, _step_conflict)
+        return guarded_step(func, args, kwargs, _hooked_step, _step_conflict,
+                            _global_step_pre_hooks, _global_step_post_hooks)
 
     wrapper._fastopt_hooked = True
     return wrapper
