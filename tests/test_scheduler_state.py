@@ -95,7 +95,7 @@ def test_a_last_epoch_that_is_no_finite_number_is_refused(name, value):
 @pytest.mark.parametrize("name", WITH_BASE_LRS)
 def test_base_lrs_must_hold_one_finite_number_per_group(name):
     _refused(name, lambda sd: sd["base_lrs"].append(0.5), ValueError,
-             r"state_dict\['base_lrs'\] has 3 values, the optimizer 2 param groups")
+             r"state_dict\['base_lrs'\] has 3 values, the scheduler holds 2")
     _refused(name, lambda sd: sd.__setitem__("base_lrs", sd["base_lrs"][:1]), ValueError,
              r"state_dict\['base_lrs'\] has 1 values")
     _refused(name, lambda sd: sd["base_lrs"].__setitem__(1, float("nan")), ValueError,
@@ -109,7 +109,7 @@ def test_base_lrs_must_hold_one_finite_number_per_group(name):
 @pytest.mark.parametrize("name", list(FACTORIES))
 def test_last_lr_must_hold_one_number_per_group(name):
     _refused(name, lambda sd: sd.__setitem__("_last_lr", [0.1]), ValueError,
-             r"state_dict\['_last_lr'\] has 1 values, the optimizer 2")
+             r"state_dict\['_last_lr'\] has 1 values, the scheduler holds 2")
 
 
 @pytest.mark.parametrize("name", [n for n in WITH_BASE_LRS])

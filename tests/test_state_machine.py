@@ -320,14 +320,10 @@ def test_interleaved_operations_match_reference(name):
                           suppress_health_check=[HealthCheck.too_slow]))
 
 
-# ---- a known bug --------------------------------------------------------------------------------
-# BUG (fastopt.lr_scheduler): a chainable scheduler such as StepLR follows a param group added
-# after it (as torch's does), but its own state_dict then no longer loads: load_state_dict
-# checks that base_lrs has one value per param group, and base_lrs (as torch's) only covers
-# the groups the scheduler was built with. torch 2.13 reloads such a state_dict and goes on.
-# So fastopt.save of the optimizer and that scheduler succeeds and fastopt.load of the file
-# into the very same objects raises CheckpointMismatchError. The machine above sidesteps it by
-# building a new scheduler after add_param_group. Remove the xfail marks once fixed.
+# ---- a scheduler that outlives add_param_group ---------------------------------------------------
+# A chainable scheduler such as StepLR follows a param group added after it (as torch's does),
+# while its base_lrs, as torch's, only cover the groups it was built with: its state_dict must
+# still load, alone and through a checkpoint, as torch 2.13's does.
 
 def _steplr_with_added_group():
     opt = fastopt.SGD([fastopt.Parameter(np.zeros(2, np.float32))], lr=0.5)
@@ -339,18 +335,14 @@ def _steplr_with_added_group():
     return opt, sched
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="BUG: StepLR's state_dict does not reload after add_param_group")
-def test_bug_steplr_reloads_its_state_after_add_param_group():
+def test_steplr_reloads_its_state_after_add_param_group():
     opt, sched = _steplr_with_added_group()
     sched.load_state_dict(sched.state_dict())
     sched.step()
     assert [group["lr"] for group in opt.param_groups] == [0.125, 0.0625]
 
 
-@pytest.mark.xfail(strict=True, raises=CheckpointMismatchError,
-                   reason="BUG: StepLR's state_dict does not reload after add_param_group")
-def test_bug_checkpoint_of_steplr_after_add_param_group_loads_back(tmp_path):
+def test_checkpoint_of_steplr_after_add_param_group_loads_back(tmp_path):
     opt, sched = _steplr_with_added_group()
     path = tmp_path / "run.safetensors"
     fastopt.save(path, opt, sched)

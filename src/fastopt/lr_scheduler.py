@@ -258,9 +258,12 @@ def _check_like(current, value, key, path, n_groups):
         if not isinstance(value, (list, tuple)):
             raise TypeError(f"{path} must be a list with one value per param group, got "
                             f"{_shown(value)}")
-        if len(value) != n_groups:
-            raise ValueError(f"{path} has {len(value)} values, the optimizer {n_groups} param "
-                             f"groups")
+        # as many as the scheduler holds now: one per param group when it was made (a
+        # group added later is not in them, in torch too)
+        expected = len(current) if isinstance(current, (list, tuple)) else n_groups
+        if len(value) != expected:
+            raise ValueError(f"{path} has {len(value)} values, the scheduler holds {expected} "
+                             f"(one per param group it was made for)")
         for i, v in enumerate(value):
             _check_real(v, f"{path}[{i}]")
         return
@@ -490,8 +493,9 @@ class LRScheduler:
         another scheduler class or with missing or unexpected keys, ``TypeError`` or
         ``ValueError`` naming the entry for a value that is not what the scheduler holds
         there: counters (``last_epoch``, ``_step_count``, ...) that are no finite numbers,
-        per-group lists (``base_lrs``, ``_last_lr``, ...) whose length is not the
-        optimizer's number of param groups or that hold no finite numbers, a string, bool,
+        per-group lists (``base_lrs``, ``_last_lr``, ...) whose length is not that of the
+        scheduler's own (one per param group it was made for) or that hold no finite
+        numbers, a string, bool,
         list or dict where the scheduler holds another kind of value, a mode that does not
         exist. torch loads all of these, and its next ``step()`` writes ``lr = nan`` or
         fails after its counters have moved.
