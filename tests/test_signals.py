@@ -44,7 +44,8 @@ def _interrupted_steps(opt, ps, set_grads, steps, interval):
             old = [np.array(p) for p in ps]
             set_grads()
             try:
-                _armed[0] = 1 + i % 8
+                # every fifth step runs through, however slow the build (under ASan)
+                _armed[0] = 0 if i % 5 == 4 else 1 + i % 8
                 opt.step()
                 _armed[0] = 0
                 completed += 1
