@@ -119,7 +119,8 @@ class TorchMachine(RuleBasedStateMachine):
                 vals = rng.standard_normal((rows.size,) + p.shape[1:]).astype(self.dtype)
                 p.grad = fastopt.SparseGrad(rows, vals)
                 t.grad = torch.sparse_coo_tensor(torch.from_numpy(rows[None].copy()),
-                                                 torch.from_numpy(vals.copy()), p.shape)
+                                                 torch.from_numpy(vals.copy()), p.shape,
+                                                 check_invariants=True)
             else:
                 g = (rng.standard_normal(p.shape) + 0.5 * np.asarray(p)).astype(self.dtype)
                 p.grad = g
