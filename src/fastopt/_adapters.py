@@ -51,13 +51,25 @@ def _adapter_for(obj):
     return None
 
 
-def _foreign_param(obj, gi, pi):
-    """(array, grad array or None) of a parameter that is not a ``fastopt.Parameter``."""
+def _foreign_param(obj, gi, pi, mark=True):
+    """(array, grad array or None) of a parameter that is not a ``fastopt.Parameter``;
+    ``mark=False``: the caller calls ``_foreign_updated`` with it after the update."""
     a = _adapter_for(obj)
     if a is None:
         raise TypeError(f"{_where(gi, pi)}: expected a fastopt.Parameter, got "
                         f"{type(obj).__name__}")
-    return a.arrays(obj, gi, pi)
+    return a.arrays(obj, gi, pi, mark)
+
+
+def _foreign_updated(objs):
+    """Tell the adapters that the parameters ``objs`` were updated in place."""
+    if len(_ADAPTERS) == 1:
+        _ADAPTERS[0].updated(objs)  # every foreign parameter is the one adapter's
+        return
+    for a in _ADAPTERS:
+        mine = [o for o in objs if a.accepts(o)]
+        if mine:
+            a.updated(mine)
 
 
 def _param_arrays(p, gi, pi):
@@ -160,7 +172,7 @@ class TorchAdapter:
         ``load_state_dict`` needs to cast saved state to the parameter's dtype and shape."""
         return self._view(obj, gi, pi)
 
-    def arrays(self, obj, gi, pi):
+    def arrays(self, obj, gi, pi, mark=True):
         entry = self._views.get(id(obj))
         ptr = obj.data_ptr()
         if (entry is not None and entry[1] == ptr and entry[0]() is obj
@@ -175,12 +187,18 @@ class TorchAdapter:
             garr = g.numpy()
         except (RuntimeError, TypeError, AttributeError):
             garr = self._grad_array(obj, g, gi, pi)
+        if mark:
+            self.updated([obj])
+        return arr, garr
+
+    def updated(self, objs):
+        """Bump the autograd version counters of the tensors ``objs``, updated in place, as
+        torch's in-place ops do (so a backward through a graph that saved the old values
+        fails loudly instead of giving wrong gradients)."""
         bump = self._bump
         if bump is None:
             bump = self._bump = _version_bumper()
-        # the update is in place: make autograd see it, as torch's in-place ops do
-        bump([obj])
-        return arr, garr
+        bump(objs)
 
     def _grad_array(self, obj, g, gi, pi):
         """Diagnose a gradient ``.numpy()`` refused (or convert one that needs detaching)."""
@@ -203,6 +221,19 @@ class TorchAdapter:
         if g.is_conj() or g.is_neg():
             return g.resolve_conj().resolve_neg().detach().numpy()
         return g.detach().numpy()
+
+    def state_view(self, obj):
+        """(NumPy view, data pointer, version counter) of a state entry that is a tensor (the
+        state of a ``fastopt.torch`` optimizer), or None for any other object. The view
+        shares the tensor's memory, so the kernels update the tensor itself."""
+        if not self.accepts(obj):
+            return None
+        torch = _torch()
+        if (obj.layout is not torch.strided or obj.device.type != "cpu" or obj.is_conj()
+                or obj.is_neg()):
+            raise TypeError(f"expected a dense CPU tensor, got one with layout {obj.layout} "
+                            f"on {obj.device}")
+        return obj.detach().numpy(), obj.data_ptr(), obj._version
 
     def zero_grad(self, obj, set_to_none):
         g = obj.grad

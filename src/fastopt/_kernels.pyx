@@ -22,6 +22,9 @@ from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc, qsort, realloc
 from libc.string cimport memcpy
 
+import functools as _functools
+import weakref as _weakref
+
 import numpy as np
 
 cnp.import_array()
@@ -41,10 +44,48 @@ cdef extern from *:
     const char *FO_COMPILER
     const char *FO_KERNEL_FLAGS
 
-# Set by fastopt's Python layer: the Parameter class, and an optional adapter for parameter
-# objects that are not ndarrays (callable(obj) -> (array, grad array or None)).
+# Set by fastopt's Python layer: the Parameter class, an optional adapter for parameter
+# objects that are not ndarrays (callable(obj) -> (array, grad array or None)), and one for
+# state entries that are not ndarrays (callable(obj) -> (array, data pointer, version), or
+# None for an object no adapter accepts).
 _parameter_type = None
 _foreign_param = None
+_foreign_state = None
+# called with the list of foreign parameters a step updated, after the update (torch: their
+# autograd version counters are bumped, as an in-place op does; not before, so that a step
+# that raises leaves them as they were)
+_foreign_updated = None
+
+# id(state object) -> (weakref, data pointer, version, array): the NumPy view of a state
+# entry that is a foreign array (a torch tensor), kept while the object lives and its data
+# pointer and version counter stay the same. torch's in-place ops (resize_, set_, zero_)
+# bump the version, so a changed tensor is looked at afresh before it is used.
+cdef dict _state_views = {}
+
+
+cdef object _state_array(object obj, Py_ssize_t gi, Py_ssize_t pi, object name):
+    """The ndarray of the state entry ``obj`` (``state[name]`` of the parameter): ``obj``
+    itself, the cached view of a foreign array, or None when no adapter accepts ``obj``."""
+    if cnp.PyArray_Check(obj):
+        return obj
+    if _foreign_state is None:
+        return None
+    cdef object key = id(obj)
+    cdef PyObject *item = PyDict_GetItem(_state_views, key)
+    cdef tuple e
+    if item != NULL:
+        e = <tuple>item
+        if e[0]() is obj and obj.data_ptr() == e[1] and obj._version == e[2]:
+            return e[3]
+    try:
+        found = _foreign_state(obj)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{_where(gi, pi)}: state[{name!r}]: {e}") from None
+    if found is None:
+        return None
+    _state_views[key] = (_weakref.ref(obj, _functools.partial(_state_views.pop, key)),
+                         found[1], found[2], found[0])
+    return found[0]
 
 
 cdef inline str _where(Py_ssize_t gi, Py_ssize_t pi):
@@ -688,10 +729,10 @@ cdef class Plan:
                 raise KeyError(f"{_where(gi, pi)}: state has no {key!r} (was a flag such as "
                                f"amsgrad, momentum or centered switched on after the first "
                                f"step?)")
-            obj = <object>item
-            if not cnp.PyArray_Check(obj):
+            obj = _state_array(<object>item, gi, pi, key)
+            if obj is None:
                 raise TypeError(f"{_where(gi, pi)}: state[{key!r}] must be a numpy.ndarray, "
-                                f"got {type(obj).__name__}")
+                                f"got {type(<object>item).__name__}")
             a = <cnp.ndarray>obj
             if cnp.PyArray_TYPE(a) != cnp.PyArray_TYPE(p) or not _same_shape(a, p):
                 raise ValueError(f"{_where(gi, pi)}: state[{key!r}] has dtype {a.dtype} and "
@@ -722,12 +763,12 @@ cdef class Plan:
             item = PyDict_GetItem(st, "step")
             if item == NULL:
                 raise KeyError(f"{_where(gi, pi)}: state has no 'step'")
-            obj = <object>item
-            if (not cnp.PyArray_Check(obj) or cnp.PyArray_TYPE(<cnp.ndarray>obj) != cnp.NPY_FLOAT
+            obj = _state_array(<object>item, gi, pi, "step")
+            if (obj is None or cnp.PyArray_TYPE(<cnp.ndarray>obj) != cnp.NPY_FLOAT
                     or cnp.PyArray_SIZE(<cnp.ndarray>obj) != 1
                     or not _usable(<cnp.ndarray>obj)):
                 raise TypeError(f"{_where(gi, pi)}: state['step'] must be a writable 0-d "
-                                f"float32 array, got {obj!r}")
+                                f"float32 array, got {(<object>item)!r}")
             self.ts[slot].step = <float *>cnp.PyArray_DATA(<cnp.ndarray>obj)
             self.keep.append(obj)
             if sp is not None:
@@ -735,8 +776,8 @@ cdef class Plan:
         for j in range(len(self.scalars)):
             key = self.scalars[j]
             item = PyDict_GetItem(st, key)
-            obj = None if item == NULL else <object>item
-            _check_scalar(obj, gi, pi, key)
+            obj = None if item == NULL else _state_array(<object>item, gi, pi, key)
+            _check_scalar(obj if obj is not None or item == NULL else <object>item, gi, pi, key)
             self.ts[slot].aux[j] = <float *>cnp.PyArray_DATA(<cnp.ndarray>obj)
             self.keep.append(obj)
             if sp is not None:
@@ -801,11 +842,12 @@ cdef Plan _new_plan(int typenum, Spec spec, tuple keys, _Spans sp, Py_ssize_t gi
 
 
 cdef tuple _collect(Py_ssize_t gi, list params, state, Spec spec, tuple keys, int init_mode,
-                    list missing, _Spans sp):
+                    list missing, _Spans sp, list foreign):
     """Check group ``gi`` and return plans (p32, p64) of the parameters that have a
     gradient, by dtype (None for a dtype with none). Parameters that need new state (see
     Spec.init_mode) are appended to ``missing`` as (plan, slot, param, array, gi, pi) and
-    left unbound. The memory of every array is recorded in ``sp``."""
+    left unbound. The memory of every array is recorded in ``sp``; foreign parameters with a
+    gradient are appended to ``foreign``."""
     cdef Py_ssize_t i, slot, n = len(params)
     cdef cnp.ndarray arr, g
     cdef Plan plan, p32 = None, p64 = None
@@ -822,10 +864,11 @@ cdef tuple _collect(Py_ssize_t gi, list params, state, Spec spec, tuple keys, in
                 continue
             arr = <cnp.ndarray>obj
         elif _foreign_param is not None and not cnp.PyArray_Check(obj):
-            a_obj, gobj = _foreign_param(obj, gi, i)
+            a_obj, gobj = _foreign_param(obj, gi, i, False)
             if gobj is None:
                 continue
             arr = <cnp.ndarray>a_obj
+            foreign.append(obj)
         else:
             raise TypeError(f"{_where(gi, i)}: expected a fastopt.Parameter, got "
                             f"{type(obj).__name__}; wrap arrays as fastopt.Parameter(x)")
@@ -894,7 +937,7 @@ def update(opt, tuple kinds, Spec spec):
     by ``spec``: check and freeze every group, collect every parameter and check the memory
     the step touches first (nothing is modified), then create missing state through
     ``opt._create_state``, then run all groups in one call into C."""
-    cdef list missing = [], work = [], plans = []
+    cdef list missing = [], work = [], plans = [], foreign = []
     cdef Py_ssize_t gi = 0
     cdef tuple numeric = kinds[0], flags = kinds[1], pairs = kinds[2]
     cdef tuple nonneg = spec.nonneg_at_step
@@ -919,7 +962,7 @@ def update(opt, tuple kinds, Spec spec):
             params = list(params)
         keys = spec.layout(frozen)
         mode = spec.init_mode(keys)
-        p32, p64 = _collect(gi, params, state, spec, keys, mode, missing, sp)
+        p32, p64 = _collect(gi, params, state, spec, keys, mode, missing, sp, foreign)
         if p32 is not None:
             memcpy(p32.hyper, hyper, MAX_HYPER * sizeof(double))
             plans.append(p32)
@@ -932,6 +975,8 @@ def update(opt, tuple kinds, Spec spec):
     if missing:
         opt._create_state(missing, work)
     _run(plans, spec.kernel)
+    if foreign:
+        _foreign_updated(foreign)
 
 
 cdef int _average_kernel = _kernel_id("average")
@@ -1107,7 +1152,13 @@ cdef object _as_real(object value, object key):
                             f"shape {value.shape}")
         value = value.reshape(())[()]
     if not isinstance(value, _numbers.Real):
-        raise TypeError(f"{key} must be a real number, got {value!r}")
+        # a 1-element tensor (torch allows a tensor lr or betas): its value, as torch's
+        # optimizers read it with .item()
+        numel = getattr(value, "numel", None)
+        if (numel is None or not callable(numel) or numel() != 1
+                or getattr(value, "is_complex", lambda: False)()):
+            raise TypeError(f"{key} must be a real number, got {value!r}")
+        return float(value)
     return float(value)
 
 

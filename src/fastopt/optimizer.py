@@ -18,7 +18,8 @@ import warnings
 import numpy as np
 
 from fastopt import _kernels
-from fastopt._adapters import _adapter_for, _foreign_arrays, _foreign_param
+from fastopt._adapters import (TORCH_ADAPTER, _adapter_for, _foreign_arrays, _foreign_param,
+                               _foreign_updated)
 from fastopt._kernels import guarded_step, update
 from fastopt.parameter import Parameter
 
@@ -44,6 +45,8 @@ required = _RequiredParameter()
 # the step takes a Parameter's array as it is and asks the adapters for the rest
 _kernels._parameter_type = Parameter
 _kernels._foreign_param = _foreign_param
+_kernels._foreign_state = TORCH_ADAPTER.state_view
+_kernels._foreign_updated = _foreign_updated
 
 
 def _typename(obj):

@@ -1,0 +1,297 @@
+"""fastopt's optimizers as ``torch.optim`` optimizers, for PyTorch models on the CPU.
+
+Porting a torch training loop is a one-line change::
+
+    import fastopt.torch
+    opt = fastopt.torch.AdamW(model.parameters(), lr=1e-3)   # was torch.optim.AdamW
+
+Each class here subclasses its ``torch.optim`` namesake (``fastopt.torch.Adam`` is a
+``torch.optim.Adam``), so every tool that takes a torch optimizer takes it: torch's
+schedulers and ``swa_utils.SWALR``, ``GradScaler``, Lightning, the transformers ``Trainer``,
+accelerate. Construction, argument checks and their errors, ``param_groups``, ``state``,
+``state_dict``, ``zero_grad``, ``add_param_group``, hooks and ``repr`` are torch's own code.
+Only ``step`` is fastopt's: one call into C for all groups, the GIL released, updating the
+parameters in place through their memory. ``Lion``, which torch lacks, subclasses
+``torch.optim.Optimizer``.
+
+The state holds torch tensors, as torch's does (``exp_avg``, ``exp_avg_sq``, a float32
+0-d ``step`` tensor, ...), which share their memory with what the C kernels update: nothing
+is copied per step. ``state_dict()`` returns tensors, so ``torch.save`` and
+``torch.load(weights_only=True)`` round trip, a ``torch.optim`` state dict loads and
+continues here, and the reverse. ``load_state_dict`` checks everything before it changes
+anything (shapes, dtypes, finite non-negative steps, ids that match the groups) and raises
+naming the key path (``state[3]['exp_avg']``), as fastopt's NumPy optimizers do.
+
+Rules beyond torch's:
+
+* parameters are dense, contiguous float32 or float64 CPU tensors (``add_param_group``
+  refuses others, naming the parameter); gradients are dense tensors of the parameter's
+  dtype and shape;
+* ``differentiable=True`` is refused: the update runs in C, outside autograd;
+* ``foreach`` and ``fused`` are accepted and change nothing (the step is one fused C pass
+  either way); a ``GradScaler`` unscales the gradients itself before ``step()``, as it does
+  for torch's non-fused optimizers;
+* after a step the autograd version counter of each updated parameter is bumped, as an
+  in-place torch op would; a step that raises changes nothing, version counters included;
+* a second ``step()`` of the same optimizer while one runs (from another thread, or from
+  the closure) raises RuntimeError.
+
+As torch, a step reads the group values as they are: a scheduler may set a momentum or
+beta the constructor would refuse, and the step uses it.
+
+Importing this module imports torch; ``import fastopt`` alone never does.
+"""
+import functools
+import threading
+
+import numpy as np
+import torch
+from torch.optim import Optimizer as _TorchOptimizer
+
+import fastopt
+from fastopt import _kernels
+from fastopt._adapters import TORCH_ADAPTER
+from fastopt.optimizer import Optimizer as _Optimizer
+
+__all__ = ["ASGD", "Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "Lion", "NAdam", "RAdam",
+           "RMSprop", "Rprop", "SGD"]
+
+
+def _to_tensor(value):
+    """A state value made by fastopt's NumPy code, as a tensor sharing its memory."""
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    return value
+
+
+class _KernelStep:
+    """What a ``torch.optim`` optimizer needs to step with a fastopt C kernel.
+
+    A subclass names the fastopt class whose kernel and state layout it uses in
+    ``_fastopt``, and lists the torch optimizer class after this one among its bases."""
+
+    _fastopt = None
+
+    # fastopt's bookkeeping, shared with the NumPy optimizers: the hyperparameter kinds,
+    # freezing a group for a step, and the checks and casts of load_state_dict
+    _hyper_kinds = _Optimizer._hyper_kinds
+    _freeze = _Optimizer._freeze
+    _backfill = _Optimizer._backfill
+    _loaded_groups = staticmethod(_Optimizer._loaded_groups)
+    _check_loaded_state = None  # set per class (see __init_subclass__)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        base = cls._fastopt
+        for name in ("_kernel", "_hyperparameters", "_state_keys", "_step_counter",
+                     "_scalars", "_lazy_state", "_nonneg_at_step", "_flag_defaults",
+                     "_scalar_state_keys"):
+            setattr(cls, name, getattr(base, name))
+        # the state is made by the fastopt class's own code (zeros, Adagrad's initial
+        # sum, Rprop's step sizes), then handed over as tensors
+        for name, value in _fastopt_helpers(base).items():
+            setattr(cls, name, value)
+        spec = _kernels.Spec(base._kernel, tuple(base._hyperparameters),
+                             tuple(base._state_keys), base._step_counter,
+                             tuple(base._scalars), base._lazy_state, tuple(base._nonneg_at_step))
+        spec.custom_check = True  # _check_step below: torch checks nothing at a step
+        cls._spec = spec
+        torch_init = next(c for c in cls.__mro__ if issubclass(c, _TorchOptimizer)
+                          and c.__module__.startswith("torch.")).__init__
+        if "__init__" not in cls.__dict__:
+            @functools.wraps(torch_init)
+            def __init__(self, *args, **kw):
+                torch_init(self, *args, **kw)
+                self._after_init()
+            cls.__init__ = __init__
+
+    def _after_init(self):
+        # the step does its own unscaling-free work: a GradScaler unscales the gradients
+        # itself and skips the step on inf, as for torch's non-fused optimizers
+        self._step_supports_amp_scaling = False
+
+    def _check_step(self, frozen):
+        """No checks at a step, as torch: the constructor checked the ranges."""
+
+    # -- groups -----------------------------------------------------------------------------
+
+    def add_param_group(self, param_group):
+        """``torch.optim.Optimizer.add_param_group``, and then fastopt's checks: every
+        parameter a dense, contiguous float32 or float64 CPU tensor, and no
+        ``differentiable=True``. A refused group is not added."""
+        if isinstance(param_group, dict) and param_group.get("differentiable"):
+            raise ValueError(f"{type(self).__name__}: differentiable=True is not supported by "
+                             f"fastopt.torch (the update runs in C, outside autograd); use "
+                             f"torch.optim for a differentiable step")
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        gi = len(self.param_groups) - 1
+        try:
+            if group.get("differentiable"):
+                raise ValueError(f"{type(self).__name__}: differentiable=True is not "
+                                 f"supported by fastopt.torch (the update runs in C, outside "
+                                 f"autograd); use torch.optim for a differentiable step")
+            for pi, p in enumerate(group["params"]):
+                TORCH_ADAPTER.check(p, gi, pi, group)
+        except BaseException:
+            self.param_groups.pop()
+            raise
+
+    # -- the step ---------------------------------------------------------------------------
+
+    def step(self, closure=None):
+        """One optimization step for all groups; returns ``closure()``'s value when given.
+
+        Every group's values and every tensor are checked before the first element changes:
+        bad input raises (naming the group or parameter) with nothing changed."""
+        token = object()
+        owner = self.__dict__.setdefault("_fastopt_step", token)
+        if owner is not token:
+            raise RuntimeError(f"{type(self).__name__}.step() was called while another step of "
+                               f"this optimizer is running (from another thread, or from its "
+                               f"closure or a hook)")
+        try:
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            _kernels.update(self, self.__dict__.get("_kinds") or self._hyper_kinds(),
+                            self._spec)
+        finally:
+            del self.__dict__["_fastopt_step"]
+        return loss
+
+    def _create_state(self, missing, work):
+        """Called by the step with the parameters that step for the first time: their state
+        is made by the fastopt class's code, as tensors, all or none."""
+        made = {}
+        for plan, slot, obj, array, gi, pi in missing:
+            frozen, keys, mode = work[gi]
+            entry = made.get(id(obj))
+            if entry is None:
+                base = array.view(np.ndarray)
+                old = self.state.get(obj)
+                fresh = dict(old) if isinstance(old, dict) else {}
+                if mode == 1:
+                    # SGD: the buffer takes the gradient as is on this step (torch clones it)
+                    if fresh.get(keys[0]) is None:
+                        fresh[keys[0]] = torch.from_numpy(np.zeros_like(base))
+                elif len(fresh) == 0:
+                    arrays = {}
+                    self._init_state(arrays, base, frozen)
+                    fresh.update({k: _to_tensor(v) for k, v in arrays.items()})
+                entry = made[id(obj)] = (obj, fresh)
+            plan.bind(slot, entry[1], mode == 1, array, gi, pi)
+        for obj, fresh in made.values():
+            current = self.state.get(obj)
+            if isinstance(current, dict):
+                current.update(fresh)
+            else:
+                self.state[obj] = fresh
+
+    # -- loading ----------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict):
+        """``torch.optim.Optimizer.load_state_dict``, checked first: a state dict of
+        ``torch.optim`` or of fastopt (tensors or NumPy arrays) loads and continues; a
+        malformed one raises naming the key path (``state[3]['exp_avg']``,
+        ``param_groups[1]['lr']``) and leaves the optimizer as it was. The loaded state
+        holds tensors of each parameter's dtype (torch's cast policy, ``step`` float32)."""
+        _Optimizer.load_state_dict(self, state_dict)
+
+    def _cast_state(self, param, array, value, key, where):
+        return _to_tensor(_Optimizer._cast_state(self, param, array, value, key, where))
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._after_init()
+
+
+def _fastopt_helpers(base):
+    """The methods of the fastopt class ``base`` that make and check its state."""
+    out = {"_init_state": _own(base, "_init_state"),
+           "_check_loaded_state": _check_loaded_tensors(_own(base, "_check_loaded_state"))}
+    for name in ("_fill",):
+        for klass in base.__mro__:
+            if name in klass.__dict__:
+                out[name] = klass.__dict__[name]
+                break
+    return out
+
+
+def _own(base, name):
+    for klass in base.__mro__:
+        if name in klass.__dict__:
+            return klass.__dict__[name]
+    raise AttributeError(name)
+
+
+def _check_loaded_tensors(check):
+    """``check`` (fastopt's check of a loaded state, on arrays) applied to tensor state."""
+    def _check_loaded_state(self, state, array, group, where):
+        viewed = {k: (v.detach().numpy() if isinstance(v, torch.Tensor) and v.device.type
+                      == "cpu" and v.layout is torch.strided else v) for k, v in state.items()}
+        return check(self, viewed, array, group, where)
+    return _check_loaded_state
+
+
+def _make(name, torch_base):
+    cls = type(name, (_KernelStep, torch_base), {
+        "_fastopt": getattr(fastopt, name),
+        "__module__": __name__,
+        "__qualname__": name,
+        "__doc__": (f"``torch.optim.{name}`` stepping with fastopt's C kernel (see "
+                    f":mod:`fastopt.torch`); arguments, defaults, errors and state are "
+                    f"torch's.\n\n" + (torch_base.__doc__ or "")),
+    })
+    return cls
+
+
+ASGD = _make("ASGD", torch.optim.ASGD)
+Adadelta = _make("Adadelta", torch.optim.Adadelta)
+Adagrad = _make("Adagrad", torch.optim.Adagrad)
+Adam = _make("Adam", torch.optim.Adam)
+AdamW = _make("AdamW", torch.optim.AdamW)
+Adamax = _make("Adamax", torch.optim.Adamax)
+NAdam = _make("NAdam", torch.optim.NAdam)
+RAdam = _make("RAdam", torch.optim.RAdam)
+RMSprop = _make("RMSprop", torch.optim.RMSprop)
+Rprop = _make("Rprop", torch.optim.Rprop)
+SGD = _make("SGD", torch.optim.SGD)
+
+
+class Lion(_KernelStep, _TorchOptimizer):
+    r"""Lion (sign of an interpolated momentum) as a ``torch.optim.Optimizer``; torch has no
+    Lion. Arguments and numbers as :class:`fastopt.Lion`:
+
+    .. math::
+        \theta \leftarrow \theta(1 - \gamma\lambda) - \gamma\,
+            \operatorname{sign}(\beta_1 m + (1 - \beta_1) g), \qquad
+        m \leftarrow \beta_2 m + (1 - \beta_2) g
+
+    Parameters
+    ----------
+    params : iterable
+        Tensors or parameter-group dicts.
+    lr : float or Tensor, default 1e-4
+    betas : (float, float), default (0.9, 0.99)
+    weight_decay : float, default 0
+        Decoupled weight decay :math:`\lambda`.
+    maximize : bool, default False
+    """
+
+    _fastopt = fastopt.Lion
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *,
+                 maximize=False):
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
+        fastopt.Lion._check_group(None, {**defaults, "lr": float(lr)})
+        super().__init__(params, defaults)
+        self._after_init()
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("maximize", False)
