@@ -346,3 +346,48 @@ def test_import_fastopt_alone_does_not_import_torch():
                        cwd="/", env=dict(os.environ), timeout=120, check=False)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().endswith("False")
+
+
+def test_step_hooks_run_in_torchs_order_and_a_pre_hook_may_replace_the_args():
+    model = _model()
+    opt = ft.SGD(model.parameters(), lr=0.1)
+    x, y = _data()
+    calls = []
+
+    def closure():
+        calls.append("closure")
+        opt.zero_grad()
+        loss = (model(x) - y).pow(2).mean()
+        loss.backward()
+        return loss
+
+    from torch.optim.optimizer import (register_optimizer_step_post_hook,
+                                       register_optimizer_step_pre_hook)
+    handles = [
+        register_optimizer_step_pre_hook(
+            lambda o, a, k: calls.append("global pre")),
+        opt.register_step_pre_hook(lambda o, a, k: (calls.append("pre"), ((o, closure), {}))[1]),
+        opt.register_step_post_hook(lambda o, a, k: calls.append(("post", len(a)))),
+        register_optimizer_step_post_hook(
+            lambda o, a, k: calls.append("global post")),
+    ]
+    try:
+        loss = opt.step()  # the pre hook hands the closure in
+    finally:
+        for h in handles:
+            h.remove()
+    assert isinstance(loss, torch.Tensor)
+    assert calls == ["global pre", "pre", "closure", ("post", 2), "global post"]
+    opt.register_step_pre_hook(lambda o, a, k: 3)
+    with pytest.raises(RuntimeError, match="must return None or a tuple"):
+        opt.step()
+
+
+def test_the_profiler_sees_the_step_as_torchs():
+    model = _model()
+    opt = ft.Adam(model.parameters())
+    x, y = _data()
+    _step(model, opt, x, y)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.step()
+    assert "Optimizer.step#Adam.step" in {e.name for e in prof.events()}
