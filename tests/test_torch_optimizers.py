@@ -391,3 +391,22 @@ def test_the_profiler_sees_the_step_as_torchs():
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         opt.step()
     assert "Optimizer.step#Adam.step" in {e.name for e in prof.events()}
+
+
+@pytest.mark.parametrize("name,kwargs", configs())
+def test_same_bits_as_the_numpy_optimizer_over_the_same_tensors(name, kwargs):
+    """fastopt.torch.X and fastopt.X run the same kernel: equal bits, every optimizer,
+    those without a torch twin (Lion) included."""
+    import fastopt
+    model = _model()
+    twin = copy.deepcopy(model)
+    opt = getattr(ft, name)(model.parameters(), **kwargs)
+    nopt = getattr(fastopt, name)(twin.parameters(), **kwargs)
+    x, y = _data()
+    for _ in range(10):
+        assert _step(model, opt, x, y) == _step(twin, nopt, x, y)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        for key, value in nopt.state[q].items():
+            assert np.array_equal(opt.state[p][key].numpy(), value), key
