@@ -410,3 +410,52 @@ def test_same_bits_as_the_numpy_optimizer_over_the_same_tensors(name, kwargs):
     for p, q in zip(model.parameters(), twin.parameters()):
         for key, value in nopt.state[q].items():
             assert np.array_equal(opt.state[p][key].numpy(), value), key
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "Adamax", "NAdam", "RAdam", "SGD",
+                                  "RMSprop"])
+def test_a_scheduler_may_cycle_momentum_beyond_the_constructors_range(name):
+    """OneCycleLR(max_momentum=22) writes momentum or betas[0] = 22: torch's step carries
+    on, and so do fastopt.torch's and fastopt's NumPy optimizers, with torch's numbers."""
+    import fastopt
+    from fastopt import lr_scheduler as flr
+    kwargs = {"lr": 0.01, "momentum": 0.5} if name in ("SGD", "RMSprop") else {"lr": 0.01}
+    model = _model()
+    ref, twin = copy.deepcopy(model), copy.deepcopy(model)
+    opts = [getattr(ft, name)(model.parameters(), **kwargs),
+            getattr(torch.optim, name)(ref.parameters(), **kwargs),
+            getattr(fastopt, name)(twin.parameters(), **kwargs)]
+    one_cycle = dict(max_lr=0.01, total_steps=10, max_momentum=22.0, base_momentum=0.85)
+    scheds = [torch.optim.lr_scheduler.OneCycleLR(opts[0], **one_cycle),
+              torch.optim.lr_scheduler.OneCycleLR(opts[1], **one_cycle),
+              flr.OneCycleLR(opts[2], **one_cycle)]
+    key = "momentum" if "momentum" in kwargs else "betas"
+    assert all(o.param_groups[0][key] == opts[1].param_groups[0][key] for o in opts)
+    x, y = _data()
+    for _ in range(4):
+        for m, o, s in zip((model, ref, twin), opts, scheds):
+            _step(m, o, x, y)
+            s.step()
+    for p, q, r in zip(model.parameters(), ref.parameters(), twin.parameters()):
+        assert torch.isfinite(q).all()
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
+        assert torch.equal(p, r)  # the same kernel on the same numbers
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "Adamax"])
+def test_a_first_beta_of_one_is_torchs_zero_division_with_nothing_changed(name):
+    import fastopt
+    model = _model()
+    x, y = _data()
+    for make in (getattr(ft, name), getattr(fastopt, name), getattr(torch.optim, name)):
+        opt = make(model.parameters())
+        _step(model, opt, x, y)
+        opt.param_groups[0]["betas"] = (1.0, 0.999)
+        before = [p.detach().clone() for p in model.parameters()]
+        with pytest.raises(ZeroDivisionError):
+            _step(model, opt, x, y)
+        if make is not getattr(torch.optim, name):  # torch has updated exp_avg by then
+            for p, b in zip(model.parameters(), before):
+                assert torch.equal(p, b)
+            st = opt.state[next(model.parameters())]
+            assert float(st["step"]) == 1.0

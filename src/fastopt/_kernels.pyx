@@ -541,17 +541,21 @@ cdef class Spec:
         SGD's rule: the single state array is created when missing and takes the gradient
         on that step; without an active state key the parameter has no state at all.
     nonneg_at_step : tuple of str
-        Keys that must be >= 0 at every step (beyond the betas, which are always checked).
+        Keys that must be >= 0 at every step (beyond ``betas[1]``, always checked).
+    beta1_division : bool
+        Whether the update divides by :math:`1 - \\beta_1^t` (Adam's bias correction):
+        then ``betas[0] == 1`` raises ZeroDivisionError, as torch's step does.
     """
     cdef readonly int kernel
     cdef readonly int nhyper
     cdef readonly tuple hyperparameters, state_keys, scalars, nonneg_at_step
-    cdef readonly bint step_counter, lazy
+    cdef readonly bint step_counter, lazy, beta1_division
     #: set by Optimizer for a class that overrides _check_step: update then calls it
     cdef public bint custom_check
 
     def __init__(self, str kernel, tuple hyperparameters, tuple state_keys, bint step_counter,
-                 tuple scalars=(), bint lazy=False, tuple nonneg_at_step=()):
+                 tuple scalars=(), bint lazy=False, tuple nonneg_at_step=(),
+                 bint beta1_division=False):
         self.kernel = _kernel_id(kernel)
         self.nhyper = fo_kernel_info(self.kernel).nhyper
         if self.nhyper > MAX_HYPER:
@@ -567,6 +571,7 @@ cdef class Spec:
         self.scalars = scalars
         self.lazy = lazy
         self.nonneg_at_step = nonneg_at_step
+        self.beta1_division = beta1_division
         self.custom_check = False
 
     cpdef tuple layout(self, dict group):
@@ -620,14 +625,22 @@ cdef class Spec:
         return 0
 
 
-def check_frozen(dict frozen, tuple nonneg_at_step):
-    """The checks of every step (see Optimizer._check_step): betas in [0, 1) (a beta of 1
-    divides by zero in a bias correction) and the keys that must stay >= 0."""
+def check_frozen(dict frozen, tuple nonneg_at_step, bint beta1_division=False):
+    """The checks of every step (see Optimizer._check_step): ``betas[1]`` in [0, 1) (a
+    second-moment decay outside it takes the square root of a negative number),
+    ``betas[0]`` not 1 where the update divides by :math:`1 - \\beta_1^t`
+    (ZeroDivisionError, as torch), and the keys that must stay >= 0. Any other
+    ``betas[0]`` steps, as in torch: a scheduler cycling momentum may write one outside
+    [0, 1) (``OneCycleLR(max_momentum=...)``)."""
     betas = frozen.get("betas")
-    if betas is not None and not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-        for k in range(2):
-            if not 0.0 <= betas[k] < 1.0:
-                raise ValueError(f"Invalid beta parameter at index {k}: {betas[k]}")
+    if betas is not None:
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if beta1_division and betas[0] == 1.0:
+            raise ZeroDivisionError(f"float division by zero: betas[0] is 1.0, so the bias "
+                                    f"correction 1 - betas[0] ** step is 0")
+        if betas[0] != betas[0]:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
     for key in nonneg_at_step:
         if not frozen[key] >= 0:
             raise ValueError(f"Invalid {key} value: {frozen[key]}")
@@ -953,9 +966,9 @@ def update(opt, tuple kinds, Spec spec):
             if spec.custom_check:
                 opt._check_step(frozen)
             else:
-                check_frozen(frozen, nonneg)
+                check_frozen(frozen, nonneg, spec.beta1_division)
             spec.pack(frozen, hyper)
-        except (ValueError, TypeError, OverflowError) as e:
+        except (ValueError, TypeError, OverflowError, ZeroDivisionError) as e:
             raise type(e)(f"param_groups[{gi}]: {e}") from None
         params = group["params"]
         if type(params) is not list:

@@ -43,12 +43,19 @@ class Adam(Optimizer):
     paper's :math:`\hat\epsilon` form). As torch, ``betas`` given as ints (``(0, 0.99)``) are
     a ValueError. The step counter is a float32 0-d array (torch's float32 ``step`` tensor),
     so it stops growing at 2**24 steps, as torch's does.
+
+    As torch, a step uses the ``betas[0]`` its group holds, also outside [0, 1) (a
+    scheduler cycling momentum writes it: ``OneCycleLR(max_momentum=...)``); ``betas[0]``
+    equal to 1 raises torch's ZeroDivisionError, before anything changes (torch raises it
+    after updating ``exp_avg``). ``betas[1]`` outside [0, 1) is a ValueError at the step
+    (torch computes NaN or fails on a complex bias correction).
     """
 
     _kernel = "adam"
     _hyperparameters = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize",
                         "decoupled_weight_decay")
     _state_keys = ("exp_avg", "exp_avg_sq", ("max_exp_avg_sq", "amsgrad"))
+    _beta1_division = True
     _flag_defaults = {"amsgrad": False, "maximize": False, "foreach": None,
                       "capturable": False, "differentiable": False,
                       "decoupled_weight_decay": False, "fused": None}

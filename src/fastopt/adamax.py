@@ -35,12 +35,15 @@ class Adamax(Optimizer):
     -----
     No square root is taken, so results are bit-identical to torch's CPU for-loop path
     (with its AVX2 fused multiply-adds). The maximum propagates NaN, as ``torch.maximum``.
-    State: ``step``, ``exp_avg``, ``exp_inf``.
+    State: ``step``, ``exp_avg``, ``exp_inf``. As torch, a step uses any ``betas[0]`` its
+    group holds (a scheduler cycling momentum may leave [0, 1)); 1 raises torch's
+    ZeroDivisionError, before anything changes.
     """
 
     _kernel = "adamax"
     _hyperparameters = ("lr", "betas", "eps", "weight_decay", "maximize")
     _state_keys = ("exp_avg", "exp_inf")
+    _beta1_division = True
     _flag_defaults = {"foreach": None, "maximize": False, "differentiable": False,
                       "capturable": False}
 

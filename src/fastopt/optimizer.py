@@ -212,8 +212,11 @@ class Optimizer:
     _scalars = ()
     #: SGD's rule for its momentum buffer: created when missing, takes the gradient as is
     _lazy_state = False
-    #: group keys that must be >= 0 at every step (the betas are always checked)
+    #: group keys that must be >= 0 at every step (``betas[1]`` is always checked)
     _nonneg_at_step = ()
+    #: whether the update divides by 1 - betas[0] ** step (Adam's bias correction), so that
+    #: betas[0] == 1 is torch's ZeroDivisionError
+    _beta1_division = False
     #: group flags back-filled with these values when a state dict lacks them (torch's
     #: ``__setstate__`` does the same with hard-coded values).
     _flag_defaults = {}
@@ -228,9 +231,11 @@ class Optimizer:
         """Checks made before every step on the frozen group (see ``_freeze``): only what
         the update cannot run without. Ranges are checked when a group is created, not here:
         torch does the same, and schedules legitimately drive lr a rounding error below
-        zero (LinearLR to 0, OneCycleLR's last step). A beta of 1 would divide by zero in
-        a bias correction, so betas are checked, and so are ``_nonneg_at_step``."""
-        _kernels.check_frozen(frozen, self._nonneg_at_step)
+        zero (LinearLR to 0, OneCycleLR's last step), and cycle momentum outside the
+        constructor's range (``OneCycleLR(max_momentum=...)`` writes ``betas[0]``). What is
+        checked is what would break the arithmetic: ``betas[1]`` in [0, 1), ``betas[0]`` not 1
+        where it divides (``_beta1_division``), and ``_nonneg_at_step``."""
+        _kernels.check_frozen(frozen, self._nonneg_at_step, self._beta1_division)
 
     def _hyper_kinds(self):
         kinds = self.__dict__.get("_kinds")
@@ -283,7 +288,7 @@ class Optimizer:
             cls._spec = _kernels.Spec(cls._kernel, tuple(cls._hyperparameters),
                                       tuple(cls._state_keys), cls._step_counter,
                                       tuple(cls._scalars), cls._lazy_state,
-                                      tuple(cls._nonneg_at_step))
+                                      tuple(cls._nonneg_at_step), cls._beta1_division)
             cls._spec.custom_check = cls._check_step is not Optimizer._check_step
             if "_scalar_state_keys" not in cls.__dict__:
                 cls._scalar_state_keys = frozenset(

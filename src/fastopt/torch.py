@@ -37,7 +37,10 @@ Rules beyond torch's:
   the closure) raises RuntimeError.
 
 As torch, a step reads the group values as they are: a scheduler may set a momentum or
-beta the constructor would refuse, and the step uses it.
+``betas[0]`` the constructor would refuse, and the step uses it. Where torch's step would
+fail on a value (``betas[0] == 1`` in Adam's bias correction: ZeroDivisionError), fastopt
+raises the same error before anything changes; a ``betas[1]`` outside [0, 1) is a ValueError
+(torch computes NaN or fails on a complex number).
 
 Importing this module imports torch; ``import fastopt`` alone never does.
 """
@@ -132,7 +135,7 @@ class _KernelStep:
         base = cls._fastopt
         for name in ("_kernel", "_hyperparameters", "_state_keys", "_step_counter",
                      "_scalars", "_lazy_state", "_nonneg_at_step", "_flag_defaults",
-                     "_scalar_state_keys"):
+                     "_scalar_state_keys", "_beta1_division"):
             setattr(cls, name, getattr(base, name))
         # the state is made by the fastopt class's own code (zeros, Adagrad's initial
         # sum, Rprop's step sizes), then handed over as tensors
@@ -140,8 +143,8 @@ class _KernelStep:
             setattr(cls, name, value)
         spec = _kernels.Spec(base._kernel, tuple(base._hyperparameters),
                              tuple(base._state_keys), base._step_counter,
-                             tuple(base._scalars), base._lazy_state, tuple(base._nonneg_at_step))
-        spec.custom_check = True  # _check_step below: torch checks nothing at a step
+                             tuple(base._scalars), base._lazy_state, tuple(base._nonneg_at_step),
+                             base._beta1_division)
         cls._spec = spec
         torch_init = next(c for c in cls.__mro__ if issubclass(c, _TorchOptimizer)
                           and c.__module__.startswith("torch.")).__init__
@@ -157,8 +160,7 @@ class _KernelStep:
         # itself and skips the step on inf, as for torch's non-fused optimizers
         self._step_supports_amp_scaling = False
 
-    def _check_step(self, frozen):
-        """No checks at a step, as torch: the constructor checked the ranges."""
+    _check_step = _Optimizer._check_step
 
     # -- groups -----------------------------------------------------------------------------
 
