@@ -459,3 +459,13 @@ def test_a_first_beta_of_one_is_torchs_zero_division_with_nothing_changed(name):
                 assert torch.equal(p, b)
             st = opt.state[next(model.parameters())]
             assert float(st["step"]) == 1.0
+
+
+def test_fastopt_dot_torch_is_loaded_on_first_use():
+    code = ("import sys, fastopt; assert 'torch' not in sys.modules\n"
+            "opt = fastopt.torch.SGD([__import__('torch').zeros(2, requires_grad=True)], lr=1)\n"
+            "print(type(opt).__module__)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd="/", env=dict(os.environ), timeout=120, check=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith("fastopt.torch")

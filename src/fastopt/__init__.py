@@ -45,3 +45,12 @@ __all__ = ["Parameter", "Optimizer", *OPTIMIZERS, "SparseAdam", "SparseGrad", "L
            "Adafactor", "Muon", "OTHER_OPTIMIZERS", "OPTIMIZERS", "show_config",
            "set_num_threads", "get_num_threads", "interop", "lr_scheduler", "schedules",
            "swa_utils", "save", "load"]
+
+
+def __getattr__(name):
+    # fastopt.torch imports torch, so it is loaded on first use (``import fastopt`` alone
+    # never imports torch)
+    if name == "torch":
+        import importlib
+        return importlib.import_module("fastopt.torch")
+    raise AttributeError(f"module 'fastopt' has no attribute {name!r}")
