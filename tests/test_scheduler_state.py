@@ -1,7 +1,9 @@
-"""Scheduler state dicts with bad values are refused before anything changes, and a step
-that raises changes nothing: every class of fastopt.lr_scheduler and swa_utils.SWALR."""
+"""Scheduler state dicts with bad values are refused before anything changes, a state that
+torch 2.13 steps on with loads and steps as torch's, and a step that raises changes nothing:
+every class of fastopt.lr_scheduler and swa_utils.SWALR."""
 import copy
 import math
+import types
 import warnings
 
 import numpy as np
@@ -10,55 +12,85 @@ import pytest
 import fastopt
 from fastopt import lr_scheduler as L
 from fastopt import swa_utils
+from helpers import import_torch
 
+#: per class: a factory taking the schedulers' module (fastopt's or torch's) and an optimizer
 FACTORIES = {
-    "LambdaLR": lambda o: L.LambdaLR(o, lambda e: 0.9 ** e),
-    "MultiplicativeLR": lambda o: L.MultiplicativeLR(o, lambda e: 0.9),
-    "StepLR": lambda o: L.StepLR(o, 2, 0.5),
-    "MultiStepLR": lambda o: L.MultiStepLR(o, [2, 4], 0.5),
-    "ConstantLR": lambda o: L.ConstantLR(o, 0.5, 3),
-    "LinearLR": lambda o: L.LinearLR(o, 0.5, 1.0, 4),
-    "ExponentialLR": lambda o: L.ExponentialLR(o, 0.9),
-    "PolynomialLR": lambda o: L.PolynomialLR(o, 6, 2.0),
-    "CosineAnnealingLR": lambda o: L.CosineAnnealingLR(o, 5, 0.001),
-    "CosineAnnealingWarmRestarts": lambda o: L.CosineAnnealingWarmRestarts(o, 3, 2),
-    "CyclicLR": lambda o: L.CyclicLR(o, 0.01, 0.1, 2),
-    "OneCycleLR": lambda o: L.OneCycleLR(o, 0.1, total_steps=20),
-    "ReduceLROnPlateau": lambda o: L.ReduceLROnPlateau(o, patience=1),
-    "SequentialLR": lambda o: L.SequentialLR(o, [L.ConstantLR(o, 0.5, 2),
-                                                 L.ExponentialLR(o, 0.9)], [2]),
-    "ChainedScheduler": lambda o: L.ChainedScheduler([L.ConstantLR(o, 0.5, 2),
-                                                      L.ExponentialLR(o, 0.9)]),
-    "FunctionLR": lambda o: L.FunctionLR(o, lambda e: 0.1 / (1 + e)),
-    "SWALR": lambda o: swa_utils.SWALR(o, 0.05, anneal_epochs=3),
+    "LambdaLR": lambda L, o: L.LambdaLR(o, lambda e: 0.9 ** e),
+    "MultiplicativeLR": lambda L, o: L.MultiplicativeLR(o, lambda e: 0.9),
+    "StepLR": lambda L, o: L.StepLR(o, 2, 0.5),
+    "MultiStepLR": lambda L, o: L.MultiStepLR(o, [2, 4], 0.5),
+    "ConstantLR": lambda L, o: L.ConstantLR(o, 0.5, 3),
+    "LinearLR": lambda L, o: L.LinearLR(o, 0.5, 1.0, 4),
+    "ExponentialLR": lambda L, o: L.ExponentialLR(o, 0.9),
+    "PolynomialLR": lambda L, o: L.PolynomialLR(o, 6, 2.0),
+    "CosineAnnealingLR": lambda L, o: L.CosineAnnealingLR(o, 5, 0.001),
+    "CosineAnnealingWarmRestarts": lambda L, o: L.CosineAnnealingWarmRestarts(o, 3, 2),
+    "CyclicLR": lambda L, o: L.CyclicLR(o, 0.01, 0.1, 2),
+    "OneCycleLR": lambda L, o: L.OneCycleLR(o, 0.1, total_steps=20),
+    "ReduceLROnPlateau": lambda L, o: L.ReduceLROnPlateau(o, patience=1),
+    "SequentialLR": lambda L, o: L.SequentialLR(o, [L.ConstantLR(o, 0.5, 2),
+                                                    L.ExponentialLR(o, 0.9)], [2]),
+    "ChainedScheduler": lambda L, o: L.ChainedScheduler([L.ConstantLR(o, 0.5, 2),
+                                                         L.ExponentialLR(o, 0.9)]),
+    "FunctionLR": lambda L, o: L.FunctionLR(o, lambda e: 0.1 / (1 + e)),
+    "SWALR": lambda L, o: L.SWALR(o, 0.05, anneal_epochs=3),
 }
+#: more configurations, by name: factories as those of FACTORIES
+VARIANTS = {
+    "ReduceLROnPlateau-min_lr-list": lambda L, o: L.ReduceLROnPlateau(o, patience=1,
+                                                                      min_lr=[0.0, 0.0]),
+}
+#: fastopt's schedulers, SWALR with them
+FAST = types.SimpleNamespace(**vars(L), SWALR=swa_utils.SWALR)
 
 
 def test_every_scheduler_class_has_a_factory():
     assert set(FACTORIES) == set(L.SCHEDULERS) | {"SWALR"}
 
 
-def _opt(groups=2):
-    return fastopt.SGD([{"params": [fastopt.Parameter(np.zeros(2))], "lr": 0.1 * (i + 1)}
-                        for i in range(groups)], lr=0.1, momentum=0.9)
+def _opt(groups=2, lib=fastopt):
+    """SGD with momentum over ``groups`` groups of lrs 0.1, 0.2, ... (``lib``: fastopt, or
+    torch for its twin)."""
+    if lib is fastopt:
+        params = [fastopt.Parameter(np.zeros(2)) for _ in range(groups)]
+    else:
+        params = [lib.zeros(2, dtype=lib.float64, requires_grad=True) for _ in range(groups)]
+    cls = fastopt.SGD if lib is fastopt else lib.optim.SGD
+    return cls([{"params": [p], "lr": 0.1 * (i + 1)} for i, p in enumerate(params)],
+               lr=0.1, momentum=0.9)
 
 
 def _step(sched, k=0):
     sched.optimizer.step()
-    if isinstance(sched, L.ReduceLROnPlateau):
+    if type(sched).__name__ == "ReduceLROnPlateau":
         sched.step(1.0 + k % 2)
     else:
         sched.step()
 
 
-def _trained(name, steps=3):
-    opt = _opt()
-    sched = FACTORIES[name](opt)
+def _trained(name, steps=3, lib=fastopt, groups=2, added=0):
+    """Scheduler ``name`` of ``lib`` (fastopt, or torch for its twin) over ``groups`` param
+    groups, stepped ``steps`` times, and then ``added`` more groups added."""
+    opt = _opt(groups, lib)
+    sched = {**FACTORIES, **VARIANTS}[name](_module(lib), opt)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for k in range(steps):
             _step(sched, k)
+    for i in range(added):
+        p = (fastopt.Parameter(np.zeros(2)) if lib is fastopt else
+             lib.zeros(2, dtype=lib.float64, requires_grad=True))
+        opt.add_param_group({"params": [p], "lr": 0.3 + 0.1 * i})
     return sched
+
+
+def _module(lib):
+    """The schedulers of ``lib``, SWALR with them."""
+    if lib is fastopt:
+        return FAST
+    return types.SimpleNamespace(**vars(lib.optim.lr_scheduler),
+                                 SWALR=lib.optim.swa_utils.SWALR)
 
 
 def _lrs(opt):
@@ -93,11 +125,14 @@ def test_a_last_epoch_that_is_no_finite_number_is_refused(name, value):
 
 
 @pytest.mark.parametrize("name", WITH_BASE_LRS)
-def test_base_lrs_must_hold_one_finite_number_per_group(name):
+def test_base_lrs_must_hold_finite_numbers_one_to_one_per_group(name):
+    """An empty list, or one longer than the optimizer's groups, cannot come from a scheduler
+    of this optimizer (torch loads them; its closed form, and the step of the classes in
+    ``PAIRED``, fail on them later)."""
     _refused(name, lambda sd: sd["base_lrs"].append(0.5), ValueError,
-             r"state_dict\['base_lrs'\] has 3 values, the scheduler holds 2")
-    _refused(name, lambda sd: sd.__setitem__("base_lrs", sd["base_lrs"][:1]), ValueError,
-             r"state_dict\['base_lrs'\] has 1 values")
+             r"state_dict\['base_lrs'\] has 3 values, the optimizer has 2 param groups")
+    _refused(name, lambda sd: sd.__setitem__("base_lrs", []), ValueError,
+             r"state_dict\['base_lrs'\] has 0 values, the optimizer has 2 param groups")
     _refused(name, lambda sd: sd["base_lrs"].__setitem__(1, float("nan")), ValueError,
              r"state_dict\['base_lrs'\]\[1\] must be finite, got nan")
     _refused(name, lambda sd: sd["base_lrs"].__setitem__(0, "0.1"), TypeError,
@@ -107,9 +142,206 @@ def test_base_lrs_must_hold_one_finite_number_per_group(name):
 
 
 @pytest.mark.parametrize("name", list(FACTORIES))
-def test_last_lr_must_hold_one_number_per_group(name):
-    _refused(name, lambda sd: sd.__setitem__("_last_lr", [0.1]), ValueError,
-             r"state_dict\['_last_lr'\] has 1 values, the scheduler holds 2")
+def test_last_lr_empty_or_longer_than_the_groups_is_refused(name):
+    for value in ([], [0.1, 0.2, 0.3]):
+        _refused(name, lambda sd, value=value: sd.__setitem__("_last_lr", value), ValueError,
+                 rf"state_dict\['_last_lr'\] has {len(value)} values, the optimizer has 2 "
+                 r"param groups")
+
+
+# ---- a list shorter than the param groups: a scheduler built before add_param_group ------
+# Its base_lrs, _last_lr (and min_lrs, the lists of CyclicLR) hold one value per group it was
+# made for. torch 2.13 loads them into a scheduler built over all the groups and zips them
+# with the groups (strict=True): such a state loads where torch steps on with it, with
+# torch's numbers, and is refused where torch fails at a later step.
+
+def _torch():
+    """torch 2.13, the oracle of what such a state does."""
+    return import_torch(vector_kernels=False)
+
+
+def _loaded(name, mutate, lib=fastopt, **built):
+    """A scheduler stepped twice, loaded with the state of one stepped five times, changed by
+    ``mutate``; and that state."""
+    saved = copy.deepcopy(_trained(name, 5, lib).state_dict())
+    mutate(saved)
+    sched = _trained(name, 2, lib, **built)
+    sched.load_state_dict(copy.deepcopy(saved))
+    return sched, saved
+
+
+def _steps_as_torch(name, mutate, steps=12, **built):
+    """fastopt's and torch's schedulers, loaded alike with a state changed by ``mutate``,
+    report the loaded ``_last_lr`` and then compute the same lrs and momenta, with the same
+    warnings and errors, step by step (FunctionLR, which torch lacks: the same as fastopt's
+    loaded with the unchanged state, since its steps read none of the lists)."""
+    torch = _torch()
+    ours, saved = _loaded(name, mutate, **built)
+    if name == "FunctionLR":
+        theirs, their_saved = _loaded(name, lambda sd: None, **built)
+        their_saved["_last_lr"] = theirs.get_last_lr()
+    else:
+        theirs, their_saved = _loaded(name, mutate, torch, **built)
+    assert ours.get_last_lr() == saved["_last_lr"]
+    assert theirs.get_last_lr() == their_saved["_last_lr"]
+    return _lockstep(ours, theirs, steps)
+
+
+def _lockstep(ours, theirs, steps):
+    """Step both ``steps`` times: the same lrs and momenta, warnings and errors (the error's
+    type is returned, None without one)."""
+    for k in range(steps):
+        outcome = []
+        for sched in (ours, theirs):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    _step(sched, k)
+                    error = None
+                except (ValueError, RuntimeError) as e:
+                    error = type(e)
+            outcome.append((error, [w.category for w in caught]))
+        assert outcome[0] == outcome[1], (k, outcome)
+        if outcome[0][0] is not None:
+            return outcome[0][0]
+        assert ours.get_last_lr() == theirs.get_last_lr(), k
+        assert _lrs(ours.optimizer) == _lrs(theirs.optimizer), k
+    return None
+
+
+def _refused_where_torch_fails(name, mutate, match, **built):
+    """torch loads the changed state and a later step fails (zip of lists of other
+    lengths); fastopt refuses it at load, naming the entry, and changes nothing."""
+    torch = _torch()
+    theirs, _ = _loaded(name, mutate, torch, **built)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="zip"):
+            for k in range(12):
+                _step(theirs, k)
+    if built:
+        sched = _trained(name, 2, **built)
+        before, lrs = sched.state_dict(), _lrs(sched.optimizer)
+        saved = copy.deepcopy(_trained(name, 5).state_dict())
+        mutate(saved)
+        with pytest.raises(ValueError, match=match):
+            sched.load_state_dict(saved)
+        assert sched.state_dict() == before and _lrs(sched.optimizer) == lrs
+    else:
+        _refused(name, mutate, ValueError, match)
+
+
+def _first_of(key):
+    return lambda sd: sd.__setitem__(key, sd[key][:1])
+
+
+#: classes whose step() pairs base_lrs one to one with the param groups (CyclicLR: and with
+#: max_lrs and its momenta; LambdaLR: with its lr_lambdas); the others read it only in the
+#: closed form of the deprecated step(epoch)
+PAIRED = ("LambdaLR", "CosineAnnealingLR", "CosineAnnealingWarmRestarts", "CyclicLR")
+#: the classes with a closed form
+CLOSED_FORM = ("StepLR", "MultiStepLR", "ConstantLR", "LinearLR", "ExponentialLR",
+               "PolynomialLR")
+
+
+@pytest.mark.parametrize("name", WITH_BASE_LRS)
+def test_a_base_lrs_shorter_than_the_groups_loads_where_torch_steps_on_with_it(name):
+    if name in PAIRED:
+        what = "its 2 lr_lambdas" if name == "LambdaLR" else "the optimizer's 2 param groups"
+        _refused_where_torch_fails(name, _first_of("base_lrs"),
+                                   rf"state_dict\['base_lrs'\] has 1 values, but {name} pairs "
+                                   rf"it one to one with {what}")
+    else:
+        assert _steps_as_torch(name, _first_of("base_lrs")) is None
+
+
+@pytest.mark.parametrize("name", CLOSED_FORM)
+def test_the_closed_form_with_a_shorter_base_lrs_raises_as_torch_and_changes_nothing(name):
+    """torch raises ValueError too, after writing the first group's lr and moving
+    last_epoch."""
+    torch = _torch()
+    theirs, _ = _loaded(name, _first_of("base_lrs"), torch)
+    ours, _ = _loaded(name, _first_of("base_lrs"))
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="zip"):
+        theirs.step(3)
+    before = _observed(ours)
+    with pytest.warns(UserWarning, match="deprecated"), pytest.raises(
+            ValueError, match="computed 1 learning rates for 2 param groups"):
+        ours.step(3)
+    assert _observed(ours) == before
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_a_last_lr_shorter_than_the_groups_loads_and_steps_as_torch(name):
+    assert _steps_as_torch(name, lambda sd: sd.__setitem__("_last_lr", [0.1])) is None
+
+
+@pytest.mark.parametrize("key", ["base_lrs", "max_lrs", "base_momentums", "max_momentums"])
+def test_cyclic_refuses_a_shorter_list_as_torch_fails_on_it(key):
+    """CyclicLR zips base_lrs with max_lrs, its momenta with each other and with the
+    groups."""
+    _refused_where_torch_fails("CyclicLR", _first_of(key),
+                               rf"state_dict\['{key}'\] has 1 values, but CyclicLR pairs it "
+                               r"one to one with the optimizer's 2 param groups")
+
+
+def test_cyclic_refuses_lists_of_two_lengths_it_would_pair():
+    """Built over one group, one group added: each list may hold one value (as the
+    scheduler) or two (as the groups), but all the same number."""
+    _refused_where_torch_fails(
+        "CyclicLR", _first_of("max_lrs"),
+        r"state_dict\['max_lrs'\] has 1 values and state_dict\['base_lrs'\] 2: CyclicLR "
+        r"pairs them one to one", groups=1, added=1)
+
+
+@pytest.mark.parametrize("name", ["CosineAnnealingLR", "CosineAnnealingWarmRestarts",
+                                  "CyclicLR"])
+def test_a_paired_list_of_the_groups_length_loads_into_a_scheduler_built_before_a_group(name):
+    """Longer than the scheduler's own lists, as long as the groups: torch steps on."""
+    assert _steps_as_torch(name, lambda sd: None, groups=1, added=1) is None
+
+
+def test_lambda_refuses_base_lrs_of_another_length_than_its_lr_lambdas():
+    _refused_where_torch_fails("LambdaLR", lambda sd: None,
+                               r"state_dict\['base_lrs'\] has 2 values, but LambdaLR pairs it "
+                               r"one to one with its 1 lr_lambdas", groups=1, added=1)
+
+
+#: classes whose step() follows a group added after the scheduler was built (as torch's)
+FOLLOW_ADDED = ("StepLR", "MultiStepLR", "ConstantLR", "LinearLR", "ExponentialLR",
+                "PolynomialLR", "ReduceLROnPlateau", "SequentialLR", "ChainedScheduler")
+
+
+@pytest.mark.parametrize("name", FOLLOW_ADDED)
+def test_a_resumed_run_loads_the_state_of_a_scheduler_that_outlived_add_param_group(name):
+    """The run: a scheduler over one group, a group added, three more steps. Resumed as a
+    user does: an optimizer and a scheduler over both groups, loaded from the run's."""
+    torch = _torch()
+    resumed = []
+    for lib in (fastopt, torch):
+        old = _trained(name, 2, lib, groups=1, added=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for k in range(2, 5):
+                _step(old, k)
+        sched = _trained(name, 0, lib)
+        sched.optimizer.load_state_dict(copy.deepcopy(old.optimizer.state_dict()))
+        sched.load_state_dict(copy.deepcopy(old.state_dict()))
+        resumed.append(sched)
+    ours, theirs = resumed
+    if name not in ("ReduceLROnPlateau", "SequentialLR", "ChainedScheduler"):
+        assert len(ours.base_lrs) == len(theirs.base_lrs) == 1
+    assert ours.get_last_lr() == theirs.get_last_lr()
+    assert _lrs(ours.optimizer) == _lrs(theirs.optimizer)
+    assert _lockstep(ours, theirs, 12) is None
+
+
+@pytest.mark.parametrize("name,error", [("ReduceLROnPlateau", None),
+                                        ("ReduceLROnPlateau-min_lr-list", RuntimeError)])
+def test_plateau_with_a_shorter_min_lrs_steps_as_torch(name, error):
+    """With one default min_lr both reset min_lrs to one per group at the next reduction;
+    with a list of them (default_min_lr None) both raise RuntimeError there."""
+    assert _steps_as_torch(name, _first_of("min_lrs")) is error
 
 
 @pytest.mark.parametrize("name", [n for n in WITH_BASE_LRS])
@@ -130,13 +362,13 @@ def test_the_step_count_must_be_an_int(name):
     ("CosineAnnealingWarmRestarts", "T_mult", 1.5, r"state_dict\['T_mult'\] must be an int"),
     ("CyclicLR", "mode", "sawtooth", r"state_dict\['mode'\] must be 'triangular'"),
     ("CyclicLR", "scale_mode", "epochs", r"state_dict\['scale_mode'\] must be one of"),
-    ("CyclicLR", "max_momentums", [0.9], r"state_dict\['max_momentums'\] has 1 values"),
     ("CyclicLR", "_scale_fn_custom", [1], r"state_dict\['_scale_fn_custom'\] must be None or"),
     ("OneCycleLR", "_anneal_func_type", "exp", r"state_dict\['_anneal_func_type'\] must be one"),
     ("OneCycleLR", "total_steps", 0, r"state_dict\['total_steps'\] must be >= 1"),
     ("ReduceLROnPlateau", "mode", "median", r"state_dict\['mode'\] must be 'min' or 'max'"),
     ("ReduceLROnPlateau", "threshold_mode", "log", r"state_dict\['threshold_mode'\] must be "),
-    ("ReduceLROnPlateau", "min_lrs", [0, 0, 0], r"state_dict\['min_lrs'\] has 3 values"),
+    ("ReduceLROnPlateau", "min_lrs", [0, 0, 0],
+     r"state_dict\['min_lrs'\] has 3 values, the optimizer has 2 param groups"),
     ("ReduceLROnPlateau", "best", "low", r"state_dict\['best'\] must be a real number"),
     ("SWALR", "_anneal_strategy", "exp", r"state_dict\['_anneal_strategy'\] must be one of"),
     ("SWALR", "anneal_epochs", -2, r"state_dict\['anneal_epochs'\] must be >= 0"),

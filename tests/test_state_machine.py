@@ -177,9 +177,12 @@ class OptimizerMachine(RuleBasedStateMachine):
         """A group with a configuration of the database as its overrides; what it leaves out
         comes from the optimizer's defaults (its constructor's), so the merged configuration
         can be invalid (SGD: nesterov=True from the defaults with an override's dampening):
-        then ``add_param_group`` raises and changes nothing. A scheduler does not know a group
-        added after it (LambdaLR refuses to step, as torch), so a new one is built, which
-        restarts the schedule from the current lrs."""
+        then ``add_param_group`` raises and changes nothing. StepLR, chainable, goes on and
+        steps the added group too (as torch's), so it is kept, as a torch user keeps it; its
+        ``base_lrs`` stay one per group it was built for, which a fresh scheduler over all the
+        groups still loads (``load_into_fresh_optimizer``). LambdaLR refuses to step a group
+        added after it (as torch's), so a new one is built, from each group's
+        ``initial_lr``."""
         overrides = self._config(config)
         merged = {**self.defaults, **overrides}
         try:
@@ -193,15 +196,17 @@ class OptimizerMachine(RuleBasedStateMachine):
         idx = self._new_params(shapes, seed)
         self.opt.add_param_group({"params": [self.params[i] for i in idx], **overrides})
         self.groups.append((idx, merged))
-        # the model: StepLR restarts from the current lrs, LambdaLR from each group's
-        # initial_lr (which the first scheduler wrote and the new one keeps)
+        lr = merged.get("lr", self.opt.defaults["lr"])
         if self.model["kind"] == "StepLR":
-            base = [expected_lr(self.model, g) for g in range(len(self.groups) - 1)]
+            # the model: the added group decays from its lr at the current epoch on, as if
+            # it had started at epoch 0 from lr / GAMMA ** (epoch // STEP_SIZE) (exact: GAMMA
+            # is a power of two)
+            self.model["base"].append(lr / GAMMA ** (self.model["epoch"] // STEP_SIZE))
         else:
-            base = list(self.model["base"])
-        base.append(merged.get("lr", self.opt.defaults["lr"]))
-        self.sched = make_scheduler(self.model["kind"], self.opt)
-        self.model = {**self.model, "epoch": 0, "base": base}
+            # LambdaLR restarts from each group's initial_lr (which the first scheduler wrote
+            # and the new one keeps)
+            self.sched = make_scheduler(self.model["kind"], self.opt)
+            self.model = {**self.model, "epoch": 0, "base": [*self.model["base"], lr]}
 
     @rule()
     def scheduler_step(self):

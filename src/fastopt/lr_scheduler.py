@@ -249,8 +249,16 @@ _CHOICES = {"mode": None, "threshold_mode": ("rel", "abs"), "scale_mode": ("cycl
 
 def _check_like(current, value, key, path, n_groups):
     """Raise TypeError or ValueError unless the saved ``value`` of entry ``key`` can stand
-    where the scheduler now holds ``current``: the same kind of value, finite counters, one
-    finite number per param group in the per-group lists."""
+    where the scheduler now holds ``current``: the same kind of value, finite counters, and in
+    the per-group lists finite numbers, from one up to one per param group of the optimizer.
+
+    A per-group list may be shorter than the optimizer's param groups: a scheduler built
+    before ``add_param_group`` holds values only for the groups it was made for, and torch
+    loads its state into a scheduler built over all the groups. Where ``step()`` pairs a list
+    one to one with the groups, :meth:`LRScheduler._check_paired` asks for more. A list that
+    is empty or longer than the optimizer's groups cannot come from a scheduler of this
+    optimizer (groups are only ever added), so it is refused, unless it has the length the
+    scheduler holds now (its own state always loads back)."""
     if key in _COUNTERS:
         _check_real(value, path, **_COUNTERS[key])
         return
@@ -258,12 +266,11 @@ def _check_like(current, value, key, path, n_groups):
         if not isinstance(value, (list, tuple)):
             raise TypeError(f"{path} must be a list with one value per param group, got "
                             f"{_shown(value)}")
-        # as many as the scheduler holds now: one per param group when it was made (a
-        # group added later is not in them, in torch too)
-        expected = len(current) if isinstance(current, (list, tuple)) else n_groups
-        if len(value) != expected:
-            raise ValueError(f"{path} has {len(value)} values, the scheduler holds {expected} "
-                             f"(one per param group it was made for)")
+        own = len(current) if isinstance(current, (list, tuple)) else None
+        if not 1 <= len(value) <= n_groups and len(value) != own:
+            raise ValueError(f"{path} has {len(value)} values, the optimizer has {n_groups} "
+                             f"param groups (a scheduler holds one value per group it was "
+                             f"made for: 1 to {n_groups} values)")
         for i, v in enumerate(value):
             _check_real(v, f"{path}[{i}]")
         return
@@ -477,6 +484,42 @@ class LRScheduler:
             if key not in self._not_checked:
                 _check_like(self.__dict__.get(key), value, key, f"state_dict[{key!r}]",
                             n_groups)
+        self._check_paired(state_dict, n_groups)
+
+    #: per-group lists that ``step()`` pairs one to one with the param groups, or with each
+    #: other: torch zips them with ``strict=True`` and fails at a later step, after its
+    #: counters have moved, when their lengths differ
+    _paired = ()
+
+    def _paired_lengths(self, n_groups):
+        """The lengths the lists of ``_paired`` may have, and what they are paired with: the
+        optimizer's param groups, or the length the scheduler holds now (a scheduler built
+        before ``add_param_group``, which cannot step the added group in torch either)."""
+        own = self.__dict__.get(self._paired[0])
+        own = len(own) if isinstance(own, (list, tuple)) else n_groups
+        return {n_groups, own}, f"the optimizer's {n_groups} param groups"
+
+    def _check_paired(self, state_dict, n_groups):
+        """Raise ValueError unless the saved lists of ``_paired`` have one length that
+        ``_paired_lengths`` allows."""
+        keys = [key for key in self._paired if key in state_dict]
+        if not keys:
+            return
+        allowed, what = self._paired_lengths(n_groups)
+        name = type(self).__name__
+        for key in keys:
+            if len(state_dict[key]) not in allowed:
+                raise ValueError(
+                    f"state_dict[{key!r}] has {len(state_dict[key])} values, but {name} pairs "
+                    f"it one to one with {what} (torch loads such a state and fails at a "
+                    "later step)")
+        first = keys[0]
+        for key in keys[1:]:
+            if len(state_dict[key]) != len(state_dict[first]):
+                raise ValueError(
+                    f"state_dict[{key!r}] has {len(state_dict[key])} values and "
+                    f"state_dict[{first!r}] {len(state_dict[first])}: {name} pairs them one to "
+                    "one (torch loads such a state and fails at a later step)")
 
     #: entries that ``_check_state_dict`` of a subclass checks itself
     _not_checked = (_CLASS_KEY, "lr_lambdas", "schedules", "_schedulers", "_scale_fn_custom")
@@ -493,12 +536,23 @@ class LRScheduler:
         another scheduler class or with missing or unexpected keys, ``TypeError`` or
         ``ValueError`` naming the entry for a value that is not what the scheduler holds
         there: counters (``last_epoch``, ``_step_count``, ...) that are no finite numbers,
-        per-group lists (``base_lrs``, ``_last_lr``, ...) whose length is not that of the
-        scheduler's own (one per param group it was made for) or that hold no finite
-        numbers, a string, bool,
-        list or dict where the scheduler holds another kind of value, a mode that does not
-        exist. torch loads all of these, and its next ``step()`` writes ``lr = nan`` or
-        fails after its counters have moved.
+        per-group lists (``base_lrs``, ``_last_lr``, ...) that hold no finite numbers, a
+        string, bool, list or dict where the scheduler holds another kind of value, a mode
+        that does not exist. torch loads all of these, and its next ``step()`` writes
+        ``lr = nan`` or fails after its counters have moved.
+
+        A per-group list may hold fewer values than the optimizer has param groups, as the
+        state of a scheduler built before ``add_param_group`` does: it loads, as in torch,
+        and the next steps are torch's (a chainable ``step()`` follows every group; the
+        deprecated ``step(epoch)``, whose closed form reads ``base_lrs``, raises
+        ``ValueError`` and changes nothing, where torch raises after writing the first
+        groups). Refused with ``ValueError``, as lists no scheduler of this optimizer holds:
+        an empty list, or one longer than the optimizer's param groups (torch loads these).
+        Where ``step()`` pairs a list one to one with the param groups (``base_lrs`` of
+        CosineAnnealingLR and CosineAnnealingWarmRestarts; ``base_lrs``, ``max_lrs`` and the
+        momenta of CyclicLR) or with the ``lr_lambdas`` (LambdaLR), it must have that length
+        or the one the scheduler holds now: torch loads any other and fails at a later step.
+        The scheduler's own ``state_dict()`` always loads back.
         """
         self._check_state_dict(state_dict)
         self._apply_state_dict(state_dict)
@@ -562,6 +616,12 @@ class LambdaLR(_LambdaBase):
     ``state_dict()`` plain functions are stored as ``None``; callable objects keep their
     ``__dict__``.
     """
+
+    _paired = ("base_lrs",)
+
+    def _paired_lengths(self, n_groups):
+        n = len(self.lr_lambdas)
+        return {n}, f"its {n} lr_lambdas"
 
     def get_lr(self):
         self._warn_outside_step()
@@ -736,6 +796,8 @@ class CosineAnnealingLR(LRScheduler):
     uses the recursive form, which also follows any other change to the group's lr.
     """
 
+    _paired = ("base_lrs",)
+
     def __init__(self, optimizer, T_max, eta_min=0.0, last_epoch=-1):
         self.T_max = T_max
         self.eta_min = eta_min
@@ -771,6 +833,8 @@ class CosineAnnealingWarmRestarts(LRScheduler):
 
     ``step(epoch)`` accepts fractional epochs and issues no deprecation warning.
     """
+
+    _paired = ("base_lrs",)
 
     def __init__(self, optimizer, T_0, T_mult=1, eta_min=0.0, last_epoch=-1):
         if not isinstance(T_0, int) or T_0 <= 0:
@@ -859,6 +923,7 @@ class CyclicLR(LRScheduler):
     """
 
     _not_saved = ("optimizer", "_scale_fn_custom")
+    _paired = ("base_lrs", "max_lrs", "base_momentums", "max_momentums")
 
     def __init__(
         self,
