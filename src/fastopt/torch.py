@@ -28,6 +28,14 @@ Rules beyond torch's:
   refuses others, naming the parameter); gradients are dense tensors of the parameter's
   dtype and shape;
 * ``differentiable=True`` is refused: the update runs in C, outside autograd;
+* a sparse gradient is refused at ``step()`` with torch's RuntimeError (``Adam does not
+  support sparse gradients, ...``) naming the parameter, also by ``SGD`` and ``Adagrad``,
+  whose torch twins step with one; ``capturable=True`` is refused at ``step()`` with the
+  AssertionError torch raises on the CPU, naming the group;
+* a tensor ``lr`` (or ``betas``) is read as its value in double, as torch reads a float:
+  torch instead computes its lr-derived step scalars in the tensor's dtype, so with a
+  float32 tensor ``lr`` and float64 parameters the two agree to float32 precision in
+  those scalars only (and as float runs do when torch is given ``lr=float(lr)``);
 * ``foreach`` and ``fused`` are accepted and change nothing (the step is one fused C pass
   either way); a ``GradScaler`` unscales the gradients itself before ``step()``, as it does
   for torch's non-fused optimizers;
@@ -204,8 +212,18 @@ class _KernelStep:
             if closure is not None:
                 with torch.enable_grad():
                     loss = closure()
-            _kernels.update(self, self.__dict__.get("_kinds") or self._hyper_kinds(),
-                            self._spec)
+            for gi, group in enumerate(self.param_groups):
+                if group.get("capturable"):
+                    raise AssertionError(_capturable_message(self, gi))
+            try:
+                _kernels.update(self, self.__dict__.get("_kinds") or self._hyper_kinds(),
+                                self._spec)
+            except RuntimeError as e:
+                text = str(e)
+                if not text.endswith(_SPARSE_GENERIC):
+                    raise
+                raise RuntimeError(text[:-len(_SPARSE_GENERIC)]
+                                   + _sparse_message(self)) from None
         finally:
             del self.__dict__["_fastopt_step"]
         return loss
@@ -229,7 +247,11 @@ class _KernelStep:
                         fresh[keys[0]] = torch.from_numpy(np.zeros_like(base))
                 elif len(fresh) == 0:
                     arrays = {}
-                    self._init_state(arrays, base, frozen)
+                    # a tensor lr as its value (ASGD's eta starts at lr): NumPy warns when
+                    # it converts a tensor itself
+                    self._init_state(arrays, base, {
+                        k: v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v
+                        for k, v in frozen.items()})
                     fresh.update({k: _to_tensor(v) for k, v in arrays.items()})
                 entry = made[id(obj)] = (obj, fresh)
             plan.bind(slot, entry[1], mode == 1, array, gi, pi)
@@ -346,3 +368,31 @@ class Lion(_KernelStep, _TorchOptimizer):
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("maximize", False)
+
+
+# -- torch's texts for what a step refuses ---------------------------------------------------
+
+# the end of the kernels' error for a sparse gradient; the step replaces it by torch's text
+_SPARSE_GENERIC = ("this optimizer does not support sparse gradients, please consider "
+                   "SparseAdam instead")
+# torch.optim's optimizers that step with sparse gradients, which fastopt.torch refuses
+_TORCH_SPARSE = ("SGD", "Adagrad")
+
+
+def _sparse_message(opt):
+    """torch's error for a sparse gradient given to ``opt`` (an AdamW says ``Adam``, as
+    torch's does), or, where torch steps with it, fastopt.torch's refusal."""
+    name = opt._fastopt.__name__
+    if name in _TORCH_SPARSE:
+        return (f"{name} does not support sparse gradients in fastopt.torch (its kernel is "
+                f"dense; torch.optim.{name} steps with them)")
+    if name in ("Adam", "AdamW"):
+        return "Adam does not support sparse gradients, please consider SparseAdam instead"
+    return f"{name} does not support sparse gradients"
+
+
+def _capturable_message(opt, gi):
+    return (f"param_groups[{gi}]: capturable=True needs the parameters and state steps on a "
+            f"CUDA or XPU device, and fastopt.torch updates CPU tensors (torch.optim's "
+            f"{opt._fastopt.__name__} raises this AssertionError on the CPU too); use "
+            f"capturable=False")

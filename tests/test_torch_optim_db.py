@@ -1,0 +1,395 @@
+"""fastopt.torch driven by torch's own optimizer database.
+
+torch 2.13 ships the database its optimizer tests run on,
+``torch.testing._internal.common_optimizers.optim_db``: one ``OptimizerInfo`` per optimizer
+with its constructor configurations (``optim_inputs_func``) and its invalid inputs
+(``optim_error_inputs_func``: what must fail, with which exception, at construction or at
+the step, and the message's regex). This module imports it and runs every entry that has a
+``fastopt.torch`` class against ``torch.optim``, in float32 and float64:
+
+* every configuration runs fastopt.torch and torch.optim in lockstep for 20 steps on the
+  same model (two parameter groups, the second with its own ``lr``), the parameters compared
+  after every step at ``torch.testing.assert_close``'s default tolerance for the dtype, and
+  the state dicts at the end (group values, state keys, dtypes, shapes and values). The
+  configurations are torch's CPU list with its implementation flags
+  (``_get_optim_inputs_including_global_cliquey_kwargs``: all flags off, then
+  ``differentiable``, and ``fused`` where torch has a CPU fused kernel), plus ``foreach=True``
+  for each (torch's helper leaves it out on the CPU, where it has no foreach kernels, but
+  ``torch.optim`` runs its multi-tensor code there), plus the configurations torch lists for
+  CUDA only (``capturable``, tensor ``lr``, tensor ``betas``): as they are, and with
+  ``capturable`` dropped. A configuration torch refuses at construction (a tensor ``lr``
+  with ``foreach=True``) must be refused by fastopt.torch with the same exception and text.
+* every error input raises (or warns) with torch's exception type, at torch's phase, with a
+  message matching torch's regex.
+
+Refused by design, and asserted to be refused with a clear error:
+
+* ``differentiable=True``: the update runs in C, outside autograd (ValueError at
+  construction; torch.optim accepts it);
+* ``capturable=True`` on the CPU: torch.optim raises an AssertionError at the step, and so
+  does fastopt.torch, naming the group, with nothing changed;
+* float16, bfloat16 and complex parameters: the kernels are float32 and float64 (TypeError
+  at construction naming the parameter; torch.optim accepts them);
+* sparse gradients: the kernels are dense (RuntimeError at the step naming the parameter,
+  with torch's text where torch refuses them too; ``SGD`` and ``Adagrad`` refuse what
+  torch.optim steps with).
+
+Two documented tolerances:
+
+* with float64 parameters and a float32 tensor ``lr`` (or ``betas``), torch computes the
+  lr-derived step scalars in float32 tensor arithmetic, fastopt in double with the tensor's
+  value. Such a run is compared at the default float64 tolerance with torch given the same
+  values as floats, and at the float32 tolerance with torch given the tensors;
+* the final ``momentum_buffer`` of a centered float32 RMSprop with momentum is compared at
+  1e-4 (see ``STATE_TOL``); its parameters, at every step, at the default.
+
+Left out (no fastopt.torch class yet): ``Adafactor``, ``LBFGS``, ``Muon``, ``SparseAdam``.
+
+Counts per optimizer, float32 and float64 together: configurations run in lockstep;
+configurations torch.optim refuses at construction, refused alike; configurations refused by
+design (``differentiable=True``; ``capturable=True``, refused at the step as torch does);
+error inputs checked:
+
+=========  ========  =======  ==============  ==========  ======
+optimizer  lockstep  refused  differentiable  capturable  errors
+=========  ========  =======  ==============  ==========  ======
+Adadelta         36        0              12           6      14
+Adagrad          42        0              14           0      14
+Adam             44        6              10          10      24
+Adamax           40        0              10          10      14
+AdamW            44        6              10          10      24
+ASGD             48        0              14          10      14
+NAdam            44        0              14           8      16
+RAdam            40        0              12           8      16
+RMSprop          44        0              16           6      14
+Rprop            28        0              10           4      14
+SGD              54        0              18           0      14
+total           464       12             140          72     178
+=========  ========  =======  ==============  ==========  ======
+
+(``test_counts_in_the_docstring`` keeps this table true.)
+"""
+import copy
+import inspect
+import re
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="fastopt.torch needs torch")
+pytest.importorskip("expecttest", reason="torch's test database imports expecttest")
+from torch.testing._internal import common_optimizers as _db  # noqa: E402
+
+import fastopt.torch as ft  # noqa: E402
+
+F32 = {"rtol": 1.3e-6, "atol": 1e-5}  # torch.testing's float32 defaults
+# centered RMSprop with momentum: the buffer sums g / (sqrt(v - m^2) + eps), whose
+# denominator cancels where v is tiny; torch's CPU sqrt is not correctly rounded (about 0.7%
+# of float32 results are one unit in the last place off), and those last bits amplify there
+STATE_TOL = {torch.float32: {"rtol": 1e-4, "atol": 1e-4}, torch.float64: {}}
+LEFT_OUT = {"Adafactor", "LBFGS", "Muon", "SparseAdam"}
+INFOS = [info for info in _db.optim_db if info.name in ft.__all__]
+DTYPES = {"f32": torch.float32, "f64": torch.float64}
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """The tensors are tiny: torch's intra-op threads only add waits (its fused CPU kernels
+    wait for them at every call, slow on a busy machine), and no result depends on them."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _id(text):
+    return re.sub(r"\W+", "-", text).strip("-")
+
+
+def _kind(kwargs):
+    if kwargs.get("differentiable"):
+        return "differentiable"
+    if kwargs.get("capturable"):
+        return "capturable"
+    return "lockstep"
+
+
+def _configs(info, dtype):
+    """(description, kwargs) of every configuration of ``info`` run on the CPU."""
+    out = [(c.desc, c.kwargs) for c in
+           _db._get_optim_inputs_including_global_cliquey_kwargs("cpu", dtype, info)]
+    cpu = info.optim_inputs_func("cpu", dtype)
+    for c in cpu:
+        if "foreach" in info.supported_impls:
+            out.append((f"{c.desc} & foreach", {**c.kwargs, "foreach": True}))
+    seen = {c.desc for c in cpu}
+    for c in info.optim_inputs_func("cuda", dtype):
+        if c.desc in seen:
+            continue
+        out.append((f"{c.desc} (CUDA list)", dict(c.kwargs)))
+        if "capturable" in c.kwargs:
+            dropped = {k: v for k, v in c.kwargs.items() if k != "capturable"}
+            out.append((f"{c.desc} (CUDA list, capturable dropped)", dropped))
+            out.append((f"{c.desc} (CUDA list, capturable dropped) & foreach",
+                        {**dropped, "foreach": True}))
+    return out
+
+
+CONFIGS = [pytest.param(info, dtype, desc, kwargs, id=f"{info.name}-{did}-{_id(desc)}")
+           for info in INFOS for did, dtype in DTYPES.items()
+           for desc, kwargs in _configs(info, dtype)]
+
+
+def _by_kind(kind):
+    return [p for p in CONFIGS if _kind(p.values[3]) == kind]
+
+
+def _model(dtype, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(),
+                               torch.nn.Linear(8, 3)).to(dtype)
+
+
+def _data(dtype):
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(32, 6, generator=g, dtype=dtype),
+            torch.randn(32, 3, generator=g, dtype=dtype))
+
+
+def _groups(model, cls, kwargs):
+    """The model's parameters as two groups: the first takes the defaults, the second its
+    own float ``lr`` (half the configuration's)."""
+    lr = kwargs.get("lr", inspect.signature(cls).parameters["lr"].default)
+    return [{"params": list(model[0].parameters())},
+            {"params": list(model[2].parameters()), "lr": float(lr) / 2}]
+
+
+def _make(cls, model, kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's notes on tensor lr and foreach
+        return cls(_groups(model, cls, kwargs), **copy.deepcopy(kwargs))
+
+
+def _step(model, opt, x, y):
+    opt.zero_grad()
+    (model(x) - y).pow(2).mean().backward()
+    opt.step()
+
+
+def _as_floats(kwargs):
+    """``kwargs`` with every tensor hyperparameter (lr, betas) read as a float."""
+    def plain(v):
+        if isinstance(v, torch.Tensor):
+            return v.item()
+        if isinstance(v, tuple):
+            return tuple(plain(x) for x in v)
+        return v
+    return {k: plain(v) for k, v in kwargs.items()}
+
+
+def _float32_tensor_hyper(kwargs):
+    values = [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
+    values += [x for v in kwargs.values() if isinstance(v, tuple) for x in v
+               if isinstance(x, torch.Tensor)]
+    return any(v.dtype == torch.float32 for v in values)
+
+
+def _same_value(a, b, where, **tol):
+    if isinstance(b, torch.Tensor):
+        assert isinstance(a, torch.Tensor), where
+        assert (a.dtype, a.shape) == (b.dtype, b.shape), where
+        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{where}: {m}")
+    elif isinstance(b, (tuple, list)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same_value(x, y, f"{where}[{i}]", **tol)
+    else:
+        assert type(a) is type(b) and a == b, f"{where}: {a!r} != {b!r}"
+
+
+def _same_state_dict(sd, tsd, tol, key_tol=None):
+    """``tol``: the tolerance of the state values; ``key_tol``: {key: tolerance} for the keys
+    that need another."""
+    assert len(sd["param_groups"]) == len(tsd["param_groups"])
+    for gi, (g, tg) in enumerate(zip(sd["param_groups"], tsd["param_groups"])):
+        assert g.keys() == tg.keys(), gi
+        for key, value in tg.items():
+            _same_value(g[key], value, f"param_groups[{gi}][{key!r}]", rtol=0, atol=0)
+    assert sd["state"].keys() == tsd["state"].keys()
+    for i, st in tsd["state"].items():
+        assert sd["state"][i].keys() == st.keys(), f"state[{i}]"
+        for key, value in st.items():
+            t = (key_tol or {}).get(key, tol)
+            _same_value(sd["state"][i][key], value, f"state[{i}][{key!r}]", **t)
+
+
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("info,dtype,desc,kwargs", _by_kind("lockstep"))
+def test_db_configuration_in_lockstep_with_torch(info, dtype, desc, kwargs):
+    cls = getattr(ft, info.name)
+    model = _model(dtype)
+    ref = copy.deepcopy(model)
+    try:
+        topt = _make(info.optim_cls, ref, kwargs)
+    except Exception as e:  # torch refuses the configuration: so must fastopt.torch
+        with pytest.raises(type(e)) as caught:
+            _make(cls, model, kwargs)
+        assert str(caught.value) == str(e)
+        return
+    opt = _make(cls, model, kwargs)
+    # the references: torch with the configuration as it is, and where torch would compute
+    # step scalars in float32 for float64 parameters, torch with the tensors read as floats
+    refs = [(ref, topt, {})]
+    if dtype == torch.float64 and _float32_tensor_hyper(kwargs):
+        exact = copy.deepcopy(model)
+        refs = [(ref, topt, F32), (exact, _make(info.optim_cls, exact, _as_floats(kwargs)), {})]
+    x, y = _data(dtype)
+    for step in range(20):
+        _step(model, opt, x, y)
+        for r, o, tol in refs:
+            _step(r, o, x, y)
+            for p, q in zip(model.parameters(), r.parameters()):
+                torch.testing.assert_close(p, q, **tol, msg=lambda m, s=step: f"step {s}: {m}")
+    sd, tsd = opt.state_dict(), topt.state_dict()
+    key_tol = None
+    if info.name == "RMSprop" and kwargs.get("centered") and kwargs.get("momentum"):
+        key_tol = {"momentum_buffer": STATE_TOL[dtype]}
+    _same_state_dict(sd, tsd, refs[0][2], key_tol)
+
+
+@pytest.mark.parametrize("info,dtype,desc,kwargs", _by_kind("differentiable"))
+def test_db_differentiable_configuration_is_refused(info, dtype, desc, kwargs):
+    _make(info.optim_cls, _model(dtype), kwargs)  # torch takes it
+    with pytest.raises(ValueError, match="differentiable=True is not supported by "
+                                         "fastopt.torch"):
+        _make(getattr(ft, info.name), _model(dtype), kwargs)
+
+
+@pytest.mark.parametrize("info,dtype,desc,kwargs", _by_kind("capturable"))
+def test_db_capturable_configuration_is_refused_at_the_step_as_torch_does(info, dtype, desc,
+                                                                          kwargs):
+    x, y = _data(dtype)
+    ref = _model(dtype)
+    topt = _make(info.optim_cls, ref, kwargs)
+    with pytest.raises(AssertionError, match="capturable=True"):
+        _step(ref, topt, x, y)
+    model = _model(dtype)
+    opt = _make(getattr(ft, info.name), model, kwargs)
+    before = [(p.detach().clone(), p._version) for p in model.parameters()]
+    with pytest.raises(AssertionError, match=r"param_groups\[0\]: capturable=True"):
+        _step(model, opt, x, y)
+    for p, (value, version) in zip(model.parameters(), before):
+        assert torch.equal(p, value) and p._version == version
+    assert len(opt.state) == 0
+    for group in opt.param_groups:
+        group["capturable"] = False
+    _step(model, opt, x, y)  # the same optimizer steps once capturable is off
+    assert len(opt.state) == 4
+
+
+def _error_inputs():
+    out = []
+    for info in INFOS:
+        for did, dtype in DTYPES.items():
+            for i, e in enumerate(info.optim_error_inputs_func(device="cpu", dtype=dtype)):
+                desc = e.optimizer_error_input.desc
+                out.append(pytest.param(info, e, id=f"{info.name}-{did}-{i}-{_id(desc)}"))
+    return out
+
+
+ERRORS = _error_inputs()
+
+
+@pytest.mark.parametrize("info,error", ERRORS)
+def test_db_error_input_raises_as_torch(info, error):
+    cls = getattr(ft, info.name)
+    given = error.optimizer_error_input
+    at_step = error.error_on == _db.OptimizerErrorEnum.STEP_ERROR
+    opt = None
+    if issubclass(error.error_type, Warning):
+        with pytest.warns(error.error_type, match=error.error_regex):
+            opt = cls(given.params, **given.kwargs)
+            if at_step:
+                opt.step()
+        return
+    with pytest.raises(error.error_type, match=error.error_regex):
+        opt = cls(given.params, **given.kwargs)
+        if at_step:
+            opt.step()
+    # the phase: a step error is raised by the step of an optimizer that was built
+    assert (opt is not None) == at_step
+
+
+@pytest.mark.parametrize("info", INFOS, ids=lambda info: info.name)
+def test_sparse_gradient_is_refused_with_torchs_error(info):
+    cls = getattr(ft, info.name)
+
+    def sparse_grads(model):
+        w, b = model[0].weight, model[0].bias
+        w.grad = torch.ones_like(w)
+        with torch.sparse.check_sparse_tensor_invariants():
+            b.grad = torch.sparse_coo_tensor([[1, 5]], torch.ones(2), b.shape)
+        return model
+
+    ref = sparse_grads(_model(torch.float32))
+    topt = info.optim_cls(ref.parameters(), lr=0.1)
+    torch_error = None
+    try:
+        topt.step()
+    except RuntimeError as e:
+        torch_error = str(e)
+    model = sparse_grads(_model(torch.float32))
+    opt = cls(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict()["state"])  # Adagrad's is made at construction
+    with pytest.raises(RuntimeError, match=r"param_groups\[0\]\['params'\]\[1\]: ") as caught:
+        opt.step()
+    if torch_error is not None:
+        assert str(caught.value).endswith(torch_error)
+    else:  # torch steps with it: fastopt.torch refuses by design
+        assert info.name in ("SGD", "Adagrad")
+        assert f"{info.name} does not support sparse gradients in fastopt.torch" in str(
+            caught.value)
+    for p, value in zip(model.parameters(), before):
+        assert torch.equal(p, value)
+    _same_state_dict(opt.state_dict(), {"param_groups": opt.state_dict()["param_groups"],
+                                        "state": state}, {"rtol": 0, "atol": 0})
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.complex64,
+                                   torch.complex128], ids=str)
+@pytest.mark.parametrize("info", INFOS, ids=lambda info: info.name)
+def test_non_float_parameters_are_refused(info, dtype):
+    params = [torch.zeros(3, requires_grad=True), torch.zeros(2, 2, dtype=dtype,
+                                                              requires_grad=True)]
+    info.optim_cls(params)  # torch takes them
+    with pytest.raises(TypeError, match=rf"param_groups\[0\]\['params'\]\[1\]: .*{dtype}"):
+        getattr(ft, info.name)(params)
+
+
+def test_left_out_optimizers_have_no_fastopt_torch_class():
+    names = {info.name for info in _db.optim_db}
+    assert names - set(ft.__all__) == LEFT_OUT
+    assert not any(hasattr(ft, name) for name in LEFT_OUT)
+
+
+def test_counts_in_the_docstring():
+    counts = {}
+    for p in CONFIGS:
+        info, dtype, desc, kwargs = p.values
+        row = counts.setdefault(info.name, [0, 0, 0, 0, 0])
+        kind = _kind(kwargs)
+        if kind == "lockstep":
+            try:
+                _make(info.optim_cls, _model(dtype), kwargs)
+                row[0] += 1
+            except Exception:
+                row[1] += 1
+        else:
+            row[2 if kind == "differentiable" else 3] += 1
+    for p in ERRORS:
+        counts[p.values[0].name][4] += 1
+    counts["total"] = [sum(row[i] for row in counts.values()) for i in range(5)]
+    table = {m.group(1): [int(n) for n in m.group(2).split()]
+             for m in re.finditer(r"^(\w+) +((?:\d+ +){4}\d+)$", __doc__, re.M)}
+    assert table == counts
