@@ -2,11 +2,12 @@
 
 Each test trains one tiny model twice, once with a ``torch.optim`` optimizer and once with
 its ``fastopt.torch`` twin, under the same tool (torch's schedulers, ``swa_utils``,
-``GradScaler``, ``clip_grad_norm_``, optimizer-in-backward hooks, Lightning, the
-transformers ``Trainer``, accelerate), and compares the weights within torch's float32
-tolerance at every step, or at every step the tool reports where the tool owns the loop.
-Checkpoints written by the tools load back (``weights_only`` loading included) and a resumed
-run ends with the weights of the uninterrupted one, bit for bit.
+``GradScaler``, ``clip_grad_norm_``, optimizer-in-backward hooks,
+``torch.distributed.checkpoint``, Lightning, the transformers ``Trainer``, accelerate), and
+compares the weights within torch's float32 tolerance at every step, or at every step the
+tool reports where the tool owns the loop. Checkpoints written by the tools load back
+(``weights_only`` loading included) and a resumed run ends with the weights of the
+uninterrupted one, bit for bit.
 
 Lightning, transformers and accelerate are optional (the ``integrations`` extra): their tests
 skip without them.
@@ -702,3 +703,82 @@ def test_accelerate_save_state_and_load_state_resume_bit_for_bit(accelerate, tmp
     for a, b in zip(resumed, history[4:]):
         assert all(torch.equal(p, q) for p, q in zip(a, b))
 
+
+# -- torch.distributed.checkpoint ---------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # no process group: DCP runs in one process
+@pytest.mark.parametrize("flatten", [False, True], ids=["nested", "flattened"])
+@pytest.mark.parametrize("saved_by", ["fastopt.torch", "torch.optim"])
+def test_distributed_checkpoint_save_and_load_resume(tmp_path, saved_by, flatten):
+    """``get_state_dict`` / ``dcp.save`` / ``dcp.load`` / ``set_state_dict``, the checkpoint
+    path of FSDP2 and of the trainers built on it: the optimizer state dict is keyed by
+    parameter names, which fastopt.torch loads as torch does. A run checkpointed after 3 steps
+    (by fastopt.torch or by torch.optim) and resumed by a fresh fastopt.torch model and
+    optimizer ends as the uninterrupted run does."""
+    from torch.distributed import checkpoint as dcp
+    from torch.distributed.checkpoint import state_dict as dsd
+    options = dsd.StateDictOptions(flatten_optimizer_state_dict=flatten)
+    first = ft.AdamW if saved_by == "fastopt.torch" else torch.optim.AdamW
+    kwargs = {"lr": 0.05, "weight_decay": 0.1}
+    model, ref = _model(), _model()
+    opt, topt = first(model.parameters(), **kwargs), torch.optim.AdamW(ref.parameters(),
+                                                                        **kwargs)
+    x, y = _data()
+    for _ in range(3):
+        _step(model, opt, x, y)
+        _step(ref, topt, x, y)
+    msd, osd = dsd.get_state_dict(model, opt, options=options)
+    assert any(isinstance(k, str) and "weight" in k for k in (
+        osd["state"] if "state" in osd else osd))  # names, not ints
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp_path))
+
+    resumed = _model(seed=7)
+    ropt = ft.AdamW(resumed.parameters(), **kwargs)
+    msd, osd = dsd.get_state_dict(resumed, ropt, options=options)  # empty state made here
+    loaded = {"model": msd, "optim": osd}
+    dcp.load(loaded, checkpoint_id=str(tmp_path))
+    dsd.set_state_dict(resumed, ropt, model_state_dict=loaded["model"],
+                       optim_state_dict=loaded["optim"], options=options)
+    assert ropt.state[resumed[0].weight]["step"].item() == 3.0
+    for step in range(3):
+        _step(model, opt, x, y)
+        _step(resumed, ropt, x, y)
+        _step(ref, topt, x, y)
+        _assert_weights(resumed, ref, f"step {step + 4}")
+        if first is ft.AdamW:
+            assert all(torch.equal(p, q) for p, q in zip(resumed.parameters(),
+                                                         model.parameters()))
+
+
+def test_state_dict_keyed_by_parameter_names():
+    """What ``set_optimizer_state_dict`` hands to ``load_state_dict``: the ids are parameter
+    names, matched by position as torch matches them; a state entry under a name that no
+    group lists is refused naming it, with nothing changed."""
+    model, opt, ref, topt = _pair("Adam", {"lr": 0.05})
+    x, y = _data()
+    _step(model, opt, x, y)
+    _step(ref, topt, x, y)
+    names = [n for n, _ in ref.named_parameters()]
+    sd = topt.state_dict()
+    named = dict(sd, state={names[i]: st for i, st in sd["state"].items()},
+                 param_groups=[dict(g, params=[names[i] for i in g["params"]])
+                               for g in sd["param_groups"]])
+    twin = copy.deepcopy(ref)
+    twin_opt = torch.optim.Adam(twin.parameters(), lr=0.05)
+    # (a copy each: as torch's, the loaded state shares the tensors of the dict it came from)
+    twin_opt.load_state_dict(copy.deepcopy(named))  # torch loads it
+    opt.load_state_dict(copy.deepcopy(named))
+    for step in range(3):
+        _step(model, opt, x, y)
+        _step(twin, twin_opt, x, y)
+        _assert_weights(model, twin, f"step {step + 2}")
+    before = {k: v.clone() for k, v in opt.state[model[2].bias].items()}
+    bad = dict(named, state=dict(named["state"], **{"3.bias": named["state"]["2.bias"]}))
+    with pytest.raises(KeyError, match=r"state\['3\.bias'\]: no parameter .* named '3\.bias'"):
+        opt.load_state_dict(bad)
+    assert all(torch.equal(opt.state[model[2].bias][k], v) for k, v in before.items())
+    mixed = dict(named, param_groups=[dict(named["param_groups"][0],
+                                           params=[0] + names[1:])])
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\]\[1\] must be an int"):
+        opt.load_state_dict(mixed)
