@@ -18,4 +18,4 @@ def test_readme_python_block_runs(code):
 def test_readme_has_the_two_setup_commands():
     text = README.read_text()
     assert "python -m fastopt bench" in text
-    assert 'pip install ".[test]" torch==2.13.0 && pytest' in text
+    assert 'pip install ".[test,integrations]" torch==2.13.0 && pytest' in text

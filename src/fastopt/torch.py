@@ -269,8 +269,14 @@ class _KernelStep:
         ``torch.optim`` or of fastopt (tensors or NumPy arrays) loads and continues; a
         malformed one raises naming the key path (``state[3]['exp_avg']``,
         ``param_groups[1]['lr']``) and leaves the optimizer as it was. The loaded state
-        holds tensors of each parameter's dtype (torch's cast policy, ``step`` float32)."""
-        _Optimizer.load_state_dict(self, state_dict)
+        holds tensors of each parameter's dtype (torch's cast policy, ``step`` float32).
+
+        The ids are ints, as ``state_dict()`` writes them, or all strings: the parameter names
+        that ``torch.distributed.checkpoint``'s ``set_optimizer_state_dict`` passes. Names
+        are matched to the parameters by their position in the groups, as torch matches any
+        id, and then read as the ints of those positions (the load_state_dict pre-hooks see
+        the ints); a state entry under a name that no group lists is a KeyError."""
+        _Optimizer.load_state_dict(self, _named_ids_as_ints(state_dict))
 
     def _cast_state(self, param, array, value, key, where):
         return _to_tensor(_Optimizer._cast_state(self, param, array, value, key, where))
@@ -396,3 +402,35 @@ def _capturable_message(opt, gi):
             f"CUDA or XPU device, and fastopt.torch updates CPU tensors (torch.optim's "
             f"{opt._fastopt.__name__} raises this AssertionError on the CPU too); use "
             f"capturable=False")
+
+
+def _named_ids_as_ints(state_dict):
+    """``state_dict`` with the parameter ids of its groups and state renumbered 0, 1, ... in
+    the order of the groups, when every id is a string (a parameter name); otherwise
+    ``state_dict`` itself, for the checked loader to take or refuse."""
+    from collections.abc import Mapping
+    if not isinstance(state_dict, Mapping):
+        return state_dict
+    groups, state = state_dict.get("param_groups"), state_dict.get("state")
+    if (not isinstance(groups, (list, tuple)) or not isinstance(state, Mapping)
+            or not all(isinstance(g, Mapping) and isinstance(g.get("params"), (list, tuple))
+                       for g in groups)):
+        return state_dict
+    ids = [k for group in groups for k in group["params"]]
+    if not ids or not all(isinstance(k, str) for k in ids):
+        return state_dict
+    number = {}
+    for k in ids:
+        number.setdefault(k, len(number))
+    renamed = {}
+    for k, value in state.items():
+        if not isinstance(k, str) or k not in number:
+            shown = list(number) if len(number) <= 6 else list(number)[:6] + ["..."]
+            raise KeyError(f"state[{k!r}]: no parameter of the saved param_groups is named "
+                           f"{k!r} (their names: {shown})")
+        renamed[number[k]] = value
+    out = dict(state_dict)
+    out["state"] = renamed
+    out["param_groups"] = [dict(group, params=[number[k] for k in group["params"]])
+                           for group in groups]
+    return out
