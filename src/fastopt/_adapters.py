@@ -72,12 +72,20 @@ def _foreign_updated(objs):
             a.updated(mine)
 
 
-def _param_arrays(p, gi, pi):
+def _param_arrays(p, gi, pi, mark=True):
     """(array, grad or None) of ``param_groups[gi]['params'][pi]``, a ``fastopt.Parameter``
-    or an object an adapter accepts; TypeError for anything else."""
+    or an object an adapter accepts; TypeError for anything else. ``mark=False``: a foreign
+    parameter is not yet marked as updated; the caller passes it to ``_foreign_updated``
+    once its update succeeded (a step that raises leaves version counters as they were)."""
     if isinstance(p, Parameter):
         return p.view(np.ndarray), p.grad
-    return _foreign_param(p, gi, pi)
+    return _foreign_param(p, gi, pi, mark)
+
+
+def _foreign_among(params):
+    """The parameters of ``params`` that are not ``fastopt.Parameter`` (the ones
+    ``_foreign_updated`` must be told about)."""
+    return [p for p in params if not isinstance(p, Parameter)]
 
 
 def _foreign_arrays(obj):

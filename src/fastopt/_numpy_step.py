@@ -1,7 +1,10 @@
 """The parts shared by the optimizers whose step is written in NumPy (Adafactor, Muon, and
 SparseAdam's checks): phase 1 of a step, which checks every hyperparameter, parameter,
 gradient and state array and creates the state of new parameters, raising before anything
-is modified, and torch's ``lerp``."""
+is modified, and torch's ``lerp``.
+
+Parameters that are foreign arrays (torch tensors) are marked updated (their autograd
+version counter bumped) only once the checks passed, never by a step that raises in them."""
 import contextlib
 import numbers
 import signal
@@ -9,11 +12,12 @@ import threading
 
 import numpy as np
 
-from fastopt._adapters import _param_arrays, _where
+from fastopt._adapters import _foreign_among, _foreign_updated, _param_arrays, _where
 from fastopt.parameter import SparseGrad
 
 __all__ = ["check_groups", "check_state_array", "check_step", "commit_state", "freeze",
-           "gather", "lerp_", "new_state", "prepare", "real", "signals_deferred"]
+           "gather", "lerp_", "mark_updated", "new_state", "prepare", "real",
+           "signals_deferred"]
 
 
 def gather(opt, name):
@@ -27,7 +31,7 @@ def gather(opt, name):
     for gi, group in enumerate(opt.param_groups):
         items = []
         for pi, p in enumerate(group["params"]):
-            arr, g = _param_arrays(p, gi, pi)
+            arr, g = _param_arrays(p, gi, pi, mark=False)
             if g is None:
                 continue
             if isinstance(g, SparseGrad):
@@ -80,12 +84,14 @@ def real(value, key):
     return float(value)
 
 
-def check_groups(opt, name, check_state, check_group=None, check_param=None):
+def check_groups(opt, name, check_state, check_group=None, check_param=None, state=None):
     """The checks of phase 1 of a step of the optimizer ``opt`` called ``name``: ``gather``,
     ``freeze`` every group (with ``check_group(frozen, group)``), then for every parameter with a
     grad ``check_param(frozen, array, where)`` and, when its state is not empty,
     ``check_state(state, array, where)``. Every group is checked before any state is.
+    ``state`` is the mapping of parameter states to check (default ``opt.state``).
     Returns (the frozen groups, ``gather``'s lists)."""
+    state = opt.state if state is None else state
     groups = gather(opt, name)
     frozen = [freeze(opt, gi, group, check_group) for gi, group in enumerate(opt.param_groups)]
     for gi, items in enumerate(groups):
@@ -93,7 +99,7 @@ def check_groups(opt, name, check_state, check_group=None, check_param=None):
             where = _where(gi, pi)
             if check_param is not None:
                 check_param(frozen[gi], arr, where)
-            st = opt.state.get(p)
+            st = state.get(p)
             if st is not None and not isinstance(st, dict):
                 raise TypeError(f"{where}: optimizer.state entry must be a dict, got "
                                 f"{type(st).__name__}")
@@ -102,17 +108,19 @@ def check_groups(opt, name, check_state, check_group=None, check_param=None):
     return frozen, groups
 
 
-def new_state(opt, frozen, groups, needs_state, check_state):
+def new_state(opt, frozen, groups, needs_state, check_state, state=None):
     """The state of the parameters that step for the first time, created but not stored:
     ``{id(param): (param, dict)}`` filled by ``opt._init_state(dict, array, frozen group)``
-    for every parameter whose state ``needs_state``, each checked with ``check_state``. An
-    error here (a MemoryError) leaves ``opt.state`` as it was; ``commit_state`` stores it."""
+    for every parameter whose state (in ``state``, default ``opt.state``) ``needs_state``,
+    each checked with ``check_state``. An error here (a MemoryError) leaves the state as it
+    was; ``commit_state`` stores it."""
+    state = opt.state if state is None else state
     out = {}
     for gi, items in enumerate(groups):
         for pi, p, arr, _ in items:
             if id(p) in out:  # listed twice: one state
                 continue
-            st = opt.state.get(p)
+            st = state.get(p)
             if st is None or needs_state(st):
                 fresh = {}
                 opt._init_state(fresh, arr, frozen[gi])
@@ -121,20 +129,38 @@ def new_state(opt, frozen, groups, needs_state, check_state):
     return out
 
 
-def commit_state(opt, created):
-    """Store ``new_state``'s dicts: merged into the parameter's state dict (kept if one
-    exists). Only dict updates, which cannot fail halfway."""
+def commit_state(opt, created, state=None):
+    """Store ``new_state``'s dicts in ``state`` (default ``opt.state``): merged into the
+    parameter's state dict (kept if one exists). Only dict updates, which cannot fail
+    halfway."""
+    state = opt.state if state is None else state
     for p, fresh in created.values():
-        opt.state.setdefault(p, {}).update(fresh)
+        state.setdefault(p, {}).update(fresh)
 
 
-def prepare(opt, name, check_state, needs_state, check_group=None, check_param=None):
+def prepare(opt, name, check_state, needs_state, check_group=None, check_param=None, *,
+            state=None, mark=True):
     """Phase 1 of a step: ``check_groups``, then the state of new parameters created for
-    all of them or for none (``new_state``, ``commit_state``). Nothing is modified when it
-    raises. Returns (the frozen groups, ``gather``'s lists)."""
-    frozen, groups = check_groups(opt, name, check_state, check_group, check_param)
-    commit_state(opt, new_state(opt, frozen, groups, needs_state, check_state))
+    all of them or for none (``new_state``, ``commit_state``), in ``state`` (default
+    ``opt.state``). Nothing is modified when it raises.
+
+    With ``mark`` the foreign parameters with a gradient are then marked updated (the
+    update that follows runs to its end, signals deferred); with ``mark=False`` the caller
+    calls ``mark_updated`` after its update. Returns (the frozen groups, ``gather``'s
+    lists)."""
+    frozen, groups = check_groups(opt, name, check_state, check_group, check_param, state)
+    commit_state(opt, new_state(opt, frozen, groups, needs_state, check_state, state), state)
+    if mark:
+        mark_updated(groups)
     return frozen, groups
+
+
+def mark_updated(groups):
+    """Mark the foreign parameters of ``gather``'s lists as updated in place, in one call
+    (torch tensors: their autograd version counters are bumped)."""
+    foreign = _foreign_among([p for items in groups for _, p, _, _ in items])
+    if foreign:
+        _foreign_updated(foreign)
 
 
 def check_state_array(value, shape, dtype, where, key):

@@ -1,8 +1,8 @@
 """Adafactor: factored second moments for matrices (NumPy, not per-element)."""
 import numpy as np
 
-from fastopt._numpy_step import (check_state_array, check_step, lerp_, prepare, real,
-                                 signals_deferred)
+from fastopt._numpy_step import (check_state_array, check_step, lerp_, mark_updated, prepare,
+                                 real, signals_deferred)
 from fastopt.optimizer import Optimizer
 
 __all__ = ["Adafactor"]
@@ -94,7 +94,8 @@ class Adafactor(Optimizer):
                 raise ValueError(f"{where}: state[{key!r}] has shape {value.shape}, expected "
                                  f"{want} for a parameter of shape {array.shape}")
             return np.array(value, dtype=array.dtype, order="C")
-        value = super()._cast_state(param, array, value, key, where)
+        # (named, not super(): fastopt.torch.Adafactor reuses this method)
+        value = Optimizer._cast_state(self, param, array, value, key, where)
         if key == "step":
             check_step(value, where)
         return value
@@ -144,18 +145,29 @@ class Adafactor(Optimizer):
         loss = None
         if closure is not None:
             loss = closure()
-        frozen, groups = prepare(self, "Adafactor", self._check_existing_state,
-                                 lambda st: len(st) == 0, self._check_frozen,
-                                 self._check_param)
+        frozen, groups = self._prepare_step(self.state)
+        try:
+            self._update_groups(frozen, groups, self.state)
+        finally:
+            mark_updated(groups)
+        return loss
+
+    def _prepare_step(self, state):
+        """Phase 1 of a step over the parameter states ``state``: every check, and the state
+        of new parameters created in ``state``; raises before anything changes."""
+        return prepare(self, "Adafactor", self._check_existing_state, lambda st: len(st) == 0,
+                       self._check_frozen, self._check_param, state=state, mark=False)
+
+    def _update_groups(self, frozen, groups, state):
+        """Phase 2: the update of every parameter of ``_prepare_step``'s lists."""
         with signals_deferred():  # every group is updated, or (the checks failed) none
             for group, items in zip(frozen, groups):
                 lr, wd, d = group["lr"], group["weight_decay"], group["d"]
                 eps1, eps2 = group["eps"]
                 for _, p, arr, g in items:
-                    self._update_one(arr, g, self.state[p], lr, wd, d, eps1, eps2, group)
+                    self._update_one(arr, g, state[p], lr, wd, d, eps1, eps2, group)
                     if eps1 is None:
                         eps1 = float(np.finfo(arr.dtype).eps)
-        return loss
 
     @staticmethod
     def _update_one(arr, g, st, lr, wd, d, eps1, eps2, group):

@@ -10,7 +10,7 @@ import numbers
 
 import numpy as np
 
-from fastopt._adapters import _foreign_arrays, _param_arrays
+from fastopt._adapters import _foreign_among, _foreign_arrays, _foreign_updated, _param_arrays
 from fastopt.optimizer import Optimizer, _check_nonneg
 from fastopt.parameter import Parameter
 
@@ -122,9 +122,10 @@ class LBFGS(Optimizer):
     ----------
     params : iterable
         Parameters (one group only), all of one dtype.
-    lr : float, default 1
+    lr : float or 1-element tensor, default 1
         Step length (the first iteration of the first step uses
-        :math:`\min(1, 1/\|g\|_1) \cdot lr`).
+        :math:`\min(1, 1/\|g\|_1) \cdot lr`). A tensor (or array) lr is used as a 0-d value
+        of its dtype, as torch uses it.
     max_iter : int, default 20
         Iterations per ``step()``.
     max_eval : int, optional
@@ -152,7 +153,9 @@ class LBFGS(Optimizer):
     leaves the parameters moved and its state unusable). ``load_state_dict`` checks the
     history (types, lengths, and vectors of the parameters' total size) and raises, naming
     the key, before anything changes. When ``history_size`` is lowered below the number of
-    pairs kept, the next update drops the oldest pairs down to it.
+    pairs kept, the next update drops the oldest pairs down to it. Tensors given as
+    parameters have their autograd version counters bumped once by a step that moved them,
+    never by a step that raised.
     """
 
     _flag_defaults = {}
@@ -177,7 +180,8 @@ class LBFGS(Optimizer):
     # flat views ---------------------------------------------------------------------------
 
     def _arrays(self):
-        return [_param_arrays(p, 0, pi) for pi, p in enumerate(self._params)]
+        # not marked updated here: ``_run`` does that once the step succeeded
+        return [_param_arrays(p, 0, pi, mark=False) for pi, p in enumerate(self._params)]
 
     def _flat_grad(self):
         arrays = self._arrays()
@@ -302,34 +306,49 @@ class LBFGS(Optimizer):
         """Run up to ``max_iter`` L-BFGS iterations; returns the first loss. When it raises,
         the parameters and the state are as they were before the call."""
         key = self._params[0] if self._params else None
-        had = key in self.state
-        saved = {k: (list(v) if isinstance(v, list) else v)
-                 for k, v in self.state[key].items()} if had else None
+        current = self.state.get(key)
+        # the step works on a copy of the history (its lists copied: it appends to them),
+        # stored only when it succeeded
+        work = {k: (list(v) if isinstance(v, list) else v)
+                for k, v in current.items()} if current else {}
+        loss = self._run(closure, work)
+        if isinstance(current, dict):
+            current.clear()
+            current.update(work)
+        else:
+            self.state[key] = work
+        return loss
+
+    def _run(self, closure, state):
+        """``_step`` on ``state`` (a working copy of the first parameter's state); when it
+        raises, the parameters are put back. The foreign parameters (tensors) are marked
+        updated once, when the step succeeded and moved them."""
         x0 = self._snapshot()
         try:
-            return self._step(closure)
+            loss, moved = self._step(closure, state)
         except BaseException:
             self._restore(x0)
-            if had:
-                self.state[key].clear()
-                self.state[key].update(saved)
-            else:
-                self.state.pop(key, None)
             raise
+        if moved:
+            foreign = _foreign_among(self._params)
+            if foreign:
+                _foreign_updated(foreign)
+        return loss
 
-    def _step(self, closure):
+    def _step(self, closure, state):
+        """The iterations of one ``step`` on the history ``state``; returns (the first loss,
+        whether the parameters moved)."""
         if len(self.param_groups) != 1:
             raise ValueError(f"LBFGS needs exactly one param_group, got "
                              f"{len(self.param_groups)}")
         group = self.param_groups[0]
-        lr = group["lr"]
+        lr = _lr_scalar(group["lr"])
         max_iter, max_eval = group["max_iter"], group["max_eval"]
         tol_grad, tol_change = group["tolerance_grad"], group["tolerance_change"]
         line_search, history = group["line_search_fn"], group["history_size"]
         if line_search not in (None, "strong_wolfe"):
             raise RuntimeError("only 'strong_wolfe' is supported")
 
-        state = self.state[self._params[0]]
         state.setdefault("func_evals", 0)
         state.setdefault("n_iter", 0)
 
@@ -339,7 +358,7 @@ class LBFGS(Optimizer):
         state["func_evals"] += 1
         g = self._flat_grad()
         if np.abs(g).max(initial=0) <= tol_grad:
-            return orig_loss
+            return orig_loss, False
 
         d, t = state.get("d"), state.get("t")
         old_dirs, old_stps, ro = state.get("old_dirs"), state.get("old_stps"), state.get("ro")
@@ -347,6 +366,7 @@ class LBFGS(Optimizer):
         prev_g, prev_loss = state.get("prev_flat_grad"), state.get("prev_loss")
 
         n_iter = 0
+        moved = False
         while n_iter < max_iter:
             n_iter += 1
             state["n_iter"] += 1
@@ -407,9 +427,11 @@ class LBFGS(Optimizer):
                 loss, g, t, ls_evals = _strong_wolfe(evaluate, t, d, loss, g, gtd,
                                                      max_ls=max_eval - evals)
                 self._add(t, d)
+                moved = True
                 opt_cond = np.abs(g).max(initial=0) <= tol_grad
             else:
                 self._add(t, d)
+                moved = True
                 opt_cond = False
                 if n_iter != max_iter:
                     loss = _as_float(closure())
@@ -430,7 +452,21 @@ class LBFGS(Optimizer):
         state["old_dirs"], state["old_stps"], state["ro"] = old_dirs, old_stps, ro
         state["H_diag"] = h_diag
         state["prev_flat_grad"], state["prev_loss"] = prev_g, prev_loss
-        return orig_loss
+        return orig_loss, moved
+
+
+def _lr_scalar(lr):
+    """The lr a step computes with: a number as it is; a 1-element array or tensor (torch
+    allows a tensor lr) as a NumPy scalar of its dtype, so that the step lengths made from
+    it take that dtype's precision, as torch's 0-d tensor arithmetic does."""
+    if isinstance(lr, numbers.Real):
+        return lr
+    detach = getattr(lr, "detach", None)
+    value = np.asarray(lr.detach().cpu().numpy() if callable(detach) else lr)
+    if value.size != 1 or value.dtype.kind not in "iuf":
+        raise TypeError(f"param_groups[0]['lr'] must be a real number or a 1-element array, "
+                        f"got {lr!r}")
+    return value.reshape(())[()]
 
 
 def _as_float(value):

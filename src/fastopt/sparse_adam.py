@@ -2,7 +2,7 @@
 import numpy as np
 
 from fastopt import _kernels
-from fastopt._adapters import _param_arrays, _where
+from fastopt._adapters import _foreign_among, _foreign_updated, _param_arrays, _where
 from fastopt._numpy_step import check_state_array, commit_state, freeze
 from fastopt.optimizer import Optimizer, _check_betas
 from fastopt.parameter import SparseGrad
@@ -95,7 +95,7 @@ class SparseAdam(Optimizer):
         work = []
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
-                arr, g = _param_arrays(p, gi, pi)
+                arr, g = _param_arrays(p, gi, pi, mark=False)
                 if g is None:
                     continue
                 where = _where(gi, pi)
@@ -151,4 +151,7 @@ class SparseAdam(Optimizer):
         _kernels.run_sparse_adam([(items, *frozen[gi]["betas"], frozen[gi]["eps"],
                                    frozen[gi]["maximize"]) for gi, items in items_of.items()],
                                  counters)
+        foreign = _foreign_among([p for _, p, _, _, _ in work])
+        if foreign:  # after the update: a step that raised left the version counters alone
+            _foreign_updated(foreign)
         return loss

@@ -61,7 +61,7 @@ import torch.optim.optimizer as _torch_optimizer_module
 from torch.optim import Optimizer as _TorchOptimizer
 
 import fastopt
-from fastopt import _kernels
+from fastopt import _kernels, _numpy_step
 from fastopt._adapters import TORCH_ADAPTER
 from fastopt.optimizer import Optimizer as _Optimizer
 
@@ -434,3 +434,232 @@ def _named_ids_as_ints(state_dict):
     out["param_groups"] = [dict(group, params=[number[k] for k in group["params"]])
                            for group in groups]
     return out
+
+
+# -- optimizers whose step is fastopt's NumPy code ------------------------------------------
+
+class _NumpyStep:
+    """What a ``torch.optim`` optimizer needs to step with fastopt's NumPy code (the
+    optimizers that are not per-element; ``_KernelStep`` is the C-kernel sibling).
+
+    A subclass names the fastopt class in ``_fastopt`` and, in ``_borrowed``, the methods of
+    that class its step and state checks run (taken as they are: the parameters reach them
+    as NumPy views through the tensor adapter), lists the torch optimizer class after this
+    one among its bases and implements ``_numpy_step(closure)``. The state holds tensors; a
+    step works on NumPy views of them and stores what it made as tensors sharing its memory,
+    only once its checks passed."""
+
+    _fastopt = None
+    _borrowed = ()
+    # fastopt's bookkeeping, as in _KernelStep: groups frozen and checked, and the checked
+    # load_state_dict (no kernel: the loaded state is checked by the class's own checks)
+    _kernel = None
+    _nonneg_at_step = ()
+    _beta1_division = False
+    _hyper_kinds = _Optimizer._hyper_kinds
+    _freeze = _Optimizer._freeze
+    _check_step = _Optimizer._check_step
+    _backfill = _Optimizer._backfill
+    _loaded_groups = staticmethod(_Optimizer._loaded_groups)
+    _check_loaded_state = _check_loaded_tensors(_Optimizer._check_loaded_state)
+    load_state_dict = _KernelStep.load_state_dict
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name in ("_flag_defaults", "_scalar_state_keys") + tuple(cls._borrowed):
+            setattr(cls, name, _own(cls._fastopt, name))
+
+    def add_param_group(self, param_group):
+        """``torch.optim.Optimizer.add_param_group``, and then fastopt's checks: every
+        parameter a dense, contiguous float32 or float64 CPU tensor, and no
+        ``differentiable=True``. A refused group is not added."""
+        super().add_param_group(param_group)
+        gi = len(self.param_groups) - 1
+        group = self.param_groups[gi]
+        try:
+            if group.get("differentiable"):
+                raise ValueError(f"{type(self).__name__}: differentiable=True is not "
+                                 f"supported by fastopt.torch (the update runs in NumPy, "
+                                 f"outside autograd); use torch.optim for a differentiable "
+                                 f"step")
+            for pi, p in enumerate(group["params"]):
+                TORCH_ADAPTER.check(p, gi, pi, group)
+        except BaseException:
+            self.param_groups.pop()
+            raise
+
+    def step(self, closure=None):
+        """One optimization step; returns ``closure()``'s value when given. A step that
+        raises leaves the parameters, the state and the version counters as they were."""
+        token = object()
+        owner = self.__dict__.setdefault("_fastopt_step", token)
+        if owner is not token:
+            raise RuntimeError(f"{type(self).__name__}.step() was called while another step of "
+                               f"this optimizer is running (from another thread, or from its "
+                               f"closure or a hook)")
+        try:
+            return self._numpy_step(closure)
+        finally:
+            del self.__dict__["_fastopt_step"]
+
+    step = _with_step_hooks(step)
+
+
+def _state_view(value, where, path, back, scalars):
+    """``value``, a state entry, for fastopt's NumPy code: a tensor as a NumPy view of its
+    memory (0-d ones, with ``scalars``, as NumPy scalars of their dtype), lists item by
+    item, anything else as it is. Each view is recorded in ``back`` (id -> (view, tensor))
+    so that an entry the step left alone is stored back as the very tensor it was. A tensor
+    without a view raises TypeError naming it: ``where`` is the parameter's (group, index),
+    ``path`` the keys down to the entry (made text only then)."""
+    if isinstance(value, torch.Tensor):
+        try:
+            array = value.numpy()  # a dense CPU tensor outside autograd: the usual case
+        except (TypeError, RuntimeError):
+            try:
+                array = TORCH_ADAPTER.state_view(value)[0]
+            except (TypeError, RuntimeError) as e:
+                keys = "".join(f"[{k!r}]" for k in path)
+                raise TypeError(f"param_groups[{where[0]}]['params'][{where[1]}]: "
+                                f"state{keys}: {e}") from None
+        if scalars and array.ndim == 0:
+            array = array[()]
+        back[id(array)] = (array, value)
+        return array
+    if isinstance(value, list):
+        return [_state_view(v, where, path + (i,), back, scalars)
+                for i, v in enumerate(value)]
+    return value
+
+
+def _state_tensor(value, back):
+    """The inverse of ``_state_view``: what the step left alone as the tensor it was, a new
+    array as a tensor sharing its memory, a NumPy float scalar as a 0-d tensor of its dtype
+    (torch's derived scalars are 0-d tensors), lists item by item."""
+    if isinstance(value, list):
+        return [_state_tensor(v, back) for v in value]
+    seen = back.get(id(value))
+    if seen is not None and seen[0] is value:
+        return seen[1]
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    if isinstance(value, np.floating):
+        return torch.from_numpy(np.array(value))
+    return value
+
+
+class LBFGS(_NumpyStep, torch.optim.LBFGS):
+    """``torch.optim.LBFGS`` stepping with :class:`fastopt.LBFGS`'s NumPy code (see
+    :mod:`fastopt.torch`); arguments, defaults, errors and state are torch's.
+
+    The state (under the first parameter) has torch's keys and types: ``func_evals`` and
+    ``n_iter`` ints, ``d`` and ``prev_flat_grad`` vectors of all parameters' elements,
+    ``old_dirs`` and ``old_stps`` lists of such vectors, ``ro`` and ``al`` lists of 0-d
+    tensors (``al`` holds None where unused), ``t`` and ``H_diag`` a number or a 0-d
+    tensor, ``prev_loss`` a float. Beyond torch:
+
+    * a step that raises (in the closure, or on a bad gradient) puts the parameters and the
+      state back as they were before it (torch leaves the parameters moved and its state
+      half-written); the version counters move only when a step moved the parameters;
+    * the state is checked at every step and by ``load_state_dict`` (types, lengths, and
+      vectors of the parameters' total size), which raise naming the key;
+    * an unsupported ``line_search_fn`` raises before the closure runs (torch evaluates it
+      once first);
+    * gradients are dense tensors of the parameters' dtype and shape; a sparse one is
+      refused naming its parameter (torch densifies it).
+
+    A tensor ``lr`` is used as a 0-d tensor of its dtype, as torch uses it; the state then
+    holds copies of it, never the group's ``lr`` itself (torch stores that tensor as ``t``).
+
+    """
+
+    _fastopt = fastopt.LBFGS
+    _borrowed = ("_run", "_step", "_arrays", "_flat_grad", "_add", "_snapshot", "_restore",
+                 "_check_history")
+
+    def _numpy_step(self, closure):
+        if closure is None:
+            raise TypeError("LBFGS.step() missing 1 required positional argument: 'closure'")
+        closure = torch.enable_grad()(closure)
+        key = self._params[0]
+        current = self.state.get(key)
+        back = {}
+        work = {}
+        where = "param_groups[0]['params'][0]"
+        if current is not None and not isinstance(current, dict):
+            raise TypeError(f"{where}: optimizer.state entry must be a dict, got "
+                            f"{type(current).__name__}")
+        if current:
+            work = {k: _state_view(v, (0, 0), (k,), back, True) for k, v in current.items()}
+            self._check_history(work, TORCH_ADAPTER.data(key).dtype, where)
+        loss = self._run(closure, work)
+        new = {k: _state_tensor(v, back) for k, v in work.items()}
+        if isinstance(current, dict):
+            current.clear()
+            current.update(new)
+        else:
+            self.state[key] = new
+        return loss
+
+    def _cast_state(self, param, array, value, key, where):
+        # fastopt's cast and history check on arrays, then the whole state as tensors
+        out = fastopt.LBFGS._cast_state(self, param, array, value, key, where)
+        if key is None and isinstance(out, dict):
+            return {k: _state_tensor(v, {}) for k, v in out.items()}
+        return out
+
+
+LBFGS.__doc__ += torch.optim.LBFGS.__doc__ or ""
+
+
+class Adafactor(_NumpyStep, torch.optim.Adafactor):
+    """``torch.optim.Adafactor`` stepping with :class:`fastopt.Adafactor`'s NumPy code (see
+    :mod:`fastopt.torch`); arguments, defaults, errors and state are torch's (``step`` a
+    float32 0-d tensor, ``row_var`` and ``col_var`` or ``variance``), updated in place.
+
+    Beyond torch: every parameter, gradient and state tensor of every group is checked
+    before anything changes (a bad one raises naming it, with nothing changed), and a
+    parameter with no elements raises ValueError (torch divides by its size after updating
+    the parameters before it).
+
+    """
+
+    _fastopt = fastopt.Adafactor
+    _borrowed = ("_prepare_step", "_update_groups", "_check_existing_state", "_check_frozen",
+                 "_check_param", "_init_state", "_update_one", "_factor_shapes")
+
+    def _numpy_step(self, closure):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        back = {}
+        views = {}
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                st = self.state.get(p)
+                if p.grad is None or p in views or st is None:
+                    continue
+                views[p] = {k: _state_view(v, (gi, pi), (k,), back, False)
+                            for k, v in st.items()} if isinstance(st, dict) else st
+        frozen, groups = self._prepare_step(views)  # raises with nothing changed
+        try:
+            self._update_groups(frozen, groups, views)
+        finally:
+            # the state made for new parameters, as tensors (the rest was updated in place)
+            for p, st in views.items():
+                target = self.state[p]
+                for k, v in st.items():
+                    seen = back.get(id(v))
+                    if seen is None or seen[0] is not v:
+                        target[k] = _to_tensor(v)
+            _numpy_step.mark_updated(groups)
+        return loss
+
+    def _cast_state(self, param, array, value, key, where):
+        return _to_tensor(fastopt.Adafactor._cast_state(self, param, array, value, key, where))
+
+
+Adafactor.__doc__ += torch.optim.Adafactor.__doc__ or ""
+
+__all__ += ["Adafactor", "LBFGS"]
