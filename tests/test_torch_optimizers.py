@@ -52,7 +52,8 @@ TWINNED = configs(where=lambda info: info.torch_name is not None)
 
 
 def test_every_per_element_optimizer_has_a_torch_class():
-    assert sorted(ft.__all__) == sorted(info.name for info in PER_ELEMENT)
+    # SparseAdam steps with its own kernel (row-sparse gradients), not a per-element one
+    assert sorted(set(ft.__all__) - {"SparseAdam"}) == sorted(info.name for info in PER_ELEMENT)
     for name in ft.__all__:
         cls = getattr(ft, name)
         assert issubclass(cls, torch.optim.Optimizer)
