@@ -19,11 +19,14 @@ Rules, as torch.optim's where torch has one:
 
 * a parameter must be a dense (strided), contiguous, CPU, float32 or float64 tensor, and a
   leaf (or ``retains_grad``) unless the optimizer was built with ``differentiable=True``;
-  anything else is refused by ``add_param_group`` with an error naming the parameter;
+  anything else is refused by ``add_param_group`` with an error naming the parameter. The
+  optimizers of ``fastopt.torch`` ask for more (``wide``): a tensor dense in any axis order
+  (channels_last), viewed with its own strides, and a complex tensor, viewed as its
+  ``torch.view_as_real`` (its gradient and state too);
 * every ``step()`` reads ``p.grad`` afresh (backward replaces it); a None grad skips the
-  parameter; a gradient must be a dense CPU tensor of the parameter's dtype and shape, or,
-  for SparseAdam, a sparse COO tensor (an ``Embedding(sparse=True)`` gradient), which is
-  handed over as a ``fastopt.SparseGrad``;
+  parameter; a gradient must be a dense CPU tensor of the parameter's dtype and shape, or a
+  sparse COO tensor (an ``Embedding(sparse=True)`` gradient), handed over as it is: only
+  SparseAdam (and ``fastopt.torch``'s SGD and Adagrad) take it;
 * after an update, the parameter's autograd version counter is incremented, as an in-place
   torch op would do, so a backward through a graph that saved the old value still fails
   loudly instead of giving wrong gradients;
@@ -34,7 +37,7 @@ import weakref
 
 import numpy as np
 
-from fastopt.parameter import Parameter, SparseGrad
+from fastopt.parameter import Parameter
 
 __all__ = ["TORCH_ADAPTER", "TorchAdapter"]
 

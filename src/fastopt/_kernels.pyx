@@ -1011,7 +1011,10 @@ def update(opt, tuple kinds, Spec spec):
     ``kinds`` (numeric keys, flag keys, (key, length) pairs) and whose class is described
     by ``spec``: check and freeze every group, collect every parameter and check the memory
     the step touches first (nothing is modified), then create missing state through
-    ``opt._create_state``, then run all groups in one call into C."""
+    ``opt._create_state``, then run all groups in one call into C. With ``spec.sparse_ok``
+    the parameters with sparse gradients are handed to ``opt._sparse_step(items, work)``
+    after the checks, which checks them and returns a function that updates them; it is
+    called after the C call."""
     cdef list missing = [], work = [], plans = [], foreign = []
     cdef list sparse = [] if spec.sparse_ok else None
     cdef Py_ssize_t gi = 0

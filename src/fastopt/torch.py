@@ -24,9 +24,20 @@ naming the key path (``state[3]['exp_avg']``), as fastopt's NumPy optimizers do.
 
 Rules beyond torch's:
 
-* parameters are dense, contiguous float32 or float64 CPU tensors (``add_param_group``
-  refuses others, naming the parameter); gradients are dense tensors of the parameter's
-  dtype and shape;
+* parameters are float32, float64, complex64 or complex128 CPU tensors, dense: contiguous
+  or in another axis order (channels_last), not a view with gaps such as a strided slice
+  (``add_param_group`` refuses others, naming the parameter). The kernels run over a
+  tensor's memory block: a gradient laid out otherwise than its parameter is copied into the
+  parameter's layout for the step (the ``.grad`` itself is left alone), and state is made and
+  loaded in the parameter's layout (state set by hand in another layout is refused by the
+  step). Complex parameters step as their ``torch.view_as_real`` views, their state is
+  complex, as torch's (``SparseAdam`` refuses them, as torch's);
+* gradients are dense tensors of the parameter's dtype and shape; SGD and Adagrad also take
+  sparse COO gradients (``Embedding(sparse=True)``) with torch's rules: SGD's momentum
+  buffer of a sparse gradient is a sparse tensor, weight decay with a sparse gradient raises
+  as torch's does (unlike torch, Adagrad's refused step leaves ``step`` as it was); sparse
+  gradients of complex parameters are refused. ``SparseAdam`` takes sparse COO gradients of
+  any ``sparse_dim``, coalesced or not, stepping with fastopt's row-sparse kernel;
 * ``differentiable=True`` is refused: the update runs in C, outside autograd;
 * ``foreach`` and ``fused`` are accepted and change nothing (the step is one fused C pass
   either way); a ``GradScaler`` unscales the gradients itself before ``step()``, as it does
