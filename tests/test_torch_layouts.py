@@ -582,3 +582,17 @@ def test_sparse_gradients_to_an_optimizer_without_a_sparse_rule_raise_as_before(
     emb(torch.tensor([1])).sum().backward()
     with pytest.raises(RuntimeError, match="does not support sparse gradients"):
         opt.step()
+
+
+def test_a_sparse_state_tensor_where_torch_keeps_a_dense_one_is_refused_by_name():
+    p = torch.nn.Parameter(torch.zeros(4, 2))
+    opt = ft.Adam([p])
+    p.grad = torch.ones(4, 2)
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][0]["exp_avg"] = sd["state"][0]["exp_avg"].to_sparse()
+    before = {k: v.clone() for k, v in opt.state[p].items()}
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\]\[0\].*exp_avg"):
+        opt.load_state_dict(sd)
+    for k, v in before.items():
+        assert torch.equal(opt.state[p][k], v)

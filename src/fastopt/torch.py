@@ -283,7 +283,10 @@ def _check_loaded_tensors(check):
         viewed = {k: ((torch.view_as_real(v.detach()) if v.is_complex() else v.detach()).numpy()
                       if isinstance(v, torch.Tensor) and v.device.type == "cpu"
                       and v.layout is torch.strided else v) for k, v in state.items()
-                  if not (isinstance(v, torch.Tensor) and v.layout is torch.sparse_coo)}
+                  # SGD's sparse momentum buffer (checked by _cast_sparse_state); a sparse
+                  # tensor elsewhere is refused by ``check``
+                  if not (self._lazy_state and isinstance(v, torch.Tensor)
+                          and v.layout is torch.sparse_coo)}
         return check(self, viewed, array, group, where)
     return _check_loaded_state
 
