@@ -52,6 +52,7 @@ TWINNED = configs(where=lambda info: info.torch_name is not None)
 
 
 def test_every_per_element_optimizer_has_a_torch_class():
+    # the others (LBFGS, Adafactor, SparseAdam) step with fastopt's own code
     assert {info.name for info in PER_ELEMENT} <= set(ft.__all__) <= set(DB)
     for name in ft.__all__:
         cls = getattr(ft, name)

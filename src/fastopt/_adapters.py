@@ -19,11 +19,14 @@ Rules, as torch.optim's where torch has one:
 
 * a parameter must be a dense (strided), contiguous, CPU, float32 or float64 tensor, and a
   leaf (or ``retains_grad``) unless the optimizer was built with ``differentiable=True``;
-  anything else is refused by ``add_param_group`` with an error naming the parameter;
+  anything else is refused by ``add_param_group`` with an error naming the parameter. The
+  optimizers of ``fastopt.torch`` ask for more (``wide``): a tensor dense in any axis order
+  (channels_last), viewed with its own strides, and a complex tensor, viewed as its
+  ``torch.view_as_real`` (its gradient and state too);
 * every ``step()`` reads ``p.grad`` afresh (backward replaces it); a None grad skips the
-  parameter; a gradient must be a dense CPU tensor of the parameter's dtype and shape, or,
-  for SparseAdam, a sparse COO tensor (an ``Embedding(sparse=True)`` gradient), which is
-  handed over as a ``fastopt.SparseGrad``;
+  parameter; a gradient must be a dense CPU tensor of the parameter's dtype and shape, or a
+  sparse COO tensor (an ``Embedding(sparse=True)`` gradient), handed over as it is: only
+  SparseAdam (and ``fastopt.torch``'s SGD and Adagrad) take it;
 * after an update, the parameter's autograd version counter is incremented, as an in-place
   torch op would do, so a backward through a graph that saved the old value still fails
   loudly instead of giving wrong gradients;
@@ -34,7 +37,7 @@ import weakref
 
 import numpy as np
 
-from fastopt.parameter import Parameter, SparseGrad
+from fastopt.parameter import Parameter
 
 __all__ = ["TORCH_ADAPTER", "TorchAdapter"]
 
@@ -51,13 +54,16 @@ def _adapter_for(obj):
     return None
 
 
-def _foreign_param(obj, gi, pi, mark=True):
+def _foreign_param(obj, gi, pi, mark=True, wide=False):
     """(array, grad array or None) of a parameter that is not a ``fastopt.Parameter``;
-    ``mark=False``: the caller calls ``_foreign_updated`` with it after the update."""
+    ``mark=False``: the caller calls ``_foreign_updated`` with it after the update;
+    ``wide``: the caller takes the wider set of tensors of ``TorchAdapter.check``."""
     a = _adapter_for(obj)
     if a is None:
         raise TypeError(f"{_where(gi, pi)}: expected a fastopt.Parameter, got "
                         f"{type(obj).__name__}")
+    if wide:
+        return a.arrays(obj, gi, pi, mark, True)
     return a.arrays(obj, gi, pi, mark)
 
 
@@ -121,9 +127,15 @@ class TorchAdapter:
 
     # -- checks at add_param_group --------------------------------------------------------
 
-    def check(self, obj, gi, pi, defaults):
+    def check(self, obj, gi, pi, defaults, wide=False):
+        """Raise unless ``obj`` can be optimized. ``wide`` (the optimizers of
+        ``fastopt.torch``): also a dense tensor in any axis order (channels_last; the
+        kernels run over its memory block) and a complex tensor (updated as its
+        ``torch.view_as_real`` view, as torch's optimizers do)."""
         torch = _torch()
         where = _where(gi, pi)
+        if wide:
+            return self._check_wide(obj, where, defaults)
         if obj.layout is not torch.strided:
             raise ValueError(f"{where}: fastopt optimizes dense tensors, got a tensor with "
                              f"layout {obj.layout}")
@@ -144,50 +156,97 @@ class TorchAdapter:
         if not (obj.is_leaf or obj.retains_grad) and not defaults.get("differentiable"):
             raise ValueError(f"{where}: can't optimize a non-leaf Tensor")
 
-    # -- every step -------------------------------------------------------------------------
+    def _check_wide(self, obj, where, defaults):
+        torch = _torch()
+        if obj.layout is not torch.strided:
+            raise ValueError(f"{where}: fastopt optimizes dense tensors, got a tensor with "
+                             f"layout {obj.layout}")
+        if obj.device.type != "cpu":
+            raise ValueError(f"{where}: fastopt updates CPU tensors, this one is on "
+                             f"{obj.device}; move the model to the CPU or use torch.optim")
+        if obj.dtype not in (torch.float32, torch.float64, torch.complex64, torch.complex128):
+            raise TypeError(f"{where}: fastopt optimizes float32, float64, complex64 and "
+                            f"complex128 tensors, got {obj.dtype}")
+        if obj.is_conj() or obj.is_neg():
+            raise ValueError(f"{where}: a lazily conjugated/negated tensor view cannot be "
+                             f"updated in place; pass a materialized tensor")
+        if not _is_dense(obj):
+            raise ValueError(f"{where}: the tensor is not dense (strides "
+                             f"{tuple(obj.stride())} for shape {tuple(obj.shape)}: a view "
+                             f"such as a slice with gaps between its elements); its memory "
+                             f"cannot be updated as one block; pass a dense tensor "
+                             f"(x.contiguous())")
+        if not (obj.is_leaf or obj.retains_grad) and not defaults.get("differentiable"):
+            raise ValueError(f"{where}: can't optimize a non-leaf Tensor")
 
-    def _view(self, obj, gi, pi):
+    # -- every step -------------------------------------------------------------------------
+    #
+    # A cache entry is (weakref, data pointer, shape, view, strides): strides None for a
+    # contiguous float tensor, whose view is the tensor as an array; else (a dense tensor in
+    # another axis order, or a complex tensor: only for ``wide`` callers) the tensor's
+    # strides, and the view is the array with those strides (of torch.view_as_real for a
+    # complex tensor).
+
+    def _view(self, obj, gi, pi, wide=False):
         """NumPy view of the tensor's memory, cached while the storage stays the same."""
         key = id(obj)
         entry = self._views.get(key)
         ptr = obj.data_ptr()
         if (entry is not None and entry[0]() is obj and entry[1] == ptr
-                and obj.shape == entry[2] and obj.is_contiguous()):
-            return entry[3]
-        return self._new_view(obj, key, ptr, gi, pi)
+                and obj.shape == entry[2]):
+            if entry[4] is None and obj.is_contiguous():
+                return entry[3]
+            if wide and entry[4] is not None and obj.stride() == entry[4]:
+                return entry[3]
+        return self._new_view(obj, key, ptr, gi, pi, wide)
 
-    def _new_view(self, obj, key, ptr, gi, pi):
+    def _new_view(self, obj, key, ptr, gi, pi, wide=False):
         torch = _torch()
-        if (obj.layout is not torch.strided or obj.device.type != "cpu"
-                or obj.dtype not in (torch.float32, torch.float64)
-                or not obj.is_contiguous() or obj.is_conj() or obj.is_neg()):
-            raise ValueError(
-                f"{_where(gi, pi)}: the tensor changed since it was added to the optimizer "
-                f"and is no longer a dense, contiguous float32/float64 CPU tensor (device "
-                f"{obj.device}, dtype {obj.dtype}, layout {obj.layout}, contiguous "
-                f"{obj.is_contiguous()})")
-        arr = obj.detach().numpy()
+        if wide:
+            try:
+                self._check_wide(obj, _where(gi, pi), {"differentiable": True})
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{e} (the tensor changed since it was added to the "
+                                 f"optimizer)") from None
+            plain = obj.dtype in (torch.float32, torch.float64) and obj.is_contiguous()
+            arr = (torch.view_as_real(obj.detach()) if obj.is_complex()
+                   else obj.detach()).numpy()
+            strides = None if plain else tuple(obj.stride())
+        else:
+            if (obj.layout is not torch.strided or obj.device.type != "cpu"
+                    or obj.dtype not in (torch.float32, torch.float64)
+                    or not obj.is_contiguous() or obj.is_conj() or obj.is_neg()):
+                raise ValueError(
+                    f"{_where(gi, pi)}: the tensor changed since it was added to the "
+                    f"optimizer and is no longer a dense, contiguous float32/float64 CPU "
+                    f"tensor (device {obj.device}, dtype {obj.dtype}, layout {obj.layout}, "
+                    f"contiguous {obj.is_contiguous()})")
+            arr = obj.detach().numpy()
+            strides = None
         views = self._views
 
         def forget(_ref, key=key, views=views):
             views.pop(key, None)
 
-        views[key] = (weakref.ref(obj, forget), ptr, obj.shape, arr)
+        views[key] = (weakref.ref(obj, forget), ptr, obj.shape, arr, strides)
         return arr
 
     def data(self, obj, gi=0, pi=0):
         """The NumPy view of the tensor alone (no gradient checks, no version bump): what
-        ``load_state_dict`` needs to cast saved state to the parameter's dtype and shape."""
-        return self._view(obj, gi, pi)
+        ``load_state_dict`` needs to cast saved state to the parameter's dtype and shape
+        (for a complex tensor, the view of ``torch.view_as_real``)."""
+        return self._view(obj, gi, pi, True)
 
-    def arrays(self, obj, gi, pi, mark=True):
+    def arrays(self, obj, gi, pi, mark=True, wide=False):
         entry = self._views.get(id(obj))
         ptr = obj.data_ptr()
         if (entry is not None and entry[1] == ptr and entry[0]() is obj
-                and obj.shape == entry[2] and obj.is_contiguous()):
+                and obj.shape == entry[2] and entry[4] is None and obj.is_contiguous()):
             arr = entry[3]  # the cached view (same code as _view, inlined: every step)
         else:
-            arr = self._new_view(obj, id(obj), ptr, gi, pi)
+            arr = self._view(obj, gi, pi, wide)
+            if wide and obj.is_complex():
+                return self._complex_arrays(obj, arr, gi, pi, mark)
         g = obj.grad
         if g is None:
             return arr, None
@@ -216,9 +275,10 @@ class TorchAdapter:
             raise TypeError(f"{where}: .grad must be a tensor or None, got "
                             f"{type(g).__name__}")
         if g.layout is torch.sparse_coo and g.device.type == "cpu" and g.dtype == obj.dtype:
-            # an embedding's sparse gradient: SparseAdam takes it as a SparseGrad; the
-            # optimizers with dense kernels refuse it naming the parameter, as torch's do
-            return SparseGrad.from_torch(g)
+            # an embedding's sparse gradient, as is: SparseAdam takes it (as a SparseGrad),
+            # the optimizers with dense kernels refuse it naming the parameter, as torch's do
+            # (fastopt.torch's SGD and Adagrad step it themselves)
+            return g
         if g.layout is not torch.strided:
             raise RuntimeError(f"{where}: fastopt does not support gradients with layout "
                                f"{g.layout}; use a dense gradient")
@@ -229,6 +289,25 @@ class TorchAdapter:
         if g.is_conj() or g.is_neg():
             return g.resolve_conj().resolve_neg().detach().numpy()
         return g.detach().numpy()
+
+    def _complex_arrays(self, obj, arr, gi, pi, mark):
+        """(real view, real view of the gradient or None) of a complex parameter."""
+        torch = _torch()
+        g = obj.grad
+        if g is None:
+            return arr, None
+        if isinstance(g, torch.Tensor) and g.layout is torch.strided and g.dtype == obj.dtype:
+            if g.is_conj() or g.is_neg():
+                g = g.resolve_conj().resolve_neg()
+            garr = torch.view_as_real(g.detach()).numpy()
+        elif isinstance(g, torch.Tensor) and g.layout is torch.sparse_coo:
+            raise RuntimeError(f"{_where(gi, pi)}: fastopt does not support sparse gradients "
+                               f"of complex parameters")
+        else:
+            garr = self._grad_array(obj, g, gi, pi)
+        if mark:
+            self.updated([obj])
+        return arr, garr
 
     def state_view(self, obj):
         """(NumPy view, data pointer, version counter) of a state entry that is a tensor (the
@@ -241,7 +320,8 @@ class TorchAdapter:
                 or obj.is_neg()):
             raise TypeError(f"expected a dense CPU tensor, got one with layout {obj.layout} "
                             f"on {obj.device}")
-        return obj.detach().numpy(), obj.data_ptr(), obj._version
+        view = torch.view_as_real(obj.detach()) if obj.is_complex() else obj.detach()
+        return view.numpy(), obj.data_ptr(), obj._version
 
     def zero_grad(self, obj, set_to_none):
         g = obj.grad
@@ -255,6 +335,19 @@ class TorchAdapter:
             else:
                 g.requires_grad_(False)
             g.zero_()
+
+
+def _is_dense(t):
+    """torch's "non-overlapping and dense": the elements fill one block of memory, in some
+    order of the axes."""
+    if any(s == 0 for s in t.shape):
+        return True
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _version_bumper():

@@ -108,12 +108,58 @@ cdef inline bint _usable(cnp.ndarray a):
             and cnp.PyArray_ISNOTSWAPPED(a) and cnp.PyArray_ISWRITEABLE(a))
 
 
+cdef bint _dense(cnp.ndarray a):
+    """Whether the elements of ``a`` fill one block of memory without gaps or overlaps, in
+    some order of the axes (torch's "non-overlapping and dense"; strides >= 0): then the
+    kernels can run over the block as over a flat array."""
+    cdef int nd = cnp.PyArray_NDIM(a), k, j, m = 0
+    cdef cnp.npy_intp dims[64]
+    cdef cnp.npy_intp strides[64]
+    cdef cnp.npy_intp d, s, expected = cnp.PyArray_ITEMSIZE(a)
+    for k in range(nd):
+        d = cnp.PyArray_DIM(a, k)
+        if d == 0:
+            return True
+        if d == 1:
+            continue
+        s = cnp.PyArray_STRIDE(a, k)
+        j = m
+        while j > 0 and strides[j - 1] > s:  # insertion sort by stride
+            strides[j] = strides[j - 1]
+            dims[j] = dims[j - 1]
+            j -= 1
+        strides[j] = s
+        dims[j] = d
+        m += 1
+    for k in range(m):
+        if strides[k] != expected:
+            return False
+        expected *= dims[k]
+    return True
+
+
+cdef inline bint _same_layout(cnp.ndarray a, cnp.ndarray b):
+    """Same shape, and the same strides along every axis longer than 1 (element k of the
+    memory block of one is element k of the other's)."""
+    cdef int k, nd = cnp.PyArray_NDIM(a)
+    if not _same_shape(a, b):
+        return False
+    for k in range(nd):
+        if cnp.PyArray_DIM(a, k) > 1 and cnp.PyArray_STRIDE(a, k) != cnp.PyArray_STRIDE(b, k):
+            return False
+    return True
+
+
 def check_param(obj, Py_ssize_t gi, Py_ssize_t pi):
     """Raise unless ``obj`` (an ndarray) can be updated in place by the kernels."""
-    _check_param(obj, gi, pi)
+    _check_param(obj, gi, pi, False)
 
 
-cdef inline int _check_param(cnp.ndarray a, Py_ssize_t gi, Py_ssize_t pi) except -1:
+cdef inline int _check_param(cnp.ndarray a, Py_ssize_t gi, Py_ssize_t pi,
+                             bint dense_ok) except -1:
+    # dense_ok: a dense array in any axis order will do (the tensors of fastopt.torch); the
+    # kernels then run over its memory block, and the gradient and state must share its
+    # layout (see _check_grad and Plan._bind)
     if (cnp.PyArray_IS_C_CONTIGUOUS(a) and cnp.PyArray_ISALIGNED(a)
             and cnp.PyArray_ISNOTSWAPPED(a) and cnp.PyArray_ISWRITEABLE(a)
             and (cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT or cnp.PyArray_TYPE(a) == cnp.NPY_DOUBLE)):
@@ -122,6 +168,12 @@ cdef inline int _check_param(cnp.ndarray a, Py_ssize_t gi, Py_ssize_t pi) except
     if (tn != cnp.NPY_FLOAT and tn != cnp.NPY_DOUBLE) or not cnp.PyArray_ISNOTSWAPPED(a):
         raise TypeError(f"{_where(gi, pi)}: fastopt optimizes float32 and float64 arrays "
                         f"in native byte order, got dtype {a.dtype}")
+    if (dense_ok and _dense(a) and cnp.PyArray_ISALIGNED(a)
+            and cnp.PyArray_ISWRITEABLE(a)):
+        return 0
+    if dense_ok and not _dense(a):
+        raise ValueError(f"{_where(gi, pi)}: the parameter's memory is not one dense block "
+                         f"(strides {(<object>a).strides} bytes for shape {(<object>a).shape})")
     if not cnp.PyArray_IS_C_CONTIGUOUS(a) or not cnp.PyArray_ISALIGNED(a):
         raise ValueError(f"{_where(gi, pi)}: the parameter must be a C-contiguous, aligned "
                          f"array (wrap np.ascontiguousarray(x) instead)")
@@ -132,7 +184,7 @@ cdef inline int _check_param(cnp.ndarray a, Py_ssize_t gi, Py_ssize_t pi) except
 
 cdef cnp.ndarray _check_grad(cnp.ndarray p, object g, Py_ssize_t gi, Py_ssize_t pi):
     if not cnp.PyArray_Check(g):
-        if type(g).__name__ == "SparseGrad":
+        if type(g).__name__ == "SparseGrad" or getattr(g, "is_sparse", False) is True:
             raise RuntimeError(f"{_where(gi, pi)}: this optimizer does not support sparse "
                                f"gradients, please consider SparseAdam instead")
         raise TypeError(f"{_where(gi, pi)}: .grad must be a numpy.ndarray or None, "
@@ -144,8 +196,15 @@ cdef cnp.ndarray _check_grad(cnp.ndarray p, object g, Py_ssize_t gi, Py_ssize_t 
     if not _same_shape(p, ga):
         raise ValueError(f"{_where(gi, pi)}: .grad has shape {(<object>ga).shape}, the parameter "
                          f"{(<object>p).shape}")
-    if not (cnp.PyArray_IS_C_CONTIGUOUS(ga) and cnp.PyArray_ISALIGNED(ga)):
-        ga = np.array(ga, order="C", copy=True)
+    if cnp.PyArray_IS_C_CONTIGUOUS(p):
+        if not (cnp.PyArray_IS_C_CONTIGUOUS(ga) and cnp.PyArray_ISALIGNED(ga)):
+            ga = np.array(ga, order="C", copy=True)
+    elif not (_same_layout(ga, p) and cnp.PyArray_ISALIGNED(ga)):
+        # a dense parameter in another axis order (channels_last): a copy of the gradient
+        # in the parameter's layout, so that both memory blocks match element for element
+        out = np.empty_like(p)
+        np.copyto(out, ga)
+        ga = out
     return ga
 
 
@@ -552,6 +611,10 @@ cdef class Spec:
     cdef readonly bint step_counter, lazy, beta1_division
     #: set by Optimizer for a class that overrides _check_step: update then calls it
     cdef public bint custom_check
+    #: foreign parameters may be dense in any axis order, and complex (their real view)
+    cdef public bint wide
+    #: sparse gradients go to ``opt._sparse_step`` instead of raising (see ``update``)
+    cdef public bint sparse_ok
 
     def __init__(self, str kernel, tuple hyperparameters, tuple state_keys, bint step_counter,
                  tuple scalars=(), bint lazy=False, tuple nonneg_at_step=(),
@@ -573,6 +636,8 @@ cdef class Spec:
         self.nonneg_at_step = nonneg_at_step
         self.beta1_division = beta1_division
         self.custom_check = False
+        self.wide = False
+        self.sparse_ok = False
 
     cpdef tuple layout(self, dict group):
         """The state keys in the kernel's order, None for one whose condition is off."""
@@ -751,9 +816,13 @@ cdef class Plan:
                 raise ValueError(f"{_where(gi, pi)}: state[{key!r}] has dtype {a.dtype} and "
                                  f"shape {(<object>a).shape}; the parameter has {p.dtype} "
                                  f"{(<object>p).shape}")
-            if not _usable(a):
-                raise ValueError(f"{_where(gi, pi)}: state[{key!r}] must be a writable, "
-                                 f"C-contiguous, aligned array")
+            if not (_usable(a) and cnp.PyArray_IS_C_CONTIGUOUS(p)):
+                if not (cnp.PyArray_ISALIGNED(a) and cnp.PyArray_ISWRITEABLE(a)
+                        and _same_layout(a, p)):
+                    raise ValueError(f"{_where(gi, pi)}: state[{key!r}] must be a writable, "
+                                     f"aligned array in the parameter's memory layout "
+                                     f"(strides {(<object>a).strides}, the parameter's "
+                                     f"{(<object>p).strides})")
             lo = <uintptr_t>cnp.PyArray_DATA(a)
             hi = lo + nbytes
             if lo < hi and lo < p0 + nbytes and p0 < hi:
@@ -855,12 +924,14 @@ cdef Plan _new_plan(int typenum, Spec spec, tuple keys, _Spans sp, Py_ssize_t gi
 
 
 cdef tuple _collect(Py_ssize_t gi, list params, state, Spec spec, tuple keys, int init_mode,
-                    list missing, _Spans sp, list foreign):
+                    list missing, _Spans sp, list foreign, list sparse):
     """Check group ``gi`` and return plans (p32, p64) of the parameters that have a
     gradient, by dtype (None for a dtype with none). Parameters that need new state (see
     Spec.init_mode) are appended to ``missing`` as (plan, slot, param, array, gi, pi) and
     left unbound. The memory of every array is recorded in ``sp``; foreign parameters with a
-    gradient are appended to ``foreign``."""
+    gradient are appended to ``foreign``. With ``sparse`` (a list, see Spec.sparse_ok),
+    foreign parameters with a sparse gradient are appended to it as (gi, pi, param, array,
+    grad) and left out of the plans."""
     cdef Py_ssize_t i, slot, n = len(params)
     cdef cnp.ndarray arr, g
     cdef Plan plan, p32 = None, p64 = None
@@ -877,15 +948,19 @@ cdef tuple _collect(Py_ssize_t gi, list params, state, Spec spec, tuple keys, in
                 continue
             arr = <cnp.ndarray>obj
         elif _foreign_param is not None and not cnp.PyArray_Check(obj):
-            a_obj, gobj = _foreign_param(obj, gi, i, False)
+            a_obj, gobj = (_foreign_param(obj, gi, i, False, True) if spec.wide
+                           else _foreign_param(obj, gi, i, False))
             if gobj is None:
                 continue
             arr = <cnp.ndarray>a_obj
             foreign.append(obj)
+            if sparse is not None and not cnp.PyArray_Check(gobj):
+                sparse.append((gi, i, obj, arr, gobj))
+                continue
         else:
             raise TypeError(f"{_where(gi, i)}: expected a fastopt.Parameter, got "
                             f"{type(obj).__name__}; wrap arrays as fastopt.Parameter(x)")
-        _check_param(arr, gi, i)
+        _check_param(arr, gi, i, spec.wide)
         g = _check_grad(arr, gobj, gi, i)
         if _overlap(g, arr, True):
             raise ValueError(f"{_where(gi, i)}: .grad partly overlaps the parameter's memory "
@@ -949,8 +1024,12 @@ def update(opt, tuple kinds, Spec spec):
     ``kinds`` (numeric keys, flag keys, (key, length) pairs) and whose class is described
     by ``spec``: check and freeze every group, collect every parameter and check the memory
     the step touches first (nothing is modified), then create missing state through
-    ``opt._create_state``, then run all groups in one call into C."""
+    ``opt._create_state``, then run all groups in one call into C. With ``spec.sparse_ok``
+    the parameters with sparse gradients are handed to ``opt._sparse_step(items, work)``
+    after the checks, which checks them and returns a function that updates them; it is
+    called after the C call."""
     cdef list missing = [], work = [], plans = [], foreign = []
+    cdef list sparse = [] if spec.sparse_ok else None
     cdef Py_ssize_t gi = 0
     cdef tuple numeric = kinds[0], flags = kinds[1], pairs = kinds[2]
     cdef tuple nonneg = spec.nonneg_at_step
@@ -975,7 +1054,7 @@ def update(opt, tuple kinds, Spec spec):
             params = list(params)
         keys = spec.layout(frozen)
         mode = spec.init_mode(keys)
-        p32, p64 = _collect(gi, params, state, spec, keys, mode, missing, sp, foreign)
+        p32, p64 = _collect(gi, params, state, spec, keys, mode, missing, sp, foreign, sparse)
         if p32 is not None:
             memcpy(p32.hyper, hyper, MAX_HYPER * sizeof(double))
             plans.append(p32)
@@ -985,9 +1064,15 @@ def update(opt, tuple kinds, Spec spec):
         work.append((frozen, keys, mode))
         gi += 1
     _check_spans(sp)
+    commit = None
+    if sparse:
+        # checked and computed first, stored after the dense update (cannot fail then)
+        commit = opt._sparse_step(sparse, work)
     if missing:
         opt._create_state(missing, work)
     _run(plans, spec.kernel)
+    if commit is not None:
+        commit()
     if foreign:
         _foreign_updated(foreign)
 

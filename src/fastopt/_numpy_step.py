@@ -34,7 +34,7 @@ def gather(opt, name):
             arr, g = _param_arrays(p, gi, pi, mark=False)
             if g is None:
                 continue
-            if isinstance(g, SparseGrad):
+            if isinstance(g, SparseGrad) or getattr(g, "is_sparse", False) is True:
                 raise RuntimeError(f"{_where(gi, pi)}: {name} does not support sparse "
                                    f"gradients")
             if not isinstance(g, np.ndarray):

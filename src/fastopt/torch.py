@@ -24,9 +24,20 @@ naming the key path (``state[3]['exp_avg']``), as fastopt's NumPy optimizers do.
 
 Rules beyond torch's:
 
-* parameters are dense, contiguous float32 or float64 CPU tensors (``add_param_group``
-  refuses others, naming the parameter); gradients are dense tensors of the parameter's
-  dtype and shape;
+* parameters are float32, float64, complex64 or complex128 CPU tensors, dense: contiguous
+  or in another axis order (channels_last), not a view with gaps such as a strided slice
+  (``add_param_group`` refuses others, naming the parameter). The kernels run over a
+  tensor's memory block: a gradient laid out otherwise than its parameter is copied into the
+  parameter's layout for the step (the ``.grad`` itself is left alone), and state is made and
+  loaded in the parameter's layout (state set by hand in another layout is refused by the
+  step). Complex parameters step as their ``torch.view_as_real`` views, their state is
+  complex, as torch's (``SparseAdam`` refuses them, as torch's);
+* gradients are dense tensors of the parameter's dtype and shape; SGD and Adagrad also take
+  sparse COO gradients (``Embedding(sparse=True)``) with torch's rules: SGD's momentum
+  buffer of a sparse gradient is a sparse tensor, weight decay with a sparse gradient raises
+  as torch's does (unlike torch, Adagrad's refused step leaves ``step`` as it was); sparse
+  gradients of complex parameters are refused. ``SparseAdam`` takes sparse COO gradients of
+  any ``sparse_dim``, coalesced or not, stepping with fastopt's row-sparse kernel;
 * ``differentiable=True`` is refused: the update runs in C, outside autograd;
 * a sparse gradient is refused at ``step()`` with torch's RuntimeError (``Adam does not
   support sparse gradients, ...``) naming the parameter, also by ``SGD`` and ``Adagrad``,
@@ -53,6 +64,7 @@ raises the same error before anything changes; a ``betas[1]`` outside [0, 1) is 
 Importing this module imports torch; ``import fastopt`` alone never does.
 """
 import functools
+import math
 import threading
 
 import numpy as np
@@ -66,7 +78,7 @@ from fastopt._adapters import TORCH_ADAPTER
 from fastopt.optimizer import Optimizer as _Optimizer
 
 __all__ = ["ASGD", "Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "Lion", "NAdam", "RAdam",
-           "RMSprop", "Rprop", "SGD"]
+           "RMSprop", "Rprop", "SGD", "SparseAdam"]
 
 
 def _with_step_hooks(func):
@@ -153,6 +165,7 @@ class _KernelStep:
                              tuple(base._state_keys), base._step_counter,
                              tuple(base._scalars), base._lazy_state, tuple(base._nonneg_at_step),
                              base._beta1_division)
+        spec.wide = True  # channels_last and other dense layouts, complex parameters
         cls._spec = spec
         torch_init = next(c for c in cls.__mro__ if issubclass(c, _TorchOptimizer)
                           and c.__module__.startswith("torch.")).__init__
@@ -174,8 +187,9 @@ class _KernelStep:
 
     def add_param_group(self, param_group):
         """``torch.optim.Optimizer.add_param_group``, and then fastopt's checks: every
-        parameter a dense, contiguous float32 or float64 CPU tensor, and no
-        ``differentiable=True``. A refused group is not added."""
+        parameter a dense float32, float64, complex64 or complex128 CPU tensor (contiguous or
+        dense in another axis order, as channels_last; not a view with gaps such as a
+        strided slice), and no ``differentiable=True``. A refused group is not added."""
         if isinstance(param_group, dict) and param_group.get("differentiable"):
             raise ValueError(f"{type(self).__name__}: differentiable=True is not supported by "
                              f"fastopt.torch (the update runs in C, outside autograd); use "
@@ -189,7 +203,7 @@ class _KernelStep:
                                  f"supported by fastopt.torch (the update runs in C, outside "
                                  f"autograd); use torch.optim for a differentiable step")
             for pi, p in enumerate(group["params"]):
-                TORCH_ADAPTER.check(p, gi, pi, group)
+                TORCH_ADAPTER.check(p, gi, pi, group, wide=True)
         except BaseException:
             self.param_groups.pop()
             raise
@@ -244,7 +258,7 @@ class _KernelStep:
                 if mode == 1:
                     # SGD: the buffer takes the gradient as is on this step (torch clones it)
                     if fresh.get(keys[0]) is None:
-                        fresh[keys[0]] = torch.from_numpy(np.zeros_like(base))
+                        fresh[keys[0]] = _state_tensor(obj, base, np.zeros_like(base))
                 elif len(fresh) == 0:
                     arrays = {}
                     # a tensor lr as its value (ASGD's eta starts at lr): NumPy warns when
@@ -252,7 +266,7 @@ class _KernelStep:
                     self._init_state(arrays, base, {
                         k: v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v
                         for k, v in frozen.items()})
-                    fresh.update({k: _to_tensor(v) for k, v in arrays.items()})
+                    fresh.update({k: _state_tensor(obj, base, v) for k, v in arrays.items()})
                 entry = made[id(obj)] = (obj, fresh)
             plan.bind(slot, entry[1], mode == 1, array, gi, pi)
         for obj, fresh in made.values():
@@ -279,11 +293,48 @@ class _KernelStep:
         _Optimizer.load_state_dict(self, _named_ids_as_ints(state_dict))
 
     def _cast_state(self, param, array, value, key, where):
-        return _to_tensor(_Optimizer._cast_state(self, param, array, value, key, where))
+        if isinstance(value, torch.Tensor) and value.layout is torch.sparse_coo:
+            return _cast_sparse_state(param, value, key, where)
+        if (isinstance(value, torch.Tensor) and param.is_complex() and value.is_complex()
+                and value.shape == param.shape):
+            value = torch.view_as_real(value.detach().resolve_conj().to(param.dtype))
+        out = _Optimizer._cast_state(self, param, array, value, key, where)
+        if (isinstance(out, np.ndarray) and out.shape == array.shape and out.ndim
+                and not _same_layout(out, array)):
+            laid = np.empty_like(array)  # the parameter's layout, as the step needs
+            np.copyto(laid, out)
+            out = laid
+        return _state_tensor(param, array, out)
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self._after_init()
+
+
+def _state_tensor(param, base, value):
+    """A state value made or cast for ``param`` (whose kernel array is ``base``) as a tensor:
+    complex, as torch's, for a per-element array of a complex parameter."""
+    if (isinstance(value, np.ndarray) and param.is_complex() and value.shape == base.shape
+            and value.dtype == base.dtype):
+        return torch.view_as_complex(torch.from_numpy(value))
+    return _to_tensor(value)
+
+
+def _same_layout(a, b):
+    """Arrays of one shape whose memory blocks match element for element."""
+    return all(n == 1 or x == y for n, x, y in zip(a.shape, a.strides, b.strides))
+
+
+def _cast_sparse_state(param, value, key, where):
+    """A saved sparse COO state tensor (SGD's momentum buffer of sparse gradients, as
+    torch's) for ``param``: the parameter's shape, cast to its dtype."""
+    if tuple(value.shape) != tuple(param.shape):
+        raise ValueError(f"{where}: state[{key!r}] is a sparse tensor of shape "
+                         f"{tuple(value.shape)}, the parameter {tuple(param.shape)}")
+    if value.is_complex() or not value.is_floating_point():
+        raise TypeError(f"{where}: state[{key!r}] is a sparse tensor of dtype {value.dtype}; "
+                        f"expected floating point")
+    return value.detach().to(device="cpu", dtype=param.dtype).coalesce()
 
 
 def _fastopt_helpers(base):
@@ -308,8 +359,13 @@ def _own(base, name):
 def _check_loaded_tensors(check):
     """``check`` (fastopt's check of a loaded state, on arrays) applied to tensor state."""
     def _check_loaded_state(self, state, array, group, where):
-        viewed = {k: (v.detach().numpy() if isinstance(v, torch.Tensor) and v.device.type
-                      == "cpu" and v.layout is torch.strided else v) for k, v in state.items()}
+        viewed = {k: ((torch.view_as_real(v.detach()) if v.is_complex() else v.detach()).numpy()
+                      if isinstance(v, torch.Tensor) and v.device.type == "cpu"
+                      and v.layout is torch.strided else v) for k, v in state.items()
+                  # SGD's sparse momentum buffer (checked by _cast_sparse_state); a sparse
+                  # tensor elsewhere is refused by ``check``
+                  if not (self._lazy_state and isinstance(v, torch.Tensor)
+                          and v.layout is torch.sparse_coo)}
         return check(self, viewed, array, group, where)
     return _check_loaded_state
 
@@ -532,12 +588,12 @@ def _state_view(value, where, path, back, scalars):
     return value
 
 
-def _state_tensor(value, back):
+def _numpy_state_tensor(value, back):
     """The inverse of ``_state_view``: what the step left alone as the tensor it was, a new
     array as a tensor sharing its memory, a NumPy float scalar as a 0-d tensor of its dtype
     (torch's derived scalars are 0-d tensors), lists item by item."""
     if isinstance(value, list):
-        return [_state_tensor(v, back) for v in value]
+        return [_numpy_state_tensor(v, back) for v in value]
     seen = back.get(id(value))
     if seen is not None and seen[0] is value:
         return seen[1]
@@ -593,7 +649,7 @@ class LBFGS(_NumpyStep, torch.optim.LBFGS):
             work = {k: _state_view(v, (0, 0), (k,), back, True) for k, v in current.items()}
             self._check_history(work, TORCH_ADAPTER.data(key).dtype, where)
         loss = self._run(closure, work)
-        new = {k: _state_tensor(v, back) for k, v in work.items()}
+        new = {k: _numpy_state_tensor(v, back) for k, v in work.items()}
         if isinstance(current, dict):
             current.clear()
             current.update(new)
@@ -605,7 +661,7 @@ class LBFGS(_NumpyStep, torch.optim.LBFGS):
         # fastopt's cast and history check on arrays, then the whole state as tensors
         out = fastopt.LBFGS._cast_state(self, param, array, value, key, where)
         if key is None and isinstance(out, dict):
-            return {k: _state_tensor(v, {}) for k, v in out.items()}
+            return {k: _numpy_state_tensor(v, {}) for k, v in out.items()}
         return out
 
 
@@ -663,3 +719,292 @@ class Adafactor(_NumpyStep, torch.optim.Adafactor):
 Adafactor.__doc__ += torch.optim.Adafactor.__doc__ or ""
 
 __all__ += ["Adafactor", "LBFGS"]
+
+# -- sparse gradients ------------------------------------------------------------------------
+#
+# torch's SGD and Adagrad take sparse COO gradients (an ``Embedding(sparse=True)``'s). The
+# step's one C call leaves those parameters out and hands them to ``_sparse_step``, which
+# checks all of them (raising before anything changes) and returns the function that updates
+# them, on the touched elements only, after the dense update.
+
+def _sparse_where(gi, pi):
+    return f"param_groups[{gi}]['params'][{pi}]"
+
+
+def _coalesced(grad, param, where):
+    """(sparse_dim, index tuple, values) of the sparse COO gradient of ``param``, duplicate
+    indices summed (torch's ``coalesce``), every index checked to be in range."""
+    if tuple(grad.shape) != tuple(param.shape):
+        raise ValueError(f"{where}: the sparse .grad has shape {tuple(grad.shape)}, the "
+                         f"parameter {tuple(param.shape)}")
+    c = grad.detach().coalesce()
+    k = c.sparse_dim()
+    idx = c.indices().numpy()
+    if idx.shape[1]:
+        low, high = idx.min(axis=1), idx.max(axis=1)
+        bad = [d for d in range(k) if low[d] < 0 or high[d] >= param.shape[d]]
+        if bad:
+            raise IndexError(f"{where}: the sparse .grad has an index out of range "
+                             f"[0, {param.shape[bad[0]]}) in dimension {bad[0]}")
+    return k, tuple(idx), c.values().numpy()
+
+
+def _linear(idx, shape):
+    return np.ravel_multi_index(idx, shape) if len(idx[0]) else np.zeros(0, np.int64)
+
+
+def _sparse_tensor(lin, vals, param, k):
+    """A coalesced sparse COO tensor of ``param``'s shape: ``vals`` at the linear indices
+    ``lin`` (sorted, unique) of its first ``k`` dimensions."""
+    idx = np.stack(np.unravel_index(lin, tuple(param.shape[:k]))).astype(np.int64)
+    return torch.sparse_coo_tensor(torch.from_numpy(idx.reshape(k, -1)),
+                                   torch.from_numpy(np.ascontiguousarray(vals)),
+                                   tuple(param.shape), is_coalesced=True,
+                                   check_invariants=False)
+
+
+def _merge(lin_a, vals_a, lin_b, vals_b, alpha_a, alpha_b):
+    """alpha_a a + alpha_b b of two sparse tensors given as (sorted unique linear indices,
+    values): their union of indices and its values (torch's sparse add)."""
+    lin = np.union1d(lin_a, lin_b)
+    out = np.zeros((lin.size,) + vals_b.shape[1:], dtype=vals_b.dtype)
+    out[np.searchsorted(lin, lin_a)] = vals_a * alpha_a if alpha_a != 1 else vals_a
+    out[np.searchsorted(lin, lin_b)] += vals_b * alpha_b if alpha_b != 1 else vals_b
+    return lin, out
+
+
+def _dense_state(value, param, where, key):
+    """The NumPy view of a dense state tensor, checked to fit ``param``."""
+    if not (isinstance(value, torch.Tensor) and value.layout is torch.strided
+            and value.device.type == "cpu"):
+        raise TypeError(f"{where}: state[{key!r}] must be a dense CPU tensor, got "
+                        f"{type(value).__name__}"
+                        + (f" with layout {value.layout}" if isinstance(value, torch.Tensor)
+                           else ""))
+    if value.dtype != param.dtype or value.shape != param.shape:
+        raise ValueError(f"{where}: state[{key!r}] has dtype {value.dtype} and shape "
+                         f"{tuple(value.shape)}; the parameter has {param.dtype} "
+                         f"{tuple(param.shape)}")
+    return value.detach().numpy()
+
+
+def _sgd_sparse_step(self, items, work):
+    """SGD's step of the parameters with sparse gradients, as torch's: without momentum
+    ``p -= lr g`` on the gradient's elements; with momentum the buffer of a sparse gradient
+    is a sparse tensor (torch clones the first gradient) over the union of the indices seen;
+    weight decay raises, as torch's ``add(sparse, dense)`` does."""
+    todo = []
+    for gi, pi, p, arr, g in items:
+        frozen = work[gi][0]
+        where = _sparse_where(gi, pi)
+        k, idx, vals = _coalesced(g, p, where)
+        if frozen["weight_decay"] != 0:
+            raise RuntimeError(f"{where}: add(sparse, dense) is not supported. Use add(dense, "
+                               f"sparse) instead (torch.optim.SGD cannot add weight_decay to "
+                               f"a sparse gradient)")
+        momentum = frozen["momentum"]
+        buf_kind = None
+        if momentum != 0:
+            st = self.state.get(p)
+            buf = st.get("momentum_buffer") if isinstance(st, dict) else None
+            if isinstance(buf, torch.Tensor) and buf.layout is torch.sparse_coo:
+                if tuple(buf.shape) != tuple(p.shape) or buf.dtype != p.dtype:
+                    raise ValueError(f"{where}: state['momentum_buffer'] has dtype "
+                                     f"{buf.dtype} and shape {tuple(buf.shape)}; the "
+                                     f"parameter has {p.dtype} {tuple(p.shape)}")
+                if buf.sparse_dim() != k:
+                    raise RuntimeError(f"{where}: state['momentum_buffer'] has "
+                                       f"{buf.sparse_dim()} sparse dimensions, the gradient "
+                                       f"{k}")
+                buf_kind = "sparse"
+            elif buf is not None:
+                _dense_state(buf, p, where, "momentum_buffer")
+                if frozen["nesterov"]:
+                    raise RuntimeError(f"{where}: add(sparse, dense) is not supported. Use "
+                                       f"add(dense, sparse) instead (torch.optim.SGD with "
+                                       f"nesterov, a dense momentum buffer and a sparse "
+                                       f"gradient)")
+                buf_kind = "dense"
+        todo.append((p, arr, k, idx, vals, frozen, buf_kind))
+
+    def commit():
+        for p, arr, k, idx, vals, frozen, buf_kind in todo:
+            lr, momentum = frozen["lr"], frozen["momentum"]
+            if frozen["maximize"]:
+                vals = -vals
+            lin = _linear(idx, p.shape[:k])
+            step_lin, step_vals = lin, vals
+            if momentum != 0:
+                st = self.state[p]
+                if buf_kind == "dense":
+                    b = st["momentum_buffer"].detach().numpy()
+                    b *= momentum
+                    b[idx] += vals * (1 - frozen["dampening"])
+                    arr += b * -lr
+                    continue
+                if st.get("momentum_buffer") is None:
+                    blin, bvals = lin, vals.copy()
+                else:
+                    old = st["momentum_buffer"].coalesce()
+                    blin, bvals = _merge(_linear(tuple(old.indices().numpy()), p.shape[:k]),
+                                         old.values().numpy(), lin, vals, momentum,
+                                         1 - frozen["dampening"])
+                st["momentum_buffer"] = _sparse_tensor(blin, bvals, p, k)
+                if frozen["nesterov"]:
+                    step_lin, step_vals = _merge(lin, vals, blin, bvals, 1, momentum)
+                else:
+                    step_lin, step_vals = blin, bvals
+            if step_lin.size:
+                at = np.unravel_index(step_lin, tuple(p.shape[:k]))
+                arr[at] += step_vals * -lr
+    return commit
+
+
+def _adagrad_sparse_step(self, items, work):
+    """Adagrad's step of the parameters with sparse gradients, as torch's: the gradient is
+    coalesced, the sum of squares and the parameter change on its elements only;
+    weight decay raises RuntimeError (torch's message). Unlike torch, the failed step leaves
+    ``state['step']`` as it was."""
+    todo = []
+    for gi, pi, p, arr, g in items:
+        frozen = work[gi][0]
+        where = _sparse_where(gi, pi)
+        if frozen["weight_decay"] != 0:
+            raise RuntimeError(f"{where}: weight_decay option is not compatible with sparse "
+                               f"gradients")
+        k, idx, vals = _coalesced(g, p, where)
+        st = self.state.get(p)
+        if st:
+            _dense_state(st.get("sum"), p, where, "sum")
+            step = st.get("step")
+            if not (isinstance(step, torch.Tensor) and step.dtype == torch.float32
+                    and step.numel() == 1 and step.layout is torch.strided):
+                raise TypeError(f"{where}: state['step'] must be a 0-d float32 tensor, got "
+                                f"{step!r}")
+        todo.append((p, arr, idx, vals, frozen))
+
+    def commit():
+        for p, arr, idx, vals, frozen in todo:
+            st = self.state.get(p)
+            if not st:
+                fresh = {}
+                self._init_state(fresh, arr, frozen)
+                self.state[p] = st = {key: _to_tensor(v) for key, v in fresh.items()}
+            step = st["step"].detach().numpy()
+            step += np.float32(1)
+            clr = frozen["lr"] / (1 + (float(step) - 1) * frozen["lr_decay"])
+            if frozen["maximize"]:
+                vals = -vals
+            total = st["sum"].detach().numpy()
+            total[idx] += vals * vals
+            std = np.sqrt(total[idx])
+            std += frozen["eps"]
+            arr[idx] += (vals / std) * -clr
+    return commit
+
+
+SGD._sparse_step = _sgd_sparse_step
+SGD._spec.sparse_ok = True
+Adagrad._sparse_step = _adagrad_sparse_step
+Adagrad._spec.sparse_ok = True
+
+
+class SparseAdam(torch.optim.SparseAdam):
+    """``torch.optim.SparseAdam`` stepping with fastopt's C kernel for row-sparse gradients
+    (see :mod:`fastopt.torch`); arguments, defaults, errors and state (a Python int
+    ``step``, ``exp_avg`` and ``exp_avg_sq`` tensors) are torch's.
+
+    Gradients are sparse COO tensors, as an ``Embedding(sparse=True)`` makes: uncoalesced
+    (duplicates are summed, as torch coalesces) and of any ``sparse_dim`` (the sparse
+    dimensions index the rows, the dense ones make each row). Parameters are contiguous
+    float32 or float64 CPU tensors (a non-contiguous one is refused by ``add_param_group``
+    naming it); a dense gradient raises RuntimeError, as torch. A step checks every
+    parameter, gradient and state entry before it changes anything.
+
+    """ + "\n" + (torch.optim.SparseAdam.__doc__ or "")
+
+    def add_param_group(self, param_group):
+        """``torch.optim.Optimizer.add_param_group``, and then fastopt's checks (a complex or
+        sparse parameter raises torch's ValueError). A refused group is not added."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        gi = len(self.param_groups) - 1
+        try:
+            for pi, p in enumerate(group["params"]):
+                if isinstance(p, torch.Tensor) and p.is_sparse:
+                    raise ValueError(f"Sparse params at indices [[{gi}, {pi}]]: SparseAdam "
+                                     f"requires dense parameter tensors")
+                if isinstance(p, torch.Tensor) and p.is_complex():
+                    raise ValueError(f"Complex params at indices [[{gi}, {pi}]]: SparseAdam "
+                                     f"does not support complex parameters")
+                TORCH_ADAPTER.check(p, gi, pi, group)
+        except BaseException:
+            self.param_groups.pop()
+            raise
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One SparseAdam step of all groups; returns ``closure()``'s value when given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        groups, touched, created, steps = [], [], {}, {}
+        for gi, group in enumerate(self.param_groups):
+            lr = float(group["lr"])
+            beta1, beta2 = (float(b) for b in group["betas"])
+            items = []
+            for pi, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                where = _sparse_where(gi, pi)
+                items.append(self._item(p, g, where, gi, pi, created, steps, lr, beta1,
+                                        beta2))
+                touched.append(p)
+            groups.append((items, beta1, beta2, float(group["eps"]),
+                           bool(group.get("maximize", False))))
+        # everything is checked: store the new state, then one C call sets the counters
+        # and updates every group
+        for p, fresh in created.values():
+            self.state[p] = fresh
+        counters = [(self.state[p], steps[id(p)]) for p in touched]
+        _kernels.run_sparse_adam(groups, counters)
+        if touched:
+            TORCH_ADAPTER.updated(touched)
+        return loss
+
+    def _item(self, p, g, where, gi, pi, created, steps, lr, beta1, beta2):
+        if not isinstance(g, torch.Tensor):
+            raise TypeError(f"{where}: .grad must be a tensor or None, got {type(g).__name__}")
+        if g.layout is torch.strided:
+            raise RuntimeError(f"{where}: SparseAdam does not support dense gradients, please "
+                               f"consider Adam instead")
+        if g.layout is not torch.sparse_coo or g.device.type != "cpu":
+            raise RuntimeError(f"{where}: the gradient must be a sparse COO CPU tensor, got "
+                               f"layout {g.layout} on {g.device}")
+        if g.dtype != p.dtype:
+            raise TypeError(f"{where}: .grad has dtype {g.dtype}, the parameter {p.dtype}")
+        arr = TORCH_ADAPTER.data(p, gi, pi)
+        _kernels.check_param(arr, gi, pi)
+        k, idx, vals = _coalesced(g, p, where)
+        rows = np.ascontiguousarray(_linear(idx, p.shape[:k]), dtype=np.int64)
+        vals = np.ascontiguousarray(vals.reshape(rows.size, -1) if rows.size else vals)
+        entry = created.get(id(p))
+        st = entry[1] if entry is not None else self.state.get(p)
+        if st:
+            step = st.get("step")
+            if (not isinstance(step, int) or isinstance(step, bool)) or step < 0:
+                raise TypeError(f"{where}: state['step'] must be an int >= 0, got {step!r}")
+            for key in ("exp_avg", "exp_avg_sq"):
+                view = _dense_state(st.get(key), p, where, key)
+                if not view.flags.c_contiguous:
+                    raise ValueError(f"{where}: state[{key!r}] must be contiguous")
+        else:
+            st = {"step": 0, "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                  "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+            created[id(p)] = (p, st)
+        t = steps[id(p)] = steps.get(id(p), st["step"]) + 1
+        step_size = lr * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
+        return (arr, rows, vals, st["exp_avg"].detach().numpy(),
+                st["exp_avg_sq"].detach().numpy(), step_size)
