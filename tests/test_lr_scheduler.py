@@ -517,7 +517,7 @@ def test_order_warnings(case):
     fopt.step = lambda closure=None: None
     tw, fw = record(ts.step), record(fs.step)
     assert [c for c, _ in fw] == [c for c, _ in tw] == [UserWarning]
-    assert "replaced" in fw[0][1]
+    assert "has been overridden" in fw[0][1]
 
 
 def test_optimizer_step_patched_once_and_still_works():

@@ -39,7 +39,8 @@ STEP_SIZE, GAMMA = 2, 0.5
 EAGER_STATE = {"Adagrad": {"initial_accumulator_value": 0.0}}
 
 #: the optimizer's default schedule warnings (a scheduler stepped before the optimizer)
-pytestmark = pytest.mark.filterwarnings("ignore:`lr_scheduler.step\\(\\)` was called before")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
 
 SHAPES = st.one_of(st.tuples(st.integers(1, 40)),
                    st.tuples(st.integers(1, 6), st.integers(1, 6)))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import numbers
 import types
 import warnings
 import weakref
@@ -34,6 +35,7 @@ import numpy as np
 from fastopt.optimizer import Optimizer
 
 __all__ = [
+    "EPOCH_DEPRECATION_WARNING",
     "SCHEDULERS",
     "ChainedScheduler",
     "ConstantLR",
@@ -59,24 +61,35 @@ __all__ = [
 # Dicts without it (for example written by torch) are accepted when their keys match.
 _CLASS_KEY = "_scheduler_class"
 
-_EPOCH_DEPRECATION = (
-    "Passing an epoch to `scheduler.step(epoch)` is deprecated: call `scheduler.step()` "
-    "once per epoch instead. While the argument is accepted, the closed form of the "
-    "schedule is used where the class has one, instead of the chainable form."
+# The texts of the warnings and errors are torch's, word for word: filters such as
+# ``warnings.filterwarnings(message=...)`` and ``pytest.raises(match=...)`` written against
+# torch.optim.lr_scheduler apply to these schedulers unchanged.
+
+#: The warning of the deprecated ``step(epoch)``.
+EPOCH_DEPRECATION_WARNING = (
+    "The epoch parameter in `scheduler.step()` was not necessary and is being "
+    "deprecated where possible. Please use `scheduler.step()` to step the "
+    "scheduler. During the deprecation, if epoch is different from None, the "
+    "closed form is used instead of the new chainable form, where available. "
+    "Please open an issue if you are unable to replicate your use case: "
+    "https://github.com/pytorch/pytorch/issues/new/choose."
 )
 _WARN_ORDER = (
-    "`lr_scheduler.step()` was called before `optimizer.step()`. Call `optimizer.step()` "
-    "first and `lr_scheduler.step()` after it; the other way round, the first value of "
-    "the learning-rate schedule is skipped."
+    "Detected call of `lr_scheduler.step()` before `optimizer.step()`. "
+    "In PyTorch 1.1.0 and later, you should call them in the opposite order: "
+    "`optimizer.step()` before `lr_scheduler.step()`.  Failure to do this "
+    "will result in PyTorch skipping the first value of the learning rate schedule. "
+    "See more details at "
+    "https://pytorch.org/docs/stable/optim.html#how-to-adjust-learning-rate"
 )
 _WARN_OVERRIDDEN = (
-    "`optimizer.step()` was replaced after the learning-rate scheduler was created, so "
-    "the scheduler cannot see whether it ran. Make sure to call `optimizer.step()` before "
-    "`lr_scheduler.step()`."
+    "Seems like `optimizer.step()` has been overridden after learning rate scheduler "
+    "initialization. Please, make sure to call `optimizer.step()` before "
+    "`lr_scheduler.step()`. See more details at "
+    "https://pytorch.org/docs/stable/optim.html#how-to-adjust-learning-rate"
 )
 _WARN_GET_LR = (
-    "`get_lr()` was called outside `step()`; use `get_last_lr()` to read the learning "
-    "rates the scheduler computed last."
+    "To get the last learning rate computed by the scheduler, please use `get_last_lr()`."
 )
 
 
@@ -107,22 +120,32 @@ def _per_group(name, optimizer, value):
     if isinstance(value, (list, tuple)):
         if len(value) != n:
             raise ValueError(
-                f"{name} must have one value per param group: got {len(value)} values for "
-                f"{n} param groups"
+                f"{name} must have the same length as optimizer.param_groups. "
+                f"{name} has {len(value)} values, param_groups has {n}."
             )
         return [_copy_value(v) for v in value]
     return [_copy_value(value)] * n
 
 
 def _pairs(groups, values, what="learning rates"):
+    """``zip(groups, values)``, or ValueError with the text of torch's ``zip(strict=True)``
+    (and what the lists are) when their lengths differ."""
     groups = list(groups)
     values = list(values)
     if len(groups) != len(values):
         raise ValueError(
-            f"the scheduler computed {len(values)} {what} for {len(groups)} param groups; "
-            "param groups added after the scheduler was built are not known to it"
+            f"zip() argument 2 is {'shorter' if len(values) < len(groups) else 'longer'} than "
+            f"argument 1: the scheduler computed {len(values)} {what} for {len(groups)} param "
+            "groups; param groups added after the scheduler was built are not known to it"
         )
     return zip(groups, values)
+
+
+def _require_real(name, value):
+    """TypeError naming ``name`` unless ``value`` is a real number: torch compares such
+    arguments with a number before it checks their type, and the comparison fails."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be an integer, got {_shown(value)}")
 
 
 def _check_optimizer(optimizer):
@@ -295,6 +318,34 @@ def _check_like(current, value, key, path, n_groups):
             raise TypeError(f"{path} must be a list, got {_shown(value)}")
 
 
+class _StateDictKeyError(ValueError, KeyError):
+    """A state_dict without a key the scheduler needs, or with one it does not know.
+
+    A ValueError, and a KeyError as torch's ``load_state_dict`` raises for the keys it pops
+    (``lr_lambdas``, ``_schedulers``, ``_scale_fn_custom``); its text is not quoted."""
+
+    def __str__(self):
+        return str(self.args[0]) if self.args else ""
+
+
+class _StateDictIndexError(ValueError, IndexError):
+    """More entries in a state_dict list than the scheduler has callables or sub-schedulers
+    (a ValueError, and an IndexError as torch raises indexing its own list)."""
+
+
+def _check_entries(state_dict, key, n, what):
+    """Raise unless ``state_dict[key]`` is a list of ``n`` entries: TypeError for no list,
+    ``_StateDictIndexError`` for a longer one (torch fails indexing its own list),
+    ValueError for a shorter one (torch leaves the last ones as they were)."""
+    saved = state_dict[key]
+    if not isinstance(saved, (list, tuple)):
+        raise TypeError(f"state_dict[{key!r}] must be a list of {n} {what}, got "
+                        f"{_shown(saved)}")
+    if len(saved) != n:
+        error = _StateDictIndexError if len(saved) > n else ValueError
+        raise error(f"state_dict[{key!r}] must hold {n} {what}, got {len(saved)}")
+
+
 class _AllOrNothing:
     """What a scheduler's ``step()`` may change, to restore when it raises: the attributes
     of the scheduler and of its sub-schedulers, and the entries of the optimizer's param
@@ -381,10 +432,12 @@ class LRScheduler:
                 if "initial_lr" not in group:
                     raise KeyError(
                         f"param 'initial_lr' is not specified in param_groups[{i}] when "
-                        f"resuming a scheduler with last_epoch={last_epoch}. Load the "
-                        "optimizer's state_dict first (it holds 'initial_lr'), or prefer "
-                        "scheduler.load_state_dict() to resume; last_epoch >= 0 is not meant "
-                        "for a fresh run."
+                        "resuming scheduler with last_epoch >= 0.\n"
+                        "This typically happens when:\n"
+                        "1. You're trying to resume training from a checkpoint but haven't "
+                        "properly loaded the optimizer state\n"
+                        "2. You're using last_epoch >= 0 for a fresh training run (not "
+                        "recommended)"
                     )
         self.base_lrs = _group_values(optimizer, "initial_lr")
         self.last_epoch = last_epoch
@@ -403,8 +456,9 @@ class LRScheduler:
         raise NotImplementedError(f"{type(self).__name__} does not define get_lr()")
 
     def _warn_outside_step(self):
+        # reported at the line of get_lr() here, as torch reports it in its own module
         if not self._get_lr_called_within_step:
-            warnings.warn(_WARN_GET_LR, UserWarning, stacklevel=3)
+            warnings.warn(_WARN_GET_LR, UserWarning, stacklevel=2)
 
     def get_last_lr(self):
         """The learning rates written by the last ``step()``, one per param group."""
@@ -417,14 +471,15 @@ class LRScheduler:
         fails, a OneCycleLR stepped past ``total_steps``), the counters, ``get_last_lr()``
         and the optimizer's param groups are left as they were (torch has already advanced
         ``last_epoch``). State kept by the user's own callables is not restored."""
+        # stacklevel 3: reported at the caller of step(), past the all-or-nothing wrapper
         if self._step_count == 1:
             if not hasattr(self.optimizer.step, "_wrapped_by_lr_sched"):
-                warnings.warn(_WARN_OVERRIDDEN, UserWarning, stacklevel=2)
+                warnings.warn(_WARN_OVERRIDDEN, UserWarning, stacklevel=3)
             elif not getattr(self.optimizer, "_opt_called", False):
-                warnings.warn(_WARN_ORDER, UserWarning, stacklevel=2)
+                warnings.warn(_WARN_ORDER, UserWarning, stacklevel=3)
         self._step_count += 1
         if epoch is not None:
-            warnings.warn(_EPOCH_DEPRECATION, UserWarning, stacklevel=2)
+            warnings.warn(EPOCH_DEPRECATION_WARNING, UserWarning, stacklevel=3)
         self._update_lr(epoch)
 
     def _update_lr(self, epoch=None):
@@ -476,7 +531,7 @@ class LRScheduler:
                 parts.append(f"missing keys {missing}")
             if unexpected:
                 parts.append(f"unexpected keys {unexpected}")
-            raise ValueError(
+            raise _StateDictKeyError(
                 f"state_dict does not match {name}: " + "; ".join(parts)
             )
         n_groups = len(self.optimizer.param_groups)
@@ -533,7 +588,10 @@ class LRScheduler:
         """Restore a state saved by ``state_dict()`` of the same class.
 
         Everything is checked before anything changes: ``ValueError`` for a dict from
-        another scheduler class or with missing or unexpected keys, ``TypeError`` or
+        another scheduler class or with missing or unexpected keys (a ``KeyError`` too, as
+        torch raises for a missing ``lr_lambdas``, ``_schedulers`` or ``_scale_fn_custom``;
+        a ``mode`` or ``threshold_mode`` of ReduceLROnPlateau that does not exist has torch's
+        text), ``TypeError`` or
         ``ValueError`` naming the entry for a value that is not what the scheduler holds
         there: counters (``last_epoch``, ``_step_count``, ...) that are no finite numbers,
         per-group lists (``base_lrs``, ``_last_lr``, ...) that hold no finite numbers, a
@@ -577,16 +635,15 @@ class _LambdaBase(LRScheduler):
         n = len(optimizer.param_groups)
         if isinstance(lr_lambda, (list, tuple)):
             if len(lr_lambda) != n:
-                raise ValueError(
-                    f"lr_lambda: expected {n} lr_lambdas (one per param group), got "
-                    f"{len(lr_lambda)}"
-                )
+                raise ValueError(f"Expected {n} lr_lambdas, but got {len(lr_lambda)}")
             self.lr_lambdas = list(lr_lambda)
         else:
             self.lr_lambdas = [lr_lambda] * n
         for fn in self.lr_lambdas:
             if not callable(fn):
-                raise TypeError(f"lr_lambda must be callable, got {type(fn).__name__}")
+                raise TypeError(
+                    f"lr_lambda should be a function, but got {type(fn).__name__}"
+                )
         super().__init__(optimizer, last_epoch)
 
     def state_dict(self):
@@ -596,12 +653,8 @@ class _LambdaBase(LRScheduler):
 
     def _check_state_dict(self, state_dict):
         super()._check_state_dict(state_dict)
-        saved = state_dict["lr_lambdas"]
-        if not isinstance(saved, (list, tuple)) or len(saved) != len(self.lr_lambdas):
-            raise ValueError(
-                f"state_dict['lr_lambdas'] must hold {len(self.lr_lambdas)} entries"
-            )
-        _check_callables_state(saved, "lr_lambdas")
+        _check_entries(state_dict, "lr_lambdas", len(self.lr_lambdas), "entries")
+        _check_callables_state(state_dict["lr_lambdas"], "lr_lambdas")
 
     def _apply_state_dict(self, state_dict):
         rest = {k: v for k, v in state_dict.items() if k != "lr_lambdas"}
@@ -614,7 +667,10 @@ class LambdaLR(_LambdaBase):
 
     ``lr_lambda`` is a function of the epoch or a list of them, one per group.  In
     ``state_dict()`` plain functions are stored as ``None``; callable objects keep their
-    ``__dict__``.
+    ``__dict__``.  An ``optimizer`` that is not an Optimizer raises torch's TypeError of the
+    other classes (torch's LambdaLR and MultiplicativeLR raise AttributeError reading its
+    ``param_groups``), and an ``lr_lambda`` that is not callable raises TypeError at once
+    (torch's LambdaLR raises it calling the lambda in its initial step).
     """
 
     _paired = ("base_lrs",)
@@ -692,8 +748,8 @@ class ConstantLR(LRScheduler):
 
     def __init__(self, optimizer, factor=1.0 / 3, total_iters=5, last_epoch=-1):
         if factor > 1.0 or factor < 0:
-            raise ValueError(f"factor (constant multiplicative factor) must be in [0, 1], "
-                             f"got {factor}")
+            raise ValueError("Constant multiplicative factor expected to be between 0 and 1. "
+                             f"Got factor={factor!r}.")
         self.factor = factor
         self.total_iters = total_iters
         super().__init__(optimizer, last_epoch)
@@ -720,9 +776,13 @@ class LinearLR(LRScheduler):
         self, optimizer, start_factor=1.0 / 3, end_factor=1.0, total_iters=5, last_epoch=-1
     ):
         if start_factor > 1.0 or start_factor <= 0:
-            raise ValueError(f"start_factor must be in (0, 1], got {start_factor}")
+            raise ValueError(
+                "Starting multiplicative factor expected to be greater than 0 and less or "
+                f"equal to 1. Got start_factor={start_factor!r}."
+            )
         if end_factor > 1.0 or end_factor < 0:
-            raise ValueError(f"end_factor must be in [0, 1], got {end_factor}")
+            raise ValueError("Ending multiplicative factor expected to be between 0 and 1. "
+                             f"Got end_factor={end_factor!r}.")
         self.start_factor = start_factor
         self.end_factor = end_factor
         self.total_iters = total_iters
@@ -838,13 +898,14 @@ class CosineAnnealingWarmRestarts(LRScheduler):
 
     def __init__(self, optimizer, T_0, T_mult=1, eta_min=0.0, last_epoch=-1):
         if not isinstance(T_0, int) or T_0 <= 0:
-            raise ValueError(f"T_0 must be a positive integer, got {T_0!r}")
+            _require_real("T_0", T_0)
+            raise ValueError(f"Expected positive integer T_0, but got {T_0}")
         if not isinstance(T_mult, int) or T_mult < 1:
-            raise ValueError(f"T_mult must be an integer >= 1, got {T_mult!r}")
+            _require_real("T_mult", T_mult)
+            raise ValueError(f"Expected integer T_mult >= 1, but got {T_mult}")
         if not isinstance(eta_min, (float, int)):
             raise ValueError(  # noqa: TRY004 (torch raises ValueError)
-                f"eta_min must be a float or an int, got {eta_min!r} of type "
-                f"{type(eta_min).__name__}"
+                f"Expected float or int eta_min, but got {eta_min} of type {type(eta_min)}"
             )
         self.T_0 = T_0
         self.T_i = T_0
@@ -870,7 +931,7 @@ class CosineAnnealingWarmRestarts(LRScheduler):
                 self.T_i = self.T_i * self.T_mult
         else:
             if epoch < 0:
-                raise ValueError(f"epoch must be non-negative, got {epoch!r}")
+                raise ValueError(f"Expected non-negative epoch, but got {epoch}")
             if epoch < self.T_0:
                 self.T_i = self.T_0
                 self.T_cur = epoch
@@ -897,8 +958,7 @@ def _momentum_key_check(optimizer):
     defaults = optimizer.defaults
     if "momentum" not in defaults and "betas" not in defaults:
         raise ValueError(
-            "cycle_momentum=True needs an optimizer with 'momentum' or 'betas' (beta1) in its "
-            "defaults"
+            "optimizer must support momentum or beta1 with `cycle_momentum` option enabled"
         )
     return "betas" in defaults
 
@@ -943,10 +1003,8 @@ class CyclicLR(LRScheduler):
     ):
         _check_optimizer(optimizer)
         self.optimizer = optimizer
+        # torch's checks in its order; the groups are written only once all have passed
         base_lrs = _per_group("base_lr", optimizer, base_lr)
-        if last_epoch == -1:
-            for lr, group in zip(base_lrs, optimizer.param_groups):
-                _set_group_value(group, "lr", lr)
         self.max_lrs = _per_group("max_lr", optimizer, max_lr)
         up = float(step_size_up)
         down = float(step_size_down) if step_size_down is not None else up
@@ -954,8 +1012,8 @@ class CyclicLR(LRScheduler):
         self.step_ratio = up / self.total_size
         if mode not in ("triangular", "triangular2", "exp_range") and scale_fn is None:
             raise ValueError(
-                f"mode must be 'triangular', 'triangular2' or 'exp_range' when scale_fn is None, "
-                f"got {mode!r}"
+                f"mode is invalid and scale_fn is None: mode={mode!r}, expected 'triangular', "
+                "'triangular2' or 'exp_range' (or a scale_fn)"
             )
         self.mode = mode
         self.gamma = gamma
@@ -967,7 +1025,10 @@ class CyclicLR(LRScheduler):
             self.use_beta1 = _momentum_key_check(optimizer)
             self.base_momentums = _per_group("base_momentum", optimizer, base_momentum)
             self.max_momentums = _per_group("max_momentum", optimizer, max_momentum)
-            if last_epoch == -1:
+        if last_epoch == -1:
+            for lr, group in zip(base_lrs, optimizer.param_groups):
+                _set_group_value(group, "lr", lr)
+            if cycle_momentum:
                 for hi, lo, group in zip(
                     self.max_momentums, self.base_momentums, optimizer.param_groups
                 ):
@@ -1075,18 +1136,21 @@ class OneCycleLR(LRScheduler):
         self.optimizer = optimizer
         if total_steps is not None:
             if not isinstance(total_steps, int) or total_steps <= 0:
-                raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}")
+                _require_real("total_steps", total_steps)
+                raise ValueError(f"Expected positive integer total_steps, but got {total_steps}")
             self.total_steps = total_steps
         elif epochs is not None and steps_per_epoch is not None:
             if not isinstance(epochs, int) or epochs <= 0:
-                raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+                raise ValueError(f"Expected positive integer epochs, but got {epochs}")
             if not isinstance(steps_per_epoch, int) or steps_per_epoch <= 0:
                 raise ValueError(
-                    f"steps_per_epoch must be a positive integer, got {steps_per_epoch!r}"
+                    f"Expected positive integer steps_per_epoch, but got {steps_per_epoch}"
                 )
             self.total_steps = epochs * steps_per_epoch
         else:
-            raise ValueError("OneCycleLR needs total_steps, or both epochs and steps_per_epoch")
+            raise ValueError(
+                "You must define either total_steps OR (epochs AND steps_per_epoch)"
+            )
         n = self.total_steps
         warm_end = float(pct_start * n) - 1
         if three_phase:
@@ -1107,24 +1171,30 @@ class OneCycleLR(LRScheduler):
                 self._phase(n - 1, "max_lr", "min_lr", "base_momentum", "max_momentum"),
             ]
         if not isinstance(pct_start, float) or pct_start < 0 or pct_start > 1:
-            raise ValueError(f"pct_start must be a float in [0, 1], got {pct_start!r}")
+            raise ValueError(f"Expected float between 0 and 1 pct_start, but got {pct_start}")
         if anneal_strategy not in ("cos", "linear"):
             raise ValueError(
-                f"anneal_strategy must be 'cos' or 'linear', got {anneal_strategy!r}"
+                "anneal_strategy must be one of 'cos' or 'linear', instead got "
+                f"{anneal_strategy}"
             )
         self._anneal_func_type = anneal_strategy
+        # torch's checks in its order; the groups are written only once all have passed
         max_lrs = _per_group("max_lr", optimizer, max_lr)
         if last_epoch == -1:
-            for top, group in zip(max_lrs, optimizer.param_groups):
-                group["initial_lr"] = top / div_factor
-                group["max_lr"] = top
-                group["min_lr"] = group["initial_lr"] / final_div_factor
+            initial_lrs = [top / div_factor for top in max_lrs]
+            min_lrs = [lr / final_div_factor for lr in initial_lrs]
         self.cycle_momentum = cycle_momentum
         if cycle_momentum:
             self.use_beta1 = _momentum_key_check(optimizer)
             highs = _per_group("max_momentum", optimizer, max_momentum)
             lows = _per_group("base_momentum", optimizer, base_momentum)
-            if last_epoch == -1:
+        if last_epoch == -1:
+            for group, top, lr, low_lr in zip(optimizer.param_groups, max_lrs, initial_lrs,
+                                              min_lrs):
+                group["initial_lr"] = lr
+                group["max_lr"] = top
+                group["min_lr"] = low_lr
+            if cycle_momentum:
                 for hi, lo, group in zip(highs, lows, optimizer.param_groups):
                     _write_momentum(group, hi, self.use_beta1)
                     group["max_momentum"] = hi
@@ -1151,8 +1221,8 @@ class OneCycleLR(LRScheduler):
         step = self.last_epoch
         if step > self.total_steps:
             raise ValueError(
-                f"Tried to step {step} times, but this OneCycleLR was built for "
-                f"total_steps={self.total_steps}"
+                f"Tried to step {step} times. The specified number of total steps is "
+                f"{self.total_steps}"
             )
         phases = self._schedule_phases
         lrs = []
@@ -1196,15 +1266,15 @@ class ReduceLROnPlateau(LRScheduler):
         eps=1e-8,
     ):
         if factor >= 1.0:
-            raise ValueError(f"factor must be < 1.0, got {factor!r}")
+            raise ValueError(f"Factor should be < 1.0. Got factor={factor!r}.")
         self.factor = factor
         _check_optimizer(optimizer)
         self.optimizer = optimizer
         n = len(optimizer.param_groups)
         if isinstance(min_lr, (list, tuple)):
             if len(min_lr) != n:
-                raise ValueError(f"min_lr: expected {n} min_lrs (one per param group), "
-                                 f"got {len(min_lr)}")
+                raise ValueError(f"expected {n} min_lrs, got {len(min_lr)} (min_lr has one value "
+                                 "per param group)")
             self.default_min_lr = None
             self.min_lrs = list(min_lr)
         else:
@@ -1218,11 +1288,21 @@ class ReduceLROnPlateau(LRScheduler):
         self._init_is_better(mode, threshold, threshold_mode)
         self._reset()
 
+    @staticmethod
+    def _check_modes(mode, threshold_mode, saved=False):
+        """Raise ValueError, with torch's text, for a mode or threshold_mode that does not
+        exist (TypeError for one that is no string, where torch fails building its text)."""
+        for name, value, choices in (("mode", mode, ("min", "max")),
+                                     ("threshold_mode", threshold_mode, ("rel", "abs"))):
+            if value not in choices:
+                path = f"state_dict[{name!r}]" if saved else name
+                if not isinstance(value, str):
+                    raise TypeError(f"{path} must be one of {choices}, got {_shown(value)}")
+                raise ValueError(f"{name.replace('_', ' ')} {value} is unknown! ({path} must "
+                                 f"be one of {choices})")
+
     def _init_is_better(self, mode, threshold, threshold_mode):
-        if mode not in ("min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
-        if threshold_mode not in ("rel", "abs"):
-            raise ValueError(f"threshold_mode must be 'rel' or 'abs', got {threshold_mode!r}")
+        self._check_modes(mode, threshold_mode)
         self.mode_worse = math.inf if mode == "min" else -math.inf
         self.mode = mode
         self.threshold = threshold
@@ -1253,7 +1333,7 @@ class ReduceLROnPlateau(LRScheduler):
         if epoch is None:
             epoch = self.last_epoch + 1
         else:
-            warnings.warn(_EPOCH_DEPRECATION, UserWarning, stacklevel=2)
+            warnings.warn(EPOCH_DEPRECATION_WARNING, UserWarning, stacklevel=3)
         self.last_epoch = epoch
         if self.is_better(current, self.best):
             self.best = current
@@ -1274,9 +1354,13 @@ class ReduceLROnPlateau(LRScheduler):
         if len(groups) != len(self.min_lrs):
             if self.default_min_lr is None:
                 raise RuntimeError(
-                    f"The optimizer has {len(groups)} param groups but ReduceLROnPlateau was "
-                    f"built with {len(self.min_lrs)} min_lrs (was a group added?). Set "
-                    "`min_lrs` to one value per param group."
+                    "The number of param groups in the `optimizer` "
+                    f"({len(groups)}) differs "
+                    f"from when `ReduceLROnPlateau` was initialized "
+                    f"({len(self.min_lrs)}), usually due to a new "
+                    "param group being added to the optimizer. Please "
+                    "modify the `min_lrs` field to match the length "
+                    "of the `optimizer` param groups."
                 )
             self.min_lrs = [self.default_min_lr] * len(groups)
         for group, floor in zip(groups, self.min_lrs):
@@ -1286,10 +1370,12 @@ class ReduceLROnPlateau(LRScheduler):
                 _set_group_value(group, "lr", new)
 
     def _check_state_dict(self, state_dict):
+        if isinstance(state_dict, dict):
+            # torch's load_state_dict refuses these modes, with the constructor's texts
+            self._check_modes(state_dict.get("mode", self.mode),
+                              state_dict.get("threshold_mode", self.threshold_mode),
+                              saved=True)
         super()._check_state_dict(state_dict)
-        if state_dict["mode"] not in ("min", "max"):
-            raise ValueError(f"state_dict['mode'] must be 'min' or 'max', got "
-                             f"{state_dict['mode']!r}")
 
     def _apply_state_dict(self, state_dict):
         super()._apply_state_dict(state_dict)
@@ -1300,20 +1386,22 @@ class ReduceLROnPlateau(LRScheduler):
 
 
 def _check_members(owner, optimizer, schedulers):
-    if len(schedulers) < 1:
-        raise ValueError(f"{owner} expects at least one scheduler, but got none")
     for i, sched in enumerate(schedulers):
         if not hasattr(sched, "optimizer"):
-            raise TypeError(f"{owner}: the scheduler at index {i} has no `optimizer` attribute")
+            raise TypeError(
+                f"{owner} at index {i} should have `optimizer` as its attribute."
+            )
         if isinstance(sched, ReduceLROnPlateau):
             raise ValueError(  # noqa: TRY004 (torch raises ValueError)
-                f"{owner} does not support ReduceLROnPlateau (its step() needs a metric), "
-                f"but got one at index {i} of schedulers"
+                f"{owner} does not support `ReduceLROnPlateau` scheduler as it requires "
+                "additional kwargs to be specified when calling `step`, but got one at index "
+                f"{i} in the given schedulers sequence."
             )
         if sched.optimizer is not optimizer:
             raise ValueError(
-                f"{owner} expects all schedulers to belong to the same optimizer, but the "
-                f"{type(sched).__name__} at index {i} has a different one"
+                f"{owner} expects all schedulers to belong to the same optimizer, but got "
+                f"scheduler {type(sched).__name__} at index {i} has {sched.optimizer}, which "
+                f"is different from {type(optimizer).__name__}."
             )
 
 
@@ -1329,11 +1417,8 @@ class _Composite(LRScheduler):
 
     def _check_state_dict(self, state_dict):
         super()._check_state_dict(state_dict)
+        _check_entries(state_dict, "_schedulers", len(self._schedulers), "scheduler states")
         subs = state_dict["_schedulers"]
-        if not isinstance(subs, (list, tuple)) or len(subs) != len(self._schedulers):
-            raise ValueError(
-                f"state_dict['_schedulers'] must hold {len(self._schedulers)} scheduler states"
-            )
         for i, (sched, sub) in enumerate(zip(self._schedulers, subs)):
             try:
                 sched._check_state_dict(sub)
@@ -1353,11 +1438,17 @@ class SequentialLR(_Composite):
     """
 
     def __init__(self, optimizer, schedulers, milestones, last_epoch=-1):
+        if len(schedulers) < 1:
+            raise ValueError(
+                f"{type(self).__name__} expects at least one scheduler, but got no scheduler."
+            )
         _check_members(type(self).__name__, optimizer, schedulers)
         if len(milestones) != len(schedulers) - 1:
             raise ValueError(
-                "SequentialLR expects one milestone fewer than schedulers, but got "
-                f"{len(schedulers)} schedulers and {len(milestones)} milestones"
+                "Sequential Schedulers expects number of schedulers provided to be one more "
+                f"than the number of milestone points, but got number of schedulers "
+                f"{len(schedulers)} and the number of milestones to be equal to "
+                f"{len(milestones)}"
             )
         self._schedulers = schedulers
         self._milestones = milestones
@@ -1394,7 +1485,10 @@ class ChainedScheduler(_Composite):
 
     def __init__(self, schedulers, optimizer=None):
         if len(schedulers) < 1:
-            raise ValueError("ChainedScheduler expects at least one scheduler, but got none")
+            raise ValueError(
+                f"{type(self).__name__} expects at least one scheduler to be chained, but got "
+                "no scheduler."
+            )
         optimizer = optimizer if optimizer is not None else schedulers[0].optimizer
         _check_members(type(self).__name__, optimizer, schedulers)
         self._schedulers = schedulers

@@ -344,20 +344,28 @@ class SWALR(LRScheduler):
     ``lr_t = swa_lr * a(t) + lr_0 * (1 - a(t))`` with ``t = min(epoch / anneal_epochs, 1)`` and
     ``a(t) = (1 - cos(pi t)) / 2`` (``'cos'``) or ``t`` (``'linear'``).  As in torch, ``lr_0`` is
     recovered from the current lr each step, so the schedule composes with changes to the lr.
+    The errors are torch's, except for an ``optimizer`` that is not an Optimizer: TypeError,
+    as the other schedulers raise (torch's SWALR raises AttributeError reading its
+    ``param_groups``); a failed check leaves the param groups unchanged.
     """
 
     def __init__(self, optimizer, swa_lr, anneal_epochs=10, anneal_strategy="cos",
                  last_epoch=-1):
         _check_optimizer(optimizer)
-        for lr, group in zip(_per_group("swa_lr", optimizer, swa_lr), optimizer.param_groups):
-            group["swa_lr"] = lr
+        # torch's checks, in its order and with its texts; the groups change only after them
+        swa_lrs = _per_group("swa_lr", optimizer, swa_lr)
         if anneal_strategy not in ("cos", "linear"):
             raise ValueError(
-                f"anneal_strategy must be 'cos' or 'linear', got {anneal_strategy!r}"
+                "anneal_strategy must be one of 'cos' or 'linear', instead got "
+                f"{anneal_strategy}"
             )
-        self._anneal_strategy = anneal_strategy
         if not isinstance(anneal_epochs, int) or anneal_epochs < 0:
-            raise ValueError(f"anneal_epochs must be an integer >= 0, got {anneal_epochs!r}")
+            raise ValueError(
+                f"anneal_epochs must be equal or greater than 0, got {anneal_epochs}"
+            )
+        for lr, group in zip(swa_lrs, optimizer.param_groups):
+            group["swa_lr"] = lr
+        self._anneal_strategy = anneal_strategy
         self.anneal_epochs = anneal_epochs
         super().__init__(optimizer, last_epoch)
 
