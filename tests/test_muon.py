@@ -67,7 +67,7 @@ def test_muon_float32_iteration_within_bfloat16_tolerance_of_torch(inp):
     """``ns_dtype="float32"`` orthogonalises more accurately than torch: one update differs
     from torch's by about bfloat16's resolution (measured at most 2.1 % of its RMS, 3.3e-3
     after 100 steps). Asserted: 5 % per step, 1e-2 after 100 steps."""
-    worst_step, opt, topt, ps, ts = _lockstep(dict(inp.kwargs, ns_dtype="float32"), 100)
+    worst_step, opt, _, ps, ts = _lockstep({**inp.kwargs, "ns_dtype": "float32"}, 100)
     assert opt.ns_dtype == "float32" and "ns_dtype" not in opt.param_groups[0]
     assert worst_step < 0.05
     for p, t in zip(ps, ts):
@@ -79,7 +79,7 @@ def test_muon_step_is_torchs_bit_for_bit_on_small_matrices(dtype):
     """Where the matrix products are short sums (a few columns), torch's and fastopt's
     bfloat16 iterations round alike; the lerps (one rounding) and ``add_`` with ``alpha``
     (one rounding, also for float64) are then exactly torch's, for several steps."""
-    kwargs = dict(lr=0.02, weight_decay=0.1)
+    kwargs = {"lr": 0.02, "weight_decay": 0.1}
     _, opt, topt, ps, ts = _lockstep(kwargs, 3, dtype, shapes=((3, 7), (7, 3), (5, 9), (1, 4)),
                                      seed=11)
     for p, t in zip(ps, ts):
