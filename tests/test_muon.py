@@ -89,6 +89,26 @@ def test_muon_step_is_torchs_bit_for_bit_on_small_matrices(dtype):
                                       topt.state[t]["momentum_buffer"].numpy())
 
 
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_muon_non_contiguous_momentum_buffer_updates_in_place(nesterov):
+    """A momentum buffer set to a Fortran-ordered array (state entries need not be
+    C-contiguous) is updated in place with the same numbers as a C-ordered one."""
+    x = np.random.default_rng(0).standard_normal((4, 9)).astype(np.float32)
+    ps = [fastopt.Parameter(x.copy()) for _ in range(2)]
+    opts = [fastopt.Muon([p], lr=0.02, nesterov=nesterov) for p in ps]
+    for k in range(3):
+        g = np.random.default_rng(k).standard_normal((4, 9)).astype(np.float32)
+        for p, opt in zip(ps, opts):
+            p.grad = g.copy()
+            opt.step()
+        if k == 0:
+            buf = np.asfortranarray(opts[1].state[ps[1]]["momentum_buffer"])
+            opts[1].state[ps[1]]["momentum_buffer"] = buf
+    assert opts[1].state[ps[1]]["momentum_buffer"] is buf and not buf.flags.c_contiguous
+    np.testing.assert_array_equal(buf, opts[0].state[ps[0]]["momentum_buffer"])
+    np.testing.assert_array_equal(ps[1], ps[0])
+
+
 def _torch_ns(g, steps=5, eps=1e-7):
     torch = import_torch(vector_kernels=False)
     from torch.optim._muon import _zeropower_via_newtonschulz

@@ -273,7 +273,7 @@ def _lerp(s, e, w):
     if s.flags.c_contiguous and s.flags.aligned and s.dtype.isnative:
         _kernels.average([s], [e], float(w), True)
     else:
-        tmp = np.array(s, order="C")
+        tmp = np.array(s, dtype=s.dtype.newbyteorder("="), order="C")
         _kernels.average([tmp], [e], float(w), True)
         s[...] = tmp
 
