@@ -33,20 +33,22 @@ STEP_SIZE, GAMMA = 2, 0.5
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*lr_scheduler.step\\(\\).*:UserWarning")
 
-#: per optimizer: (rtol, atol) of the parameters, as in its lockstep test (Muon: torch
-#: orthogonalises in bfloat16, see tests/test_muon.py)
+#: per optimizer: (rtol, atol) of the parameters, as in its lockstep test (Muon: its
+#: bfloat16 iteration is torch's up to float32 summation order, whose rare differences the
+#: iteration amplifies; measured at most 1.5e-4 after 20 steps, see tests/test_muon.py)
 TOL = {"SparseAdam": (1.3e-6, 1e-5), "Adafactor": (1.3e-6, 1e-5), "LBFGS": (1e-9, 1e-9),
-       "Muon": (0.0, 1e-2)}
-#: per optimizer: (rtol, atol) of the state arrays (None: not compared)
+       "Muon": (0.0, 2e-3)}
+#: per optimizer: (rtol, atol) of the state arrays (None: not compared; Muon's momentum
+#: buffers, lerps of gradients that do not depend on the parameters here: torch's bits)
 STATE_TOL = {"SparseAdam": (1.3e-6, 1e-5), "Adafactor": (1e-4, 1e-7), "LBFGS": None,
-             "Muon": (0.0, 1e-2)}
+             "Muon": (0.0, 0.0)}
 DTYPE = {"SparseAdam": np.float32, "Adafactor": np.float32, "LBFGS": np.float64,
          "Muon": np.float32}
 
 VECTOR_OR_MATRIX = st.one_of(st.tuples(st.integers(1, 12)),
                              st.tuples(st.integers(1, 5), st.integers(1, 5)))
-#: Muon's matrices: wide ones (a square one has tiny singular values, where torch's bfloat16
-#: Newton-Schulz iteration is far from fastopt's float32 one)
+#: Muon's matrices: wide ones (a square one has tiny singular values, which the bfloat16
+#: Newton-Schulz iteration amplifies any rounding difference of)
 MATRIX = st.integers(2, 4).flatmap(lambda r: st.tuples(st.just(r), st.integers(3 * r, 4 * r)))
 SHAPES = {"SparseAdam": st.tuples(st.integers(2, 8), st.integers(1, 4)),
           "Adafactor": VECTOR_OR_MATRIX, "Muon": MATRIX,

@@ -4,7 +4,8 @@ import operator
 
 import numpy as np
 
-from fastopt._numpy_step import check_state_array, lerp_, prepare, signals_deferred
+from fastopt import _kernels
+from fastopt._numpy_step import check_state_array, prepare, signals_deferred
 from fastopt.optimizer import Optimizer
 
 __all__ = ["Muon"]
@@ -12,32 +13,87 @@ __all__ = ["Muon"]
 EPS = 1e-7
 DEFAULT_A, DEFAULT_B, DEFAULT_C = 3.4445, -4.7750, 2.0315
 DEFAULT_NS_STEPS = 5
+#: the precisions the Newton-Schulz iteration can run in (``ns_dtype``)
+NS_DTYPES = ("bfloat16", "float32", "float64")
+
+# float64 values whose sum with a bfloat16-times-float64 product is rounded once: x86's
+# 80-bit long double holds such a product exactly (61 significant bits)
+_WIDE64 = np.longdouble if np.finfo(np.longdouble).nmant >= 63 else np.float64
+
+
+def _round_bf16(x):
+    """Round the float32 array ``x`` in place to the nearest bfloat16 value (ties to even),
+    as torch converts float to bfloat16; returns ``x``. NaNs must have a quiet payload of
+    the form NumPy and the CPU produce (``_to_bf16`` makes them so)."""
+    u = x.view(np.uint32)
+    lsb = u >> np.uint32(16)
+    lsb &= np.uint32(1)
+    u += np.uint32(0x7FFF)
+    u += lsb
+    u &= np.uint32(0xFFFF0000)
+    return x
+
+
+def _to_bf16(g):
+    """A float32 copy of ``g`` rounded to bfloat16, as torch's ``Tensor.bfloat16()`` (float64
+    through float32, NaN as the canonical quiet NaN)."""
+    x = np.array(g, dtype=np.float32, order="C")
+    nan = np.isnan(x)
+    if nan.any():
+        x[nan] = np.nan
+    return _round_bf16(x)
 
 
 def newton_schulz(g, coefficients=(DEFAULT_A, DEFAULT_B, DEFAULT_C), steps=DEFAULT_NS_STEPS,
-                  eps=EPS):
+                  eps=EPS, dtype="bfloat16"):
     """Approximate orthogonalisation of the matrix ``g`` (the U V^T of its SVD, with
     singular values pushed into roughly [0.7, 1.2]) by the quintic iteration
     X <- a X + (b A + c A^2) X, A = X X^T, on the wide orientation of g after scaling it to
-    unit Frobenius norm. Computed in float32 (float64 for float64 input)."""
+    unit Frobenius norm.
+
+    ``dtype`` is the precision of the iteration. ``"bfloat16"`` (torch's): every operation
+    rounds its result to bfloat16 as torch's bfloat16 CPU operations do (matrix products
+    accumulate the exact products of bfloat16 values in float32, ``addmm`` rounds
+    ``beta * C + alpha * (A @ B)`` once); the result is a float32 array of bfloat16 values.
+    ``"float32"`` and ``"float64"``: the iteration in that dtype, and the result in it."""
     if steps >= 100:
         raise ValueError("Number of steps must be less than 100 for computational efficiency")
     if g.ndim != 2:
         raise ValueError("Input tensor gradient must be a 2D matrix")
     if len(coefficients) != 3:
         raise ValueError("Coefficients must be a tuple of exactly 3 values")
+    if dtype not in NS_DTYPES:
+        raise ValueError(f"ns_dtype must be one of {NS_DTYPES}, got {dtype!r}")
     a, b, c = coefficients
-    dtype = np.float64 if g.dtype == np.float64 else np.float32
-    T = np.dtype(dtype).type
-    x = np.array(g, dtype=dtype)
+    if dtype == "bfloat16":
+        T = np.float32
+        x = _to_bf16(g)
+        rnd = _round_bf16
+    else:
+        T = np.dtype(dtype).type
+        x = np.array(g, dtype=T)
+
+        def rnd(y):
+            return y
     tall = x.shape[0] > x.shape[1]
     if tall:
         x = x.T
-    x = x / max(T(np.linalg.norm(x)), T(eps))
-    for _ in range(steps):
-        gram = x @ x.T
-        poly = T(b) * gram + T(c) * (gram @ gram)
-        x = T(a) * x + poly @ x
+    with np.errstate(all="ignore"):  # NaN and inf propagate silently, as in torch
+        norm = T(np.sqrt(np.sum(np.square(x, dtype=np.float64))))
+        if dtype == "bfloat16":
+            norm = rnd(np.array(norm))[()]
+            eps = rnd(np.array(eps, np.float32))[()]
+        x = rnd(x / max(norm, T(eps)))
+        a, b, c = T(a), T(b), T(c)
+        for _ in range(steps):
+            gram = rnd(x @ x.T)
+            poly = gram @ gram  # addmm(gram, gram, gram, beta=b, alpha=c): one rounding
+            poly *= c
+            poly += b * gram
+            rnd(poly)
+            y = poly @ x  # addmm(x, poly, x, beta=a)
+            y += a * x
+            x = rnd(y)
     return np.ascontiguousarray(x.T if tall else x)
 
 
@@ -78,14 +134,27 @@ class Muon(Optimizer):
         ``original`` (and None): :math:`\gamma\sqrt{\max(1, A/B)}`; ``match_rms_adamw``:
         :math:`0.2\gamma\sqrt{\max(A, B)}` for an A x B parameter.
 
+    Attributes
+    ----------
+    ns_dtype : {"bfloat16", "float32", "float64"}, default "bfloat16"
+        Precision of the Newton-Schulz iteration, for every group. ``"bfloat16"`` is
+        torch's: every operation of the iteration rounds to bfloat16 as torch's CPU
+        operations do (see :func:`newton_schulz`). ``"float32"`` or ``"float64"``
+        orthogonalise more accurately, which torch does not offer: set it after
+        construction, ``opt.ns_dtype = "float32"``. It is an attribute, not a constructor
+        argument or a group key, so that the signature, ``defaults``, ``param_groups`` and
+        ``state_dict()`` stay torch's; pickling and copies keep it, checked at every step.
+
     Notes
     -----
-    torch runs the Newton-Schulz iteration in bfloat16 (8 significant bits); fastopt runs
-    it in float32 (float64 for float64 parameters). The orthogonalised update therefore
-    differs from torch's by about bfloat16's resolution: on 64 x 32 and 16 x 48 random
-    matrices one update differs by at most 1.4-2.1 % of its RMS, and after 100 steps of
-    lr 0.02 the parameters agree within about 3e-3. The momentum buffer and the parameter
-    arithmetic are float32 as in torch. State: ``momentum_buffer``.
+    The momentum lerps and the parameter update round as torch's CPU kernels (one rounding
+    for ``lerp`` and for ``add`` with ``alpha``), and with ``ns_dtype="bfloat16"`` each
+    operation of the iteration gives torch's bfloat16 result up to the order in which a
+    matrix product sums in float32: torch's and NumPy's products then round differently to
+    bfloat16 for a few elements in ten thousand, which the iteration amplifies. Matrices of
+    a few dozen rows and columns usually come out bit for bit as torch's; on 64 x 200 or
+    256 x 512 ones one update differs by about 0.5 % of its RMS (``"float32"``: about 2 %,
+    bfloat16's resolution). State: ``momentum_buffer``.
 
     With ``adjust_lr_fn`` None or ``"original"`` a parameter with no columns raises
     ValueError before anything changes (torch divides by the column count and raises
@@ -93,6 +162,8 @@ class Muon(Optimizer):
     """
 
     _flag_defaults = {}
+    #: precision of the Newton-Schulz iteration (see the class docstring)
+    ns_dtype = "bfloat16"
     _scalar_state_keys = frozenset()
 
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
@@ -103,6 +174,9 @@ class Muon(Optimizer):
                         ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn)
         self._check_group(defaults)
         super().__init__(params, defaults)
+
+    def __getstate__(self):
+        return {**super().__getstate__(), "ns_dtype": self.ns_dtype}
 
     def _check_group(self, group):
         if not 0.0 <= group["lr"]:
@@ -164,6 +238,8 @@ class Muon(Optimizer):
         loss = None
         if closure is not None:
             loss = closure()
+        ns_dtype = self.ns_dtype
+        _check_ns_dtype(ns_dtype)
         frozen, groups = prepare(self, "Muon", self._check_existing_state,
                                  lambda st: "momentum_buffer" not in st, self._check_frozen,
                                  self._check_param)
@@ -173,15 +249,40 @@ class Muon(Optimizer):
                 for _, p, arr, g in items:
                     T = arr.dtype.type
                     buf = self.state[p]["momentum_buffer"]
-                    lerp_(buf, g, T(1 - mu))
+                    _lerp(buf, g, 1 - mu)
                     if group["nesterov"]:
-                        upd = g.copy()
-                        lerp_(upd, buf, T(mu))
+                        upd = np.array(g, order="C")
+                        _lerp(upd, buf, mu)
                     else:
                         upd = buf
                     o = newton_schulz(upd, group["ns_coefficients"], group["ns_steps"],
-                                      group["eps"])
+                                      group["eps"], ns_dtype)
                     arr *= T(1 - lr * wd)
-                    arr += T(-_adjusted_lr(lr, group["adjust_lr_fn"], arr.shape)) * o.astype(
-                        arr.dtype, copy=False)
+                    _add_scaled(arr, -_adjusted_lr(lr, group["adjust_lr_fn"], arr.shape), o)
         return loss
+
+
+def _check_ns_dtype(value):
+    if not isinstance(value, str) or value not in NS_DTYPES:
+        raise ValueError(f"ns_dtype must be one of {NS_DTYPES}, got {value!r}")
+
+
+def _lerp(s, e, w):
+    """In place ``s = torch.lerp(s, e, w)`` with ATen's rounding (fastopt's C kernel); ``s``
+    a writable float32/float64 array, ``e`` one of its dtype and shape."""
+    if s.flags.c_contiguous and s.flags.aligned and s.dtype.isnative:
+        _kernels.average([s], [e], float(w), True)
+    else:
+        tmp = np.array(s, dtype=s.dtype.newbyteorder("="), order="C")
+        _kernels.average([tmp], [e], float(w), True)
+        s[...] = tmp
+
+
+def _add_scaled(arr, alpha, o):
+    """In place ``arr += alpha * o`` rounded once, as torch's ``add_(o, alpha=alpha)``
+    (alpha in the parameter's dtype; for float32 the product and the sum are exact or
+    rounded once in float64, for float64 in the 80-bit long double where there is one)."""
+    wide = np.float64 if arr.dtype == np.float32 else _WIDE64
+    tmp = np.asarray(o, dtype=wide) * wide(arr.dtype.type(alpha))
+    tmp += arr
+    arr[...] = tmp

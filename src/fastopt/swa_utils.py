@@ -1,24 +1,36 @@
-"""Stochastic Weight Averaging and EMA for fastopt: torch.optim.swa_utils for NumPy arrays.
+"""Stochastic Weight Averaging and EMA for fastopt: torch.optim.swa_utils for NumPy arrays and
+for torch modules.
 
-* :class:`AveragedModel` keeps a running average of a list of parameter arrays (SWA's equal
+* :class:`AveragedModel` keeps a running average of a model's parameters (SWA's equal
   weights by default, an exponential moving average with :func:`get_ema_multi_avg_fn`, or
   any averaging function).  The float32/float64 updates run in fastopt's C kernels.
+* :func:`update_bn` recomputes the BatchNorm statistics of a torch module, as torch's.
 * :class:`SWALR` anneals each group's lr to a constant ``swa_lr`` for the averaging phase.
 
-torch's ``AveragedModel`` wraps an ``nn.Module``; here the "model" is what fastopt optimizes:
-an iterable of arrays, or any object with a ``parameters()`` method (and, optionally,
+Given a ``torch.nn.Module``, ``AveragedModel`` is torch's (an ``nn.Module`` holding a deep
+copy of the model and an ``n_averaged`` buffer, with torch's signature, ``forward``, state
+dict and numbers) whose default averaging and the averaging functions of this module run in
+the C kernel on the tensors' memory.  Otherwise the "model" is what fastopt optimizes: an
+iterable of arrays, or any object with a ``parameters()`` method (and, optionally,
 ``buffers()``, for non-trained arrays such as running statistics).
+
+Importing this module does not import torch: it looks torch up in ``sys.modules`` and only
+uses it for objects that are torch's, which cannot exist before torch was imported.
 """
 
 from __future__ import annotations
 
+import abc
+import contextlib
 import math
+import sys
 import warnings
 from collections.abc import Mapping
 
 import numpy as np
 
 from fastopt import _kernels
+from fastopt._adapters import TORCH_ADAPTER
 from fastopt.lr_scheduler import _WARN_GET_LR, LRScheduler, _check_optimizer, _per_group
 
 __all__ = [
@@ -28,6 +40,7 @@ __all__ = [
     "get_ema_multi_avg_fn",
     "get_swa_avg_fn",
     "get_swa_multi_avg_fn",
+    "update_bn",
 ]
 
 _KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -80,6 +93,82 @@ def _lerp_numpy(a, c, weight):
         a[...] = a * (1 - weight) + c * weight
 
 
+# --------------------------------------------------------------------------- tensors
+
+
+def _torch():
+    """torch if it was imported, else None."""
+    return sys.modules.get("torch")
+
+
+def _is_module(obj):
+    torch = _torch()
+    return torch is not None and isinstance(obj, torch.nn.Module)
+
+
+def _torch_of(arrays):
+    """torch when ``arrays`` (a list) holds torch tensors, else None (arrays)."""
+    torch = _torch()
+    if torch is not None and len(arrays) and isinstance(arrays[0], torch.Tensor):
+        return torch
+    return None
+
+
+def _tensor_view(t, torch, dst):
+    """The NumPy view of a dense float32/float64 CPU tensor's memory (C-contiguous and usable
+    by the kernel when ``dst``), or None."""
+    if (not isinstance(t, torch.Tensor) or t.layout is not torch.strided
+            or t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64)
+            or t.is_conj() or t.is_neg() or (dst and not t.is_contiguous())):
+        return None
+    view = t.detach().numpy()
+    return view if not dst or _kernel_ok(view) else None
+
+
+def _split_tensors(avg_list, cur_list, torch):
+    """The pairs of tensors the C kernel can update in place (the views of the averages, of
+    the current values, and the average tensors), and the other pairs."""
+    fast_a, fast_c, fast_t, slow = [], [], [], []
+    for a, c in zip(avg_list, cur_list):
+        va = _tensor_view(a, torch, True)
+        vc = None
+        if va is not None and isinstance(c, torch.Tensor) and c.dtype == a.dtype \
+                and c.shape == a.shape:
+            vc = _tensor_view(c, torch, False)
+        if vc is None:
+            slow.append((a, c))
+        else:
+            fast_a.append(va)
+            fast_c.append(vc)
+            fast_t.append(a)
+    return fast_a, fast_c, fast_t, slow
+
+
+def _updated(tensors):
+    """Bump the autograd version counters of tensors updated through their memory, as an
+    in-place torch op does."""
+    if tensors:
+        TORCH_ADAPTER.updated(tensors)
+
+
+def _lerp_tensors(avg_list, cur_list, weight, torch):
+    """``torch._foreach_lerp_(avg_list, cur_list, weight)``, in the C kernel for the pairs it
+    takes (the same rounding as ATen's lerp), torch's op for the others, first."""
+    if len(avg_list) != len(cur_list):
+        torch._foreach_lerp_(avg_list, cur_list, weight)  # torch's error
+    fast_a, fast_c, fast_t, slow = _split_tensors(avg_list, cur_list, torch)
+    with torch.no_grad():
+        if slow:
+            torch._foreach_lerp_([a for a, _ in slow], [c for _, c in slow], weight)
+    if fast_a:
+        _lerp_inplace(fast_a, fast_c, float(weight))
+        _updated(fast_t)
+
+
+def _inexact(t, torch):
+    return torch.is_floating_point(t) or torch.is_complex(t)
+
+
 # --------------------------------------------------------------------------- averaging fns
 
 
@@ -89,11 +178,23 @@ def _check_decay(decay):
 
 
 def get_ema_multi_avg_fn(decay=0.999):
-    """In-place EMA over lists: ``avg <- avg + (1 - decay) * (cur - avg)`` (a lerp)."""
+    """In-place EMA over lists: ``avg <- avg + (1 - decay) * (cur - avg)`` (a lerp).
+
+    The lists hold arrays or torch tensors. For tensors it is torch's function: float and
+    complex averages lerp as ``torch._foreach_lerp_`` (the float32/float64 CPU ones in
+    fastopt's C kernel, with the same rounding), other dtypes take torch's own code."""
     _check_decay(decay)
     weight = 1 - decay
 
     def ema_update(avg_list, cur_list, num_averaged):
+        torch = _torch_of(avg_list)
+        if torch is not None:
+            if _inexact(avg_list[0], torch):
+                _lerp_tensors(avg_list, cur_list, weight, torch)
+            else:
+                torch.optim.swa_utils.get_ema_multi_avg_fn(decay)(avg_list, cur_list,
+                                                                  num_averaged)
+            return
         fast_a, fast_c, slow = _split(avg_list, cur_list)
         _lerp_inplace(fast_a, fast_c, weight)
         for a, c in slow:
@@ -106,9 +207,21 @@ def get_ema_multi_avg_fn(decay=0.999):
 
 
 def get_swa_multi_avg_fn():
-    """In-place equal-weight mean over lists: ``avg <- lerp(avg, cur, 1 / (n + 1))``."""
+    """In-place equal-weight mean over lists: ``avg <- lerp(avg, cur, 1 / (n + 1))``.
+
+    The lists hold arrays or torch tensors; for tensors it is torch's function (see
+    :func:`get_ema_multi_avg_fn`), with the weight computed from ``num_averaged`` as torch
+    does (from a tensor: in float32)."""
 
     def swa_update(avg_list, cur_list, num_averaged):
+        torch = _torch_of(avg_list)
+        if torch is not None:
+            if _inexact(avg_list[0], torch):
+                _lerp_tensors(avg_list, cur_list, 1 / (num_averaged + 1), torch)
+            else:
+                torch.optim.swa_utils.get_swa_multi_avg_fn()(avg_list, cur_list,
+                                                             num_averaged)
+            return
         # torch computes 1 / (n + 1) from its n_averaged tensor, in float32 (the default
         # dtype), and float64 averages then use that float32 weight widened: so do we.
         weight = float(np.float32(1.0) / np.float32(num_averaged + 1))
@@ -124,22 +237,32 @@ def get_swa_multi_avg_fn():
 
 
 def get_ema_avg_fn(decay=0.999):
-    """Per-array EMA returning the new average: ``decay * avg + (1 - decay) * cur``."""
+    """Per-array (or tensor, without autograd) EMA returning the new average:
+    ``decay * avg + (1 - decay) * cur``."""
     _check_decay(decay)
 
     def ema_update(avg, cur, num_averaged):
-        return decay * avg + (1 - decay) * cur
+        with _no_grad(avg):
+            return decay * avg + (1 - decay) * cur
 
     return ema_update
 
 
 def get_swa_avg_fn():
-    """Per-array SWA mean returning the new average: ``avg + (cur - avg) / (n + 1)``."""
+    """Per-array (or tensor, without autograd) SWA mean returning the new average:
+    ``avg + (cur - avg) / (n + 1)``."""
 
     def swa_update(avg, cur, num_averaged):
-        return avg + (cur - avg) / (num_averaged + 1)
+        with _no_grad(avg):
+            return avg + (cur - avg) / (num_averaged + 1)
 
     return swa_update
+
+
+def _no_grad(value):
+    """``torch.no_grad()`` for a tensor (as torch's averaging functions run), else nothing."""
+    torch = _torch_of([value])
+    return torch.no_grad() if torch is not None else contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------- AveragedModel
@@ -175,8 +298,19 @@ class _AssertionValueError(ValueError, AssertionError):
     """torch raises AssertionError here; a ValueError is what the rest of fastopt raises."""
 
 
-class AveragedModel:
+class AveragedModel(metaclass=abc.ABCMeta):
     """Running average of a model's parameters (SWA by default, or EMA).
+
+    Given a ``torch.nn.Module``, ``AveragedModel(model, device=None, avg_fn=None,
+    multi_avg_fn=None, use_buffers=False)`` (torch's signature) returns torch's
+    ``AveragedModel``: an ``nn.Module``, also an instance of this class and of
+    ``torch.optim.swa_utils.AveragedModel``, holding a deep copy of the model in ``module``
+    and the count in the ``n_averaged`` buffer, with torch's ``forward``, ``state_dict``
+    and numbers (bit for bit). Its default update and the averaging functions of this
+    module run in fastopt's C kernel on the memory of float32/float64 CPU tensors; custom
+    functions are called as torch calls them; ``load_state_dict`` is torch's, except that
+    a state dict it refuses leaves the average unchanged (torch has copied the entries
+    that fit when it raises). The rest of this docstring is the array version.
 
     Parameters
     ----------
@@ -193,6 +327,11 @@ class AveragedModel:
     function, by default ``avg + (cur - avg) / (n + 1)`` (torch's CPU rule, computed in C).
     ``params`` and ``buffers`` hold the averages, ``n_averaged`` the number of updates.
     """
+
+    def __new__(cls, model=None, *args, **kwargs):
+        if cls is AveragedModel and _is_module(model):
+            return _module_class()(model, *args, **kwargs)
+        return super().__new__(cls)
 
     def __init__(self, model, avg_fn=None, multi_avg_fn=None, use_buffers=False):
         if avg_fn is not None and multi_avg_fn is not None:
@@ -325,6 +464,117 @@ def _loaded_array(avg, value, path):
         raise TypeError(f"{path} has dtype {arr.dtype}, which does not cast to the "
                         f"average's {avg.dtype}")
     return arr
+
+
+# --------------------------------------------------------------------------- torch modules
+
+
+def _module_class():
+    """The class of ``AveragedModel(module)``, defined (importing torch) on first use."""
+    cls = globals().get("_TorchAveragedModel")
+    if cls is None:
+        cls = _define_module_class()
+        AveragedModel.register(cls)
+        globals()["_TorchAveragedModel"] = cls
+    return cls
+
+
+def __getattr__(name):
+    # pickle finds the class of a pickled AveragedModel module here
+    if name == "_TorchAveragedModel":
+        return _module_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _define_module_class():
+    """``torch.optim.swa_utils.AveragedModel`` with its averaging in fastopt's C kernel.
+
+    torch's constructor, ``forward`` and state dict; ``update_parameters`` computes what
+    torch's computes, bit for bit: without ``avg_fn`` and ``multi_avg_fn`` on CPU tensors
+    torch updates every average by ``avg + (cur - avg) / (n_averaged + 1)``, which the C
+    kernel computes with the same roundings on the tensors' memory for float32/float64
+    averages and current values of the same dtype and shape (the average contiguous);
+    other pairs take torch's formula. An ``avg_fn`` or ``multi_avg_fn`` is called as torch
+    calls it (``n_averaged`` a tensor); this module's :func:`get_ema_multi_avg_fn` and
+    :func:`get_swa_multi_avg_fn` then run in the kernel. Averages on another device, a
+    first update (a copy) and models whose parameter or buffer count differs from the
+    average's take torch's code as it is.
+    """
+    import torch
+    from torch.optim import swa_utils as torch_swa
+
+    class _TorchAveragedModel(torch_swa.AveragedModel):
+        __doc__ = _define_module_class.__doc__
+
+        def update_parameters(self, model):
+            """Fold the current parameters (and buffers) of ``model`` into the average."""
+            if self.avg_fn is not None or self.multi_avg_fn is not None \
+                    or not self._update_in_c(model):
+                super().update_parameters(model)
+
+        def _update_in_c(self, model):
+            """torch's default update, in the C kernel; False (nothing done) where torch's
+            own code must run."""
+            count = self.n_averaged
+            if count.device.type != "cpu" or int(count) == 0:
+                return False
+            if self.use_buffers:
+                mine = [*self.module.parameters(), *self.module.buffers()]
+                theirs = [*model.parameters(), *model.buffers()]
+                synced = []
+            else:
+                mine, theirs = list(self.parameters()), list(model.parameters())
+                synced = list(self.module.buffers())
+                if len(synced) != len(list(model.buffers())):
+                    return False
+            if len(mine) != len(theirs) or any(a.device.type != "cpu" for a in mine):
+                return False
+            fast_a, fast_c, fast_t, slow = _split_tensors(mine, theirs, torch)
+            swa = torch_swa.get_swa_avg_fn()
+            for a, c in slow:  # first: they may raise, as in torch
+                a.detach().copy_(swa(a.detach(), c.detach().to(a.device), count))
+            if fast_a:
+                _swa_inplace(fast_a, fast_c, float(int(count) + 1))
+                _updated(fast_t)
+            for b_avg, b_model in zip(synced, model.buffers()):
+                b_avg.detach().copy_(b_model.detach().to(b_avg.device))
+            self.n_averaged += 1
+            return True
+
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            """torch's ``Module.load_state_dict``, all or nothing: where torch raises
+            (a missing or unexpected key with ``strict``, a shape that differs) after
+            copying the entries that fit, the module is restored as it was before the
+            error is raised again."""
+            before = self.state_dict(keep_vars=True)
+            if not assign:
+                before = {k: v.detach().clone() for k, v in before.items()}
+            try:
+                return super().load_state_dict(state_dict, strict=strict, assign=assign)
+            except BaseException:
+                super().load_state_dict(before, strict=False, assign=assign)
+                raise
+
+    _TorchAveragedModel.__name__ = "AveragedModel"
+    _TorchAveragedModel.__qualname__ = "_TorchAveragedModel"
+    return _TorchAveragedModel
+
+
+def update_bn(loader, model, device=None):
+    """Recompute the running statistics of the BatchNorm layers of ``model`` (a
+    ``torch.nn.Module``, an :class:`AveragedModel` of one included) with one pass over
+    ``loader``: torch's ``torch.optim.swa_utils.update_bn``, which this calls.
+
+    Each batch is a tensor or a list or tuple whose first element is the input; with
+    ``device`` the input is moved there first. The statistics are reset, the layers'
+    momentum set to None (a cumulative average) for the pass and restored after it, and
+    the model's training mode restored.
+    """
+    if not _is_module(model):
+        raise TypeError(f"update_bn needs a torch.nn.Module, got {type(model).__name__}")
+    from torch.optim.swa_utils import update_bn as torch_update_bn
+
+    torch_update_bn(loader, model, device)
 
 
 # --------------------------------------------------------------------------- SWALR
