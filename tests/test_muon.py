@@ -75,16 +75,18 @@ def test_muon_float32_iteration_within_bfloat16_tolerance_of_torch(inp):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_muon_step_is_torchs_bit_for_bit_on_small_matrices(dtype):
+def test_muon_step_is_torchs_on_small_matrices(dtype):
     """Where the matrix products are short sums (a few columns), torch's and fastopt's
-    bfloat16 iterations round alike; the lerps (one rounding) and ``add_`` with ``alpha``
-    (one rounding, also for float64) are then exactly torch's, for several steps."""
+    bfloat16 iterations round alike (on the machine this was written on, bit for bit); the
+    lerps (one rounding) are exactly torch's. The parameters are compared within one
+    bfloat16 rounding of the update, since torch's bfloat16 matrix product sums in an order
+    that depends on the CPU (oneDNN's AMX or AVX-512 path, or a portable loop)."""
     kwargs = {"lr": 0.02, "weight_decay": 0.1}
     _, opt, topt, ps, ts = _lockstep(kwargs, 3, dtype, shapes=((3, 7), (7, 3), (5, 9), (1, 4)),
                                      seed=11)
     for p, t in zip(ps, ts):
         assert np.asarray(p).dtype == dtype
-        np.testing.assert_array_equal(p, t.detach().numpy())
+        np.testing.assert_allclose(p, t.detach().numpy(), rtol=0, atol=3 * 0.02 * 2 ** -7)
         np.testing.assert_array_equal(opt.state[p]["momentum_buffer"],
                                       topt.state[t]["momentum_buffer"].numpy())
 
@@ -160,7 +162,9 @@ def test_newton_schulz_edge_values_as_torch(g):
 
 def test_newton_schulz_float64_input_rounds_through_float32_as_torch():
     g = np.random.default_rng(5).standard_normal((4, 9)) * (1 + 2 ** -30)
-    np.testing.assert_array_equal(newton_schulz(g), _torch_ns(g))
+    o, t = newton_schulz(g), _torch_ns(g)
+    assert np.mean(o != t) <= 0.03  # short sums: measured bit for bit (CPU-dependent order)
+    np.testing.assert_allclose(o, t, atol=2 ** -8, rtol=0)
     assert newton_schulz(g, dtype="float64").dtype == np.float64
 
 
