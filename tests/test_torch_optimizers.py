@@ -470,3 +470,24 @@ def test_fastopt_dot_torch_is_loaded_on_first_use():
                        cwd="/", env=dict(os.environ), timeout=120, check=False)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().endswith("fastopt.torch")
+
+
+@pytest.mark.parametrize("change", ["reshape", "transpose"])
+def test_a_parameter_reinterpreted_in_place_is_followed(change):
+    """``p.data = p.data.view(...)`` (same memory, another shape) and a transposed square
+    matrix (same memory and shape, other strides) step as torch's do: the step looks at the
+    tensor afresh instead of reusing the view it cached."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(4, 4))
+    ref = torch.nn.Parameter(w.detach().clone())
+    opt, topt = ft.SGD([w], lr=0.1, momentum=0.9), torch.optim.SGD([ref], lr=0.1, momentum=0.9)
+    for step in range(3):
+        if step == 1:
+            for p in (w, ref):
+                p.data = p.data.view(2, 8) if change == "reshape" else p.data.t()
+                for o in (opt, topt):
+                    o.state.clear()
+        for p, o in ((w, opt), (ref, topt)):
+            p.grad = torch.arange(p.numel(), dtype=torch.float32).view(p.shape) * (step + 1)
+            o.step()
+        torch.testing.assert_close(w, ref, rtol=0, atol=0)

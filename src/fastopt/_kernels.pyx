@@ -55,6 +55,26 @@ _foreign_state = None
 # autograd version counters are bumped, as an in-place op does; not before, so that a step
 # that raises leaves them as they were)
 _foreign_updated = None
+# the torch adapter's cache of parameter views (id -> (weakref, data pointer, shape, array,
+# strides or None)): the step reads a contiguous tensor's view from it without a call into
+# Python, and asks the adapter (_foreign_param) on a miss
+_tensor_views = None
+
+
+cdef object _cached_tensor_view(object obj):
+    """The cached NumPy view of the contiguous tensor ``obj`` while its storage, shape and
+    layout are those it was made for (the adapter's own test), else None."""
+    if _tensor_views is None:
+        return None
+    cdef PyObject *item = PyDict_GetItem(_tensor_views, PyLong_FromVoidPtr(<void *>obj))
+    if item == NULL:
+        return None
+    cdef tuple e = <tuple>item
+    # the shape is compared with the gradient's by the caller (torch keeps a gradient of
+    # the parameter's shape), which falls back to the adapter when they differ
+    if e[4] is None and e[0]() is obj and obj.data_ptr() == e[1] and obj.is_contiguous():
+        return e[3]
+    return None
 
 # id(state object) -> (weakref, data pointer, version, array): the NumPy view of a state
 # entry that is a foreign array (a torch tensor), kept while the object lives and its data
@@ -70,12 +90,15 @@ cdef object _state_array(object obj, Py_ssize_t gi, Py_ssize_t pi, object name):
         return obj
     if _foreign_state is None:
         return None
-    cdef object key = id(obj)
+    cdef object key = PyLong_FromVoidPtr(<void *>obj)  # id(obj)
     cdef PyObject *item = PyDict_GetItem(_state_views, key)
     cdef tuple e
     if item != NULL:
         e = <tuple>item
-        if e[0]() is obj and obj.data_ptr() == e[1] and obj._version == e[2]:
+        # the same live tensor over the same memory (set_, .data = or a growing resize_
+        # move it); what reinterprets the same memory in place (a shrinking resize_,
+        # as_strided_) is caught by the shape and layout checks of the array's use
+        if e[0]() is obj and obj.data_ptr() == e[1]:
             return e[3]
     try:
         found = _foreign_state(obj)
@@ -948,8 +971,21 @@ cdef tuple _collect(Py_ssize_t gi, list params, state, Spec spec, tuple keys, in
                 continue
             arr = <cnp.ndarray>obj
         elif _foreign_param is not None and not cnp.PyArray_Check(obj):
-            a_obj, gobj = (_foreign_param(obj, gi, i, False, True) if spec.wide
-                           else _foreign_param(obj, gi, i, False))
+            a_obj = _cached_tensor_view(obj)
+            if a_obj is not None:
+                gobj = obj.grad
+                if gobj is None:
+                    continue
+                try:
+                    gobj = gobj.numpy()
+                except Exception:
+                    a_obj = None  # a sparse, lazily conjugated or graph-holding gradient
+                else:
+                    if not _same_shape(<cnp.ndarray>a_obj, <cnp.ndarray>gobj):
+                        a_obj = None  # the tensor was reshaped: the adapter looks again
+            if a_obj is None:
+                a_obj, gobj = (_foreign_param(obj, gi, i, False, True) if spec.wide
+                               else _foreign_param(obj, gi, i, False))
             if gobj is None:
                 continue
             arr = <cnp.ndarray>a_obj

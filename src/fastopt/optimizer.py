@@ -47,6 +47,7 @@ _kernels._parameter_type = Parameter
 _kernels._foreign_param = _foreign_param
 _kernels._foreign_state = TORCH_ADAPTER.state_view
 _kernels._foreign_updated = _foreign_updated
+_kernels._tensor_views = TORCH_ADAPTER._views
 
 
 def _typename(obj):
