@@ -76,10 +76,10 @@ cdef object _cached_tensor_view(object obj):
         return e[3]
     return None
 
-# id(state object) -> (weakref, data pointer, version, array): the NumPy view of a state
-# entry that is a foreign array (a torch tensor), kept while the object lives and its data
-# pointer and version counter stay the same. torch's in-place ops (resize_, set_, zero_)
-# bump the version, so a changed tensor is looked at afresh before it is used.
+# id(state object) -> (weakref, data pointer, version when made, array): the NumPy view of
+# a state entry that is a foreign array (a torch tensor), kept while the object lives and
+# its data pointer stays the same (``set_``, ``.data =`` and a growing ``resize_`` move it, so
+# a moved tensor is looked at afresh before it is used).
 cdef dict _state_views = {}
 
 
