@@ -491,3 +491,25 @@ def test_a_parameter_reinterpreted_in_place_is_followed(change):
             p.grad = torch.arange(p.numel(), dtype=torch.float32).view(p.shape) * (step + 1)
             o.step()
         torch.testing.assert_close(w, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("change", ["resize", "set", "data"])
+def test_a_state_tensor_changed_in_place_is_looked_at_afresh(change):
+    """A state tensor resized, re-pointed with set_ or given new data is checked again at
+    the next step: a wrong shape is refused naming the key, nothing changed."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(6))
+    opt = ft.Adam([w], lr=0.1)
+    w.grad = torch.ones(6)
+    opt.step()
+    st = opt.state[w]
+    if change == "resize":
+        st["exp_avg"].resize_(3)
+    elif change == "set":
+        st["exp_avg"].set_(torch.zeros(3))
+    else:
+        st["exp_avg"].data = torch.zeros(3)
+    before = w.detach().clone()
+    with pytest.raises(ValueError, match=r"\['params'\]\[0\].*exp_avg"):
+        opt.step()
+    assert torch.equal(w, before) and float(st["step"]) == 1.0

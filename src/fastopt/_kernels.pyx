@@ -76,10 +76,11 @@ cdef object _cached_tensor_view(object obj):
         return e[3]
     return None
 
-# id(state object) -> (weakref, data pointer, version when made, array): the NumPy view of
-# a state entry that is a foreign array (a torch tensor), kept while the object lives and
-# its data pointer stays the same (``set_``, ``.data =`` and a growing ``resize_`` move it, so
-# a moved tensor is looked at afresh before it is used).
+# id(state object) -> (weakref, data pointer, version, array): the NumPy view of a state
+# entry that is a foreign array (a torch tensor), kept while the object lives and its data
+# pointer and version counter stay the same (``set_``, ``.data =`` and a growing ``resize_``
+# move the data; ``resize_``, ``as_strided_`` and every in-place op bump the version), so a
+# changed tensor is looked at afresh before it is used.
 cdef dict _state_views = {}
 
 
@@ -95,10 +96,9 @@ cdef object _state_array(object obj, Py_ssize_t gi, Py_ssize_t pi, object name):
     cdef tuple e
     if item != NULL:
         e = <tuple>item
-        # the same live tensor over the same memory (set_, .data = or a growing resize_
-        # move it); what reinterprets the same memory in place (a shrinking resize_,
-        # as_strided_) is caught by the shape and layout checks of the array's use
-        if e[0]() is obj and obj.data_ptr() == e[1]:
+        # the same live tensor over the same memory (set_, .data = and a growing resize_
+        # move it) and not changed in place since (resize_, as_strided_ bump the version)
+        if e[0]() is obj and obj.data_ptr() == e[1] and obj._version == e[2]:
             return e[3]
     try:
         found = _foreign_state(obj)
