@@ -512,6 +512,7 @@ class _NumpyStep:
     _kernel = None
     _nonneg_at_step = ()
     _beta1_division = False
+    _lazy_state = False  # no sparse state tensor is kept (see _check_loaded_tensors)
     _hyper_kinds = _Optimizer._hyper_kinds
     _freeze = _Optimizer._freeze
     _check_step = _Optimizer._check_step
