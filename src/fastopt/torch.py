@@ -74,7 +74,7 @@ from torch.optim import Optimizer as _TorchOptimizer
 
 import fastopt
 from fastopt import _kernels, _numpy_step
-from fastopt._adapters import TORCH_ADAPTER
+from fastopt._adapters import TORCH_ADAPTER, _where
 from fastopt.optimizer import Optimizer as _Optimizer
 
 __all__ = ["ASGD", "Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "Lion", "NAdam", "RAdam",
@@ -435,19 +435,15 @@ class Lion(_KernelStep, _TorchOptimizer):
 # -- torch's texts for what a step refuses ---------------------------------------------------
 
 # the end of the kernels' error for a sparse gradient; the step replaces it by torch's text
+# (SGD and Adagrad step with sparse gradients: see ``_sparse_step`` below)
 _SPARSE_GENERIC = ("this optimizer does not support sparse gradients, please consider "
                    "SparseAdam instead")
-# torch.optim's optimizers that step with sparse gradients, which fastopt.torch refuses
-_TORCH_SPARSE = ("SGD", "Adagrad")
 
 
 def _sparse_message(opt):
     """torch's error for a sparse gradient given to ``opt`` (an AdamW says ``Adam``, as
-    torch's does), or, where torch steps with it, fastopt.torch's refusal."""
+    torch's does)."""
     name = opt._fastopt.__name__
-    if name in _TORCH_SPARSE:
-        return (f"{name} does not support sparse gradients in fastopt.torch (its kernel is "
-                f"dense; torch.optim.{name} steps with them)")
     if name in ("Adam", "AdamW"):
         return "Adam does not support sparse gradients, please consider SparseAdam instead"
     return f"{name} does not support sparse gradients"
@@ -513,6 +509,9 @@ class _NumpyStep:
     _nonneg_at_step = ()
     _beta1_division = False
     _lazy_state = False  # no sparse state tensor is kept (see _check_loaded_tensors)
+    #: complex parameters are taken by add_param_group and refused by the step, as torch's
+    #: step refuses them (Adafactor); otherwise add_param_group refuses them
+    _complex_at_step = False
     _hyper_kinds = _Optimizer._hyper_kinds
     _freeze = _Optimizer._freeze
     _check_step = _Optimizer._check_step
@@ -528,8 +527,10 @@ class _NumpyStep:
 
     def add_param_group(self, param_group):
         """``torch.optim.Optimizer.add_param_group``, and then fastopt's checks: every
-        parameter a dense, contiguous float32 or float64 CPU tensor, and no
-        ``differentiable=True``. A refused group is not added."""
+        parameter a dense, contiguous float32 or float64 CPU tensor (or, where torch's step
+        refuses complex parameters, ``_complex_at_step``, a dense complex one: the step
+        raises torch's error), and no ``differentiable=True``. A refused group is not
+        added."""
         super().add_param_group(param_group)
         gi = len(self.param_groups) - 1
         group = self.param_groups[gi]
@@ -540,7 +541,8 @@ class _NumpyStep:
                                  f"outside autograd); use torch.optim for a differentiable "
                                  f"step")
             for pi, p in enumerate(group["params"]):
-                TORCH_ADAPTER.check(p, gi, pi, group)
+                TORCH_ADAPTER.check(p, gi, pi, group, wide=self._complex_at_step
+                                    and isinstance(p, torch.Tensor) and p.is_complex())
         except BaseException:
             self.param_groups.pop()
             raise
@@ -677,19 +679,27 @@ class Adafactor(_NumpyStep, torch.optim.Adafactor):
     Beyond torch: every parameter, gradient and state tensor of every group is checked
     before anything changes (a bad one raises naming it, with nothing changed), and a
     parameter with no elements raises ValueError (torch divides by its size after updating
-    the parameters before it).
+    the parameters before it). As torch, a complex parameter is taken by the constructor and
+    refused by a step that has its gradient (RuntimeError, torch's text, naming it), and a
+    sparse gradient raises RuntimeError.
 
     """
 
     _fastopt = fastopt.Adafactor
     _borrowed = ("_prepare_step", "_update_groups", "_check_existing_state", "_check_frozen",
                  "_check_param", "_init_state", "_update_one", "_factor_shapes")
+    _complex_at_step = True
 
     def _numpy_step(self, closure):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p.grad is not None and p.is_complex():
+                    raise RuntimeError(f"{_where(gi, pi)}: Adafactor does not support "
+                                       f"complex parameters")
         back = {}
         views = {}
         for gi, group in enumerate(self.param_groups):
@@ -727,10 +737,6 @@ __all__ += ["Adafactor", "LBFGS"]
 # step's one C call leaves those parameters out and hands them to ``_sparse_step``, which
 # checks all of them (raising before anything changes) and returns the function that updates
 # them, on the touched elements only, after the dense update.
-
-def _sparse_where(gi, pi):
-    return f"param_groups[{gi}]['params'][{pi}]"
-
 
 def _coalesced(grad, param, where):
     """(sparse_dim, index tuple, values) of the sparse COO gradient of ``param``, duplicate
@@ -797,7 +803,7 @@ def _sgd_sparse_step(self, items, work):
     todo = []
     for gi, pi, p, arr, g in items:
         frozen = work[gi][0]
-        where = _sparse_where(gi, pi)
+        where = _where(gi, pi)
         k, idx, vals = _coalesced(g, p, where)
         if frozen["weight_decay"] != 0:
             raise RuntimeError(f"{where}: add(sparse, dense) is not supported. Use add(dense, "
@@ -869,7 +875,7 @@ def _adagrad_sparse_step(self, items, work):
     todo = []
     for gi, pi, p, arr, g in items:
         frozen = work[gi][0]
-        where = _sparse_where(gi, pi)
+        where = _where(gi, pi)
         if frozen["weight_decay"] != 0:
             raise RuntimeError(f"{where}: weight_decay option is not compatible with sparse "
                                f"gradients")
@@ -959,7 +965,7 @@ class SparseAdam(torch.optim.SparseAdam):
                 g = p.grad
                 if g is None:
                     continue
-                where = _sparse_where(gi, pi)
+                where = _where(gi, pi)
                 items.append(self._item(p, g, where, gi, pi, created, steps, lr, beta1,
                                         beta2))
                 touched.append(p)
