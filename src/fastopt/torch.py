@@ -127,6 +127,17 @@ def _with_step_hooks(func):
     return step
 
 
+def _claim_step(opt):
+    """Mark ``opt`` as stepping, or raise RuntimeError when a step of it already runs (from
+    another thread, or from its closure or a hook). The step deletes
+    ``opt.__dict__["_fastopt_step"]`` when it ends, however it ends."""
+    token = object()
+    if opt.__dict__.setdefault("_fastopt_step", token) is not token:
+        raise RuntimeError(f"{type(opt).__name__}.step() was called while another step of "
+                           f"this optimizer is running (from another thread, or from its "
+                           f"closure or a hook)")
+
+
 def _to_tensor(value):
     """A state value made by fastopt's NumPy code, as a tensor sharing its memory."""
     if isinstance(value, np.ndarray):
@@ -215,12 +226,7 @@ class _KernelStep:
 
         Every group's values and every tensor are checked before the first element changes:
         bad input raises (naming the group or parameter) with nothing changed."""
-        token = object()
-        owner = self.__dict__.setdefault("_fastopt_step", token)
-        if owner is not token:
-            raise RuntimeError(f"{type(self).__name__}.step() was called while another step of "
-                               f"this optimizer is running (from another thread, or from its "
-                               f"closure or a hook)")
+        _claim_step(self)
         try:
             loss = None
             if closure is not None:
@@ -550,12 +556,7 @@ class _NumpyStep:
     def step(self, closure=None):
         """One optimization step; returns ``closure()``'s value when given. A step that
         raises leaves the parameters, the state and the version counters as they were."""
-        token = object()
-        owner = self.__dict__.setdefault("_fastopt_step", token)
-        if owner is not token:
-            raise RuntimeError(f"{type(self).__name__}.step() was called while another step of "
-                               f"this optimizer is running (from another thread, or from its "
-                               f"closure or a hook)")
+        _claim_step(self)
         try:
             return self._numpy_step(closure)
         finally:
@@ -952,6 +953,13 @@ class SparseAdam(torch.optim.SparseAdam):
     @torch.no_grad()
     def step(self, closure=None):
         """One SparseAdam step of all groups; returns ``closure()``'s value when given."""
+        _claim_step(self)
+        try:
+            return self._sparse_adam_step(closure)
+        finally:
+            del self.__dict__["_fastopt_step"]
+
+    def _sparse_adam_step(self, closure):
         loss = None
         if closure is not None:
             with torch.enable_grad():
