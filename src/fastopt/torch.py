@@ -318,8 +318,9 @@ class _KernelStep:
 
 
 def _state_tensor(param, base, value):
-    """A state value made or cast for ``param`` (whose kernel array is ``base``) as a tensor:
-    complex, as torch's, for a per-element array of a complex parameter."""
+    """A state value of a C-kernel optimizer made or cast for ``param`` (whose kernel array
+    is ``base``) as a tensor: complex, as torch's, for a per-element array of a complex
+    parameter. (The NumPy steps' counterpart is ``_numpy_state_tensor``.)"""
     if (isinstance(value, np.ndarray) and param.is_complex() and value.shape == base.shape
             and value.dtype == base.dtype):
         return torch.view_as_complex(torch.from_numpy(value))
@@ -592,6 +593,14 @@ def _state_view(value, where, path, back, scalars):
     return value
 
 
+def _dense_saved_state(value, key, where):
+    """Refuse a saved state tensor that is not dense (a sparse one), naming the key: the
+    NumPy steps keep torch's dense state."""
+    if isinstance(value, torch.Tensor) and value.layout is not torch.strided:
+        raise TypeError(f"{where}: state[{key!r}] is a tensor with layout {value.layout}; "
+                        f"this optimizer's state is dense, as torch's")
+
+
 def _numpy_state_tensor(value, back):
     """The inverse of ``_state_view``: what the step left alone as the tensor it was, a new
     array as a tensor sharing its memory, a NumPy float scalar as a 0-d tensor of its dtype
@@ -663,6 +672,7 @@ class LBFGS(_NumpyStep, torch.optim.LBFGS):
 
     def _cast_state(self, param, array, value, key, where):
         # fastopt's cast and history check on arrays, then the whole state as tensors
+        _dense_saved_state(value, key, where)
         out = fastopt.LBFGS._cast_state(self, param, array, value, key, where)
         if key is None and isinstance(out, dict):
             return {k: _numpy_state_tensor(v, {}) for k, v in out.items()}
@@ -714,17 +724,15 @@ class Adafactor(_NumpyStep, torch.optim.Adafactor):
         try:
             self._update_groups(frozen, groups, views)
         finally:
-            # the state made for new parameters, as tensors (the rest was updated in place)
+            # the state made for new parameters, as tensors (the rest was updated in place
+            # and stays the tensors it was)
             for p, st in views.items():
-                target = self.state[p]
-                for k, v in st.items():
-                    seen = back.get(id(v))
-                    if seen is None or seen[0] is not v:
-                        target[k] = _to_tensor(v)
+                self.state[p].update({k: _numpy_state_tensor(v, back) for k, v in st.items()})
             _numpy_step.mark_updated(groups)
         return loss
 
     def _cast_state(self, param, array, value, key, where):
+        _dense_saved_state(value, key, where)
         return _to_tensor(fastopt.Adafactor._cast_state(self, param, array, value, key, where))
 
 
