@@ -10,48 +10,66 @@ Each class here subclasses its ``torch.optim`` namesake (``fastopt.torch.Adam`` 
 schedulers and ``swa_utils.SWALR``, ``GradScaler``, Lightning, the transformers ``Trainer``,
 accelerate. Construction, argument checks and their errors, ``param_groups``, ``state``,
 ``state_dict``, ``zero_grad``, ``add_param_group``, hooks and ``repr`` are torch's own code.
-Only ``step`` is fastopt's: one call into C for all groups, the GIL released, updating the
-parameters in place through their memory. ``Lion``, which torch lacks, subclasses
-``torch.optim.Optimizer``.
+Only ``step`` is fastopt's, updating the parameters in place through their memory:
+
+* the per-element optimizers (``ASGD``, ``Adadelta``, ``Adagrad``, ``Adam``, ``AdamW``,
+  ``Adamax``, ``NAdam``, ``RAdam``, ``RMSprop``, ``Rprop``, ``SGD``, and ``Lion``, which
+  torch lacks and which subclasses ``torch.optim.Optimizer``) step with fastopt's C kernels:
+  one call into C for all groups, the GIL released;
+* ``SparseAdam`` steps with fastopt's row-sparse C kernel, one call for all groups;
+* ``LBFGS`` and ``Adafactor``, which are not per-element, step with the NumPy code of
+  :class:`fastopt.LBFGS` and :class:`fastopt.Adafactor` on NumPy views of the tensors.
 
 The state holds torch tensors, as torch's does (``exp_avg``, ``exp_avg_sq``, a float32
-0-d ``step`` tensor, ...), which share their memory with what the C kernels update: nothing
-is copied per step. ``state_dict()`` returns tensors, so ``torch.save`` and
+0-d ``step`` tensor, ...; SparseAdam's ``step`` is an int and LBFGS's history has torch's
+types, as theirs), which share their memory with what the steps update: nothing is copied
+per step. ``state_dict()`` returns tensors, so ``torch.save`` and
 ``torch.load(weights_only=True)`` round trip, a ``torch.optim`` state dict loads and
 continues here, and the reverse. ``load_state_dict`` checks everything before it changes
-anything (shapes, dtypes, finite non-negative steps, ids that match the groups) and raises
-naming the key path (``state[3]['exp_avg']``), as fastopt's NumPy optimizers do.
+anything (shapes, dtypes, layouts, finite non-negative steps, ids that match the groups,
+LBFGS's history) and raises naming the key path (``state[3]['exp_avg']``), as fastopt's
+NumPy optimizers do; it also takes the state dicts keyed by parameter names that
+``torch.distributed.checkpoint`` passes. ``SparseAdam``'s ``load_state_dict`` is torch's;
+its step checks the state it finds (an int ``step``, dense contiguous moments of the
+parameter's dtype and shape) before it changes anything, raising naming the key.
 
 Rules beyond torch's:
 
-* parameters are float32, float64, complex64 or complex128 CPU tensors, dense: contiguous
-  or in another axis order (channels_last), not a view with gaps such as a strided slice
-  (``add_param_group`` refuses others, naming the parameter). The kernels run over a
-  tensor's memory block: a gradient laid out otherwise than its parameter is copied into the
-  parameter's layout for the step (the ``.grad`` itself is left alone), and state is made and
-  loaded in the parameter's layout (state set by hand in another layout is refused by the
-  step). Complex parameters step as their ``torch.view_as_real`` views, their state is
-  complex, as torch's (``SparseAdam`` refuses them, as torch's);
-* gradients are dense tensors of the parameter's dtype and shape; SGD and Adagrad also take
-  sparse COO gradients (``Embedding(sparse=True)``) with torch's rules: SGD's momentum
-  buffer of a sparse gradient is a sparse tensor, weight decay with a sparse gradient raises
-  as torch's does (unlike torch, Adagrad's refused step leaves ``step`` as it was); sparse
-  gradients of complex parameters are refused. ``SparseAdam`` takes sparse COO gradients of
-  any ``sparse_dim``, coalesced or not, stepping with fastopt's row-sparse kernel;
-* ``differentiable=True`` is refused: the update runs in C, outside autograd;
-* a sparse gradient is refused at ``step()`` with torch's RuntimeError (``Adam does not
-  support sparse gradients, ...``) naming the parameter, also by ``SGD`` and ``Adagrad``,
-  whose torch twins step with one; ``capturable=True`` is refused at ``step()`` with the
-  AssertionError torch raises on the CPU, naming the group;
-* a tensor ``lr`` (or ``betas``) is read as its value in double, as torch reads a float:
-  torch instead computes its lr-derived step scalars in the tensor's dtype, so with a
-  float32 tensor ``lr`` and float64 parameters the two agree to float32 precision in
-  those scalars only (and as float runs do when torch is given ``lr=float(lr)``);
-* ``foreach`` and ``fused`` are accepted and change nothing (the step is one fused C pass
+* parameters of the per-element optimizers are float32, float64, complex64 or complex128
+  CPU tensors, dense: contiguous or in another axis order (channels_last), not a view with
+  gaps such as a strided slice (``add_param_group`` refuses others, naming the parameter).
+  The kernels run over a tensor's memory block: a gradient laid out otherwise than its
+  parameter is copied into the parameter's layout for the step (the ``.grad`` itself is
+  left alone), and state is made and loaded in the parameter's layout (state set by hand in
+  another layout is refused by the step). Complex parameters step as their
+  ``torch.view_as_real`` views, their state is complex, as torch's;
+* parameters of ``SparseAdam``, ``LBFGS`` and ``Adafactor`` are contiguous float32 or
+  float64 CPU tensors. As torch's, ``SparseAdam`` refuses complex parameters at
+  construction (ValueError) and ``Adafactor`` at the step (RuntimeError, naming the
+  parameter); ``LBFGS`` refuses them at construction (TypeError; torch's steps with them);
+* gradients are dense tensors of the parameter's dtype and shape, with torch's exceptions
+  for sparse COO gradients (``Embedding(sparse=True)``): ``SGD`` and ``Adagrad`` take them
+  with torch's rules (SGD's momentum buffer of a sparse gradient is a sparse tensor; weight
+  decay with a sparse gradient raises as torch's does, and unlike torch, Adagrad's refused
+  step leaves ``step`` as it was; a sparse gradient of a complex parameter is refused);
+  ``SparseAdam`` takes only them, of any ``sparse_dim``, coalesced or not, and refuses a
+  dense one with torch's RuntimeError; every other optimizer refuses them at ``step()``
+  with torch's RuntimeError (``Adam does not support sparse gradients, ...``) naming the
+  parameter, ``LBFGS`` too (torch's makes them dense);
+* ``differentiable=True`` is refused: the update runs in C or NumPy, outside autograd;
+* ``capturable=True`` is refused at ``step()`` with the AssertionError torch raises on the
+  CPU, naming the group;
+* a tensor ``lr`` (or ``betas``) of the C-kernel optimizers is read as its value in double,
+  as torch reads a float: torch instead computes its lr-derived step scalars in the tensor's
+  dtype, so with a float32 tensor ``lr`` and float64 parameters the two agree to float32
+  precision in those scalars only (and as float runs do when torch is given
+  ``lr=float(lr)``). ``LBFGS`` uses a tensor ``lr`` as a 0-d tensor of its dtype, as torch;
+* ``foreach`` and ``fused`` are accepted and change nothing (the step is one fused pass
   either way); a ``GradScaler`` unscales the gradients itself before ``step()``, as it does
   for torch's non-fused optimizers;
 * after a step the autograd version counter of each updated parameter is bumped, as an
-  in-place torch op would; a step that raises changes nothing, version counters included;
+  in-place torch op would; a step that raises changes nothing, version counters included
+  (``LBFGS`` puts the parameters and its history back when its closure raises mid-step);
 * a second ``step()`` of the same optimizer while one runs (from another thread, or from
   the closure) raises RuntimeError.
 
