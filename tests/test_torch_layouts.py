@@ -566,6 +566,26 @@ def test_sparse_adam_state_is_torchs_and_a_step_without_rows_counts():
     torch.testing.assert_close(emb, ref)
 
 
+def test_sparse_adam_refuses_a_second_concurrent_step():
+    emb = torch.nn.Parameter(torch.zeros(4, 2))
+    opt, seen = ft.SparseAdam([emb]), []
+
+    def closure():
+        try:
+            opt.step()
+        except RuntimeError as e:
+            seen.append(str(e))
+        emb.grad = torch.sparse_coo_tensor([[1]], torch.ones(1, 2), (4, 2),
+                                           check_invariants=True)
+        return torch.tensor(0.0)
+
+    opt.step(closure)
+    assert seen and "another step" in seen[0]
+    assert opt.state[emb]["step"] == 1  # the inner step changed nothing
+    opt.step(closure)  # the guard was released
+    assert opt.state[emb]["step"] == 2
+
+
 def test_sparse_gradient_of_a_complex_parameter_is_refused():
     p = torch.zeros(4, dtype=torch.complex64, requires_grad=True)
     opt = ft.SGD([p], lr=0.1)

@@ -514,6 +514,27 @@ def test_adafactor_bad_state_dict_is_refused_naming_the_key_and_changes_nothing(
     assert _snapshot(opt, params) == before
 
 
+@pytest.mark.parametrize("name, index, key", [("LBFGS", 0, "d"), ("LBFGS", 0, "old_dirs"),
+                                              ("Adafactor", 0, "row_var"),
+                                              ("Adafactor", 3, "variance")])
+def test_a_sparse_saved_state_tensor_is_refused_naming_the_key_and_changes_nothing(name, index,
+                                                                                   key):
+    """torch keeps these tensors dense: a sparse one (in a list too) is refused by name."""
+    opt, params = _lbfgs_saved() if name == "LBFGS" else _adafactor_saved()[:2]
+    sd = copy.deepcopy(opt.state_dict())
+    st = sd["state"][index]
+    if isinstance(st[key], list):
+        st[key][0] = st[key][0].to_sparse()
+    else:
+        st[key] = st[key].to_sparse()
+    before = _snapshot(opt, params)
+    with pytest.raises(TypeError, match=rf"param_groups\[0\]\['params'\]\[{index}\].*"
+                                        rf"state\['{key}'\] is a tensor with layout "
+                                        rf"torch.sparse_coo"):
+        opt.load_state_dict(sd)
+    assert _snapshot(opt, params) == before
+
+
 @pytest.mark.parametrize("key, value, exc, match", [
     ("variance", torch.zeros(2), ValueError, r"state\['variance'\] must be a writable"),
     ("variance", torch.zeros(3, dtype=torch.float64), ValueError,

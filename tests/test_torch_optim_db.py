@@ -19,8 +19,17 @@ the step, and the message's regex). This module imports it and runs every entry 
   CUDA only (``capturable``, tensor ``lr``, tensor ``betas``): as they are, and with
   ``capturable`` dropped. A configuration torch refuses at construction (a tensor ``lr``
   with ``foreach=True``) must be refused by fastopt.torch with the same exception and text.
+  ``LBFGS`` takes one group (torch's refuses more) and is given the closure its step needs,
+  and runs fewer steps (see ``STEPS``); ``SparseAdam`` is given row-sparse COO gradients
+  (``_row_sparse``: a different third of the rows left out at each step).
 * every error input raises (or warns) with torch's exception type, at torch's phase, with a
   message matching torch's regex.
+* sparse gradients and complex parameters: where torch.optim steps with them, fastopt.torch
+  steps to the same values (SGD and Adagrad take sparse gradients, the per-element
+  optimizers complex parameters); where torch raises, fastopt.torch raises the same error at
+  the same point (Adafactor's step refuses complex parameters, SparseAdam's constructor
+  them and its step dense gradients, the others' steps sparse gradients), naming the
+  parameter, with nothing changed.
 
 Refused by design, and asserted to be refused with a clear error:
 
@@ -28,22 +37,24 @@ Refused by design, and asserted to be refused with a clear error:
   construction; torch.optim accepts it);
 * ``capturable=True`` on the CPU: torch.optim raises an AssertionError at the step, and so
   does fastopt.torch, naming the group, with nothing changed;
-* float16, bfloat16 and complex parameters: the kernels are float32 and float64 (TypeError
-  at construction naming the parameter; torch.optim accepts them);
-* sparse gradients: the kernels are dense (RuntimeError at the step naming the parameter,
-  with torch's text where torch refuses them too; ``SGD`` and ``Adagrad`` refuse what
-  torch.optim steps with).
+* float16, bfloat16 and integer parameters: the kernels are float32 and float64 (complex
+  parameters step as their real views), TypeError at construction naming the parameter
+  (torch.optim accepts them);
+* LBFGS: complex parameters (TypeError at construction) and sparse gradients (RuntimeError
+  at the step, naming the parameter); torch.optim's LBFGS steps with both.
 
-Two documented tolerances:
+Three documented tolerances:
 
 * with float64 parameters and a float32 tensor ``lr`` (or ``betas``), torch computes the
   lr-derived step scalars in float32 tensor arithmetic, fastopt in double with the tensor's
   value. Such a run is compared at the default float64 tolerance with torch given the same
   values as floats, and at the float32 tolerance with torch given the tensors;
 * the final ``momentum_buffer`` of a centered float32 RMSprop with momentum is compared at
-  1e-4 (see ``STATE_TOL``); its parameters, at every step, at the default.
+  1e-4 (see ``STATE_TOL``); its parameters, at every step, at the default;
+* the final history of a float32 LBFGS (``ro``, ``al`` and the direction ``d``) is compared
+  at a relative 1e-3 (see ``HISTORY_TOL``); its parameters, at every step, at the default.
 
-Left out (no fastopt.torch class yet): ``Adafactor``, ``LBFGS``, ``Muon``, ``SparseAdam``.
+Left out (no fastopt.torch class): ``Muon``.
 
 Counts per optimizer, float32 and float64 together: configurations run in lockstep;
 configurations torch.optim refuses at construction, refused alike; configurations refused by
@@ -54,17 +65,20 @@ error inputs checked:
 optimizer  lockstep  refused  differentiable  capturable  errors
 =========  ========  =======  ==============  ==========  ======
 Adadelta         36        0              12           6      14
+Adafactor        20        0               0           0      20
 Adagrad          42        0              14           0      14
 Adam             44        6              10          10      24
 Adamax           40        0              10          10      14
 AdamW            44        6              10          10      24
 ASGD             48        0              14          10      14
+LBFGS            10        0               0           0      12
 NAdam            44        0              14           8      16
 RAdam            40        0              12           8      16
 RMSprop          44        0              16           6      14
 Rprop            28        0              10           4      14
 SGD              54        0              18           0      14
-total           464       12             140          72     178
+SparseAdam        8        0               0           0      20
+total           502       12             140          72     230
 =========  ========  =======  ==============  ==========  ======
 
 (``test_counts_in_the_docstring`` keeps this table true.)
@@ -87,7 +101,15 @@ F32 = {"rtol": 1.3e-6, "atol": 1e-5}  # torch.testing's float32 defaults
 # denominator cancels where v is tiny; torch's CPU sqrt is not correctly rounded (about 0.7%
 # of float32 results are one unit in the last place off), and those last bits amplify there
 STATE_TOL = {torch.float32: {"rtol": 1e-4, "atol": 1e-4}, torch.float64: {}}
-LEFT_OUT = {"Adafactor", "LBFGS", "Muon", "SparseAdam"}
+# float32 LBFGS's history scalars ro = 1 / (y . s) and al = ro (s . q), and the direction d
+# made of them, take the relative error of a difference of gradients (the parameters and the
+# other state: the default; prev_loss, a Python float, at the float32 default)
+HISTORY_TOL = {torch.float32: {"rtol": 1e-3, "atol": 1e-5}, torch.float64: {}}
+#: LBFGS's steps in lockstep (20 for the others): each runs up to max_iter = 20 iterations,
+#: and on this non-convex loss L-BFGS amplifies last-bit differences from there on (float32
+#: parts at the default tolerance within the second step, float64 within the sixth)
+STEPS = {"LBFGS": {torch.float32: 1, torch.float64: 3}}
+LEFT_OUT = {"Muon"}
 INFOS = [info for info in _db.optim_db if info.name in ft.__all__]
 DTYPES = {"f32": torch.float32, "f64": torch.float64}
 
@@ -158,7 +180,9 @@ def _data(dtype):
 
 def _groups(model, cls, kwargs):
     """The model's parameters as two groups: the first takes the defaults, the second its
-    own float ``lr`` (half the configuration's)."""
+    own float ``lr`` (half the configuration's); for LBFGS, which takes one group only, one."""
+    if issubclass(cls, torch.optim.LBFGS):
+        return [{"params": list(model.parameters())}]
     lr = kwargs.get("lr", inspect.signature(cls).parameters["lr"].default)
     return [{"params": list(model[0].parameters())},
             {"params": list(model[2].parameters()), "lr": float(lr) / 2}]
@@ -170,10 +194,32 @@ def _make(cls, model, kwargs):
         return cls(_groups(model, cls, kwargs), **copy.deepcopy(kwargs))
 
 
-def _step(model, opt, x, y):
-    opt.zero_grad()
-    (model(x) - y).pow(2).mean().backward()
-    opt.step()
+def _row_sparse(grad, step):
+    """``grad`` as a sparse COO tensor of the rows (first index) that an embedding's
+    gradient would hold at ``step``: two rows in three, a different third left out each
+    step."""
+    rows = torch.arange(grad.shape[0])
+    rows = rows[(rows + step) % 3 != 0]
+    return torch.sparse_coo_tensor(rows[None], grad[rows], grad.shape, check_invariants=True)
+
+
+def _step(model, opt, x, y, step=0):
+    """One step of ``opt`` on the model's loss: LBFGS is given the closure its step needs,
+    SparseAdam row-sparse gradients (``_row_sparse``)."""
+    def closure():
+        opt.zero_grad()
+        loss = (model(x) - y).pow(2).mean()
+        loss.backward()
+        if isinstance(opt, torch.optim.SparseAdam):
+            for p in model.parameters():
+                p.grad = _row_sparse(p.grad, step)
+        return loss
+
+    if isinstance(opt, torch.optim.LBFGS):
+        opt.step(closure)
+    else:
+        closure()
+        opt.step()
 
 
 def _as_floats(kwargs):
@@ -203,6 +249,9 @@ def _same_value(a, b, where, **tol):
         assert type(a) is type(b) and len(a) == len(b), where
         for i, (x, y) in enumerate(zip(a, b)):
             _same_value(x, y, f"{where}[{i}]", **tol)
+    elif isinstance(b, float):  # LBFGS's prev_loss, and its t and H_diag as numbers
+        assert type(a) is float, where
+        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{where}: {m}")
     else:
         assert type(a) is type(b) and a == b, f"{where}: {a!r} != {b!r}"
 
@@ -244,16 +293,19 @@ def test_db_configuration_in_lockstep_with_torch(info, dtype, desc, kwargs):
         exact = copy.deepcopy(model)
         refs = [(ref, topt, F32), (exact, _make(info.optim_cls, exact, _as_floats(kwargs)), {})]
     x, y = _data(dtype)
-    for step in range(20):
-        _step(model, opt, x, y)
+    for step in range(STEPS.get(info.name, {}).get(dtype, 20)):
+        _step(model, opt, x, y, step)
         for r, o, tol in refs:
-            _step(r, o, x, y)
+            _step(r, o, x, y, step)
             for p, q in zip(model.parameters(), r.parameters()):
                 torch.testing.assert_close(p, q, **tol, msg=lambda m, s=step: f"step {s}: {m}")
     sd, tsd = opt.state_dict(), topt.state_dict()
     key_tol = None
     if info.name == "RMSprop" and kwargs.get("centered") and kwargs.get("momentum"):
         key_tol = {"momentum_buffer": STATE_TOL[dtype]}
+    if info.name == "LBFGS":
+        key_tol = {"ro": HISTORY_TOL[dtype], "al": HISTORY_TOL[dtype], "d": HISTORY_TOL[dtype],
+                   "prev_loss": F32 if dtype == torch.float32 else {}}
     _same_state_dict(sd, tsd, refs[0][2], key_tol)
 
 
@@ -321,7 +373,12 @@ def test_db_error_input_raises_as_torch(info, error):
 
 
 @pytest.mark.parametrize("info", INFOS, ids=lambda info: info.name)
-def test_sparse_gradient_is_refused_with_torchs_error(info):
+def test_sparse_gradients_step_or_raise_as_torch(info):
+    """A dense gradient for the first parameter and a sparse one for the second. Where
+    torch.optim steps (SGD and Adagrad), fastopt.torch steps to torch's parameters and state;
+    where it raises, fastopt.torch raises its error, naming the parameter (SparseAdam's the
+    dense one), with nothing changed; LBFGS, whose torch twin steps with the gradient made
+    dense, refuses it by design (see fastopt.torch.LBFGS)."""
     cls = getattr(ft, info.name)
 
     def sparse_grads(model):
@@ -331,40 +388,105 @@ def test_sparse_gradient_is_refused_with_torchs_error(info):
             b.grad = torch.sparse_coo_tensor([[1, 5]], torch.ones(2), b.shape)
         return model
 
+    def step(opt):
+        if isinstance(opt, torch.optim.LBFGS):
+            return opt.step(lambda: torch.tensor(1.0))
+        return opt.step()
+
     ref = sparse_grads(_model(torch.float32))
     topt = info.optim_cls(ref.parameters(), lr=0.1)
     torch_error = None
     try:
-        topt.step()
+        step(topt)
     except RuntimeError as e:
         torch_error = str(e)
     model = sparse_grads(_model(torch.float32))
     opt = cls(model.parameters(), lr=0.1)
+    if info.name in ("SGD", "Adagrad"):
+        assert torch_error is None
+        step(opt)
+        for p, q in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(p, q)
+        _same_state_dict(opt.state_dict(), topt.state_dict(), {})
+        return
     before = [p.detach().clone() for p in model.parameters()]
-    state = copy.deepcopy(opt.state_dict()["state"])  # Adagrad's is made at construction
-    with pytest.raises(RuntimeError, match=r"param_groups\[0\]\['params'\]\[1\]: ") as caught:
-        opt.step()
-    if torch_error is not None:
-        assert str(caught.value).endswith(torch_error)
-    else:  # torch steps with it: fastopt.torch refuses by design
-        assert info.name in ("SGD", "Adagrad")
-        assert f"{info.name} does not support sparse gradients in fastopt.torch" in str(
-            caught.value)
+    state = copy.deepcopy(opt.state_dict()["state"])
+    offending = 0 if info.name == "SparseAdam" else 1
+    with pytest.raises(RuntimeError,
+                       match=rf"param_groups\[0\]\['params'\]\[{offending}\]: ") as caught:
+        step(opt)
+    if info.name == "LBFGS":
+        assert torch_error is None
+        assert "sparse" in str(caught.value)
+    else:
+        assert torch_error is not None and str(caught.value).endswith(torch_error)
     for p, value in zip(model.parameters(), before):
         assert torch.equal(p, value)
     _same_state_dict(opt.state_dict(), {"param_groups": opt.state_dict()["param_groups"],
                                         "state": state}, {"rtol": 0, "atol": 0})
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.complex64,
-                                   torch.complex128], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int64], ids=str)
 @pytest.mark.parametrize("info", INFOS, ids=lambda info: info.name)
-def test_non_float_parameters_are_refused(info, dtype):
-    params = [torch.zeros(3, requires_grad=True), torch.zeros(2, 2, dtype=dtype,
-                                                              requires_grad=True)]
+def test_half_precision_and_integer_parameters_are_refused(info, dtype):
+    params = [torch.zeros(3, requires_grad=True),
+              torch.zeros(2, 2, dtype=dtype, requires_grad=dtype.is_floating_point)]
     info.optim_cls(params)  # torch takes them
     with pytest.raises(TypeError, match=rf"param_groups\[0\]\['params'\]\[1\]: .*{dtype}"):
         getattr(ft, info.name)(params)
+
+
+def _complex_grads(params, step):
+    g = torch.Generator().manual_seed(step)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128], ids=str)
+@pytest.mark.parametrize("info", INFOS, ids=lambda info: info.name)
+def test_complex_parameters_as_torch(info, dtype):
+    """A real and a complex parameter. The per-element optimizers step as torch's for 5 steps
+    (parameters after each, state dicts at the end); where torch refuses complex parameters
+    (SparseAdam at construction, Adafactor at the step) fastopt.torch raises the same error
+    at the same point, naming the parameter at the step, with nothing changed; LBFGS refuses
+    them by design at construction (its step is fastopt's real NumPy code), naming the
+    parameter."""
+    def params():
+        torch.manual_seed(0)
+        return [torch.randn(3, requires_grad=True),
+                torch.randn(2, 2, dtype=dtype, requires_grad=True)]
+    cls = getattr(ft, info.name)
+    if info.name == "LBFGS":
+        info.optim_cls(params())  # torch takes them
+        with pytest.raises(TypeError, match=rf"param_groups\[0\]\['params'\]\[1\]: .*{dtype}"):
+            cls(params())
+        return
+    try:
+        topt = info.optim_cls(params())
+    except ValueError as e:  # SparseAdam
+        with pytest.raises(ValueError) as caught:
+            cls(params())
+        assert str(caught.value) == str(e)
+        return
+    ours, theirs = params(), topt.param_groups[0]["params"]
+    opt = cls(ours)
+    for step in range(5):
+        _complex_grads(ours, step)
+        _complex_grads(theirs, step)
+        try:
+            topt.step()
+        except RuntimeError as e:  # Adafactor
+            before = [p.detach().clone() for p in ours]
+            with pytest.raises(RuntimeError,
+                               match=r"param_groups\[0\]\['params'\]\[1\]: ") as caught:
+                opt.step()
+            assert str(caught.value).endswith(str(e))
+            assert all(torch.equal(p, b) for p, b in zip(ours, before)) and not opt.state
+            return
+        opt.step()
+        for p, q in zip(ours, theirs):
+            torch.testing.assert_close(p, q, msg=lambda m, s=step: f"step {s}: {m}")
+    _same_state_dict(opt.state_dict(), topt.state_dict(), {})  # complex state, as torch's
 
 
 def test_left_out_optimizers_have_no_fastopt_torch_class():

@@ -12,7 +12,7 @@ import numpy as np
 
 from fastopt._adapters import _foreign_among, _foreign_arrays, _foreign_updated, _param_arrays
 from fastopt.optimizer import Optimizer, _check_nonneg
-from fastopt.parameter import Parameter
+from fastopt.parameter import Parameter, SparseGrad
 
 __all__ = ["LBFGS"]
 
@@ -194,6 +194,10 @@ class LBFGS(Optimizer):
             if g is None:
                 parts.append(np.zeros(a.size, dtype))
                 continue
+            if isinstance(g, SparseGrad) or getattr(g, "is_sparse", False) is True:
+                raise RuntimeError(f"param_groups[0]['params'][{pi}]: LBFGS does not support "
+                                   f"sparse gradients (torch.optim.LBFGS makes them dense); "
+                                   f"pass a dense gradient")
             if not isinstance(g, np.ndarray) or g.shape != a.shape or g.dtype != a.dtype:
                 raise ValueError(f"param_groups[0]['params'][{pi}]: .grad must be an array of "
                                  f"shape {a.shape} and dtype {a.dtype}, got "

@@ -10,48 +10,66 @@ Each class here subclasses its ``torch.optim`` namesake (``fastopt.torch.Adam`` 
 schedulers and ``swa_utils.SWALR``, ``GradScaler``, Lightning, the transformers ``Trainer``,
 accelerate. Construction, argument checks and their errors, ``param_groups``, ``state``,
 ``state_dict``, ``zero_grad``, ``add_param_group``, hooks and ``repr`` are torch's own code.
-Only ``step`` is fastopt's: one call into C for all groups, the GIL released, updating the
-parameters in place through their memory. ``Lion``, which torch lacks, subclasses
-``torch.optim.Optimizer``.
+Only ``step`` is fastopt's, updating the parameters in place through their memory:
+
+* the per-element optimizers (``ASGD``, ``Adadelta``, ``Adagrad``, ``Adam``, ``AdamW``,
+  ``Adamax``, ``NAdam``, ``RAdam``, ``RMSprop``, ``Rprop``, ``SGD``, and ``Lion``, which
+  torch lacks and which subclasses ``torch.optim.Optimizer``) step with fastopt's C kernels:
+  one call into C for all groups, the GIL released;
+* ``SparseAdam`` steps with fastopt's row-sparse C kernel, one call for all groups;
+* ``LBFGS`` and ``Adafactor``, which are not per-element, step with the NumPy code of
+  :class:`fastopt.LBFGS` and :class:`fastopt.Adafactor` on NumPy views of the tensors.
 
 The state holds torch tensors, as torch's does (``exp_avg``, ``exp_avg_sq``, a float32
-0-d ``step`` tensor, ...), which share their memory with what the C kernels update: nothing
-is copied per step. ``state_dict()`` returns tensors, so ``torch.save`` and
+0-d ``step`` tensor, ...; SparseAdam's ``step`` is an int and LBFGS's history has torch's
+types, as theirs), which share their memory with what the steps update: nothing is copied
+per step. ``state_dict()`` returns tensors, so ``torch.save`` and
 ``torch.load(weights_only=True)`` round trip, a ``torch.optim`` state dict loads and
 continues here, and the reverse. ``load_state_dict`` checks everything before it changes
-anything (shapes, dtypes, finite non-negative steps, ids that match the groups) and raises
-naming the key path (``state[3]['exp_avg']``), as fastopt's NumPy optimizers do.
+anything (shapes, dtypes, layouts, finite non-negative steps, ids that match the groups,
+LBFGS's history) and raises naming the key path (``state[3]['exp_avg']``), as fastopt's
+NumPy optimizers do; it also takes the state dicts keyed by parameter names that
+``torch.distributed.checkpoint`` passes. ``SparseAdam``'s ``load_state_dict`` is torch's;
+its step checks the state it finds (an int ``step``, dense contiguous moments of the
+parameter's dtype and shape) before it changes anything, raising naming the key.
 
 Rules beyond torch's:
 
-* parameters are float32, float64, complex64 or complex128 CPU tensors, dense: contiguous
-  or in another axis order (channels_last), not a view with gaps such as a strided slice
-  (``add_param_group`` refuses others, naming the parameter). The kernels run over a
-  tensor's memory block: a gradient laid out otherwise than its parameter is copied into the
-  parameter's layout for the step (the ``.grad`` itself is left alone), and state is made and
-  loaded in the parameter's layout (state set by hand in another layout is refused by the
-  step). Complex parameters step as their ``torch.view_as_real`` views, their state is
-  complex, as torch's (``SparseAdam`` refuses them, as torch's);
-* gradients are dense tensors of the parameter's dtype and shape; SGD and Adagrad also take
-  sparse COO gradients (``Embedding(sparse=True)``) with torch's rules: SGD's momentum
-  buffer of a sparse gradient is a sparse tensor, weight decay with a sparse gradient raises
-  as torch's does (unlike torch, Adagrad's refused step leaves ``step`` as it was); sparse
-  gradients of complex parameters are refused. ``SparseAdam`` takes sparse COO gradients of
-  any ``sparse_dim``, coalesced or not, stepping with fastopt's row-sparse kernel;
-* ``differentiable=True`` is refused: the update runs in C, outside autograd;
-* a sparse gradient is refused at ``step()`` with torch's RuntimeError (``Adam does not
-  support sparse gradients, ...``) naming the parameter, also by ``SGD`` and ``Adagrad``,
-  whose torch twins step with one; ``capturable=True`` is refused at ``step()`` with the
-  AssertionError torch raises on the CPU, naming the group;
-* a tensor ``lr`` (or ``betas``) is read as its value in double, as torch reads a float:
-  torch instead computes its lr-derived step scalars in the tensor's dtype, so with a
-  float32 tensor ``lr`` and float64 parameters the two agree to float32 precision in
-  those scalars only (and as float runs do when torch is given ``lr=float(lr)``);
-* ``foreach`` and ``fused`` are accepted and change nothing (the step is one fused C pass
+* parameters of the per-element optimizers are float32, float64, complex64 or complex128
+  CPU tensors, dense: contiguous or in another axis order (channels_last), not a view with
+  gaps such as a strided slice (``add_param_group`` refuses others, naming the parameter).
+  The kernels run over a tensor's memory block: a gradient laid out otherwise than its
+  parameter is copied into the parameter's layout for the step (the ``.grad`` itself is
+  left alone), and state is made and loaded in the parameter's layout (state set by hand in
+  another layout is refused by the step). Complex parameters step as their
+  ``torch.view_as_real`` views, their state is complex, as torch's;
+* parameters of ``SparseAdam``, ``LBFGS`` and ``Adafactor`` are contiguous float32 or
+  float64 CPU tensors. As torch's, ``SparseAdam`` refuses complex parameters at
+  construction (ValueError) and ``Adafactor`` at the step (RuntimeError, naming the
+  parameter); ``LBFGS`` refuses them at construction (TypeError; torch's steps with them);
+* gradients are dense tensors of the parameter's dtype and shape, with torch's exceptions
+  for sparse COO gradients (``Embedding(sparse=True)``): ``SGD`` and ``Adagrad`` take them
+  with torch's rules (SGD's momentum buffer of a sparse gradient is a sparse tensor; weight
+  decay with a sparse gradient raises as torch's does, and unlike torch, Adagrad's refused
+  step leaves ``step`` as it was; a sparse gradient of a complex parameter is refused);
+  ``SparseAdam`` takes only them, of any ``sparse_dim``, coalesced or not, and refuses a
+  dense one with torch's RuntimeError; every other optimizer refuses them at ``step()``
+  with torch's RuntimeError (``Adam does not support sparse gradients, ...``) naming the
+  parameter, ``LBFGS`` too (torch's makes them dense);
+* ``differentiable=True`` is refused: the update runs in C or NumPy, outside autograd;
+* ``capturable=True`` is refused at ``step()`` with the AssertionError torch raises on the
+  CPU, naming the group;
+* a tensor ``lr`` (or ``betas``) of the C-kernel optimizers is read as its value in double,
+  as torch reads a float: torch instead computes its lr-derived step scalars in the tensor's
+  dtype, so with a float32 tensor ``lr`` and float64 parameters the two agree to float32
+  precision in those scalars only (and as float runs do when torch is given
+  ``lr=float(lr)``). ``LBFGS`` uses a tensor ``lr`` as a 0-d tensor of its dtype, as torch;
+* ``foreach`` and ``fused`` are accepted and change nothing (the step is one fused pass
   either way); a ``GradScaler`` unscales the gradients itself before ``step()``, as it does
   for torch's non-fused optimizers;
 * after a step the autograd version counter of each updated parameter is bumped, as an
-  in-place torch op would; a step that raises changes nothing, version counters included;
+  in-place torch op would; a step that raises changes nothing, version counters included
+  (``LBFGS`` puts the parameters and its history back when its closure raises mid-step);
 * a second ``step()`` of the same optimizer while one runs (from another thread, or from
   the closure) raises RuntimeError.
 
@@ -74,7 +92,7 @@ from torch.optim import Optimizer as _TorchOptimizer
 
 import fastopt
 from fastopt import _kernels, _numpy_step
-from fastopt._adapters import TORCH_ADAPTER
+from fastopt._adapters import TORCH_ADAPTER, _where
 from fastopt.optimizer import Optimizer as _Optimizer
 
 __all__ = ["ASGD", "Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "Lion", "NAdam", "RAdam",
@@ -125,6 +143,17 @@ def _with_step_hooks(func):
 
     step.hooked = True
     return step
+
+
+def _claim_step(opt):
+    """Mark ``opt`` as stepping, or raise RuntimeError when a step of it already runs (from
+    another thread, or from its closure or a hook). The step deletes
+    ``opt.__dict__["_fastopt_step"]`` when it ends, however it ends."""
+    token = object()
+    if opt.__dict__.setdefault("_fastopt_step", token) is not token:
+        raise RuntimeError(f"{type(opt).__name__}.step() was called while another step of "
+                           f"this optimizer is running (from another thread, or from its "
+                           f"closure or a hook)")
 
 
 def _to_tensor(value):
@@ -215,12 +244,7 @@ class _KernelStep:
 
         Every group's values and every tensor are checked before the first element changes:
         bad input raises (naming the group or parameter) with nothing changed."""
-        token = object()
-        owner = self.__dict__.setdefault("_fastopt_step", token)
-        if owner is not token:
-            raise RuntimeError(f"{type(self).__name__}.step() was called while another step of "
-                               f"this optimizer is running (from another thread, or from its "
-                               f"closure or a hook)")
+        _claim_step(self)
         try:
             loss = None
             if closure is not None:
@@ -312,8 +336,9 @@ class _KernelStep:
 
 
 def _state_tensor(param, base, value):
-    """A state value made or cast for ``param`` (whose kernel array is ``base``) as a tensor:
-    complex, as torch's, for a per-element array of a complex parameter."""
+    """A state value of a C-kernel optimizer made or cast for ``param`` (whose kernel array
+    is ``base``) as a tensor: complex, as torch's, for a per-element array of a complex
+    parameter. (The NumPy steps' counterpart is ``_numpy_state_tensor``.)"""
     if (isinstance(value, np.ndarray) and param.is_complex() and value.shape == base.shape
             and value.dtype == base.dtype):
         return torch.view_as_complex(torch.from_numpy(value))
@@ -435,19 +460,15 @@ class Lion(_KernelStep, _TorchOptimizer):
 # -- torch's texts for what a step refuses ---------------------------------------------------
 
 # the end of the kernels' error for a sparse gradient; the step replaces it by torch's text
+# (SGD and Adagrad step with sparse gradients: see ``_sparse_step`` below)
 _SPARSE_GENERIC = ("this optimizer does not support sparse gradients, please consider "
                    "SparseAdam instead")
-# torch.optim's optimizers that step with sparse gradients, which fastopt.torch refuses
-_TORCH_SPARSE = ("SGD", "Adagrad")
 
 
 def _sparse_message(opt):
     """torch's error for a sparse gradient given to ``opt`` (an AdamW says ``Adam``, as
-    torch's does), or, where torch steps with it, fastopt.torch's refusal."""
+    torch's does)."""
     name = opt._fastopt.__name__
-    if name in _TORCH_SPARSE:
-        return (f"{name} does not support sparse gradients in fastopt.torch (its kernel is "
-                f"dense; torch.optim.{name} steps with them)")
     if name in ("Adam", "AdamW"):
         return "Adam does not support sparse gradients, please consider SparseAdam instead"
     return f"{name} does not support sparse gradients"
@@ -512,6 +533,10 @@ class _NumpyStep:
     _kernel = None
     _nonneg_at_step = ()
     _beta1_division = False
+    _lazy_state = False  # no sparse state tensor is kept (see _check_loaded_tensors)
+    #: complex parameters are taken by add_param_group and refused by the step, as torch's
+    #: step refuses them (Adafactor); otherwise add_param_group refuses them
+    _complex_at_step = False
     _hyper_kinds = _Optimizer._hyper_kinds
     _freeze = _Optimizer._freeze
     _check_step = _Optimizer._check_step
@@ -527,8 +552,10 @@ class _NumpyStep:
 
     def add_param_group(self, param_group):
         """``torch.optim.Optimizer.add_param_group``, and then fastopt's checks: every
-        parameter a dense, contiguous float32 or float64 CPU tensor, and no
-        ``differentiable=True``. A refused group is not added."""
+        parameter a dense, contiguous float32 or float64 CPU tensor (or, where torch's step
+        refuses complex parameters, ``_complex_at_step``, a dense complex one: the step
+        raises torch's error), and no ``differentiable=True``. A refused group is not
+        added."""
         super().add_param_group(param_group)
         gi = len(self.param_groups) - 1
         group = self.param_groups[gi]
@@ -539,7 +566,8 @@ class _NumpyStep:
                                  f"outside autograd); use torch.optim for a differentiable "
                                  f"step")
             for pi, p in enumerate(group["params"]):
-                TORCH_ADAPTER.check(p, gi, pi, group)
+                TORCH_ADAPTER.check(p, gi, pi, group, wide=self._complex_at_step
+                                    and isinstance(p, torch.Tensor) and p.is_complex())
         except BaseException:
             self.param_groups.pop()
             raise
@@ -547,12 +575,7 @@ class _NumpyStep:
     def step(self, closure=None):
         """One optimization step; returns ``closure()``'s value when given. A step that
         raises leaves the parameters, the state and the version counters as they were."""
-        token = object()
-        owner = self.__dict__.setdefault("_fastopt_step", token)
-        if owner is not token:
-            raise RuntimeError(f"{type(self).__name__}.step() was called while another step of "
-                               f"this optimizer is running (from another thread, or from its "
-                               f"closure or a hook)")
+        _claim_step(self)
         try:
             return self._numpy_step(closure)
         finally:
@@ -586,6 +609,14 @@ def _state_view(value, where, path, back, scalars):
         return [_state_view(v, where, path + (i,), back, scalars)
                 for i, v in enumerate(value)]
     return value
+
+
+def _dense_saved_state(value, key, where):
+    """Refuse a saved state tensor that is not dense (a sparse one), naming the key: the
+    NumPy steps keep torch's dense state."""
+    if isinstance(value, torch.Tensor) and value.layout is not torch.strided:
+        raise TypeError(f"{where}: state[{key!r}] is a tensor with layout {value.layout}; "
+                        f"this optimizer's state is dense, as torch's")
 
 
 def _numpy_state_tensor(value, back):
@@ -659,6 +690,7 @@ class LBFGS(_NumpyStep, torch.optim.LBFGS):
 
     def _cast_state(self, param, array, value, key, where):
         # fastopt's cast and history check on arrays, then the whole state as tensors
+        _dense_saved_state(value, key, where)
         out = fastopt.LBFGS._cast_state(self, param, array, value, key, where)
         if key is None and isinstance(out, dict):
             return {k: _numpy_state_tensor(v, {}) for k, v in out.items()}
@@ -676,19 +708,27 @@ class Adafactor(_NumpyStep, torch.optim.Adafactor):
     Beyond torch: every parameter, gradient and state tensor of every group is checked
     before anything changes (a bad one raises naming it, with nothing changed), and a
     parameter with no elements raises ValueError (torch divides by its size after updating
-    the parameters before it).
+    the parameters before it). As torch, a complex parameter is taken by the constructor and
+    refused by a step that has its gradient (RuntimeError, torch's text, naming it), and a
+    sparse gradient raises RuntimeError.
 
     """
 
     _fastopt = fastopt.Adafactor
     _borrowed = ("_prepare_step", "_update_groups", "_check_existing_state", "_check_frozen",
                  "_check_param", "_init_state", "_update_one", "_factor_shapes")
+    _complex_at_step = True
 
     def _numpy_step(self, closure):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p.grad is not None and p.is_complex():
+                    raise RuntimeError(f"{_where(gi, pi)}: Adafactor does not support "
+                                       f"complex parameters")
         back = {}
         views = {}
         for gi, group in enumerate(self.param_groups):
@@ -702,17 +742,15 @@ class Adafactor(_NumpyStep, torch.optim.Adafactor):
         try:
             self._update_groups(frozen, groups, views)
         finally:
-            # the state made for new parameters, as tensors (the rest was updated in place)
+            # the state made for new parameters, as tensors (the rest was updated in place
+            # and stays the tensors it was)
             for p, st in views.items():
-                target = self.state[p]
-                for k, v in st.items():
-                    seen = back.get(id(v))
-                    if seen is None or seen[0] is not v:
-                        target[k] = _to_tensor(v)
+                self.state[p].update({k: _numpy_state_tensor(v, back) for k, v in st.items()})
             _numpy_step.mark_updated(groups)
         return loss
 
     def _cast_state(self, param, array, value, key, where):
+        _dense_saved_state(value, key, where)
         return _to_tensor(fastopt.Adafactor._cast_state(self, param, array, value, key, where))
 
 
@@ -726,10 +764,6 @@ __all__ += ["Adafactor", "LBFGS"]
 # step's one C call leaves those parameters out and hands them to ``_sparse_step``, which
 # checks all of them (raising before anything changes) and returns the function that updates
 # them, on the touched elements only, after the dense update.
-
-def _sparse_where(gi, pi):
-    return f"param_groups[{gi}]['params'][{pi}]"
-
 
 def _coalesced(grad, param, where):
     """(sparse_dim, index tuple, values) of the sparse COO gradient of ``param``, duplicate
@@ -796,7 +830,7 @@ def _sgd_sparse_step(self, items, work):
     todo = []
     for gi, pi, p, arr, g in items:
         frozen = work[gi][0]
-        where = _sparse_where(gi, pi)
+        where = _where(gi, pi)
         k, idx, vals = _coalesced(g, p, where)
         if frozen["weight_decay"] != 0:
             raise RuntimeError(f"{where}: add(sparse, dense) is not supported. Use add(dense, "
@@ -868,7 +902,7 @@ def _adagrad_sparse_step(self, items, work):
     todo = []
     for gi, pi, p, arr, g in items:
         frozen = work[gi][0]
-        where = _sparse_where(gi, pi)
+        where = _where(gi, pi)
         if frozen["weight_decay"] != 0:
             raise RuntimeError(f"{where}: weight_decay option is not compatible with sparse "
                                f"gradients")
@@ -945,6 +979,13 @@ class SparseAdam(torch.optim.SparseAdam):
     @torch.no_grad()
     def step(self, closure=None):
         """One SparseAdam step of all groups; returns ``closure()``'s value when given."""
+        _claim_step(self)
+        try:
+            return self._sparse_adam_step(closure)
+        finally:
+            del self.__dict__["_fastopt_step"]
+
+    def _sparse_adam_step(self, closure):
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -958,7 +999,7 @@ class SparseAdam(torch.optim.SparseAdam):
                 g = p.grad
                 if g is None:
                     continue
-                where = _sparse_where(gi, pi)
+                where = _where(gi, pi)
                 items.append(self._item(p, g, where, gi, pi, created, steps, lr, beta1,
                                         beta2))
                 touched.append(p)
