@@ -634,13 +634,13 @@ def _versions_case(name, torch_class):
         ps = [torch.ones(4, 3, requires_grad=True) for _ in range(3)]
         opt = fastopt.SparseAdam(ps, lr=0.1)
 
-        def grads(bad):
+        def sparse_grads(bad):
             for p in ps:
                 p.grad = torch.sparse_coo_tensor([[0, 2]], torch.ones(2, 3), (4, 3),
                                                  check_invariants=True)
             if bad:
                 ps[-1].grad = torch.ones(4, 3)  # dense: refused
-        return opt, ps, lambda bad: (grads(bad), opt.step())
+        return opt, ps, lambda bad: (sparse_grads(bad), opt.step())
     shape = (3, 4)
     ps = [torch.linspace(-1, 1, 12).reshape(shape).requires_grad_() for _ in range(3)]
     cls = getattr(ft if torch_class else fastopt, name)

@@ -103,6 +103,16 @@ def _torch():
     return sys.modules.get("torch")
 
 
+def _check_dense_cpu(obj, where):
+    """Raise ValueError naming ``where`` unless the tensor ``obj`` is strided and on the CPU."""
+    if obj.layout is not _torch().strided:
+        raise ValueError(f"{where}: fastopt optimizes dense tensors, got a tensor with "
+                         f"layout {obj.layout}")
+    if obj.device.type != "cpu":
+        raise ValueError(f"{where}: fastopt updates CPU tensors, this one is on "
+                         f"{obj.device}; move the model to the CPU or use torch.optim")
+
+
 class TorchAdapter:
     """The adapter for ``torch.Tensor`` parameters."""
 
@@ -136,12 +146,7 @@ class TorchAdapter:
         where = _where(gi, pi)
         if wide:
             return self._check_wide(obj, where, defaults)
-        if obj.layout is not torch.strided:
-            raise ValueError(f"{where}: fastopt optimizes dense tensors, got a tensor with "
-                             f"layout {obj.layout}")
-        if obj.device.type != "cpu":
-            raise ValueError(f"{where}: fastopt updates CPU tensors, this one is on "
-                             f"{obj.device}; move the model to the CPU or use torch.optim")
+        _check_dense_cpu(obj, where)
         if obj.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"{where}: fastopt optimizes float32 and float64 tensors, got "
                             f"{obj.dtype}")
@@ -158,12 +163,7 @@ class TorchAdapter:
 
     def _check_wide(self, obj, where, defaults):
         torch = _torch()
-        if obj.layout is not torch.strided:
-            raise ValueError(f"{where}: fastopt optimizes dense tensors, got a tensor with "
-                             f"layout {obj.layout}")
-        if obj.device.type != "cpu":
-            raise ValueError(f"{where}: fastopt updates CPU tensors, this one is on "
-                             f"{obj.device}; move the model to the CPU or use torch.optim")
+        _check_dense_cpu(obj, where)
         if obj.dtype not in (torch.float32, torch.float64, torch.complex64, torch.complex128):
             raise TypeError(f"{where}: fastopt optimizes float32, float64, complex64 and "
                             f"complex128 tensors, got {obj.dtype}")

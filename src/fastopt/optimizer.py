@@ -490,9 +490,9 @@ class Optimizer:
                 if mode == 1:
                     # SGD: the buffer takes the gradient as is on this step (torch clones it)
                     if fresh.get(keys[0]) is None:
-                        fresh[keys[0]] = np.zeros_like(base)
+                        fresh[keys[0]] = self._state_value(obj, base, np.zeros_like(base))
                 elif len(fresh) == 0:
-                    self._init_state(fresh, base, frozen)
+                    self._fresh_state(fresh, obj, base, frozen)
                 entry = made[id(obj)] = (obj, fresh)
             plan.bind(slot, entry[1], mode == 1, array, gi, pi)
         for obj, fresh in made.values():
@@ -501,6 +501,15 @@ class Optimizer:
                 current.update(fresh)
             else:
                 self.state[obj] = fresh
+
+    def _state_value(self, param, array, value):
+        """A new state array ``value`` for ``param`` (whose data is ``array``) as the state
+        holds it: the array itself (fastopt.torch: a tensor sharing its memory)."""
+        return value
+
+    def _fresh_state(self, state, param, array, frozen):
+        """Fill the empty dict ``state`` of ``param`` (``_init_state``'s work)."""
+        self._init_state(state, array, frozen)
 
     # Hooks -------------------------------------------------------------------------------
 

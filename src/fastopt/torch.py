@@ -83,7 +83,6 @@ Importing this module imports torch; ``import fastopt`` alone never does.
 """
 import functools
 import math
-import threading
 
 import numpy as np
 import torch
@@ -268,37 +267,21 @@ class _KernelStep:
 
     step = _with_step_hooks(step)
 
-    def _create_state(self, missing, work):
-        """Called by the step with the parameters that step for the first time: their state
-        is made by the fastopt class's code, as tensors, all or none."""
-        made = {}
-        for plan, slot, obj, array, gi, pi in missing:
-            frozen, keys, mode = work[gi]
-            entry = made.get(id(obj))
-            if entry is None:
-                base = array.view(np.ndarray)
-                old = self.state.get(obj)
-                fresh = dict(old) if isinstance(old, dict) else {}
-                if mode == 1:
-                    # SGD: the buffer takes the gradient as is on this step (torch clones it)
-                    if fresh.get(keys[0]) is None:
-                        fresh[keys[0]] = _state_tensor(obj, base, np.zeros_like(base))
-                elif len(fresh) == 0:
-                    arrays = {}
-                    # a tensor lr as its value (ASGD's eta starts at lr): NumPy warns when
-                    # it converts a tensor itself
-                    self._init_state(arrays, base, {
-                        k: v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v
-                        for k, v in frozen.items()})
-                    fresh.update({k: _state_tensor(obj, base, v) for k, v in arrays.items()})
-                entry = made[id(obj)] = (obj, fresh)
-            plan.bind(slot, entry[1], mode == 1, array, gi, pi)
-        for obj, fresh in made.values():
-            current = self.state.get(obj)
-            if isinstance(current, dict):
-                current.update(fresh)
-            else:
-                self.state[obj] = fresh
+    # new state: made by the fastopt class's code (Optimizer._create_state, all or none),
+    # as tensors in the parameter's layout
+    _create_state = _Optimizer._create_state
+
+    def _state_value(self, param, array, value):
+        return _state_tensor(param, array, value)
+
+    def _fresh_state(self, state, param, array, frozen):
+        arrays = {}
+        # a tensor lr as its value (ASGD's eta starts at lr): NumPy warns when it converts a
+        # tensor itself
+        self._init_state(arrays, array, {
+            k: v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v
+            for k, v in frozen.items()})
+        state.update({k: _state_tensor(param, array, v) for k, v in arrays.items()})
 
     # -- loading ----------------------------------------------------------------------------
 
