@@ -5,7 +5,7 @@ import operator
 import numpy as np
 
 from fastopt import _kernels
-from fastopt._numpy_step import check_state_array, prepare, signals_deferred
+from fastopt._numpy_step import check_state_array, mark_updated, prepare, signals_deferred
 from fastopt.optimizer import Optimizer
 
 __all__ = ["Muon"]
@@ -240,15 +240,30 @@ class Muon(Optimizer):
             loss = closure()
         ns_dtype = self.ns_dtype
         _check_ns_dtype(ns_dtype)
-        frozen, groups = prepare(self, "Muon", self._check_existing_state,
-                                 lambda st: "momentum_buffer" not in st, self._check_frozen,
-                                 self._check_param)
+        frozen, groups = self._prepare_step(self.state)
+        try:
+            self._update_groups(frozen, groups, self.state, ns_dtype)
+        finally:
+            mark_updated(groups)
+        return loss
+
+    def _prepare_step(self, state):
+        """Phase 1 of a step over the parameter states ``state``: every check, and the state
+        of new parameters created in ``state``; raises before anything changes."""
+        return prepare(self, "Muon", self._check_existing_state,
+                       lambda st: "momentum_buffer" not in st, self._check_frozen,
+                       self._check_param, state=state, mark=False)
+
+    @staticmethod
+    def _update_groups(frozen, groups, state, ns_dtype):
+        """Phase 2: the update of every parameter of ``_prepare_step``'s lists, the
+        Newton-Schulz iteration in ``ns_dtype``."""
         with signals_deferred():  # every group is updated, or (the checks failed) none
             for group, items in zip(frozen, groups):
                 lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
                 for _, p, arr, g in items:
                     T = arr.dtype.type
-                    buf = self.state[p]["momentum_buffer"]
+                    buf = state[p]["momentum_buffer"]
                     _lerp(buf, g, 1 - mu)
                     if group["nesterov"]:
                         upd = np.array(g, order="C")
@@ -259,8 +274,6 @@ class Muon(Optimizer):
                                       group["eps"], ns_dtype)
                     arr *= T(1 - lr * wd)
                     _add_scaled(arr, -_adjusted_lr(lr, group["adjust_lr_fn"], arr.shape), o)
-        return loss
-
 
 def _check_ns_dtype(value):
     if not isinstance(value, str) or value not in NS_DTYPES:
