@@ -12,8 +12,9 @@ import threading
 
 import numpy as np
 
-from fastopt._adapters import _foreign_among, _foreign_updated, _param_arrays, _where
-from fastopt.parameter import SparseGrad
+from fastopt._adapters import (_adapter_for, _foreign_among, _foreign_updated, _param_arrays,
+                               _where)
+from fastopt.parameter import Parameter, SparseGrad
 
 __all__ = ["check_groups", "check_state_array", "check_step", "commit_state", "freeze",
            "gather", "lerp_", "mark_updated", "new_state", "prepare", "real",
@@ -31,6 +32,9 @@ def gather(opt, name):
     for gi, group in enumerate(opt.param_groups):
         items = []
         for pi, p in enumerate(group["params"]):
+            if (not isinstance(p, Parameter) and getattr(p, "grad", 0) is None
+                    and _adapter_for(p) is not None):
+                continue  # a tensor without a gradient is not read (torch's steps skip it)
             arr, g = _param_arrays(p, gi, pi, mark=False)
             if g is None:
                 continue
