@@ -566,6 +566,23 @@ class _NumpyStep:
 
     step = _with_step_hooks(step)
 
+    def __setstate__(self, state):
+        # torch's __setstate__ adds ``differentiable=False`` to the defaults, a key that the
+        # groups lack where the torch class takes no such argument (Adafactor, Muon): the
+        # step's hyperparameters stay those of the constructor
+        saved = state.get("defaults")
+        added = isinstance(saved, dict) and "differentiable" not in saved
+        super().__setstate__(state)
+        if added:
+            defaults = self.defaults
+            self.defaults = {k: v for k, v in defaults.items() if k != "differentiable"}
+            try:
+                self.__dict__.pop("_kinds", None)
+                self._hyper_kinds()
+            finally:
+                self.defaults = defaults
+
+
 
 def _state_view(value, where, path, back, scalars):
     """``value``, a state entry, for fastopt's NumPy code: a tensor as a NumPy view of its
@@ -595,11 +612,14 @@ def _state_view(value, where, path, back, scalars):
 
 
 def _dense_saved_state(value, key, where):
-    """Refuse a saved state tensor that is not dense (a sparse one), naming the key: the
-    NumPy steps keep torch's dense state."""
+    """Refuse a saved state tensor that is not dense (a sparse one), or has no data (on the
+    meta device), naming the key: the NumPy steps keep torch's dense state."""
     if isinstance(value, torch.Tensor) and value.layout is not torch.strided:
         raise TypeError(f"{where}: state[{key!r}] is a tensor with layout {value.layout}; "
                         f"this optimizer's state is dense, as torch's")
+    if isinstance(value, torch.Tensor) and value.device.type == "meta":
+        raise TypeError(f"{where}: state[{key!r}] is a tensor on the meta device, which "
+                        f"holds no values")
 
 
 def _numpy_state_tensor(value, back):
