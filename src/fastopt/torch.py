@@ -17,8 +17,12 @@ Only ``step`` is fastopt's, updating the parameters in place through their memor
   torch lacks and which subclasses ``torch.optim.Optimizer``) step with fastopt's C kernels:
   one call into C for all groups, the GIL released;
 * ``SparseAdam`` steps with fastopt's row-sparse C kernel, one call for all groups;
-* ``LBFGS`` and ``Adafactor``, which are not per-element, step with the NumPy code of
-  :class:`fastopt.LBFGS` and :class:`fastopt.Adafactor` on NumPy views of the tensors.
+* ``LBFGS``, ``Adafactor`` and ``Muon``, which are not per-element, step with the NumPy code
+  of :class:`fastopt.LBFGS`, :class:`fastopt.Adafactor` and :class:`fastopt.Muon` on NumPy
+  views of the tensors. Muon's Newton-Schulz iteration is torch's bfloat16 one, emulated
+  operation by operation (its matrix products sum in another order, so an update differs
+  from torch's by up to a few percent of its RMS); its ``ns_dtype`` attribute
+  (``"float32"``, ``"float64"``) works here too.
 
 The state holds torch tensors, as torch's does (``exp_avg``, ``exp_avg_sq``, a float32
 0-d ``step`` tensor, ...; SparseAdam's ``step`` is an int and LBFGS's history has torch's
@@ -43,10 +47,11 @@ Rules beyond torch's:
   left alone), and state is made and loaded in the parameter's layout (state set by hand in
   another layout is refused by the step). Complex parameters step as their
   ``torch.view_as_real`` views, their state is complex, as torch's;
-* parameters of ``SparseAdam``, ``LBFGS`` and ``Adafactor`` are contiguous float32 or
-  float64 CPU tensors. As torch's, ``SparseAdam`` refuses complex parameters at
-  construction (ValueError) and ``Adafactor`` at the step (RuntimeError, naming the
-  parameter); ``LBFGS`` refuses them at construction (TypeError; torch's steps with them);
+* parameters of ``SparseAdam``, ``LBFGS``, ``Adafactor`` and ``Muon`` are contiguous float32
+  or float64 CPU tensors (Muon's: matrices, as torch's). As torch's, ``SparseAdam`` refuses
+  complex parameters at construction (ValueError), ``Adafactor`` and ``Muon`` at the step
+  (RuntimeError, naming the parameter); ``LBFGS`` refuses them at construction (TypeError;
+  torch's steps with them);
 * gradients are dense tensors of the parameter's dtype and shape, with torch's exceptions
   for sparse COO gradients (``Embedding(sparse=True)``): ``SGD`` and ``Adagrad`` take them
   with torch's rules (SGD's momentum buffer of a sparse gradient is a sparse tensor; weight
@@ -92,6 +97,7 @@ from torch.optim import Optimizer as _TorchOptimizer
 import fastopt
 from fastopt import _kernels, _numpy_step
 from fastopt._adapters import TORCH_ADAPTER, _where
+from fastopt.muon import _check_ns_dtype
 from fastopt.optimizer import Optimizer as _Optimizer
 
 __all__ = ["ASGD", "Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "Lion", "NAdam", "RAdam",
@@ -583,7 +589,6 @@ class _NumpyStep:
                 self.defaults = defaults
 
 
-
 def _state_view(value, where, path, back, scalars):
     """``value``, a state entry, for fastopt's NumPy code: a tensor as a NumPy view of its
     memory (0-d ones, with ``scalars``, as NumPy scalars of their dtype), lists item by
@@ -1052,3 +1057,77 @@ class SparseAdam(torch.optim.SparseAdam):
         step_size = lr * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
         return (arr, rows, vals, st["exp_avg"].detach().numpy(),
                 st["exp_avg_sq"].detach().numpy(), step_size)
+
+
+class Muon(_NumpyStep, torch.optim.Muon):
+    """``torch.optim.Muon`` stepping with :class:`fastopt.Muon`'s NumPy code (see
+    :mod:`fastopt.torch`); arguments, defaults, errors and state (a ``momentum_buffer``
+    tensor, updated in place) are torch's.
+
+    The Newton-Schulz iteration is torch's bfloat16 one, emulated operation by operation:
+    torch's numbers but for the order in which a matrix product sums in float32, which the
+    iteration amplifies (see :class:`fastopt.Muon`); the momentum buffers and the lerps
+    round as torch's. ``ns_dtype`` (an attribute, as :class:`fastopt.Muon`'s, default
+    ``"bfloat16"``; ``"float32"`` or ``"float64"`` orthogonalise more accurately) is kept by
+    pickling and copies, and is not part of ``defaults``, the groups or ``state_dict()``.
+
+    Beyond torch: every parameter, gradient and state tensor of every group is checked
+    before anything changes (a bad one raises naming it, with nothing changed; torch updates
+    the groups before it), and with ``adjust_lr_fn`` None or ``"original"`` a parameter with
+    no columns raises ValueError (torch raises ZeroDivisionError after updating the
+    parameters before it). As torch, the constructor takes 2-D parameters only, a complex
+    parameter is taken by it and refused by a step that has its gradient (RuntimeError,
+    torch's text, naming it), and a sparse gradient raises RuntimeError.
+
+    """
+
+    _fastopt = fastopt.Muon
+    _borrowed = ("_prepare_step", "_update_groups", "_check_existing_state", "_check_frozen",
+                 "_check_param", "_init_state")
+    _complex_at_step = True
+    #: precision of the Newton-Schulz iteration (see :class:`fastopt.Muon`)
+    ns_dtype = fastopt.Muon.ns_dtype
+
+    def __getstate__(self):
+        return {**super().__getstate__(), "ns_dtype": self.ns_dtype}
+
+    def _numpy_step(self, closure):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        ns_dtype = self.ns_dtype
+        _check_ns_dtype(ns_dtype)
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p.grad is not None and p.is_complex():
+                    raise RuntimeError(f"{_where(gi, pi)}: Muon does not support complex "
+                                       f"parameters")
+        back = {}
+        views = {}
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                st = self.state.get(p)
+                if p.grad is None or p in views or st is None:
+                    continue
+                views[p] = {k: _state_view(v, (gi, pi), (k,), back, False)
+                            for k, v in st.items()} if isinstance(st, dict) else st
+        frozen, groups = self._prepare_step(views)  # raises with nothing changed
+        try:
+            self._update_groups(frozen, groups, views, ns_dtype)
+        finally:
+            # the momentum buffers made for new parameters, as tensors (the others were
+            # updated in place and stay the tensors they were)
+            for p, st in views.items():
+                self.state[p].update({k: _numpy_state_tensor(v, back) for k, v in st.items()})
+            _numpy_step.mark_updated(groups)
+        return loss
+
+    def _cast_state(self, param, array, value, key, where):
+        _dense_saved_state(value, key, where)
+        return _to_tensor(_Optimizer._cast_state(self, param, array, value, key, where))
+
+
+Muon.__doc__ += torch.optim.Muon.__doc__ or ""
+
+__all__ += ["Muon"]
