@@ -56,7 +56,8 @@ Four documented tolerances:
   at a relative 1e-3 (see ``HISTORY_TOL``); its parameters, at every step, at the default;
 * Muon's Newton-Schulz iteration runs in bfloat16, emulated by fastopt operation by operation
   but with float32 matrix products that sum in another order (see ``MUON_TOL``): each step's
-  update is compared relative to the RMS of torch's (3 %; measured at most 2.4 %), the
+  update is compared relative to the RMS of torch's (6 %; measured at most 2.4 % here: torch's
+  bfloat16 products sum in an order that depends on the CPU), the
   parameters after every step within an absolute 1.2e-3 (measured 4e-5) and the final
   momentum buffers within 1e-4 (measured 1.1e-6).
 
@@ -119,10 +120,11 @@ STEPS = {"LBFGS": {torch.float32: 1, torch.float64: 3}}
 #: Muon's Newton-Schulz iteration runs in bfloat16: fastopt emulates torch's operations one by
 #: one, but its float32 matrix products sum in another order and round to another bfloat16
 #: for a few elements in ten thousand, which the iteration amplifies. Compared as in
-#: tests/test_muon.py: each step's update within 3 % of the RMS of torch's (``update``), the
+#: tests/test_muon.py but for the update, within 6 % of the RMS of torch's (``update``;
+#: measured 2.4 % here, and torch's bfloat16 products sum in a CPU-dependent order), the
 #: parameters within an absolute 1.2e-3 after every step; the final momentum buffers, which
 #: see the gradients of those parameters, within 1e-4 (``state``)
-MUON_TOL = {"update": 0.03, "params": {"rtol": 0, "atol": 1.2e-3},
+MUON_TOL = {"update": 0.06, "params": {"rtol": 0, "atol": 1.2e-3},
             "state": {"rtol": 0, "atol": 1e-4}}
 #: the optimizers that take matrices only: their model has no biases
 MATRICES_ONLY = {"Muon"}
