@@ -588,6 +588,42 @@ class _NumpyStep:
             finally:
                 self.defaults = defaults
 
+    def _in_place_step(self, closure, *args):
+        """The step of Adafactor and Muon: their NumPy code (``_prepare_step``, which checks
+        everything, then ``_update_groups(frozen, groups, views, *args)``) on NumPy views of
+        the tensor state, which it updates in place; the state it makes for new parameters
+        becomes tensors. Complex parameters with a gradient raise torch's RuntimeError first.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        name = type(self).__name__
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p.grad is not None and p.is_complex():
+                    raise RuntimeError(f"{_where(gi, pi)}: {name} does not support complex "
+                                       f"parameters")
+        back = {}
+        views = {}
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                st = self.state.get(p)
+                if p.grad is None or p in views or st is None:
+                    continue
+                views[p] = {k: _state_view(v, (gi, pi), (k,), back, False)
+                            for k, v in st.items()} if isinstance(st, dict) else st
+        frozen, groups = self._prepare_step(views)  # raises with nothing changed
+        try:
+            self._update_groups(frozen, groups, views, *args)
+        finally:
+            # the state made for new parameters, as tensors (the rest was updated in place
+            # and stays the tensors it was)
+            for p, st in views.items():
+                self.state[p].update({k: _numpy_state_tensor(v, back) for k, v in st.items()})
+            _numpy_step.mark_updated(groups)
+        return loss
+
 
 def _state_view(value, where, path, back, scalars):
     """``value``, a state entry, for fastopt's NumPy code: a tensor as a NumPy view of its
@@ -728,34 +764,7 @@ class Adafactor(_NumpyStep, torch.optim.Adafactor):
     _complex_at_step = True
 
     def _numpy_step(self, closure):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for gi, group in enumerate(self.param_groups):
-            for pi, p in enumerate(group["params"]):
-                if p.grad is not None and p.is_complex():
-                    raise RuntimeError(f"{_where(gi, pi)}: Adafactor does not support "
-                                       f"complex parameters")
-        back = {}
-        views = {}
-        for gi, group in enumerate(self.param_groups):
-            for pi, p in enumerate(group["params"]):
-                st = self.state.get(p)
-                if p.grad is None or p in views or st is None:
-                    continue
-                views[p] = {k: _state_view(v, (gi, pi), (k,), back, False)
-                            for k, v in st.items()} if isinstance(st, dict) else st
-        frozen, groups = self._prepare_step(views)  # raises with nothing changed
-        try:
-            self._update_groups(frozen, groups, views)
-        finally:
-            # the state made for new parameters, as tensors (the rest was updated in place
-            # and stays the tensors it was)
-            for p, st in views.items():
-                self.state[p].update({k: _numpy_state_tensor(v, back) for k, v in st.items()})
-            _numpy_step.mark_updated(groups)
-        return loss
+        return self._in_place_step(closure)
 
     def _cast_state(self, param, array, value, key, where):
         _dense_saved_state(value, key, where)
@@ -1092,36 +1101,9 @@ class Muon(_NumpyStep, torch.optim.Muon):
         return {**super().__getstate__(), "ns_dtype": self.ns_dtype}
 
     def _numpy_step(self, closure):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
         ns_dtype = self.ns_dtype
         _check_ns_dtype(ns_dtype)
-        for gi, group in enumerate(self.param_groups):
-            for pi, p in enumerate(group["params"]):
-                if p.grad is not None and p.is_complex():
-                    raise RuntimeError(f"{_where(gi, pi)}: Muon does not support complex "
-                                       f"parameters")
-        back = {}
-        views = {}
-        for gi, group in enumerate(self.param_groups):
-            for pi, p in enumerate(group["params"]):
-                st = self.state.get(p)
-                if p.grad is None or p in views or st is None:
-                    continue
-                views[p] = {k: _state_view(v, (gi, pi), (k,), back, False)
-                            for k, v in st.items()} if isinstance(st, dict) else st
-        frozen, groups = self._prepare_step(views)  # raises with nothing changed
-        try:
-            self._update_groups(frozen, groups, views, ns_dtype)
-        finally:
-            # the momentum buffers made for new parameters, as tensors (the others were
-            # updated in place and stay the tensors they were)
-            for p, st in views.items():
-                self.state[p].update({k: _numpy_state_tensor(v, back) for k, v in st.items()})
-            _numpy_step.mark_updated(groups)
-        return loss
+        return self._in_place_step(closure, ns_dtype)
 
     def _cast_state(self, param, array, value, key, where):
         _dense_saved_state(value, key, where)
