@@ -154,8 +154,17 @@ def _hooked_step(func, args, kwargs):
     if not (_global_step_pre_hooks or _global_step_post_hooks
             or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks):
         return func(*args, **kwargs)
+    return _run_step_hooks(func, args, kwargs, _global_step_pre_hooks, _global_step_post_hooks)
+
+
+def _run_step_hooks(func, args, kwargs, global_pre, global_post, after=None):
+    """``func(*args, **kwargs)`` (a step; ``args[0]`` the optimizer) in torch's hook order:
+    the hooks of ``global_pre``, then the optimizer's pre hooks (one may return new ``(args,
+    kwargs)``), the step, ``after()`` when given, the optimizer's post hooks, then those of
+    ``global_post``. fastopt.torch passes torch's global hooks."""
+    self = args[0]
     # as torch: hooks see args with the optimizer first, and may replace args and kwargs
-    for hook in chain(_global_step_pre_hooks.values(), self._optimizer_step_pre_hooks.values()):
+    for hook in chain(global_pre.values(), self._optimizer_step_pre_hooks.values()):
         result = hook(self, args, kwargs)
         if result is not None:
             if isinstance(result, tuple) and len(result) == 2:
@@ -164,8 +173,9 @@ def _hooked_step(func, args, kwargs):
                 raise RuntimeError(f"{func} must return None or a tuple of "
                                    f"(new_args, new_kwargs), but got {result}.")
     out = func(*args, **kwargs)
-    for hook in chain(self._optimizer_step_post_hooks.values(),
-                      _global_step_post_hooks.values()):
+    if after is not None:
+        after()
+    for hook in chain(self._optimizer_step_post_hooks.values(), global_post.values()):
         hook(self, args, kwargs)
     return out
 

@@ -98,7 +98,7 @@ import fastopt
 from fastopt import _kernels, _numpy_step
 from fastopt._adapters import TORCH_ADAPTER, _where
 from fastopt.muon import _check_ns_dtype
-from fastopt.optimizer import Optimizer as _Optimizer
+from fastopt.optimizer import Optimizer as _Optimizer, _run_step_hooks
 
 __all__ = ["ASGD", "Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "Lion", "NAdam", "RAdam",
            "RMSprop", "Rprop", "SGD", "SparseAdam"]
@@ -115,21 +115,8 @@ def _with_step_hooks(func):
     hooks = _torch_optimizer_module
 
     def run(func, self, args, kwargs):
-        for pre_hook in (*hooks._global_optimizer_pre_hooks.values(),
-                         *self._optimizer_step_pre_hooks.values()):
-            result = pre_hook(self, args, kwargs)
-            if result is not None:
-                if isinstance(result, tuple) and len(result) == 2:
-                    args, kwargs = result
-                else:
-                    raise RuntimeError(f"{func} must return None or a tuple of (new_args, "
-                                       f"new_kwargs), but got {result}.")
-        out = func(*args, **kwargs)
-        self._optimizer_step_code()
-        for post_hook in (*self._optimizer_step_post_hooks.values(),
-                          *hooks._global_optimizer_post_hooks.values()):
-            post_hook(self, args, kwargs)
-        return out
+        return _run_step_hooks(func, args, kwargs, hooks._global_optimizer_pre_hooks,
+                              hooks._global_optimizer_post_hooks, self._optimizer_step_code)
 
     @functools.wraps(func)
     def step(*args, **kwargs):
