@@ -92,3 +92,21 @@ def rosenbrock(x):
     g[:-1] = -400 * x0 * (x1 - x0 ** 2) - 2 * (1 - x0)
     g[1:] += 200 * (x1 - x0 ** 2)
     return f, g
+
+
+def torch_mlp(dtype=None, seed=0, bias=True):
+    """The small seeded MLP (6 -> 8 -> 3, tanh) the fastopt.torch tests train."""
+    import torch
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8, bias=bias), torch.nn.Tanh(),
+                                torch.nn.Linear(8, 3, bias=bias))
+    return model.to(torch.float32 if dtype is None else dtype)
+
+
+def torch_batch(dtype=None):
+    """A fixed batch (x of 32 x 6, y of 32 x 3) for ``torch_mlp``."""
+    import torch
+    dtype = torch.float32 if dtype is None else dtype
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(32, 6, generator=g, dtype=dtype),
+            torch.randn(32, 3, generator=g, dtype=dtype))

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import fastopt
-from helpers import rosenbrock
+from helpers import rosenbrock, torch_batch, torch_mlp
 from optim_db import CONSTRUCTION, error_configs, inputs_of
 
 torch = pytest.importorskip("torch", reason="fastopt.torch needs torch")
@@ -29,16 +29,8 @@ HISTORY = {torch.float32: {"rtol": 1e-3, "atol": 1e-5}, torch.float64: {"rtol": 
 NAMES = ["LBFGS", "Adafactor"]
 
 
-def _model(dtype=torch.float32):
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(),
-                               torch.nn.Linear(8, 3)).to(dtype)
-
-
-def _data(dtype=torch.float32):
-    g = torch.Generator().manual_seed(1)
-    return (torch.randn(32, 6, generator=g, dtype=dtype),
-            torch.randn(32, 3, generator=g, dtype=dtype))
+_model = torch_mlp
+_data = torch_batch
 
 
 def _closure(model, opt, x, y):

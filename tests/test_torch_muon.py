@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import fastopt
+from helpers import torch_batch, torch_mlp
 from optim_db import CONSTRUCTION, error_configs, inputs_of
 
 torch = pytest.importorskip("torch", reason="fastopt.torch needs torch")
@@ -62,15 +63,10 @@ def _grads(runs, k):
 
 
 def _model(dtype=torch.float32):
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(6, 8, bias=False), torch.nn.Tanh(),
-                               torch.nn.Linear(8, 3, bias=False)).to(dtype)
+    return torch_mlp(dtype, bias=False)  # Muon takes matrices only
 
 
-def _data(dtype=torch.float32):
-    g = torch.Generator().manual_seed(1)
-    return (torch.randn(32, 6, generator=g, dtype=dtype),
-            torch.randn(32, 3, generator=g, dtype=dtype))
+_data = torch_batch
 
 
 def _loss_step(model, opt, x, y):

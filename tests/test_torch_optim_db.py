@@ -103,6 +103,7 @@ pytest.importorskip("expecttest", reason="torch's test database imports expectte
 from torch.testing._internal import common_optimizers as _db  # noqa: E402
 
 import fastopt.torch as ft  # noqa: E402
+from helpers import torch_batch, torch_mlp  # noqa: E402
 
 F32 = {"rtol": 1.3e-6, "atol": 1e-5}  # torch.testing's float32 defaults
 # centered RMSprop with momentum: the buffer sums g / (sqrt(v - m^2) + eps), whose
@@ -185,10 +186,7 @@ def _by_kind(kind):
     return [p for p in CONFIGS if _kind(p.values[3]) == kind]
 
 
-def _model(dtype, seed=0, bias=True):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 8, bias=bias), torch.nn.Tanh(),
-                               torch.nn.Linear(8, 3, bias=bias)).to(dtype)
+_model = torch_mlp
 
 
 def _model_for(info, dtype):
@@ -196,10 +194,7 @@ def _model_for(info, dtype):
     return _model(dtype, bias=info.name not in MATRICES_ONLY)
 
 
-def _data(dtype):
-    g = torch.Generator().manual_seed(1)
-    return (torch.randn(32, 6, generator=g, dtype=dtype),
-            torch.randn(32, 3, generator=g, dtype=dtype))
+_data = torch_batch
 
 
 def _groups(model, cls, kwargs):

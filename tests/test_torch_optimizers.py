@@ -15,6 +15,7 @@ import threading
 import numpy as np
 import pytest
 
+from helpers import torch_batch, torch_mlp
 from optim_db import DB, PER_ELEMENT, configs
 
 torch = pytest.importorskip("torch", reason="fastopt.torch needs torch")
@@ -25,15 +26,10 @@ F64 = {"rtol": 1e-7, "atol": 1e-7}
 
 
 def _model(seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(),
-                               torch.nn.Linear(8, 3)).to(dtype)
+    return torch_mlp(dtype, seed)
 
 
-def _data(dtype=torch.float32):
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(32, 6, generator=g, dtype=dtype), torch.randn(32, 3, generator=g,
-                                                                      dtype=dtype)
+_data = torch_batch
 
 
 def _step(model, opt, x, y):
