@@ -20,9 +20,10 @@ from cpython.pythread cimport PyThread_get_thread_ident
 from cpython.object cimport PyObject
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc, qsort, realloc
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 
 import functools as _functools
+import sys
 import weakref as _weakref
 
 import numpy as np
@@ -743,12 +744,52 @@ cdef inline int _check_scalar(object obj, Py_ssize_t gi, Py_ssize_t pi, object k
     return 0
 
 
+cdef extern from "Python.h":
+    PyObject *_PyDict_GetItem_KnownHash(object d, object key, Py_hash_t h)
+    Py_hash_t PyObject_Hash(object o) except? -1
+    void PyErr_Clear()
+    PyObject *PyList_GET_ITEM(object lst, Py_ssize_t i)
+    bint PyDict_Check(object o)
+    Py_ssize_t PyList_GET_SIZE(object lst)
+
+cdef enum:
+    _KIND_ARRAY = 0   # a fastopt.Parameter (an ndarray)
+    _KIND_TENSOR = 1  # a contiguous real torch tensor, read through its cached view
+    _MAX_ENTRIES = 6  # 3 state arrays, the step counter, 2 scalar entries
+    _NEED_FLAGS = (cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_ALIGNED | cnp.NPY_ARRAY_WRITEABLE)
+
+ctypedef struct _trec:
+    PyObject *param           # borrowed: the cache holds a reference (refs)
+    PyObject *arr             # the array the kernel updates (the parameter or its view)
+    PyObject *st              # the parameter's state dict (NULL: the group keeps no state)
+    PyObject *shape           # a tensor's shape (torch.Size), and its dtype
+    PyObject *dtype
+    PyObject *entry[6]        # the state entries read, in the group's lookup order
+    uintptr_t eptr[6]         # their data pointers
+    fo_tensor *t              # the parameter's slot in its plan (NULL: it has no gradient)
+    uintptr_t pdata           # the parameter's memory
+    int64_t numel
+    int64_t itemsize
+    uintptr_t glo, ghi        # the memory of the gradient checked last
+    Py_hash_t hash
+    PyObject *plan            # the plan holding its tensor (NULL: it has no gradient)
+    int32_t gi, pi, slot
+    int32_t kind
+    int32_t nentry
+    int32_t tensors           # bit k: entry k is a tensor (else an ndarray)
+    int32_t typenum
+
+
+cdef class _StepCache
+
+
 cdef class Plan:
     """Pointers to every tensor of one dtype that one step of one group updates, and the
     group's hyperparameters as the kernel's doubles."""
     cdef fo_tensor *ts
     cdef Py_ssize_t n, cap
     cdef list keep
+    cdef list gkeep  # the gradients, kept apart: a cached plan lets go of them after a step
     cdef double hyper[MAX_HYPER]
     cdef readonly int typenum
     cdef tuple keys
@@ -763,6 +804,7 @@ cdef class Plan:
         self.sid = -1
         self.serial = -1
         self.keep = []
+        self.gkeep = []
         self.ts = NULL
         self.n = 0
         self.cap = 0
@@ -799,13 +841,14 @@ cdef class Plan:
         t.scalar[3] = 0.0
         t.flags = 0
         self.keep.append(p)
-        self.keep.append(g)
+        self.gkeep.append(g)
         self.n += 1
         return self.n - 1
 
     cdef int _bind(self, Py_ssize_t slot, object st, cnp.ndarray p, Py_ssize_t gi,
-                   Py_ssize_t pi, _Spans sp, object owner) except -1:
-        # sp: where to record the memory of the state arrays (None for new state)
+                   Py_ssize_t pi, _Spans sp, object owner, _StepCache rec=None) except -1:
+        # sp: where to record the memory of the state arrays (None for new state); rec: the
+        # cache being built, which records every entry read (see _StepCache)
         cdef PyObject *item
         cdef cnp.ndarray a
         cdef Py_ssize_t j
@@ -861,6 +904,8 @@ cdef class Plan:
                 nb += 1
             self.ts[slot].state[j] = cnp.PyArray_DATA(a)
             self.keep.append(a)
+            if rec is not None:
+                rec.entry(item, a)
             if sp is not None:
                 _push(sp, cnp.PyArray_DATA(a), nbytes, owner, pi, self.sid,
                       _ROLE_STATE + <int>j)
@@ -876,6 +921,8 @@ cdef class Plan:
                                 f"float32 array, got {(<object>item)!r}")
             self.ts[slot].step = <float *>cnp.PyArray_DATA(<cnp.ndarray>obj)
             self.keep.append(obj)
+            if rec is not None:
+                rec.entry(item, <cnp.ndarray>obj)
             if sp is not None:
                 _push(sp, self.ts[slot].step, 4, owner, pi, self.sid, _ROLE_STEP)
         for j in range(len(self.scalars)):
@@ -885,6 +932,8 @@ cdef class Plan:
             _check_scalar(obj if obj is not None or item == NULL else <object>item, gi, pi, key)
             self.ts[slot].aux[j] = <float *>cnp.PyArray_DATA(<cnp.ndarray>obj)
             self.keep.append(obj)
+            if rec is not None:
+                rec.entry(item, <cnp.ndarray>obj)
             if sp is not None:
                 _push(sp, self.ts[slot].aux[j], 4, owner, pi, self.sid, _ROLE_AUX + <int>j)
         return 0
@@ -947,15 +996,18 @@ cdef Plan _new_plan(int typenum, Spec spec, tuple keys, _Spans sp, Py_ssize_t gi
 
 
 cdef tuple _collect(Py_ssize_t gi, list params, state, Spec spec, tuple keys, int init_mode,
-                    list missing, _Spans sp, list foreign, list sparse):
+                    list missing, _Spans sp, list foreign, list sparse, _StepCache rec):
     """Check group ``gi`` and return plans (p32, p64) of the parameters that have a
     gradient, by dtype (None for a dtype with none). Parameters that need new state (see
     Spec.init_mode) are appended to ``missing`` as (plan, slot, param, array, gi, pi) and
     left unbound. The memory of every array is recorded in ``sp``; foreign parameters with a
     gradient are appended to ``foreign``. With ``sparse`` (a list, see Spec.sparse_ok),
     foreign parameters with a sparse gradient are appended to it as (gi, pi, param, array,
-    grad) and left out of the plans."""
+    grad) and left out of the plans. With ``rec`` (a cache being built), every parameter
+    is recorded in it, or the cache is marked unusable (``rec.ok``) when a parameter takes a
+    path the cached step does not (see _StepCache)."""
     cdef Py_ssize_t i, slot, n = len(params)
+    cdef int kind
     cdef cnp.ndarray arr, g
     cdef Plan plan, p32 = None, p64 = None
     cdef PyObject *item
@@ -966,15 +1018,21 @@ cdef tuple _collect(Py_ssize_t gi, list params, state, Spec spec, tuple keys, in
     for i in range(n):
         obj = params[i]
         if type(obj) is ptype or isinstance(obj, ptype):
+            kind = _KIND_ARRAY
             gobj = obj.grad
             if gobj is None:
+                if rec is not None:
+                    rec.param(gi, i, obj, kind, None, -1, None)
                 continue
             arr = <cnp.ndarray>obj
         elif _foreign_param is not None and not cnp.PyArray_Check(obj):
+            kind = _KIND_TENSOR
             a_obj = _cached_tensor_view(obj)
             if a_obj is not None:
                 gobj = obj.grad
                 if gobj is None:
+                    if rec is not None:
+                        rec.param(gi, i, obj, kind, None, -1, a_obj)
                     continue
                 try:
                     gobj = gobj.numpy()
@@ -984,14 +1042,19 @@ cdef tuple _collect(Py_ssize_t gi, list params, state, Spec spec, tuple keys, in
                     if not _same_shape(<cnp.ndarray>a_obj, <cnp.ndarray>gobj):
                         a_obj = None  # the tensor was reshaped: the adapter looks again
             if a_obj is None:
+                kind = -1  # not the path of the cached step
                 a_obj, gobj = (_foreign_param(obj, gi, i, False, True) if spec.wide
                                else _foreign_param(obj, gi, i, False))
             if gobj is None:
+                if rec is not None:
+                    rec.ok = False
                 continue
             arr = <cnp.ndarray>a_obj
             foreign.append(obj)
             if sparse is not None and not cnp.PyArray_Check(gobj):
                 sparse.append((gi, i, obj, arr, gobj))
+                if rec is not None:
+                    rec.ok = False
                 continue
         else:
             raise TypeError(f"{_where(gi, i)}: expected a fastopt.Parameter, got "
@@ -1016,6 +1079,12 @@ cdef tuple _collect(Py_ssize_t gi, list params, state, Spec spec, tuple keys, in
         # parameter's span; a contiguous copy made by _check_grad shares nothing
         if g is gobj and cnp.PyArray_DATA(g) != cnp.PyArray_DATA(arr):
             _push(sp, cnp.PyArray_DATA(g), nbytes, obj, i, plan.sid, _ROLE_GRAD)
+        if rec is not None:
+            if kind < 0 or g is not gobj:
+                rec.ok = False  # the adapter's path, or a gradient copied for the kernel
+            else:
+                rec.param(gi, i, obj, kind, plan, slot, arr)
+                rec.grad(g)
         if init_mode == 2:
             continue
         item = PyDict_GetItem(state, obj)
@@ -1026,9 +1095,376 @@ cdef tuple _collect(Py_ssize_t gi, list params, state, Spec spec, tuple keys, in
                     or (<object>item).get(keys[0]) is None)
         if need:
             missing.append((plan, slot, obj, arr, gi, i))
+            if rec is not None:
+                rec.ok = False
         else:
-            plan._bind(slot, <object>item, arr, gi, i, sp, obj)
+            if rec is not None and rec.ok:
+                rec.state_dict(<object>item)
+            plan._bind(slot, <object>item, arr, gi, i, sp, obj,
+                       rec if rec is not None and rec.ok else None)
     return p32, p64
+
+
+# ---- the cached step -----------------------------------------------------------------------
+#
+# A training loop steps the same parameters with the same state arrays over and over; only the
+# gradients (new arrays each step, or the same ones refilled) and the hyperparameter values
+# change. After a step that created no state, ``update`` keeps what it collected in a
+# _StepCache of the optimizer: the plans with their pointers, the memory spans of every array
+# the step writes (sorted, for binary search), and per parameter the objects it read. The next
+# step checks each group's values as the full path does, then tensor by tensor that the
+# parameter, its memory and every state entry are the objects and the memory of the cache
+# (identity and pointer tests, no Python call for a NumPy parameter), and reads each gradient
+# afresh, checking it as the full path does: dtype, shape, layout, and its memory against the
+# spans the step writes. Then it runs the cached plans. Anything else (a parameter added,
+# replaced or reshaped, a state entry replaced or moved, a gradient that appears or goes, a
+# gradient the kernel cannot read in place, sparse gradients, new state) sends the step down
+# the full path, which raises or makes a new cache; the cached step changes nothing before it
+# has checked everything.
+
+cdef class _StepCache:
+    """What a step of one optimizer collected, kept to run the next steps (see above)."""
+    cdef _trec *recs
+    cdef Py_ssize_t n, cap
+    cdef public bint ok       # False once a parameter took a path the cached step cannot
+    cdef list refs            # references to everything the records point at
+    cdef list groups          # per group: (group, params, len, keys, lookup keys, plans)
+    cdef list plans
+    cdef list foreign
+    cdef object groups_list, state, spec, kinds, owner, tensor_type
+    cdef uintptr_t *wlo       # the spans written by the step, sorted by start,
+    cdef uintptr_t *whi       # and the greatest end among the first k of them
+    cdef Py_ssize_t nw
+
+    def __cinit__(self):
+        self.recs = NULL
+        self.n = 0
+        self.cap = 0
+        self.ok = True
+        self.refs = []
+        self.groups = []
+        self.wlo = NULL
+        self.whi = NULL
+        self.nw = 0
+
+    def __dealloc__(self):
+        free(self.recs)
+        free(self.wlo)
+        free(self.whi)
+
+    cdef int param(self, Py_ssize_t gi, Py_ssize_t pi, object obj, int kind, Plan plan,
+                   Py_ssize_t slot, object arr) except -1:
+        """Record parameter ``pi`` of group ``gi`` (slot -1: it has no gradient; ``arr``
+        its array, None for a fastopt.Parameter without a gradient)."""
+        cdef void *mem
+        cdef _trec *r
+        cdef Py_ssize_t cap
+        if not self.ok:
+            return 0
+        if self.n == self.cap:
+            cap = 64 if self.cap == 0 else 2 * self.cap
+            mem = realloc(self.recs, cap * sizeof(_trec))
+            if mem == NULL:
+                raise MemoryError()
+            self.recs = <_trec *>mem
+            self.cap = cap
+        r = &self.recs[self.n]
+        memset(r, 0, sizeof(_trec))
+        self.n += 1
+        r.param = <PyObject *>obj
+        self.refs.append(obj)
+        if arr is None:
+            arr = obj
+        r.arr = <PyObject *>arr
+        self.refs.append(arr)
+        r.gi = <int32_t>gi
+        r.pi = <int32_t>pi
+        r.kind = kind
+        if kind == _KIND_TENSOR:
+            shape = obj.shape
+            dtype = obj.dtype
+            self.refs.append(shape)
+            self.refs.append(dtype)
+            r.shape = <PyObject *>shape
+            r.dtype = <PyObject *>dtype
+            r.pdata = <uintptr_t>obj.data_ptr()
+            if self.tensor_type is None:
+                torch = sys.modules["torch"]
+                self.tensor_type = torch.Tensor
+        else:
+            r.pdata = <uintptr_t>cnp.PyArray_DATA(<cnp.ndarray>obj)
+        if plan is not None:
+            r.plan = <PyObject *>plan  # the plans are kept by the cache (plans)
+            r.slot = <int32_t>slot
+            r.numel = plan.ts[slot].numel
+            r.itemsize = 4 if plan.typenum == cnp.NPY_FLOAT else 8
+            r.typenum = plan.typenum
+        return 0
+
+    cdef int grad(self, cnp.ndarray g) except -1:
+        if not self.ok:
+            return 0
+        cdef _trec *r = &self.recs[self.n - 1]
+        r.glo = <uintptr_t>cnp.PyArray_DATA(g)
+        r.ghi = r.glo + <uintptr_t>(r.numel * r.itemsize)
+        return 0
+
+    cdef int state_dict(self, object st) except -1:
+        if not self.ok:
+            return 0
+        cdef _trec *r = &self.recs[self.n - 1]
+        r.st = <PyObject *>st
+        self.refs.append(st)
+        r.hash = PyObject_Hash(<object>r.param)
+        return 0
+
+    cdef int entry(self, PyObject *item, cnp.ndarray a) except -1:
+        """Record the next state entry ``item`` read for the last parameter; ``a`` is its
+        array (the entry itself, or the view of a tensor)."""
+        if not self.ok:
+            return 0
+        cdef _trec *r = &self.recs[self.n - 1]
+        cdef object obj = <object>item
+        cdef int k = r.nentry
+        if k >= _MAX_ENTRIES:
+            self.ok = False
+            return 0
+        r.entry[k] = item
+        self.refs.append(obj)
+        if cnp.PyArray_Check(obj):
+            r.eptr[k] = <uintptr_t>cnp.PyArray_DATA(<cnp.ndarray>obj)
+        else:
+            if type(obj) is not self.tensor_type:
+                self.ok = False  # a tensor subclass, or a tensor of a NumPy parameter
+            r.eptr[k] = <uintptr_t>obj.data_ptr()
+            r.tensors |= 1 << k
+            if r.eptr[k] != <uintptr_t>cnp.PyArray_DATA(a):
+                self.ok = False
+        r.nentry = k + 1
+        return 0
+
+    cdef int finish(self, object opt, list plans, list foreign, _Spans sp, tuple kinds,
+                    Spec spec) except -1:
+        """Make the cache of ``opt`` from the step just collected (its groups recorded in
+        ``groups``)."""
+        cdef Py_ssize_t i
+        cdef _trec *r
+        for i in range(self.n):
+            r = &self.recs[i]
+            if r.plan != NULL:  # the plans no longer grow: their slots stay put
+                r.t = &(<Plan>r.plan).ts[r.slot]
+        self.plans = plans
+        self.foreign = foreign
+        self.written(sp)
+        self.groups_list = opt.param_groups
+        self.state = opt.state
+        self.kinds = kinds
+        self.spec = spec
+        key = PyLong_FromVoidPtr(<void *>opt)
+        self.owner = _weakref.ref(opt, _functools.partial(_forget_key, key))
+        _step_caches[key] = self
+        return 0
+
+    cdef int written(self, _Spans sp) except -1:
+        """Keep the spans of ``sp`` the step writes (all but the gradients), sorted."""
+        cdef Py_ssize_t k, m = 0
+        cdef _skey *keys = <_skey *>malloc((sp.n + 1) * sizeof(_skey))
+        cdef uintptr_t hi = 0
+        if keys == NULL:
+            raise MemoryError()
+        for k in range(sp.n):
+            if (sp.info[k].tag & ((1 << _ROLE_BITS) - 1)) != _ROLE_GRAD:
+                keys[m].lo = sp.lo[k]
+                keys[m].idx = <uint64_t>sp.hi[k]
+                m += 1
+        qsort(keys, m, sizeof(_skey), _cmp_skey)
+        self.wlo = <uintptr_t *>malloc((m + 1) * sizeof(uintptr_t))
+        self.whi = <uintptr_t *>malloc((m + 1) * sizeof(uintptr_t))
+        if self.wlo == NULL or self.whi == NULL:
+            free(keys)
+            raise MemoryError()
+        for k in range(m):
+            self.wlo[k] = keys[k].lo
+            if <uintptr_t>keys[k].idx > hi:
+                hi = <uintptr_t>keys[k].idx
+            self.whi[k] = hi
+        self.nw = m
+        free(keys)
+        return 0
+
+    cdef bint clear_of_writes(self, uintptr_t lo, uintptr_t hi) noexcept:
+        """Whether [lo, hi) shares no byte with an array the step writes."""
+        cdef Py_ssize_t a = 0, b = self.nw, mid
+        if lo >= hi:
+            return True
+        while a < b:  # a = the number of spans that start before hi
+            mid = (a + b) >> 1
+            if self.wlo[mid] < hi:
+                a = mid + 1
+            else:
+                b = mid
+        return a == 0 or self.whi[a - 1] <= lo
+
+    cdef int step(self, object opt, tuple kinds, Spec spec) except -1:
+        """Run a step from the cache: 1 when it ran, 0 when something differs from the
+        cached step (nothing has changed then; the caller takes the full path)."""
+        cdef Py_ssize_t gi, i, k, ng = len(self.groups)
+        cdef double hyper[MAX_HYPER]
+        cdef tuple ge
+        cdef _trec *r
+        cdef PyObject *item
+        cdef cnp.ndarray ga
+        cdef uintptr_t gp, ghi
+        cdef int n0d
+        cdef list gkeep
+        cdef list params
+        groups = opt.param_groups
+        if (groups is not self.groups_list or len(groups) != ng
+                or opt.state is not self.state):
+            return 0
+        state = self.state
+        for gi in range(ng):
+            ge = <tuple>self.groups[gi]
+            group = groups[gi]
+            if group is not ge[0]:
+                return 0
+            try:
+                frozen = freeze(group, kinds[0], kinds[1], kinds[2])
+                if spec.custom_check:
+                    opt._check_step(frozen)
+                else:
+                    check_frozen(frozen, spec.nonneg_at_step, spec.beta1_division)
+                spec.pack(frozen, hyper)
+            except (ValueError, TypeError, OverflowError, ZeroDivisionError) as e:
+                raise type(e)(f"param_groups[{gi}]: {e}") from None
+            if spec.layout(frozen) != ge[3]:
+                return 0
+            if group["params"] is not ge[1] or PyList_GET_SIZE(ge[1]) != ge[2]:
+                return 0
+            for plan in ge[5]:
+                memcpy((<Plan>plan).hyper, hyper, MAX_HYPER * sizeof(double))
+        gkeep = []
+        tensor_type = self.tensor_type
+        for i in range(self.n):
+            r = &self.recs[i]
+            ge = <tuple>self.groups[r.gi]
+            params = <list>ge[1]
+            if PyList_GET_ITEM(params, r.pi) != r.param:
+                return 0
+            obj = <object>r.param
+            if r.kind == _KIND_ARRAY:
+                if (<uintptr_t>cnp.PyArray_DATA(<cnp.ndarray>obj) != r.pdata
+                        or (r.t != NULL and (
+                            cnp.PyArray_SIZE(<cnp.ndarray>obj) != r.numel
+                            or cnp.PyArray_TYPE(<cnp.ndarray>obj) != r.typenum
+                            or (cnp.PyArray_FLAGS(<cnp.ndarray>obj) & _NEED_FLAGS) != _NEED_FLAGS
+                            or not cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>obj)))):
+                    return 0
+                g = obj.grad
+                if g is None:
+                    if r.t != NULL:
+                        return 0
+                    continue
+                if r.t == NULL or not cnp.PyArray_Check(g):
+                    return 0
+                ga = <cnp.ndarray>g
+                if (cnp.PyArray_TYPE(ga) != r.typenum or not cnp.PyArray_ISNOTSWAPPED(ga)
+                        or not cnp.PyArray_IS_C_CONTIGUOUS(ga) or not cnp.PyArray_ISALIGNED(ga)
+                        or not _same_shape(<cnp.ndarray>obj, ga)):
+                    return 0
+                gp = <uintptr_t>cnp.PyArray_DATA(ga)
+            else:
+                # the memory of the cached view (``.data =``, ``set_`` and a resized
+                # storage move it); its shape is the gradient's, compared below
+                if <uintptr_t>obj.data_ptr() != r.pdata:
+                    return 0
+                g = obj.grad
+                if g is None:
+                    if r.t != NULL:
+                        return 0
+                    continue
+                if r.t == NULL or type(g) is not tensor_type:
+                    return 0
+                # what .numpy() checks on the full path, without making an array: a dense
+                # tensor (a sparse, CSR or MKL-DNN one raises or is not contiguous) of the
+                # parameter's dtype and shape, not a lazily negated view
+                try:
+                    if (not g.is_contiguous() or g.dtype is not <object>r.dtype
+                            or g.shape != <object>r.shape or g.is_neg()):
+                        return 0
+                    gp = <uintptr_t>g.data_ptr()
+                except Exception:
+                    return 0
+            gkeep.append(g)
+            ghi = gp + <uintptr_t>(r.numel * r.itemsize)
+            if gp != r.glo or ghi != r.ghi:
+                # the parameter itself is fine, as in the full path; any other array the
+                # step writes is not
+                if not (gp == r.pdata or self.clear_of_writes(gp, ghi)):
+                    return 0
+                r.glo = gp
+                r.ghi = ghi
+            if r.st != NULL:
+                item = _PyDict_GetItem_KnownHash(state, obj, r.hash)
+                if item != r.st:
+                    if item == NULL:
+                        PyErr_Clear()
+                    return 0
+                lookup = <tuple>ge[4]
+                n0d = <int>ge[6]
+                for k in range(r.nentry):
+                    item = PyDict_GetItem(<object>r.st, (<tuple>lookup)[k])
+                    if item != r.entry[k]:
+                        return 0
+                    if r.tensors & (1 << k):
+                        if <uintptr_t>(<object>item).data_ptr() != r.eptr[k]:
+                            return 0
+                    elif (<uintptr_t>cnp.PyArray_DATA(<cnp.ndarray>item) != r.eptr[k]
+                          or (cnp.PyArray_FLAGS(<cnp.ndarray>item) & _NEED_FLAGS) != _NEED_FLAGS
+                          or not cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>item)):
+                        return 0
+                    elif k < r.nentry - n0d:  # an array of the parameter's dtype and shape
+                        if (cnp.PyArray_TYPE(<cnp.ndarray>item) != r.typenum
+                                or not _same_shape(<cnp.ndarray>item, <cnp.ndarray>r.arr)):
+                            return 0
+                    elif (cnp.PyArray_TYPE(<cnp.ndarray>item) != cnp.NPY_FLOAT
+                          or cnp.PyArray_SIZE(<cnp.ndarray>item) != 1):
+                        return 0
+            r.t.grad = <void *>gp
+            r.t.flags = 0
+        _run(self.plans, spec.kernel)
+        if self.foreign:
+            _foreign_updated(self.foreign)
+        return 1
+
+
+# id(optimizer) -> its _StepCache
+cdef dict _step_caches = {}
+
+
+def _forget_key(key, _ref):
+    _step_caches.pop(key, None)
+
+
+cdef _StepCache _cache_of(object opt):
+    cdef PyObject *item = PyDict_GetItem(_step_caches, PyLong_FromVoidPtr(<void *>opt))
+    if item == NULL:
+        return None
+    cdef _StepCache c = <_StepCache>item
+    if c.owner() is not opt:
+        return None
+    return c
+
+
+def forget(opt):
+    """Drop the cached step of ``opt`` (its next step takes the full path): called when the
+    optimizer's state is replaced, so that the cache holds no reference to the old one."""
+    _step_caches.pop(id(opt), None)
+
+
+def cached(opt):
+    """Whether the next step of ``opt`` may run from its cache (for tests)."""
+    return _cache_of(opt) is not None
 
 
 cdef int _run(list plans, int kernel) except -1:
@@ -1073,8 +1509,19 @@ def update(opt, tuple kinds, Spec spec):
     cdef double hyper[MAX_HYPER]
     cdef Plan p32, p64
     cdef int mode
-    cdef _Spans sp = _Spans()
+    cdef _Spans sp
+    cdef _StepCache rec = _cache_of(opt)
+    if rec is not None:
+        _step_caches.pop(PyLong_FromVoidPtr(<void *>opt), None)
+        if rec.spec is spec and (rec.kinds is kinds or rec.kinds == kinds):
+            if rec.step(opt, kinds, spec):
+                _step_caches[PyLong_FromVoidPtr(<void *>opt)] = rec
+                return
+    sp = _Spans()
     state = opt.state
+    # record this step, to run the next ones from a cache (a dict as state, a list of
+    # parameters per group, and no parameter that takes another path: see _StepCache)
+    rec = _StepCache() if PyDict_Check(state) else None
     for group in opt.param_groups:
         try:
             frozen = freeze(group, numeric, flags, pairs)
@@ -1088,9 +1535,11 @@ def update(opt, tuple kinds, Spec spec):
         params = group["params"]
         if type(params) is not list:
             params = list(params)
+            rec = None
         keys = spec.layout(frozen)
         mode = spec.init_mode(keys)
-        p32, p64 = _collect(gi, params, state, spec, keys, mode, missing, sp, foreign, sparse)
+        p32, p64 = _collect(gi, params, state, spec, keys, mode, missing, sp, foreign, sparse,
+                            rec)
         if p32 is not None:
             memcpy(p32.hyper, hyper, MAX_HYPER * sizeof(double))
             plans.append(p32)
@@ -1098,6 +1547,14 @@ def update(opt, tuple kinds, Spec spec):
             memcpy(p64.hyper, hyper, MAX_HYPER * sizeof(double))
             plans.append(p64)
         work.append((frozen, keys, mode))
+        if rec is not None:
+            lookup = tuple([k for k in keys if k is not None])
+            n0d = (1 if spec.step_counter else 0) + len(spec.scalars)
+            if spec.step_counter:
+                lookup += ("step",)
+            lookup += spec.scalars
+            rec.groups.append((group, params, len(params), keys, lookup,
+                               tuple([x for x in (p32, p64) if x is not None]), n0d))
         gi += 1
     _check_spans(sp)
     commit = None
@@ -1106,7 +1563,12 @@ def update(opt, tuple kinds, Spec spec):
         commit = opt._sparse_step(sparse, work)
     if missing:
         opt._create_state(missing, work)
+    if rec is not None and rec.ok and not missing and not sparse:
+        rec.finish(opt, plans, foreign, sp, kinds, spec)
     _run(plans, spec.kernel)
+    if rec is not None and rec.ok:
+        for plan in plans:
+            (<Plan>plan).gkeep = None
     if commit is not None:
         commit()
     if foreign:

@@ -685,6 +685,9 @@ class Optimizer:
         """
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a dict, got {_describe(state_dict)}")
+        # the cached step holds the state it stepped with: let go of it before the new state
+        # is made
+        _kernels.forget(self)
         state_dict = dict(state_dict)
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
