@@ -752,6 +752,67 @@ cdef extern from "Python.h":
     bint PyDict_Check(object o)
     Py_ssize_t PyList_GET_SIZE(object lst)
 
+cdef extern from *:
+    """
+    /* the value of the attribute whose descriptor is d (a getset descriptor of a C type),
+       without looking the name up */
+    static inline PyObject *fo_descr_get(PyObject *d, PyObject *obj)
+    {
+        descrgetfunc f = Py_TYPE(d)->tp_descr_get;
+        if (f == NULL) { PyErr_SetString(PyExc_TypeError, "not a descriptor"); return NULL; }
+        return f(d, obj, (PyObject *)Py_TYPE(obj));
+    }
+    """
+    object fo_descr_get(object d, object obj)
+    object PyObject_CallOneArg(object f, object arg)
+
+# torch.Tensor's attributes the cached step reads, as their descriptors, so that reading one
+# is a C call without a name lookup: (grad, dtype, shape, data_ptr, is_contiguous, is_neg), or
+# None when torch's tensor type does not define them all itself (then by name)
+cdef tuple _tensor_attrs = None
+cdef object _T_GRAD, _T_DTYPE, _T_SHAPE, _T_DATA_PTR, _T_IS_CONTIGUOUS, _T_IS_NEG
+
+
+cdef int _find_tensor_attrs(object torch) except -1:
+    global _tensor_attrs, _T_GRAD, _T_DTYPE, _T_SHAPE, _T_DATA_PTR, _T_IS_CONTIGUOUS, _T_IS_NEG
+    names = ("grad", "dtype", "shape", "data_ptr", "is_contiguous", "is_neg")
+    base = getattr(getattr(torch, "_C", None), "TensorBase", None)
+    found = tuple([None if base is None else base.__dict__.get(n) for n in names])
+    if any(d is None for d in found):
+        _tensor_attrs = ()
+        return 0
+    probe = torch.zeros(2)
+    probe.grad = torch.ones(2)
+    try:
+        ok = (fo_descr_get(found[0], probe) is probe.grad
+              and fo_descr_get(found[1], probe) is probe.dtype
+              and fo_descr_get(found[2], probe) == probe.shape
+              and PyObject_CallOneArg(found[3], probe) == probe.data_ptr()
+              and PyObject_CallOneArg(found[4], probe) is True
+              and PyObject_CallOneArg(found[5], probe) is False)
+    except Exception:
+        ok = False
+    if not ok:
+        _tensor_attrs = ()
+        return 0
+    _tensor_attrs = found
+    _T_GRAD, _T_DTYPE, _T_SHAPE, _T_DATA_PTR, _T_IS_CONTIGUOUS, _T_IS_NEG = found
+    return 0
+
+
+cdef bint _plain_tensor_type(object cls):
+    """Whether instances of ``cls`` read every attribute the cached step reads through
+    torch.Tensor's own descriptors (no subclass overrides one)."""
+    cdef Py_ssize_t k
+    if not _tensor_attrs:
+        return False
+    for k, name in enumerate(("grad", "dtype", "shape", "data_ptr", "is_contiguous",
+                              "is_neg")):
+        if getattr(cls, name, None) is not _tensor_attrs[k]:
+            return False
+    return True
+
+
 cdef enum:
     _KIND_ARRAY = 0   # a fastopt.Parameter (an ndarray)
     _KIND_TENSOR = 1  # a contiguous real torch tensor, read through its cached view
@@ -1191,6 +1252,12 @@ cdef class _StepCache:
             if self.tensor_type is None:
                 torch = sys.modules["torch"]
                 self.tensor_type = torch.Tensor
+                if _tensor_attrs is None:
+                    _find_tensor_attrs(torch)
+                if not _plain_tensor_type(torch.Tensor):
+                    self.ok = False
+            if not _plain_tensor_type(type(obj)):
+                self.ok = False  # a subclass of its own attributes: the full path
         else:
             r.pdata = <uintptr_t>cnp.PyArray_DATA(<cnp.ndarray>obj)
         if plan is not None:
@@ -1374,11 +1441,11 @@ cdef class _StepCache:
                     return 0
                 gp = <uintptr_t>cnp.PyArray_DATA(ga)
             else:
-                # the memory of the cached view (``.data =``, ``set_`` and a resized
-                # storage move it); its shape is the gradient's, compared below
-                if <uintptr_t>obj.data_ptr() != r.pdata:
+                # the memory of the cached view (``.data =`` and ``set_`` move it); its
+                # shape is the gradient's, compared below
+                if <uintptr_t>PyObject_CallOneArg(_T_DATA_PTR, obj) != r.pdata:
                     return 0
-                g = obj.grad
+                g = fo_descr_get(_T_GRAD, obj)
                 if g is None:
                     if r.t != NULL:
                         return 0
@@ -1389,10 +1456,12 @@ cdef class _StepCache:
                 # tensor (a sparse, CSR or MKL-DNN one raises or is not contiguous) of the
                 # parameter's dtype and shape, not a lazily negated view
                 try:
-                    if (not g.is_contiguous() or g.dtype is not <object>r.dtype
-                            or g.shape != <object>r.shape or g.is_neg()):
+                    if (PyObject_CallOneArg(_T_IS_CONTIGUOUS, g) is not True
+                            or fo_descr_get(_T_DTYPE, g) is not <object>r.dtype
+                            or fo_descr_get(_T_SHAPE, g) != <object>r.shape
+                            or PyObject_CallOneArg(_T_IS_NEG, g) is not False):
                         return 0
-                    gp = <uintptr_t>g.data_ptr()
+                    gp = <uintptr_t>PyObject_CallOneArg(_T_DATA_PTR, g)
                 except Exception:
                     return 0
             gkeep.append(g)
@@ -1417,7 +1486,8 @@ cdef class _StepCache:
                     if item != r.entry[k]:
                         return 0
                     if r.tensors & (1 << k):
-                        if <uintptr_t>(<object>item).data_ptr() != r.eptr[k]:
+                        if (<uintptr_t>PyObject_CallOneArg(_T_DATA_PTR, <object>item)
+                                != r.eptr[k]):
                             return 0
                     elif (<uintptr_t>cnp.PyArray_DATA(<cnp.ndarray>item) != r.eptr[k]
                           or (cnp.PyArray_FLAGS(<cnp.ndarray>item) & _NEED_FLAGS) != _NEED_FLAGS

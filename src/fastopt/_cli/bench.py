@@ -176,12 +176,24 @@ def configure(ap):
     ap.add_argument("--no-torch", action="store_true", help="leave torch out")
     ap.add_argument("--no-numpy", action="store_true", help="leave NumPy out")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    ap.add_argument("--tensor-count", action="store_true",
+                    help="instead: the step time of Adam over 1 to 10000 tensors (1 to 1000 "
+                         "with --quick), fitted as fixed cost + per tensor + per element")
     ap.set_defaults(run=run)
     return ap
 
 
 def run(args):
     """Run the benchmark from the parsed arguments; returns the exit status."""
+    if args.tensor_count:
+        from fastopt._cli import tensor_count
+        counts = [1, 10, 100, 1000] if args.quick else [1, 10, 100, 1000, 10000]
+        name = args.optimizers[0] if args.optimizers else "Adam"
+        res = tensor_count.run(counts, [1, 1000], args.rounds or (3 if args.quick else 5), name)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1)
+        return 0
     names = list(CASES) if args.optimizers is None else args.optimizers
     sizes = args.sizes or _sizes(",".join(QUICK_SIZES if args.quick else DEFAULT_SIZES))
     rounds = args.rounds or (3 if args.quick else 5)

@@ -1,0 +1,48 @@
+"""``python -m fastopt bench --tensor-count``: its fit and its table (speed itself is never
+asserted)."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fastopt._cli import tensor_count
+
+
+def test_the_fit_recovers_a_plane_exactly():
+    a, b, c = 2.5e-6, 0.4e-6, 0.3e-9
+    points = [(n, e, a + b * n + c * n * e) for n in (1, 10, 100, 1000) for e in (1, 1000)]
+    got = tensor_count.fit(points)
+    np.testing.assert_allclose(got, (a, b, c), rtol=1e-9)
+
+
+def test_the_fit_weighs_the_relative_error():
+    # one point 10% off at N = 10000 moves a little; the few-tensor points still fix a
+    a, b, c = 3e-6, 1e-6, 0.5e-9
+    points = [(n, e, a + b * n + c * n * e) for n in (1, 10, 100, 1000) for e in (1, 1000)]
+    points.append((10000, 1, 1.1 * (a + b * 10000 + c * 10000)))
+    fa, fb, fc = tensor_count.fit(points)
+    assert abs(fa - a) / a < 0.2 and abs(fb - b) / b < 0.1
+
+
+def test_run_times_every_case_and_prints_the_tables():
+    lines = []
+    res = tensor_count.run([1, 3], [1, 8], 1, "Adam", impls=("fastopt",), out=lines.append)
+    assert set(res) == {f"fastopt|{e}|{n}" for e in (1, 8) for n in (1, 3)}
+    assert all(med > 0 and lo <= med <= hi for med, lo, hi in res.values())
+    text = "\n".join(lines)
+    assert "a + b N + c N E" in text and "E = 8:" in text
+    assert any(l.startswith("fastopt ") for l in lines)
+
+
+def test_the_cli_option_runs_the_sweep(tmp_path):
+    pytest.importorskip("torch", reason="the sweep's torch columns need torch")
+    out = tmp_path / "tc.json"
+    res = subprocess.run([sys.executable, "-m", "fastopt", "bench", "--tensor-count", "--quick",
+                          "--rounds", "1", "--optimizers", "sgd", "--json", str(out)],
+                         capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stderr
+    assert "SGD, float32, 1 thread" in res.stdout
+    data = json.loads(out.read_text())
+    assert {k.split("|")[0] for k in data} >= {"fastopt", "fastopt.torch", "torch fused"}

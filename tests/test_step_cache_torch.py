@@ -1,0 +1,291 @@
+"""The cached step (see test_step_cache.py) over torch tensors: fastopt.torch's optimizers and
+fastopt's NumPy optimizers given a model's parameters.
+
+As there, two identical optimizers are warmed until the first steps from its cache, changed in
+the same way, the second one's cache dropped, and both stepped: the outcome must be the same,
+bit for bit. The changes here are the ones torch users make between steps: ``p.data = ...``,
+a storage freed and reallocated, in-place updates, gradients of another layout or dtype, state
+tensors replaced or re-pointed.
+"""
+import gc
+import weakref
+
+import numpy as np
+import pytest
+
+import fastopt
+from fastopt import _kernels
+
+from helpers import import_torch, torch_batch, torch_mlp
+
+torch = import_torch(vector_kernels=False)
+import fastopt.torch  # noqa: E402  (needs torch)
+
+MAKERS = {
+    "fastopt.torch.Adam": lambda ps: fastopt.torch.Adam(ps, lr=0.01, weight_decay=0.1),
+    "fastopt.torch.SGD": lambda ps: fastopt.torch.SGD(ps, lr=0.1, momentum=0.9),
+    "fastopt.torch.ASGD": lambda ps: fastopt.torch.ASGD(ps, lr=0.01),
+    "fastopt.Adam": lambda ps: fastopt.Adam(ps, lr=0.01),
+    "fastopt.SGD": lambda ps: fastopt.SGD(ps, lr=0.1),
+}
+
+
+def world(maker):
+    model = torch_mlp()
+    return MAKERS[maker](list(model.parameters())), model
+
+
+def backward(opt, model, scale=1.0):
+    opt.zero_grad()  # set_to_none: new gradient tensors at every backward
+    x, y = torch_batch()
+    (scale * torch.nn.functional.mse_loss(model(x), y)).backward()
+
+
+def _bytes(v):
+    if isinstance(v, torch.Tensor):
+        v = v.detach()
+        return ("tensor", str(v.dtype), tuple(v.shape), v.contiguous().numpy().tobytes())
+    if isinstance(v, np.ndarray):
+        return ("array", v.dtype.str, v.shape, v.tobytes())
+    return ("value", repr(v))
+
+
+def state_of(opt):
+    out = []
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state.get(p, {})
+            out.append((_bytes(p), {k: _bytes(v) for k, v in st.items()}))
+    return out
+
+
+def outcome(opt):
+    try:
+        opt.step()
+    except Exception as e:
+        return type(e), str(e)
+    return "stepped"
+
+
+def twins(maker, change, keeps_cache=True):
+    (a, ma), (b, mb) = world(maker), world(maker)
+    for opt, model in ((a, ma), (b, mb)):
+        for k in range(3):
+            backward(opt, model, 1.0 + k)
+            opt.step()
+        backward(opt, model, 0.5)
+    assert _kernels.cached(a) and _kernels.cached(b)
+    change(a, ma)
+    change(b, mb)
+    assert _kernels.cached(a) == keeps_cache
+    _kernels.forget(b)
+    before = state_of(a)
+    got, want = outcome(a), outcome(b)
+    assert got == want
+    if got != "stepped":
+        assert state_of(a) == before, "a step that raised changed something"
+    assert state_of(a) == state_of(b)
+    # and the step after, from the cache again where the change allows one
+    for opt, model in ((a, ma), (b, mb)):
+        backward(opt, model, 0.25)
+    _kernels.forget(b)
+    assert outcome(a) == outcome(b)
+    assert state_of(a) == state_of(b)
+    return got
+
+
+def _first(model):
+    return model[0].weight
+
+
+def _entry_key(opt, p):
+    keys = [k for k, v in opt.state[p].items()
+            if isinstance(v, (torch.Tensor, np.ndarray)) and tuple(v.shape) == tuple(p.shape)]
+    return keys[0] if keys else None
+
+
+def _with_entry(fn):
+    def change(opt, model):
+        p = _first(model)
+        k = _entry_key(opt, p)
+        if k is not None:
+            fn(opt, p, k)
+    return change
+
+
+def _set_data(opt, p, k):
+    v = opt.state[p][k]
+    if isinstance(v, torch.Tensor):
+        v.data = torch.full_like(v, 0.125)
+
+
+def _set_data_shape(opt, p, k):
+    v = opt.state[p][k]
+    if isinstance(v, torch.Tensor):
+        v.data = torch.zeros(3)
+
+
+def _set_to_a_copy(opt, model):
+    p = _first(model)
+    with torch.no_grad():
+        p.set_(p.detach().clone() * 0.5)
+
+
+def _negated_grad(opt, model):
+    p = _first(model)
+    p.grad = torch._neg_view(-p.grad)
+
+
+def _non_contiguous_grad(opt, model):
+    p = _first(model)
+    p.grad = p.grad.t().contiguous().t()
+    assert not p.grad.is_contiguous()
+
+
+def _grad_data_dtype(opt, model):
+    _first(model).grad.data = _first(model).grad.double()
+
+
+def _grad_data_shape(opt, model):
+    _first(model).grad.data = torch.zeros(5)
+
+
+def _sparse_grad(opt, model):
+    p = _first(model)
+    p.grad = p.grad.to_sparse()
+
+
+def _grad_requires_grad(opt, model):
+    p = _first(model)
+    p.grad = p.grad.detach().requires_grad_()
+
+
+def _grad_over_state(opt, model):
+    p = _first(model)
+    k = _entry_key(opt, p)
+    if k is not None and isinstance(opt.state[p][k], torch.Tensor):
+        p.grad = opt.state[p][k]
+
+
+def _listed_twice(opt, model):
+    opt.param_groups[0]["params"].append(model[2].bias)
+
+
+CHANGES = {
+    "p.data = a new tensor": lambda opt, m: setattr(_first(m), "data",
+                                                    _first(m).data.clone() * 0.5),
+    "p updated in place": lambda opt, m: _first(m).data.mul_(0.5),
+    "p updated in place under no_grad": lambda opt, m: torch.no_grad()(
+        lambda: _first(m).mul_(0.5))(),
+    "p.set_(a new tensor)": _set_to_a_copy,
+    "a gradient with the negative bit": _negated_grad,
+    "a non-contiguous gradient": _non_contiguous_grad,
+    "a gradient re-pointed to float64": _grad_data_dtype,
+    "a gradient re-pointed to another shape": _grad_data_shape,
+    "a sparse gradient": _sparse_grad,
+    "a gradient that requires grad": _grad_requires_grad,
+    "a gradient that is a state tensor": _grad_over_state,
+    "no gradient": lambda opt, m: setattr(_first(m), "grad", None),
+    "a parameter listed twice": _listed_twice,
+    "a state entry replaced": _with_entry(
+        lambda opt, p, k: opt.state[p].__setitem__(k, torch.full_like(p, 0.25))
+        if isinstance(opt.state[p][k], torch.Tensor) else None),
+    "a state tensor re-pointed": _with_entry(_set_data),
+    "a state tensor re-pointed to another shape": _with_entry(_set_data_shape),
+    "a state tensor changed in place": _with_entry(
+        lambda opt, p, k: opt.state[p][k].__imul__(0.5)),
+    "the step counter advanced": lambda opt, m: (
+        opt.state[_first(m)]["step"].__iadd__(10)
+        if "step" in opt.state[_first(m)] else None),
+    "another lr": lambda opt, m: opt.param_groups[0].__setitem__("lr", 0.03),
+}
+
+
+@pytest.mark.parametrize("maker", list(MAKERS))
+@pytest.mark.parametrize("what", list(CHANGES))
+def test_a_change_gives_the_full_paths_outcome(maker, what):
+    got = twins(maker, CHANGES[what])
+    if what in ("p.data = a new tensor", "p updated in place", "p.set_(a new tensor)",
+                "a gradient with the negative bit", "a non-contiguous gradient",
+                "a gradient that requires grad", "no gradient", "another lr",
+                "a state entry replaced", "a state tensor re-pointed"):
+        assert got == "stepped"
+    if what in ("a gradient re-pointed to float64", "a gradient re-pointed to another shape"):
+        assert got != "stepped"
+    if what == "a sparse gradient" and "SGD" not in maker:  # SGD takes sparse gradients
+        assert got[0] is RuntimeError and "sparse" in got[1]
+    if what == "a gradient that is a state tensor" and maker.startswith("fastopt.torch"):
+        assert got[0] is ValueError and "shares memory" in got[1]
+
+
+@pytest.mark.parametrize("maker", ["fastopt.torch.Adam", "fastopt.torch.SGD"])
+def test_a_state_dict_of_torch_optim_loaded_between_cached_steps(maker):
+    def change(opt, model):
+        twin = getattr(torch.optim, maker.split(".")[-1])(model.parameters(), lr=0.01)
+        sd = opt.state_dict()
+        twin.load_state_dict(sd)
+        opt.load_state_dict(twin.state_dict())
+
+    twins(maker, change, keeps_cache=False)
+
+
+def test_lockstep_with_torch_optim_over_many_cached_steps():
+    model, ref = torch_mlp(), torch_mlp()
+    opt = fastopt.torch.Adam(model.parameters(), lr=0.01, weight_decay=0.1)
+    topt = torch.optim.Adam(ref.parameters(), lr=0.01, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 3, 0.5)
+    tsched = torch.optim.lr_scheduler.StepLR(topt, 3, 0.5)
+    for k in range(15):
+        for o, m in ((opt, model), (topt, ref)):
+            backward(o, m, 1.0 + k % 4)
+            o.step()
+        sched.step()
+        tsched.step()
+        assert _kernels.cached(opt) or k == 0
+        for p, q in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_each_cached_step_bumps_the_version_counter_once():
+    model = torch_mlp()
+    opt = fastopt.torch.Adam(model.parameters())
+    p = model[0].weight
+    for k in range(5):
+        backward(opt, model)
+        before = p._version
+        opt.step()
+        assert p._version == before + 1
+    assert _kernels.cached(opt)
+    x, y = torch_batch()
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    backward(opt, model)
+    opt.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_the_cache_keeps_no_gradient_alive():
+    model = torch_mlp()
+    opt = fastopt.torch.Adam(model.parameters())
+    for _ in range(3):
+        backward(opt, model)
+        opt.step()
+    assert _kernels.cached(opt)
+    g = weakref.ref(model[0].weight.grad)
+    opt.zero_grad()
+    gc.collect()
+    assert g() is None
+
+
+def test_loading_a_state_dict_lets_go_of_the_old_state():
+    model = torch_mlp()
+    opt = fastopt.torch.Adam(model.parameters())
+    for _ in range(3):
+        backward(opt, model)
+        opt.step()
+    old = weakref.ref(opt.state[model[0].weight]["exp_avg"])
+    saved = {k: v for k, v in opt.state_dict().items()}
+    saved["state"] = {i: {k: v.clone() for k, v in s.items()} for i, s in saved["state"].items()}
+    opt.load_state_dict(saved)
+    gc.collect()
+    assert old() is None
