@@ -6,7 +6,8 @@
  *   amsgrad: vmax = maximum(vmax, v), used for v below
  *   denom = sqrt(v) / bc2_sqrt + eps;  p = p + (-step_size * m) / denom
  * with step_size = lr / (1 - beta1^t) and bc2_sqrt = (1 - beta2^t)^0.5 computed once per
- * tensor by adam_prepare, in double as torch computes them.
+ * tensor by adam_prepare, in double as torch computes them (step_size and 1 - lr * wd in
+ * float32 for a float32 tensor lr, as torch: lr_f32, see fo_lr_div).
  * eps is added after the bias correction of sqrt(v), as torch does (not the paper's form).
  *
  * Where the ISA has a hardware fma, the division sqrt(v) / bc2_sqrt leaves the vector divider
@@ -19,13 +20,13 @@
 /* Fields in the order of Adam._hyperparameters. state[0] = exp_avg, state[1] = exp_avg_sq,
  * state[2] = max_exp_avg_sq. scalar[0] = lr / (1 - beta1^t), scalar[1] = (1 - beta2^t)^0.5. */
 typedef struct fo_adam_hyper {
-    double lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled;
+    double lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled, lr_f32;
 } fo_adam_hyper;
 
 static void adam_prepare(const double *hyper, fo_tensor *t, double step)
 {
     const fo_adam_hyper *h = (const fo_adam_hyper *)hyper;
-    t->scalar[0] = h->lr / (1.0 - pow(h->beta1, step));
+    t->scalar[0] = fo_lr_div(h->lr, 1.0 - pow(h->beta1, step), h->lr_f32);
     t->scalar[1] = pow(1.0 - pow(h->beta2, step), 0.5);
 }
 
@@ -62,7 +63,7 @@ FO_FN(adam_loop)(const fo_adam_hyper *h, const fo_tensor *t, int64_t begin, int6
     const FO_T one_m_beta2 = (FO_T)(1.0 - h->beta2);
     const FO_T eps = (FO_T)h->eps;
     const FO_T wd = (FO_T)h->weight_decay;
-    const FO_T decay = (FO_T)(1.0 - h->lr * h->weight_decay);
+    const FO_T decay = (FO_T)fo_lr_decay(h->lr, h->weight_decay, h->lr_f32);
 
     for (int64_t i = begin; i < end; i++) {
         FO_T gi = maximize ? -g[i] : g[i];

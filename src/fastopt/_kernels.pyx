@@ -1296,15 +1296,26 @@ cdef object _as_real(object value, object key):
     return float(value)
 
 
+cdef bint _is_float32_tensor(object value):
+    # a torch tensor (torch not imported here): its dtype prints as torch.float32
+    dtype = getattr(value, "dtype", None)
+    return dtype is not None and type(dtype).__module__ == "torch" and str(dtype) == "torch.float32"
+
+
 def freeze(dict group, tuple numeric, tuple flags, tuple pairs):
     """A copy of ``group`` with the ``numeric`` keys as floats, the ``flags`` as bools and
-    the ``pairs`` ((key, length) tuples) as tuples of floats."""
+    the ``pairs`` ((key, length) tuples) as tuples of floats. A group with an ``lr`` also
+    gets ``lr_float32``: whether its lr is a float32 torch tensor, whose derived step scalars
+    torch computes in float32 (the kernels that list it do too)."""
     cdef dict frozen = group.copy()
     cdef Py_ssize_t n, i
     for key in numeric:
         value = group[key]
         if type(value) is not float:
             frozen[key] = _as_real(value, key)
+    if "lr" in frozen:
+        value = group["lr"]
+        frozen["lr_float32"] = type(value) is not float and _is_float32_tensor(value)
     for key in flags:
         value = group[key]
         if type(value) is not bool:

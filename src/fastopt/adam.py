@@ -52,8 +52,9 @@ class Adam(Optimizer):
     """
 
     _kernel = "adam"
+    # lr_float32 is not a group key: the freeze adds it (a float32 torch tensor lr)
     _hyperparameters = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize",
-                        "decoupled_weight_decay")
+                        "decoupled_weight_decay", "lr_float32")
     _state_keys = ("exp_avg", "exp_avg_sq", ("max_exp_avg_sq", "amsgrad"))
     _beta1_division = True
     _flag_defaults = {"amsgrad": False, "maximize": False, "foreach": None,

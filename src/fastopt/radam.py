@@ -46,8 +46,9 @@ class RAdam(Optimizer):
     """
 
     _kernel = "radam"
+    # lr_float32 is not a group key: the freeze adds it (a float32 torch tensor lr)
     _hyperparameters = ("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay",
-                        "maximize")
+                        "maximize", "lr_float32")
     _state_keys = ("exp_avg", "exp_avg_sq")
     _flag_defaults = {"foreach": None, "maximize": False, "differentiable": False,
                       "decoupled_weight_decay": False, "capturable": False}

@@ -64,11 +64,14 @@ Rules beyond torch's:
 * ``differentiable=True`` is refused: the update runs in C or NumPy, outside autograd;
 * ``capturable=True`` is refused at ``step()`` with the AssertionError torch raises on the
   CPU, naming the group;
-* a tensor ``lr`` (or ``betas``) of the C-kernel optimizers is read as its value in double,
-  as torch reads a float: torch instead computes its lr-derived step scalars in the tensor's
-  dtype, so with a float32 tensor ``lr`` and float64 parameters the two agree to float32
-  precision in those scalars only (and as float runs do when torch is given
-  ``lr=float(lr)``). ``LBFGS`` uses a tensor ``lr`` as a 0-d tensor of its dtype, as torch;
+* a float32 tensor ``lr`` of the C-kernel optimizers steps as torch's: torch computes the
+  step scalars derived from it in float32 tensor arithmetic (Adam's and Adamax's
+  ``lr / (1 - beta1^t)``, Adagrad's decayed lr, NAdam's step sizes, ASGD's ``eta``, the
+  decoupled decay ``1 - lr * weight_decay``), also for float64 parameters, and so do the
+  kernels. A tensor ``lr`` of another dtype, and tensor ``betas``, are read as their values
+  in double (torch computes Adam's bias corrections from tensor ``betas`` in their dtype;
+  those numbers differ from torch's in the last bits). ``LBFGS`` uses a tensor ``lr`` as a
+  0-d tensor of its dtype, as torch;
 * ``foreach`` and ``fused`` are accepted and change nothing (the step is one fused pass
   either way); a ``GradScaler`` unscales the gradients itself before ``step()``, as it does
   for torch's non-fused optimizers;
