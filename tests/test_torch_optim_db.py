@@ -46,10 +46,11 @@ Refused by design, and asserted to be refused with a clear error:
 
 Four documented tolerances:
 
-* with float64 parameters and a float32 tensor ``lr`` (or ``betas``), torch computes the
-  lr-derived step scalars in float32 tensor arithmetic, fastopt in double with the tensor's
-  value. Such a run is compared at the default float64 tolerance with torch given the same
-  values as floats, and at the float32 tolerance with torch given the tensors;
+* with float64 parameters and float32 tensor ``betas`` (Adam, AdamW), torch computes the
+  bias corrections in float32 tensor arithmetic, fastopt in double with the tensors' values
+  (a float32 tensor ``lr`` alone steps as torch's, compared at the default tolerance). Such
+  a run is compared at the default float64 tolerance with torch given the betas as floats
+  (and the lr as it is), and at the float32 tolerance with torch given the tensors;
 * the final ``momentum_buffer`` of a centered float32 RMSprop with momentum is compared at
   1e-4 (see ``STATE_TOL``); its parameters, at every step, at the default;
 * the final history of a float32 LBFGS (``ro``, ``al`` and the direction ``d``) is compared
@@ -252,11 +253,14 @@ def _as_floats(kwargs):
     return {k: plain(v) for k, v in kwargs.items()}
 
 
-def _float32_tensor_hyper(kwargs):
-    values = [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
-    values += [x for v in kwargs.values() if isinstance(v, tuple) for x in v
-               if isinstance(x, torch.Tensor)]
-    return any(v.dtype == torch.float32 for v in values)
+def _betas_as_floats(kwargs):
+    """``kwargs`` with tensor ``betas`` read as floats (a tensor lr left as it is)."""
+    return {**kwargs, **{k: v for k, v in _as_floats(kwargs).items() if k == "betas"}}
+
+
+def _float32_tensor_betas(kwargs):
+    return any(isinstance(x, torch.Tensor) and x.dtype == torch.float32
+               for x in kwargs.get("betas", ()))
 
 
 def _same_value(a, b, where, **tol):
@@ -306,15 +310,16 @@ def test_db_configuration_in_lockstep_with_torch(info, dtype, desc, kwargs):
         return
     opt = _make(cls, model, kwargs)
     # the references: torch with the configuration as it is, and where torch would compute
-    # step scalars in float32 for float64 parameters, torch with the tensors read as floats
+    # bias corrections in float32 for float64 parameters, torch with the betas as floats
     refs = [(ref, topt, {})]
     if info.name == "Muon":  # one reference, torch as it is (it reads a tensor lr as lr)
         _muon_lockstep(model, opt, ref, topt, dtype)
         _same_state_dict(opt.state_dict(), topt.state_dict(), MUON_TOL["state"])
         return
-    if dtype == torch.float64 and _float32_tensor_hyper(kwargs):
+    if dtype == torch.float64 and _float32_tensor_betas(kwargs):
         exact = copy.deepcopy(model)
-        refs = [(ref, topt, F32), (exact, _make(info.optim_cls, exact, _as_floats(kwargs)), {})]
+        refs = [(ref, topt, F32),
+                (exact, _make(info.optim_cls, exact, _betas_as_floats(kwargs)), {})]
     x, y = _data(dtype)
     for step in range(STEPS.get(info.name, {}).get(dtype, 20)):
         _step(model, opt, x, y, step)
