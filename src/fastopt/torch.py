@@ -50,8 +50,8 @@ Rules beyond torch's:
 * parameters of ``SparseAdam``, ``LBFGS``, ``Adafactor`` and ``Muon`` are contiguous float32
   or float64 CPU tensors (Muon's: matrices, as torch's). As torch's, ``SparseAdam`` refuses
   complex parameters at construction (ValueError), ``Adafactor`` and ``Muon`` at the step
-  (RuntimeError, naming the parameter); ``LBFGS`` refuses them at construction (TypeError;
-  torch's steps with them);
+  (RuntimeError, naming the parameter), and ``LBFGS`` steps with contiguous complex64 and
+  complex128 ones as their real views;
 * gradients are dense tensors of the parameter's dtype and shape, with torch's exceptions
   for sparse COO gradients (``Embedding(sparse=True)``): ``SGD`` and ``Adagrad`` take them
   with torch's rules (SGD's momentum buffer of a sparse gradient is a sparse tensor; weight
@@ -99,7 +99,7 @@ from torch.optim import Optimizer as _TorchOptimizer
 
 import fastopt
 from fastopt import _kernels, _numpy_step
-from fastopt._adapters import TORCH_ADAPTER, _where
+from fastopt._adapters import TORCH_ADAPTER, _foreign_param, _where
 from fastopt.muon import _check_ns_dtype
 from fastopt.optimizer import Optimizer as _Optimizer, _run_step_hooks
 
@@ -516,6 +516,9 @@ class _NumpyStep:
     #: complex parameters are taken by add_param_group and refused by the step, as torch's
     #: step refuses them (Adafactor); otherwise add_param_group refuses them
     _complex_at_step = False
+    #: complex parameters are taken and stepped as their ``torch.view_as_real`` views
+    #: (LBFGS, as torch's); they must be contiguous, as the real ones
+    _complex_steps = False
     _hyper_kinds = _Optimizer._hyper_kinds
     _freeze = _Optimizer._freeze
     _check_step = _Optimizer._check_step
@@ -545,8 +548,13 @@ class _NumpyStep:
                                  f"outside autograd); use torch.optim for a differentiable "
                                  f"step")
             for pi, p in enumerate(group["params"]):
-                TORCH_ADAPTER.check(p, gi, pi, group, wide=self._complex_at_step
-                                    and isinstance(p, torch.Tensor) and p.is_complex())
+                complex_ = isinstance(p, torch.Tensor) and p.is_complex()
+                TORCH_ADAPTER.check(p, gi, pi, group, wide=complex_ and (
+                    self._complex_at_step or self._complex_steps))
+                if complex_ and self._complex_steps and not p.is_contiguous():
+                    raise ValueError(f"{_where(gi, pi)}: the tensor is not contiguous "
+                                     f"(strides {tuple(p.stride())} for shape "
+                                     f"{tuple(p.shape)}); pass a contiguous tensor")
         except BaseException:
             self.param_groups.pop()
             raise
@@ -689,14 +697,25 @@ class LBFGS(_NumpyStep, torch.optim.LBFGS):
     * gradients are dense tensors of the parameters' dtype and shape; a sparse one is
       refused naming its parameter (torch densifies it).
 
+    Complex parameters (contiguous) step as torch's: as the real and imaginary parts of
+    their ``torch.view_as_real`` views, which make the flat vectors of the history (real,
+    of the parameters' real dtype; complex64 goes with float32, complex128 with float64).
+
     A tensor ``lr`` is used as a 0-d tensor of its dtype, as torch uses it; the state then
     holds copies of it, never the group's ``lr`` itself (torch stores that tensor as ``t``).
 
     """
 
     _fastopt = fastopt.LBFGS
-    _borrowed = ("_run", "_step", "_arrays", "_flat_grad", "_add", "_snapshot", "_restore",
+    _borrowed = ("_run", "_step", "_flat_grad", "_add", "_snapshot", "_restore",
                  "_check_history")
+    _complex_steps = True
+
+    def _arrays(self):
+        # (array, gradient array or None) of each parameter, a complex one as the real view
+        # torch's LBFGS flattens (its re, im pairs); not marked updated (``_run`` does that)
+        return [_foreign_param(p, 0, pi, False, wide=p.is_complex())
+                for pi, p in enumerate(self._params)]
 
     def _numpy_step(self, closure):
         if closure is None:
