@@ -33,9 +33,9 @@ continues here, and the reverse. ``load_state_dict`` checks everything before it
 anything (shapes, dtypes, layouts, finite non-negative steps, ids that match the groups,
 LBFGS's history) and raises naming the key path (``state[3]['exp_avg']``), as fastopt's
 NumPy optimizers do; it also takes the state dicts keyed by parameter names that
-``torch.distributed.checkpoint`` passes. ``SparseAdam``'s ``load_state_dict`` is torch's;
-its step checks the state it finds (an int ``step``, dense contiguous moments of the
-parameter's dtype and shape) before it changes anything, raising naming the key.
+``torch.distributed.checkpoint`` passes. ``SparseAdam``'s state (an int ``step``, dense
+contiguous moments of the parameter's dtype and shape) is checked so at load, and again by
+its step before it changes anything.
 
 Rules beyond torch's:
 
@@ -979,9 +979,34 @@ class SparseAdam(torch.optim.SparseAdam):
     dimensions index the rows, the dense ones make each row). Parameters are contiguous
     float32 or float64 CPU tensors (a non-contiguous one is refused by ``add_param_group``
     naming it); a dense gradient raises RuntimeError, as torch. A step checks every
-    parameter, gradient and state entry before it changes anything.
+    parameter, gradient and state entry before it changes anything, and so does
+    ``load_state_dict`` with the state it loads (a torch.optim.SparseAdam state dict loads,
+    and the reverse).
 
     """ + "\n" + (torch.optim.SparseAdam.__doc__ or "")
+
+    # fastopt's checked load_state_dict, as the other classes': the loaded state is checked
+    # by fastopt.SparseAdam's state check (an int step, moments of the parameter's dtype
+    # and shape), the one its step makes
+    _kernel = None
+    _nonneg_at_step = ()
+    _beta1_division = False
+    _lazy_state = False
+    _flag_defaults = fastopt.SparseAdam._flag_defaults
+    _scalar_state_keys = fastopt.SparseAdam._scalar_state_keys
+    _hyper_kinds = _Optimizer._hyper_kinds
+    _freeze = _Optimizer._freeze
+    _check_step = _Optimizer._check_step
+    _backfill = _Optimizer._backfill
+    _loaded_groups = staticmethod(_Optimizer._loaded_groups)
+    _check_loaded_state = _check_loaded_tensors(_Optimizer._check_loaded_state)
+    _check_existing_state = fastopt.SparseAdam._check_existing_state
+    _check_state = staticmethod(fastopt.SparseAdam._check_state)
+    load_state_dict = _KernelStep.load_state_dict
+
+    def _cast_state(self, param, array, value, key, where):
+        _dense_saved_state(value, key, where)
+        return _to_tensor(fastopt.SparseAdam._cast_state(self, param, array, value, key, where))
 
     def add_param_group(self, param_group):
         """``torch.optim.Optimizer.add_param_group``, and then fastopt's checks (a complex or
