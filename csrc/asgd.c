@@ -12,7 +12,7 @@
 /* Fields in the order of ASGD._hyperparameters. state[0] = ax, aux[0] = eta, aux[1] = mu
  * (torch's float32 state). scalar[0] = eta, scalar[1] = mu: the values this step uses. */
 typedef struct fo_asgd_hyper {
-    double lr, lambd, alpha, t0, weight_decay, maximize, lr_f32;
+    double lr, lambd, alpha, t0, weight_decay, maximize, lr_tensor;
 } fo_asgd_hyper;
 
 /* torch's eta = lr / (1 + lambd * lr * t) ** alpha for a float32 tensor lr: float32 tensor
@@ -48,7 +48,7 @@ static void asgd_prepare(const double *hyper, fo_tensor *t, double step)
     const fo_asgd_hyper *h = (const fo_asgd_hyper *)hyper;
     t->scalar[0] = *t->aux[0];
     t->scalar[1] = *t->aux[1];
-    if (FO_FLAG(h->lr_f32))
+    if (FO_LR_F32(h->lr_tensor))
         *t->aux[0] = asgd_eta_f32((float)h->lr, (float)h->lambd, (float)step, h->alpha);
     else
         *t->aux[0] = (float)(h->lr / pow(1.0 + h->lambd * h->lr * step, h->alpha));

@@ -179,6 +179,50 @@ def test_rmsprop_and_adadelta_use_a_tensor_lr_as_its_value(name, kwargs):
                 assert torch.equal(x, y), cls
 
 
+BETAS_LRS = [LR, "float32", "float64"]
+
+
+def _betas_run(torch, cls, dtype, betas_dtype, lr, beta2, **kwargs):
+    grads = _grads(np.float64 if dtype == torch.float64 else np.float32)
+    betas = (torch.tensor(0.9, dtype=betas_dtype), torch.tensor(beta2, dtype=betas_dtype))
+    if lr != LR:
+        lr = torch.tensor(LR, dtype=getattr(torch, lr))
+    return _run(torch, cls, {**kwargs, "betas": betas}, dtype, lr, grads)
+
+
+@pytest.mark.parametrize("lr", BETAS_LRS, ids=["float-lr", "float32-lr", "float64-lr"])
+@pytest.mark.parametrize("betas_dtype", ["float32", "float64"])
+@pytest.mark.parametrize("double", [True, False], ids=["float64", "float32"])
+@pytest.mark.parametrize("name,kwargs", [("Adam", {}), ("AdamW", dict(amsgrad=True))],
+                         ids=["Adam", "AdamW"])
+def test_tensor_betas_step_as_torch(name, kwargs, double, betas_dtype, lr):
+    """Adam's and AdamW's betas may be tensors: torch computes ``1 - beta^t`` (ATen's pow),
+    the step size (``reciprocal(bc1) * lr`` for a number lr) and ``bc2 ** 0.5`` as 0-d
+    tensors of the betas' dtype, and ``1 - beta2`` too. Bit for bit with ``betas[1] = 0``
+    (exact square roots, as above); within 1e-13 (float64) and torch's float32 tolerance with
+    ``betas[1] = 0.999`` (torch's square roots of the second moments, and of ``bc2``, may
+    differ from the correctly rounded ones in the last bit)."""
+    torch = import_torch()
+    import fastopt.torch as ft
+    dtype = torch.float64 if double else torch.float32
+    bdtype = getattr(torch, betas_dtype)
+    for beta2 in (0.0, 0.999):
+        ours, opt = _betas_run(torch, getattr(ft, name), dtype, bdtype, lr, beta2, **kwargs)
+        theirs, topt = _betas_run(torch, getattr(torch.optim, name), dtype, bdtype, lr, beta2,
+                                  **kwargs)
+        tol = dict(rtol=1e-13, atol=1e-15) if double else F32
+        for step, (a, b) in enumerate(zip(ours, theirs)):
+            for x, y in zip(a, b):
+                if beta2 == 0.0:
+                    assert torch.equal(x, y), (f"step {step}: max difference "
+                                               f"{(x - y).abs().max().item():.3g}")
+                else:
+                    torch.testing.assert_close(x, y, **tol, msg=lambda m: f"step {step}: {m}")
+        assert all(isinstance(b, torch.Tensor) for b in opt.param_groups[0]["betas"])
+        if beta2 == 0.0:
+            _assert_same_state(torch, opt, topt)
+
+
 def test_a_scheduler_writing_a_float32_tensor_lr_steps_as_torch():
     """LR schedulers update a tensor lr in place (``fill_``): every step reads its value."""
     torch = import_torch()

@@ -46,9 +46,9 @@ class ASGD(Optimizer):
     """
 
     _kernel = "asgd"
-    # lr_float32 is not a group key: the freeze adds it (a float32 torch tensor lr)
+    # lr_tensor is not a group key: the freeze adds it (32 for a float32 torch tensor lr)
     _hyperparameters = ("lr", "lambd", "alpha", "t0", "weight_decay", "maximize",
-                        "lr_float32")
+                        "lr_tensor")
     _state_keys = ("ax",)
     _scalars = ("eta", "mu")
     _flag_defaults = {"foreach": None, "maximize": False, "differentiable": False,

@@ -64,14 +64,14 @@ Rules beyond torch's:
 * ``differentiable=True`` is refused: the update runs in C or NumPy, outside autograd;
 * ``capturable=True`` is refused at ``step()`` with the AssertionError torch raises on the
   CPU, naming the group;
-* a float32 tensor ``lr`` of the C-kernel optimizers steps as torch's: torch computes the
-  step scalars derived from it in float32 tensor arithmetic (Adam's and Adamax's
-  ``lr / (1 - beta1^t)``, Adagrad's decayed lr, NAdam's step sizes, ASGD's ``eta``, the
-  decoupled decay ``1 - lr * weight_decay``), also for float64 parameters, and so do the
-  kernels. A tensor ``lr`` of another dtype, and tensor ``betas``, are read as their values
-  in double (torch computes Adam's bias corrections from tensor ``betas`` in their dtype;
-  those numbers differ from torch's in the last bits). ``LBFGS`` uses a tensor ``lr`` as a
-  0-d tensor of its dtype, as torch;
+* a tensor ``lr`` (or, for ``Adam`` and ``AdamW``, tensor ``betas``) steps as torch's:
+  torch computes the step scalars derived from it in 0-d tensor arithmetic of its dtype
+  (for a float32 ``lr``: Adam's and Adamax's ``lr / (1 - beta1^t)``, Adagrad's decayed lr,
+  NAdam's step sizes, ASGD's ``eta``, the decoupled decay ``1 - lr * weight_decay``; for
+  tensor betas, Adam's bias corrections), also for float64 parameters, and so do the
+  kernels. A float64 ``lr`` computes as a float does; a tensor ``lr`` of another dtype, and
+  betas of two dtypes, are read as their values in double. ``LBFGS`` uses a tensor ``lr``
+  as a 0-d tensor of its dtype, as torch;
 * ``foreach`` and ``fused`` are accepted and change nothing (the step is one fused pass
   either way); a ``GradScaler`` unscales the gradients itself before ``step()``, as it does
   for torch's non-fused optimizers;
