@@ -1,4 +1,5 @@
-"""A tensor ``lr`` in fastopt.torch's C-kernel optimizers, against torch.optim 2.13 (CPU).
+"""A tensor ``lr`` (and Adam's tensor ``betas``) in fastopt.torch's C-kernel optimizers,
+against torch.optim 2.13 (CPU).
 
 torch's single-tensor step keeps a tensor ``lr`` a 0-d tensor, so the step scalars derived
 from it come out of 0-d tensor arithmetic in the lr's dtype, each operation rounded: for a
@@ -6,18 +7,21 @@ float32 ``lr``, Adam's and Adamax's ``lr / (1 - beta1^t)``, Adagrad's ``lr / (1 
 lr_decay)``, NAdam's two ``-lr (...) / (...)`` step sizes, ASGD's ``eta`` and the decoupled
 decay ``1 - lr wd`` (Adam, AdamW, NAdam, RAdam) are float32 numbers, also for float64
 parameters. SGD, RMSprop, Adadelta and RAdam's update use ``lr`` itself, and Rprop only
-reads it at its state's creation. fastopt computes those scalars as torch does.
+reads it at its state's creation. A float64 ``lr`` gives a float's numbers. Adam's and
+AdamW's betas may be tensors too; their bias corrections are then 0-d tensors of the betas'
+dtype. fastopt computes those scalars as torch does.
 
 The lockstep runs compare bit for bit (``torch.equal``) wherever the update's square root
 can be made exact: the gradients are multiples of 1/8, independent of the parameters, and
 ``betas[1] = 0`` makes Adam's and NAdam's second moment ``g * g`` with ``sqrt`` exactly
 ``|g|`` (torch's MKL square root is faithful, so it returns an exact root exactly); RAdam
 with ``betas[1] = 0`` never takes its rectified, square-rooting branch. Adagrad, RMSprop and
-Adadelta take square roots of sums that are not squares, and torch's root differs from the
-correctly rounded one in the last bit for some inputs: they are compared within 1e-13
-(float64 parameters; a double-computed float32-lr scalar is off by up to 3e-8 relative)
-and torch's float32 tolerance (float32 parameters), and RMSprop's and Adadelta's runs
-with a tensor ``lr`` are bit for bit those with ``lr=float(lr)``, in torch as here.
+Adadelta take square roots of sums that are not squares (so do Adam, AdamW, NAdam and RAdam
+with their default betas), and torch's root differs from the correctly rounded one in the
+last bit for some inputs: they are compared within 1e-13 (float64 parameters; a
+double-computed float32-lr scalar is off by up to 3e-8 relative) and torch's float32
+tolerance (float32 parameters), and RMSprop's and Adadelta's runs with a tensor ``lr`` are
+bit for bit those with ``lr=float(lr)``, in torch as here.
 """
 import numpy as np
 import pytest
