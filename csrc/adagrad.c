@@ -10,13 +10,13 @@
 /* Fields in the order of Adagrad._hyperparameters. state[0] = sum. scalar[0] = clr = lr / (1 +
  * (step - 1) * lr_decay). */
 typedef struct fo_adagrad_hyper {
-    double lr, lr_decay, weight_decay, eps, maximize;
+    double lr, lr_decay, weight_decay, eps, maximize, lr_tensor;
 } fo_adagrad_hyper;
 
 static void adagrad_prepare(const double *hyper, fo_tensor *t, double step)
 {
     const fo_adagrad_hyper *h = (const fo_adagrad_hyper *)hyper;
-    t->scalar[0] = h->lr / (1.0 + (step - 1.0) * h->lr_decay);
+    t->scalar[0] = fo_lr_div(h->lr, 1.0 + (step - 1.0) * h->lr_decay, h->lr_tensor);
 }
 
 #define FO_BODY "adagrad.c"

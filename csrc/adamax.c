@@ -13,13 +13,14 @@
 /* Fields in the order of Adamax._hyperparameters. state[0] = exp_avg, state[1] = exp_inf.
  * scalar[0] = lr / (1 - beta1^t). */
 typedef struct fo_adamax_hyper {
-    double lr, beta1, beta2, eps, weight_decay, maximize;
+    double lr, beta1, beta2, eps, weight_decay, maximize, lr_tensor;
 } fo_adamax_hyper;
 
 static void adamax_prepare(const double *hyper, fo_tensor *t, double step)
 {
     const fo_adamax_hyper *h = (const fo_adamax_hyper *)hyper;
-    t->scalar[0] = h->lr / (1.0 - pow(h->beta1, step)); /* as torch: clr = lr / (1 - beta1**t) */
+    /* as torch: clr = lr / (1 - beta1**t) */
+    t->scalar[0] = fo_lr_div(h->lr, 1.0 - pow(h->beta1, step), h->lr_tensor);
 }
 
 #define FO_BODY "adamax.c"

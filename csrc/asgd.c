@@ -12,8 +12,33 @@
 /* Fields in the order of ASGD._hyperparameters. state[0] = ax, aux[0] = eta, aux[1] = mu
  * (torch's float32 state). scalar[0] = eta, scalar[1] = mu: the values this step uses. */
 typedef struct fo_asgd_hyper {
-    double lr, lambd, alpha, t0, weight_decay, maximize;
+    double lr, lambd, alpha, t0, weight_decay, maximize, lr_tensor;
 } fo_asgd_hyper;
+
+/* torch's eta = lr / (1 + lambd * lr * t) ** alpha for a float32 tensor lr: float32 tensor
+ * operations, each rounded, and ATen's pow of a float32 tensor by a number (x*x*x for 3,
+ * 1 / (x*x) in double for -2, reciprocal and rsqrt for -1 and -0.5, sqrt for 0.5 (ATen's
+ * may differ from sqrtf in the last bit), else the double pow of x rounded). */
+static float asgd_eta_f32(float lr, float lambd, float step, double alpha)
+{
+    float x = 1.0f + lambd * lr * step;
+    float y;
+    if (alpha == 3.0)
+        y = x * x * x;
+    else if (alpha == -2.0)
+        y = (float)(1.0 / (double)(x * x));
+    else if (alpha == -1.0)
+        y = 1.0f / x;
+    else if (alpha == -0.5)
+        y = 1.0f / sqrtf(x);
+    else if (alpha == 0.5)
+        y = sqrtf(x);
+    else if (alpha == 2.0)
+        y = x * x;
+    else
+        y = (float)pow((double)x, alpha);
+    return lr / y;
+}
 
 /* This step uses the current eta and mu; then, as torch (in double, stored as float32):
  * eta = lr / (1 + lambd lr t)^alpha, mu = 1 / max(1, t - t0). A parameter listed twice
@@ -23,7 +48,10 @@ static void asgd_prepare(const double *hyper, fo_tensor *t, double step)
     const fo_asgd_hyper *h = (const fo_asgd_hyper *)hyper;
     t->scalar[0] = *t->aux[0];
     t->scalar[1] = *t->aux[1];
-    *t->aux[0] = (float)(h->lr / pow(1.0 + h->lambd * h->lr * step, h->alpha));
+    if (FO_LR_F32(h->lr_tensor))
+        *t->aux[0] = asgd_eta_f32((float)h->lr, (float)h->lambd, (float)step, h->alpha);
+    else
+        *t->aux[0] = (float)(h->lr / pow(1.0 + h->lambd * h->lr * step, h->alpha));
     *t->aux[1] = (float)(1.0 / (step - h->t0 > 1.0 ? step - h->t0 : 1.0));
 }
 

@@ -77,4 +77,21 @@
 /* |x| of either element type (fabsf or fabs). */
 #define FO_ABS(x) _Generic((x), float: fabsf, default: fabs)(x)
 
+/* The lr-derived step scalars as torch computes them. lr_tensor (set by the freeze) is 32 for
+ * a float32 tensor lr, 64 for a float64 one, 0 for a number. With a number they are Python
+ * doubles; with a float32 tensor torch keeps lr a 0-d float32 tensor, so each operation on it
+ * rounds to float32, its Python operands rounded to float32 first (a float64 tensor computes
+ * as a double does). fo_lr_div is lr / d, fo_lr_decay the decoupled decay 1 - lr * wd. */
+#define FO_LR_F32(lr_tensor) ((lr_tensor) == 32.0)
+
+static inline double fo_lr_div(double lr, double d, double lr_tensor)
+{
+    return FO_LR_F32(lr_tensor) ? (double)((float)lr / (float)d) : lr / d;
+}
+
+static inline double fo_lr_decay(double lr, double wd, double lr_tensor)
+{
+    return FO_LR_F32(lr_tensor) ? (double)(1.0f - (float)lr * (float)wd) : 1.0 - lr * wd;
+}
+
 #endif /* FO_INTERNAL_H */

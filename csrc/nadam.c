@@ -16,7 +16,7 @@
  * aux[0] = mu_product. scalar[0] = 1 - beta2^t, scalar[1] = -lr (1 - mu_t) / (1 - mu_product),
  * scalar[2] = -lr mu_{t+1} / (1 - mu_product mu_{t+1}). */
 typedef struct fo_nadam_hyper {
-    double lr, beta1, beta2, eps, weight_decay, momentum_decay, decoupled, maximize;
+    double lr, beta1, beta2, eps, weight_decay, momentum_decay, decoupled, maximize, lr_tensor;
 } fo_nadam_hyper;
 
 static void nadam_prepare(const double *hyper, fo_tensor *t, double step)
@@ -28,6 +28,13 @@ static void nadam_prepare(const double *hyper, fo_tensor *t, double step)
     *t->aux[0] = *t->aux[0] * (float)mu;
     double prod = *t->aux[0];
     t->scalar[0] = 1.0 - pow(h->beta2, step);
+    if (FO_LR_F32(h->lr_tensor)) {
+        /* a float32 tensor lr: torch's -lr * (1 - mu) / (1 - P) and -lr * mu_next / (1 - P
+         * mu_next) are float32 tensor operations, each rounded */
+        t->scalar[1] = (double)(((float)-h->lr * (float)(1.0 - mu)) / (float)(1.0 - prod));
+        t->scalar[2] = (double)(((float)-h->lr * (float)mu_next) / (float)(1.0 - prod * mu_next));
+        return;
+    }
     t->scalar[1] = (-h->lr * (1.0 - mu)) / (1.0 - prod);
     t->scalar[2] = (-h->lr * mu_next) / (1.0 - prod * mu_next);
 }
@@ -53,7 +60,7 @@ FO_FN(nadam_loop)(const fo_nadam_hyper *h, const fo_tensor *t, int64_t begin, in
     const FO_T one_m_beta2 = (FO_T)(1.0 - h->beta2);
     const FO_T eps = (FO_T)h->eps;
     const FO_T wd = (FO_T)h->weight_decay;
-    const FO_T decay = (FO_T)(1.0 - h->lr * h->weight_decay);
+    const FO_T decay = (FO_T)fo_lr_decay(h->lr, h->weight_decay, h->lr_tensor);
     const FO_T sign = FO_FLAG(h->maximize) ? (FO_T)-1 : (FO_T)1;
 
     for (int64_t i = begin; i < end; i++) {

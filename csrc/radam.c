@@ -17,7 +17,7 @@
  * scalar[0] = 1 - beta1^t, scalar[1] = (1 - beta2^t)^0.5, scalar[2] = rectification term,
  * scalar[3] = 1 when rho_t > 5 (take the rectified adaptive step), else 0. */
 typedef struct fo_radam_hyper {
-    double lr, beta1, beta2, eps, weight_decay, decoupled, maximize;
+    double lr, beta1, beta2, eps, weight_decay, decoupled, maximize, lr_tensor;
 } fo_radam_hyper;
 
 static void radam_prepare(const double *hyper, fo_tensor *t, double step)
@@ -60,7 +60,7 @@ FO_FN(radam_loop)(const fo_radam_hyper *h, const fo_tensor *t, int64_t begin, in
     const FO_T one_m_beta2 = (FO_T)(1.0 - h->beta2);
     const FO_T eps = (FO_T)h->eps;
     const FO_T wd = (FO_T)h->weight_decay;
-    const FO_T decay = (FO_T)(1.0 - h->lr * h->weight_decay);
+    const FO_T decay = (FO_T)fo_lr_decay(h->lr, h->weight_decay, h->lr_tensor);
     const FO_T sign = FO_FLAG(h->maximize) ? (FO_T)-1 : (FO_T)1;
 
     for (int64_t i = begin; i < end; i++) {

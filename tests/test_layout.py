@@ -67,13 +67,13 @@ def test_an_unknown_kernel_is_refused_when_the_class_is_defined():
 
 def test_hyperparameters_that_do_not_fill_the_kernel_struct_raise_before_any_change():
     class Short(fastopt.Adam):
-        _hyperparameters = ("lr", "betas", "eps", "weight_decay")  # the kernel takes 8
+        _hyperparameters = ("lr", "betas", "eps", "weight_decay")  # the kernel takes 10
 
     p = fastopt.Parameter(np.ones(4, dtype=np.float32))
     p.grad = np.ones(4, dtype=np.float32)
     opt = Short([p])
     with pytest.raises(TypeError, match=r"param_groups\[0\]: .* give 5 numbers; the kernel "
-                                        r"'adam' takes 8"):
+                                        r"'adam' takes 10"):
         opt.step()
     np.testing.assert_array_equal(p, 1.0)
     assert len(opt.state) == 0

@@ -1828,15 +1828,42 @@ cdef object _as_real(object value, object key):
     return float(value)
 
 
+cdef double _tensor_bits(object value):
+    # 32.0 or 64.0 for a float32 or float64 torch tensor (torch is not imported here: its
+    # dtypes print as torch.float32, torch.float64), else 0.0
+    if type(value) is float:
+        return 0.0
+    dtype = getattr(value, "dtype", None)
+    if dtype is None or type(dtype).__module__ != "torch":
+        return 0.0
+    text = str(dtype)
+    return 32.0 if text == "torch.float32" else 64.0 if text == "torch.float64" else 0.0
+
+
 def freeze(dict group, tuple numeric, tuple flags, tuple pairs):
     """A copy of ``group`` with the ``numeric`` keys as floats, the ``flags`` as bools and
-    the ``pairs`` ((key, length) tuples) as tuples of floats."""
+    the ``pairs`` ((key, length) tuples) as tuples of floats.
+
+    A group with an ``lr`` also gets ``lr_tensor``, and one with ``betas`` ``betas_tensor``:
+    32.0 or 64.0 where they are float32 or float64 torch tensors (both betas of one dtype),
+    else 0.0. torch computes the step scalars derived from such tensors in 0-d tensor
+    arithmetic of their dtype, and the kernels that list these keys compute them so too."""
     cdef dict frozen = group.copy()
     cdef Py_ssize_t n, i
     for key in numeric:
         value = group[key]
         if type(value) is not float:
             frozen[key] = _as_real(value, key)
+    if "lr" in frozen:
+        frozen["lr_tensor"] = _tensor_bits(group["lr"])
+    if "betas" in frozen:
+        value = group["betas"]
+        bits = 0.0
+        if isinstance(value, (tuple, list)) and len(value) == 2:
+            bits = _tensor_bits(value[0])
+            if bits != 0.0 and _tensor_bits(value[1]) != bits:
+                bits = 0.0
+        frozen["betas_tensor"] = bits
     for key in flags:
         value = group[key]
         if type(value) is not bool:

@@ -44,7 +44,8 @@ class Adagrad(Optimizer):
     """
 
     _kernel = "adagrad"
-    _hyperparameters = ("lr", "lr_decay", "weight_decay", "eps", "maximize")
+    # lr_tensor is not a group key: the freeze adds it (32 for a float32 torch tensor lr)
+    _hyperparameters = ("lr", "lr_decay", "weight_decay", "eps", "maximize", "lr_tensor")
     _state_keys = ("sum",)
     # a negative lr_decay can make 1 + (step - 1) * lr_decay zero; torch then raises
     # ZeroDivisionError halfway through a step, fastopt refuses before it

@@ -52,8 +52,10 @@ class Adam(Optimizer):
     """
 
     _kernel = "adam"
+    # lr_tensor and betas_tensor are not group keys: the freeze adds them (their dtypes'
+    # bits where they are torch tensors)
     _hyperparameters = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize",
-                        "decoupled_weight_decay")
+                        "decoupled_weight_decay", "lr_tensor", "betas_tensor")
     _state_keys = ("exp_avg", "exp_avg_sq", ("max_exp_avg_sq", "amsgrad"))
     _beta1_division = True
     _flag_defaults = {"amsgrad": False, "maximize": False, "foreach": None,

@@ -41,7 +41,8 @@ class Adamax(Optimizer):
     """
 
     _kernel = "adamax"
-    _hyperparameters = ("lr", "betas", "eps", "weight_decay", "maximize")
+    # lr_tensor is not a group key: the freeze adds it (32 for a float32 torch tensor lr)
+    _hyperparameters = ("lr", "betas", "eps", "weight_decay", "maximize", "lr_tensor")
     _state_keys = ("exp_avg", "exp_inf")
     _beta1_division = True
     _flag_defaults = {"foreach": None, "maximize": False, "differentiable": False,

@@ -46,7 +46,9 @@ class ASGD(Optimizer):
     """
 
     _kernel = "asgd"
-    _hyperparameters = ("lr", "lambd", "alpha", "t0", "weight_decay", "maximize")
+    # lr_tensor is not a group key: the freeze adds it (32 for a float32 torch tensor lr)
+    _hyperparameters = ("lr", "lambd", "alpha", "t0", "weight_decay", "maximize",
+                        "lr_tensor")
     _state_keys = ("ax",)
     _scalars = ("eta", "mu")
     _flag_defaults = {"foreach": None, "maximize": False, "differentiable": False,

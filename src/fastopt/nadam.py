@@ -50,7 +50,8 @@ class NAdam(Optimizer):
 
     _kernel = "nadam"
     _hyperparameters = ("lr", "betas", "eps", "weight_decay", "momentum_decay",
-                        "decoupled_weight_decay", "maximize")
+    # lr_tensor is not a group key: the freeze adds it (32 for a float32 torch tensor lr)
+                        "decoupled_weight_decay", "maximize", "lr_tensor")
     _state_keys = ("exp_avg", "exp_avg_sq")
     _scalars = ("mu_product",)
     _flag_defaults = {"maximize": False, "foreach": None, "capturable": False,

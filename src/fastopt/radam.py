@@ -46,8 +46,9 @@ class RAdam(Optimizer):
     """
 
     _kernel = "radam"
+    # lr_tensor is not a group key: the freeze adds it (32 for a float32 torch tensor lr)
     _hyperparameters = ("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay",
-                        "maximize")
+                        "maximize", "lr_tensor")
     _state_keys = ("exp_avg", "exp_avg_sq")
     _flag_defaults = {"foreach": None, "maximize": False, "differentiable": False,
                       "decoupled_weight_decay": False, "capturable": False}

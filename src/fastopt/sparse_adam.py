@@ -68,12 +68,20 @@ class SparseAdam(Optimizer):
             if step is None or isinstance(value, bool) or step != value or step < 0:
                 raise TypeError(f"{where}: state['step'] must be an int >= 0, got {value!r}")
             return step
-        return super()._cast_state(param, array, value, key, where)
+        # (named, not super(): fastopt.torch.SparseAdam reuses this method)
+        return Optimizer._cast_state(self, param, array, value, key, where)
 
     def _init_state(self, state, array, group):
         state["step"] = 0
         state["exp_avg"] = np.zeros_like(array)
         state["exp_avg_sq"] = np.zeros_like(array)
+
+    def _check_existing_state(self, st, arr, where):
+        # load_state_dict checks a loaded state as the step checks the state it finds
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            if key not in st:
+                raise KeyError(f"{where}: state has no {key!r}")
+        self._check_state(st, arr, where)
 
     @staticmethod
     def _check_state(st, arr, where):

@@ -33,9 +33,9 @@ continues here, and the reverse. ``load_state_dict`` checks everything before it
 anything (shapes, dtypes, layouts, finite non-negative steps, ids that match the groups,
 LBFGS's history) and raises naming the key path (``state[3]['exp_avg']``), as fastopt's
 NumPy optimizers do; it also takes the state dicts keyed by parameter names that
-``torch.distributed.checkpoint`` passes. ``SparseAdam``'s ``load_state_dict`` is torch's;
-its step checks the state it finds (an int ``step``, dense contiguous moments of the
-parameter's dtype and shape) before it changes anything, raising naming the key.
+``torch.distributed.checkpoint`` passes. ``SparseAdam``'s state (an int ``step``, dense
+contiguous moments of the parameter's dtype and shape) is checked so at load, and again by
+its step before it changes anything.
 
 Rules beyond torch's:
 
@@ -50,8 +50,8 @@ Rules beyond torch's:
 * parameters of ``SparseAdam``, ``LBFGS``, ``Adafactor`` and ``Muon`` are contiguous float32
   or float64 CPU tensors (Muon's: matrices, as torch's). As torch's, ``SparseAdam`` refuses
   complex parameters at construction (ValueError), ``Adafactor`` and ``Muon`` at the step
-  (RuntimeError, naming the parameter); ``LBFGS`` refuses them at construction (TypeError;
-  torch's steps with them);
+  (RuntimeError, naming the parameter), and ``LBFGS`` steps with contiguous complex64 and
+  complex128 ones as their real views;
 * gradients are dense tensors of the parameter's dtype and shape, with torch's exceptions
   for sparse COO gradients (``Embedding(sparse=True)``): ``SGD`` and ``Adagrad`` take them
   with torch's rules (SGD's momentum buffer of a sparse gradient is a sparse tensor; weight
@@ -64,11 +64,14 @@ Rules beyond torch's:
 * ``differentiable=True`` is refused: the update runs in C or NumPy, outside autograd;
 * ``capturable=True`` is refused at ``step()`` with the AssertionError torch raises on the
   CPU, naming the group;
-* a tensor ``lr`` (or ``betas``) of the C-kernel optimizers is read as its value in double,
-  as torch reads a float: torch instead computes its lr-derived step scalars in the tensor's
-  dtype, so with a float32 tensor ``lr`` and float64 parameters the two agree to float32
-  precision in those scalars only (and as float runs do when torch is given
-  ``lr=float(lr)``). ``LBFGS`` uses a tensor ``lr`` as a 0-d tensor of its dtype, as torch;
+* a tensor ``lr`` (or, for ``Adam`` and ``AdamW``, tensor ``betas``) steps as torch's:
+  torch computes the step scalars derived from it in 0-d tensor arithmetic of its dtype
+  (for a float32 ``lr``: Adam's and Adamax's ``lr / (1 - beta1^t)``, Adagrad's decayed lr,
+  NAdam's step sizes, ASGD's ``eta``, the decoupled decay ``1 - lr * weight_decay``; for
+  tensor betas, Adam's bias corrections), also for float64 parameters, and so do the
+  kernels. A float64 ``lr`` computes as a float does; a tensor ``lr`` of another dtype, and
+  betas of two dtypes, are read as their values in double. ``LBFGS`` uses a tensor ``lr``
+  as a 0-d tensor of its dtype, as torch;
 * ``foreach`` and ``fused`` are accepted and change nothing (the step is one fused pass
   either way); a ``GradScaler`` unscales the gradients itself before ``step()``, as it does
   for torch's non-fused optimizers;
@@ -96,7 +99,7 @@ from torch.optim import Optimizer as _TorchOptimizer
 
 import fastopt
 from fastopt import _kernels, _numpy_step
-from fastopt._adapters import TORCH_ADAPTER, _where
+from fastopt._adapters import TORCH_ADAPTER, _foreign_param, _where
 from fastopt.muon import _check_ns_dtype
 from fastopt.optimizer import Optimizer as _Optimizer, _run_step_hooks
 
@@ -513,6 +516,9 @@ class _NumpyStep:
     #: complex parameters are taken by add_param_group and refused by the step, as torch's
     #: step refuses them (Adafactor); otherwise add_param_group refuses them
     _complex_at_step = False
+    #: complex parameters are taken and stepped as their ``torch.view_as_real`` views
+    #: (LBFGS, as torch's); they must be contiguous, as the real ones
+    _complex_steps = False
     _hyper_kinds = _Optimizer._hyper_kinds
     _freeze = _Optimizer._freeze
     _check_step = _Optimizer._check_step
@@ -542,8 +548,13 @@ class _NumpyStep:
                                  f"outside autograd); use torch.optim for a differentiable "
                                  f"step")
             for pi, p in enumerate(group["params"]):
-                TORCH_ADAPTER.check(p, gi, pi, group, wide=self._complex_at_step
-                                    and isinstance(p, torch.Tensor) and p.is_complex())
+                complex_ = isinstance(p, torch.Tensor) and p.is_complex()
+                TORCH_ADAPTER.check(p, gi, pi, group, wide=complex_ and (
+                    self._complex_at_step or self._complex_steps))
+                if complex_ and self._complex_steps and not p.is_contiguous():
+                    raise ValueError(f"{_where(gi, pi)}: the tensor is not contiguous "
+                                     f"(strides {tuple(p.stride())} for shape "
+                                     f"{tuple(p.shape)}); pass a contiguous tensor")
         except BaseException:
             self.param_groups.pop()
             raise
@@ -686,14 +697,25 @@ class LBFGS(_NumpyStep, torch.optim.LBFGS):
     * gradients are dense tensors of the parameters' dtype and shape; a sparse one is
       refused naming its parameter (torch densifies it).
 
+    Complex parameters (contiguous) step as torch's: as the real and imaginary parts of
+    their ``torch.view_as_real`` views, which make the flat vectors of the history (real,
+    of the parameters' real dtype; complex64 goes with float32, complex128 with float64).
+
     A tensor ``lr`` is used as a 0-d tensor of its dtype, as torch uses it; the state then
     holds copies of it, never the group's ``lr`` itself (torch stores that tensor as ``t``).
 
     """
 
     _fastopt = fastopt.LBFGS
-    _borrowed = ("_run", "_step", "_arrays", "_flat_grad", "_add", "_snapshot", "_restore",
+    _borrowed = ("_run", "_step", "_flat_grad", "_add", "_snapshot", "_restore",
                  "_check_history")
+    _complex_steps = True
+
+    def _arrays(self):
+        # (array, gradient array or None) of each parameter, a complex one as the real view
+        # torch's LBFGS flattens (its re, im pairs); not marked updated (``_run`` does that)
+        return [_foreign_param(p, 0, pi, False, wide=p.is_complex())
+                for pi, p in enumerate(self._params)]
 
     def _numpy_step(self, closure):
         if closure is None:
@@ -957,9 +979,34 @@ class SparseAdam(torch.optim.SparseAdam):
     dimensions index the rows, the dense ones make each row). Parameters are contiguous
     float32 or float64 CPU tensors (a non-contiguous one is refused by ``add_param_group``
     naming it); a dense gradient raises RuntimeError, as torch. A step checks every
-    parameter, gradient and state entry before it changes anything.
+    parameter, gradient and state entry before it changes anything, and so does
+    ``load_state_dict`` with the state it loads (a torch.optim.SparseAdam state dict loads,
+    and the reverse).
 
     """ + "\n" + (torch.optim.SparseAdam.__doc__ or "")
+
+    # fastopt's checked load_state_dict, as the other classes': the loaded state is checked
+    # by fastopt.SparseAdam's state check (an int step, moments of the parameter's dtype
+    # and shape), the one its step makes
+    _kernel = None
+    _nonneg_at_step = ()
+    _beta1_division = False
+    _lazy_state = False
+    _flag_defaults = fastopt.SparseAdam._flag_defaults
+    _scalar_state_keys = fastopt.SparseAdam._scalar_state_keys
+    _hyper_kinds = _Optimizer._hyper_kinds
+    _freeze = _Optimizer._freeze
+    _check_step = _Optimizer._check_step
+    _backfill = _Optimizer._backfill
+    _loaded_groups = staticmethod(_Optimizer._loaded_groups)
+    _check_loaded_state = _check_loaded_tensors(_Optimizer._check_loaded_state)
+    _check_existing_state = fastopt.SparseAdam._check_existing_state
+    _check_state = staticmethod(fastopt.SparseAdam._check_state)
+    load_state_dict = _KernelStep.load_state_dict
+
+    def _cast_state(self, param, array, value, key, where):
+        _dense_saved_state(value, key, where)
+        return _to_tensor(fastopt.SparseAdam._cast_state(self, param, array, value, key, where))
 
     def add_param_group(self, param_group):
         """``torch.optim.Optimizer.add_param_group``, and then fastopt's checks (a complex or
