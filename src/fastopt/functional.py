@@ -25,6 +25,11 @@ import re
 
 import numpy as np
 
+try:
+    from numpy.lib.array_utils import byte_bounds as _byte_bounds
+except ImportError:  # NumPy < 2
+    _byte_bounds = np.byte_bounds
+
 from fastopt import _pytree
 from fastopt.adadelta import Adadelta
 from fastopt.adagrad import Adagrad
@@ -451,6 +456,8 @@ class Transformation:
             garrs.append(g)
         if oleaves is None:
             oleaves = [np.empty_like(p, order="C") for p in parrs]
+        else:
+            _check_overlaps(oleaves, parrs, garrs, state.state, paths)
         opt = self._bind(state, oleaves)
         opt.param_groups[0].update(state.hyperparams)
         wrapped = state._wrapped
@@ -530,9 +537,41 @@ def _check_out(o, p, path):
     if not (o.flags.c_contiguous and o.flags.aligned and o.flags.writeable
             and o.dtype.isnative):
         raise ValueError(f"{where} must be C-contiguous, aligned and writable")
-    if np.may_share_memory(o, p):
-        raise ValueError(f"{where} shares memory with params{_tail(path)}; the update is "
-                         f"written to out without touching params")
+
+
+def _check_overlaps(outs, params, grads, states, paths):
+    """Raise ValueError when an ``out`` array's memory span meets another ``out`` array's or
+    that of a parameter, gradient or state array (all of them: the update writes ``out``
+    before the step's own checks run). One sort of the spans, O(n log n)."""
+    spans = []
+    for i, o in enumerate(outs):
+        spans.append((*_byte_bounds(o), True, i, "out", None))
+    for kind, arrays in (("params", params), ("grads", grads)):
+        for i, a in enumerate(arrays):
+            spans.append((*_byte_bounds(a), False, i, kind, None))
+    for i, entry in enumerate(states):
+        for key, value in entry.items():
+            if isinstance(value, np.ndarray):
+                spans.append((*_byte_bounds(value), False, i, "state", key))
+    spans = [s for s in spans if s[1] > s[0]]
+    spans.sort(key=lambda s: s[0])
+
+    def label(s):
+        if s[4] == "state":
+            return f"state.state[{s[3]}][{s[5]!r}]"
+        return _pytree.path_str(s[4], paths[s[3]])
+
+    last_out = last_any = None
+    for s in spans:
+        other = last_any if s[2] else last_out
+        if other is not None and other[1] > s[0]:
+            first, second = (s, other) if s[2] else (other, s)
+            raise ValueError(f"{label(first)} shares memory with {label(second)}; the update "
+                             f"is written to out without touching the other arrays")
+        if last_any is None or s[1] > last_any[1]:
+            last_any = s
+        if s[2] and (last_out is None or s[1] > last_out[1]):
+            last_out = s
 
 
 def _kernel_class(optimizer):
