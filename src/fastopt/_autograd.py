@@ -2,24 +2,27 @@
 
 autograd finds how to trace and differentiate a value by its exact type (two dicts keyed
 by type: boxes and vector spaces), so an ndarray subclass is refused ("Can't differentiate
-w.r.t. type fastopt._parameter.Parameter") until it is registered. ``register()`` gives
+w.r.t. type fastopt.parameter.Parameter") until it is registered. ``register()`` gives
 Parameter the box and vector space of ``numpy.ndarray``: ``autograd.grad(f)(p)`` then
 traces ``p`` as the array it wraps and returns a plain ndarray gradient.
 
-fastopt never imports autograd. ``install()`` (run when ``fastopt.parameter`` is imported)
-registers at once when autograd is already imported; otherwise it puts a finder at the
-front of ``sys.meta_path`` that waits for the top-level ``autograd`` package to be
-imported, lets the finders after it find and load the package as usual, and registers right
-after the package has run (autograd's ``__init__`` imports its NumPy boxes and vector
-spaces); then it takes itself off ``sys.meta_path``. Until then its cost is one string
-comparison per import of a module not imported yet. The package's ``__loader__`` and
-``__spec__.loader`` are the original loader again once it is loaded.
+fastopt never imports autograd. ``install(Parameter)`` (run when ``fastopt.parameter`` is
+imported) registers at once when autograd is already imported; otherwise it puts a finder
+at the front of ``sys.meta_path`` that waits for the top-level ``autograd`` package to be
+imported, lets the finders after it find and load the package as usual, and registers
+right after the package has run (autograd's ``__init__`` imports its NumPy boxes and
+vector spaces); then it takes itself off ``sys.meta_path``. Until then its cost is one
+string comparison per import of a module not imported yet. The package's ``__loader__``
+and ``__spec__.loader`` are the original loader again once it is loaded. Where autograd
+was imported in a way the finder missed, ``fastopt.minimize`` registers at its start.
 """
 import sys
 
 __all__ = ["install", "register", "registered"]
 
 _done = False
+#: the class to register (``install`` receives it: this module imports no fastopt module)
+_cls = None
 
 
 def registered():
@@ -28,18 +31,17 @@ def registered():
 
 
 def register():
-    """Register ``fastopt.Parameter`` with the imported autograd (idempotent)."""
+    """Register the installed class (``fastopt.Parameter``) with the imported autograd
+    (idempotent)."""
     global _done
-    if _done:
+    if _done or _cls is None:
         return
     from autograd.extend import VSpace
     from autograd.numpy.numpy_boxes import ArrayBox
     import numpy as np
 
-    from fastopt.parameter import Parameter
-
-    ArrayBox.register(Parameter)
-    VSpace.mappings[Parameter] = VSpace.mappings[np.ndarray]
+    ArrayBox.register(_cls)
+    VSpace.mappings[_cls] = VSpace.mappings[np.ndarray]
     _done = True
 
 
@@ -98,8 +100,12 @@ def _uninstall():
         pass
 
 
-def install():
-    """Register now if autograd is imported, else when it is (see the module's text)."""
+def install(cls=None):
+    """Register ``cls`` (an ndarray subclass, ``fastopt.Parameter``) now if autograd is
+    imported, else when it is (see the module's text)."""
+    global _cls
+    if cls is not None:
+        _cls = cls
     if _done:
         return
     module = sys.modules.get("autograd")

@@ -155,4 +155,4 @@ class SparseGrad:
 
 
 # registered with HIPS autograd once it is imported (never imports it)
-_autograd.install()
+_autograd.install(Parameter)
