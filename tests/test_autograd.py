@@ -31,7 +31,13 @@ def test_import_fastopt_never_imports_autograd_and_registers_when_it_is_imported
         import fastopt
         assert "autograd" not in sys.modules, "fastopt imported autograd"
         p = fastopt.Parameter(np.arange(3.0))
+        finders = lambda: [f for f in sys.meta_path if type(f).__name__ == "_AutogradFinder"]
+        assert len(finders()) == 1
+        import importlib.util
+        assert importlib.util.find_spec("autograd") is not None  # a look-up imports nothing
+        assert "autograd" not in sys.modules and len(finders()) == 1
         import autograd, autograd.numpy as anp
+        assert finders() == []   # done: the finder is gone
         # the package's loader is the real one again
         assert type(autograd.__spec__.loader).__module__.startswith("_frozen_importlib")
         assert type(autograd.__loader__).__module__.startswith("_frozen_importlib")

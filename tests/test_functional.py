@@ -218,6 +218,10 @@ def test_sgd_creates_missing_buffers_into_the_list():
           dampening=0.5, nesterov=False, maximize=False)
     assert buf[0] is first
     np.testing.assert_allclose(buf[0], 0.9 * 2.0 + 0.5 * 2.0)
+    with pytest.raises(TypeError, match="momentum_buffer_list must be a list"):
+        F.sgd([p], [np.ones(3, np.float32)], (None,), weight_decay=0.0, momentum=0.9, lr=0.5,
+              dampening=0.0, nesterov=False, maximize=False)
+    np.testing.assert_allclose(p, -0.5 * 2.8)
 
 
 # optax's shape -------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from fastopt.muon import Muon
 from fastopt import lr_scheduler, schedules, swa_utils
 from fastopt import interop
 from fastopt.checkpoint import save, load
-from fastopt.minimize import minimize
+from fastopt._minimize import minimize
 from fastopt import functional
 
 __version__ = _version("fastopt")  # pyproject.toml's version

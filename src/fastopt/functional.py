@@ -132,6 +132,9 @@ def _run(cls, hyper, params, grads, state_lists):
     for key in needed:
         arg, values = state_lists[key]
         _check_len(arg, values, n)
+        if lazy and not isinstance(values, list) and any(v is None for v in values):
+            raise TypeError(f"{arg} must be a list: the buffers made for its None entries "
+                            f"are stored into it")
     wrapped = [_wrap(p, f"params[{i}]") for i, p in enumerate(params)]
     state = {}
     for i, p in enumerate(wrapped):
