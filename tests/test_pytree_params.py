@@ -125,6 +125,13 @@ def test_nested_lists_and_tuples_without_dicts_have_no_names():
     assert len(group["params"]) == 4
 
 
+def test_a_named_pair_may_hold_a_container():
+    w, b, c = P(3), P(2), P(1)
+    opt = fastopt.SGD([("enc", {"w": w, "b": b}), ("head", c)], lr=0.1)
+    assert opt.param_groups[0]["param_names"] == ["enc.b", "enc.w", "head"]
+    assert [p is q for p, q in zip(opt.param_groups[0]["params"], [b, w, c])] == [True] * 3
+
+
 def test_a_tuple_of_two_parameters_is_not_a_named_pair():
     """(w, b) used to be read as the pair (name w, parameter b): w was lost."""
     w, b = P(3), P(2)
