@@ -29,6 +29,8 @@ from fastopt.muon import Muon
 from fastopt import lr_scheduler, schedules, swa_utils
 from fastopt import interop
 from fastopt.checkpoint import save, load
+from fastopt._minimize import minimize
+from fastopt import functional
 
 __version__ = _version("fastopt")  # pyproject.toml's version
 
@@ -44,7 +46,7 @@ OTHER_OPTIMIZERS = other_optimizers()
 __all__ = ["Parameter", "Optimizer", *OPTIMIZERS, "SparseAdam", "SparseGrad", "LBFGS",
            "Adafactor", "Muon", "OTHER_OPTIMIZERS", "OPTIMIZERS", "show_config",
            "set_num_threads", "get_num_threads", "interop", "lr_scheduler", "schedules",
-           "swa_utils", "save", "load"]
+           "swa_utils", "save", "load", "minimize", "functional"]
 
 
 def __getattr__(name):

@@ -17,7 +17,7 @@ import warnings
 
 import numpy as np
 
-from fastopt import _kernels
+from fastopt import _kernels, _pytree
 from fastopt._adapters import (TORCH_ADAPTER, _adapter_for, _foreign_arrays, _foreign_param,
                                _foreign_updated)
 from fastopt._kernels import guarded_step, update
@@ -185,9 +185,17 @@ class Optimizer:
 
     Parameters
     ----------
-    params : iterable
+    params : iterable or dict
         ``fastopt.Parameter`` objects, ``(name, Parameter)`` pairs, or dicts defining
-        parameter groups (a ``"params"`` entry plus per-group hyperparameters).
+        parameter groups (a ``"params"`` entry plus per-group hyperparameters). A dict of
+        parameters (``{"w": w, "b": b}``), or a group's ``"params"`` given as one, names
+        them as ``named_parameters()`` does: ``param_names`` in the groups and the state
+        dict. Nested dicts, lists and tuples of parameters are flattened: a dict's values by
+        sorted keys (an ``OrderedDict``'s in its own order), sequences in order, as
+        ``autograd.misc.flatten`` and jax do; a leaf under a dict is named by its path
+        joined with dots (``"enc.w"``, ``"layers.0.b"``). A list of dicts none of which has
+        a ``"params"`` entry and whose values are all parameters or containers is such a
+        nested container, not a list of groups.
     defaults : dict
         Default hyperparameters, used by groups that do not set them.
 
@@ -313,11 +321,17 @@ class Optimizer:
                             f"Tensors or dicts, but got {_typename(params)}")
         self.state = defaultdict(dict)
         self.param_groups = []
-        param_groups = list(params)
-        if len(param_groups) == 0:
-            raise ValueError("optimizer got an empty parameter list")
-        if not isinstance(param_groups[0], dict):
-            param_groups = [{"params": param_groups}]
+        if isinstance(params, Mapping):
+            # a dict of named parameters (nested containers allowed): one group
+            if len(params) == 0:
+                raise ValueError("optimizer got an empty parameter list")
+            param_groups = [{"params": params}]
+        else:
+            param_groups = list(params)
+            if len(param_groups) == 0:
+                raise ValueError("optimizer got an empty parameter list")
+            if not isinstance(param_groups[0], dict) or _is_tree_of_dicts(param_groups):
+                param_groups = [{"params": param_groups}]
         for group in param_groups:
             self.add_param_group(group)
 
@@ -373,16 +387,7 @@ class Optimizer:
         elif isinstance(params, np.ndarray):
             raise TypeError("optimizer can only optimize fastopt.Parameter objects, but the "
                             "params entry is a numpy.ndarray; wrap it: fastopt.Parameter(x)")
-        else:
-            params = list(params)
-
-        tensors, names = [], []
-        for p in params:
-            if isinstance(p, tuple):
-                names.append(p[0])
-                tensors.append(p[1])
-            else:
-                tensors.append(p)
+        tensors, names = _flat_params(params)
         if names and len(names) != len(tensors):
             raise ValueError("all optimizer params should be with/without names. "
                              "Some param names are missing")
@@ -401,7 +406,8 @@ class Optimizer:
                                 f"param_groups[{gi}]['params'][{pi}] is a numpy.ndarray; wrap "
                                 "it: fastopt.Parameter(x)")
             raise TypeError("optimizer can only optimize Tensors, but one of the params is "
-                            + _typename(p))
+                            + _typename(p) + (f" (param_names[{pi}] {names[pi]!r})"
+                                              if names else ""))
 
         group = dict(param_group)
         group["params"] = tensors
@@ -818,6 +824,63 @@ class Optimizer:
         return out
 
 Optimizer.step = _with_step_hooks(Optimizer.step)
+
+
+# Parameters given as pytrees --------------------------------------------------------------
+
+def _is_container(obj):
+    return isinstance(obj, (list, tuple, Mapping))
+
+
+def _is_tree_of_dicts(items):
+    """Whether a list of dicts is a pytree of parameters rather than parameter groups:
+    no dict has a ``"params"`` entry and every value is an array, a tensor or a container
+    (a group holds hyperparameters: numbers, flags)."""
+    return all(isinstance(d, dict) and "params" not in d
+               and all(isinstance(v, np.ndarray) or _is_container(v)
+                       or _adapter_for(v) is not None for v in d.values())
+               for d in items)
+
+
+def _is_named_pair(item):
+    """``(name, param)`` as ``named_parameters()`` yields it: a 2-tuple whose first entry
+    is no parameter and no container."""
+    return (isinstance(item, tuple) and len(item) == 2 and not _is_container(item[0])
+            and not isinstance(item[0], np.ndarray) and _adapter_for(item[0]) is None)
+
+
+def _flat_params(params):
+    """The parameters of a group's ``params`` entry as ``(tensors, names)``.
+
+    ``params`` is a dict, or an iterable of parameters, ``(name, param)`` pairs and nested
+    containers (dicts, lists, tuples), flattened in the order of ``fastopt._pytree``: a
+    dict's values by sorted keys, sequences in order. A leaf under a dict is named by its
+    path joined with dots (``"enc.w"``; a leaf at ``params[1]['b']`` of a list is
+    ``"1.b"``), as torch names a module's parameters; leaves of lists and tuples without a
+    dict above them have no names. ``names`` is empty when no parameter has one."""
+    if isinstance(params, Mapping):
+        paths, tensors, _ = _pytree.flatten_with_paths(params)
+        return tensors, [_pytree.dotted(path) for path in paths]
+    tensors, names = [], []
+    for i, p in enumerate(params):
+        if _is_named_pair(p):
+            name, value = p
+            if _is_container(value):
+                paths, leaves, _ = _pytree.flatten_with_paths(value, f"params[{i}]")
+                tensors.extend(leaves)
+                names.extend(f"{name}.{_pytree.dotted(path)}" if path else name
+                             for path in paths)
+            else:
+                names.append(name)
+                tensors.append(value)
+        elif _is_container(p):
+            paths, leaves, treedef = _pytree.flatten_with_paths(p, f"params[{i}]")
+            tensors.extend(leaves)
+            if _pytree.has_mapping(treedef):
+                names.extend(_pytree.dotted((i,) + path) for path in paths)
+        else:
+            tensors.append(p)
+    return tensors, names
 
 
 # Loading state dicts ---------------------------------------------------------------------

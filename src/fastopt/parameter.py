@@ -2,6 +2,8 @@
 (a row-sparse gradient)."""
 import numpy as np
 
+from fastopt import _autograd
+
 __all__ = ["Parameter", "SparseGrad"]
 
 
@@ -14,6 +16,11 @@ class Parameter(np.ndarray):
     by ``step()``. Parameters hash by identity, so they key ``optimizer.state``.
 
     Arithmetic on a Parameter gives plain ndarrays; slices and views are plain ndarrays too.
+
+    HIPS autograd differentiates a Parameter as the array it wraps (``autograd.grad(f)(p)``,
+    also inside dicts, lists and tuples), with a plain ndarray as the gradient. fastopt
+    never imports autograd: Parameter is registered with autograd's boxes and vector spaces
+    when autograd is imported, before or after fastopt (see ``fastopt._autograd``).
 
     Parameters
     ----------
@@ -145,3 +152,7 @@ class SparseGrad:
     def __repr__(self):
         return f"SparseGrad(indices={self.indices!r}, values=<{self.values.dtype} " \
                f"{self.values.shape}>)"
+
+
+# registered with HIPS autograd once it is imported (never imports it)
+_autograd.install(Parameter)
