@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 
+import fastopt
 from fastopt._cli import tensor_count
 
 
@@ -28,7 +29,14 @@ def test_the_fit_weighs_the_relative_error():
 
 def test_run_times_every_case_and_prints_the_tables():
     lines = []
-    res = tensor_count.run([1, 3], [1, 8], 1, "Adam", impls=("fastopt",), out=lines.append)
+    before = fastopt.get_num_threads()
+    fastopt.set_num_threads(2)
+    try:
+        res = tensor_count.run([1, 3], [1, 8], 1, "Adam", impls=("fastopt",),
+                               out=lines.append)
+        assert fastopt.get_num_threads() == 2  # it times one thread, then restores the setting
+    finally:
+        fastopt.set_num_threads(before)
     assert set(res) == {f"fastopt|{e}|{n}" for e in (1, 8) for n in (1, 3)}
     assert all(med > 0 and lo <= med <= hi for med, lo, hi in res.values())
     text = "\n".join(lines)

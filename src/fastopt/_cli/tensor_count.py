@@ -126,11 +126,23 @@ def fit(points):
 def run(counts, elements, rounds, name="Adam", impls=IMPLS, out=print):
     torch = _maybe_torch()
     ds_cls = _deepspeed_adam() if "DeepSpeed CPU Adam" in impls and name == "Adam" else None
+    impls = [i for i in impls if i == "fastopt" or (torch is not None and (
+        i != "DeepSpeed CPU Adam" or ds_cls is not None))]
+    before = fastopt.get_num_threads(), torch.get_num_threads() if torch is not None else None
     fastopt.set_num_threads(1)
     if torch is not None:
         torch.set_num_threads(1)
-    impls = [i for i in impls if i == "fastopt" or (torch is not None and (
-        i != "DeepSpeed CPU Adam" or ds_cls is not None))]
+    try:
+        results = _measure(counts, elements, rounds, name, impls, torch, ds_cls)
+    finally:
+        fastopt.set_num_threads(before[0])
+        if torch is not None:
+            torch.set_num_threads(before[1])
+    _report(results, counts, elements, rounds, name, impls, out)
+    return {f"{i}|{e}|{n}": v for (i, e, n), v in results.items()}
+
+
+def _measure(counts, elements, rounds, name, impls, torch, ds_cls):
     results = {}
     for e in elements:
         for n in counts:
@@ -143,6 +155,10 @@ def run(counts, elements, rounds, name="Adam", impls=IMPLS, out=print):
             for i in impls:
                 results[(i, e, n)] = (statistics.median(per[i]), min(per[i]), max(per[i]))
             del cases
+    return results
+
+
+def _report(results, counts, elements, rounds, name, impls, out):
     out(f"{name}, float32, 1 thread; step time in us (median over {rounds} rounds) for N "
         f"tensors of E elements, fitted as a + b N + c N E")
     out("")
@@ -160,7 +176,6 @@ def run(counts, elements, rounds, name="Adam", impls=IMPLS, out=print):
             marg = [(ts[j] - ts[0]) / (n - 1) for j, n in enumerate(counts) if n > 1]
             out(f"{i:20s} " + " ".join(f"{t:10.1f}" for t in ts) + "   "
                 + " ".join(f"{m:.2f}" for m in marg))
-    return {f"{i}|{e}|{n}": v for (i, e, n), v in results.items()}
 
 
 def main(argv=None):
