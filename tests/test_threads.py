@@ -276,3 +276,32 @@ def test_omp_num_threads_in_a_subprocess():
         out[n] = data
     assert out["1"] == out["3"]
 
+
+# ---- the benchmark's thread sweep -------------------------------------------------------------
+
+def test_busy_core_starts_and_stops_its_process():
+    from fastopt._cli.threads import busy_core
+    with busy_core() as proc:
+        assert proc.poll() is None  # spinning
+    assert proc.returncode is not None
+    with busy_core(False) as none:
+        assert none is None
+
+
+@pytest.mark.parametrize("load", [True, False], ids=["load", "no-load"])
+def test_bench_thread_sweep_prints_one_row_per_case(load, capsys, threads):
+    from fastopt._cli import main
+    threads(1)
+    argv = ["bench", "--thread-sweep", "--quick", "--optimizers", "sgd,adam", "--sizes",
+            "1e4,2x70000", "--rounds", "1"] + ([] if load else ["--no-load"])
+    assert main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert ("one core kept busy" in out[0]) == load
+    rows = [line.split() for line in out if line.startswith(("SGD", "Adam"))]
+    assert [r[:2] for r in rows] == [["SGD", "1e4"], ["SGD", "2x70000"], ["Adam", "1e4"],
+                                     ["Adam", "2x70000"]]
+    for r in rows:
+        one, two, ratio = map(float, r[2:5])
+        lo, hi = map(float, r[5].split(".."))
+        assert one > 0 and two > 0 and lo <= ratio <= hi
+    assert fastopt.get_num_threads() == 1  # restored
