@@ -216,8 +216,9 @@ static int64_t fo_job_work(fo_job *j, int home)
  * works delays only its chunk. The thread count is still OpenMP's setting (fo_get_num_threads).
  *
  * Waiting: after a job a worker spins for FO_SPIN_NS (so that back-to-back steps, and the
- * groups of one step, find it awake) and then sleeps on a condition variable, so between the
- * steps of a training loop it never spins against BLAS or the rest of the program.
+ * groups of one step, find it awake), yielding the core to anyone who wants it, and then
+ * sleeps on a condition variable, so between the steps of a training loop it never spins
+ * against BLAS or the rest of the program.
  * OMP_WAIT_POLICY=passive (read once, when the first worker starts) turns the spin off.
  * libgomp's own wait policy, which its environment variables set when it loads, is left as
  * the user (or torch, which shares the library) has it.
@@ -265,7 +266,10 @@ static inline void fo_pause(void)
 #endif
 }
 
-/* Wait until gen differs from seen: spin for spin_ns, then sleep. Returns the new gen. */
+/* Wait until gen differs from seen: spin for spin_ns, then sleep. Returns the new gen. The
+ * spin is polite: after a few microseconds of pause instructions (the groups of one step come
+ * that close) it yields the core at every turn, so a thread that shares the core (the master,
+ * another process) runs first, and the spin only uses time nobody else wants. */
 static uint64_t fo_worker_wait(uint64_t seen)
 {
     uint64_t g;
@@ -273,12 +277,13 @@ static uint64_t fo_worker_wait(uint64_t seen)
     for (unsigned i = 0;; i++) {
         g = __atomic_load_n(&fo_pool.gen, __ATOMIC_SEQ_CST);
         if (g != seen) return g;
-        if ((i & 255) == 0) {
+        if ((i & 63) == 0) {
             int64_t t = fo_now_ns();
             if (until == 0) until = t + fo_pool.spin_ns;
             else if (t >= until) break;
         }
-        fo_pause();
+        if (i < 64) fo_pause();
+        else sched_yield();
     }
     pthread_mutex_lock(&fo_pool.sleep);
     __atomic_add_fetch(&fo_pool.sleepers, 1, __ATOMIC_SEQ_CST);
@@ -390,7 +395,7 @@ static int fo_pool_run(fo_kernel_fn fn, const double *hyper, const fo_tensor *ts
     int64_t t1 = 0;
     for (unsigned i = 0; __atomic_load_n(&fo_pool.inflight, __ATOMIC_SEQ_CST) != 0; i++) {
         if (i == 0) t1 = fo_now_ns();
-        if (i < 4096) fo_pause();
+        if (i < 256) fo_pause();
         else sched_yield(); /* a worker descheduled in its chunk may need this core */
     }
     /* Back off under load: a wait far longer than one of the master's own chunks means a
@@ -437,12 +442,13 @@ void fo_run_threads(fo_kernel_fn fn, const double *hyper, const fo_tensor *ts, i
 /* The threshold, 2 * FO_GRAIN = 65536 elements, is measured: `python
  * benchmarks/bench_threads.py threshold` times one thread against fo_run_threads forced on 2
  * threads for the cheapest kernel (SGD without momentum, float32, in cache) and for Adam. On
- * the 2-vCPU development machine (shared with other work: rough numbers), 1 thread / 2 threads
- * was 0.65 to 0.94 below 32768 elements and about 1.0 from 49152 on for SGD with steps back to
- * back, up to 2.6 at 262144, and 1.0 with 500 us of other work between steps (sleeping workers
- * are not woken for such groups); a bare loop whose helpers never sleep paid from 8192
- * elements (1.18) and reached 1.8 at 65536. 65536 keeps the cheap kernels out of the range
- * where threads lose, with a margin; Adam, heavier per element, loses nothing there. */
+ * the 2-vCPU development machine (shared with other work: rough numbers), 1 thread / 2
+ * threads with steps back to back was 0.73 to 0.94 for SGD below 32768 elements, 0.96 at
+ * 49152, 1.49 at 65536 and 2.58 at 262144; Adam was even below 65536 and 1.70 to 1.89 from
+ * 65536 to 131072. With 500 us of other work between steps it was 1.0 at every size (sleeping
+ * workers are not woken for such groups). A bare loop whose helpers never sleep paid from
+ * 16384 elements of SGD (1.40). Below 65536 threads lose for cheap kernels and gain little
+ * for heavy ones, so one thread runs there. */
 void fo_run(fo_kernel_fn fn, const double *hyper, const fo_tensor *ts, int64_t nt, int serial)
 {
     int64_t total = 0;
