@@ -1,9 +1,12 @@
 /*
  * dispatch.c - runtime choice of the ISA level, fo_run, which spreads a list of tensors over
- * OpenMP threads, and fo_step, a whole optimizer step. Compiled once, for the baseline ISA.
+ * fastopt's worker threads, and fo_step, a whole optimizer step. Compiled once, for the
+ * baseline ISA.
  */
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
+#include <sched.h>
 #include "fastopt.h"
 #ifdef _OPENMP
 #include <omp.h>
@@ -19,7 +22,6 @@ extern fo_table fo_table_avx512;
 static const char *const fo_names[FO_ISA_COUNT] = {"baseline", "avx2", "avx512"};
 static const fo_kernel *const *fo_current = NULL;
 static int fo_level = -1;
-static int fo_threads = 0;
 
 const char *fo_isa_name(int level)
 {
@@ -112,55 +114,348 @@ int fo_have_openmp(void)
 #endif
 }
 
-void fo_set_num_threads(int n) { fo_threads = n < 1 ? 1 : n; }
+/* The thread count is OpenMP's own setting (the nthreads ICV of the calling thread), read at
+ * every fo_run: OMP_NUM_THREADS, omp_set_num_threads, threadpoolctl's threadpool_limits and,
+ * where torch loads the same libgomp.so.1 (its Linux wheels do), torch.set_num_threads all
+ * take effect; fastopt.set_num_threads is omp_set_num_threads. omp_get_max_threads reads one
+ * field of the thread's task: nanoseconds. */
+int fo_set_num_threads(int n)
+{
+    if (n < 1 || n > FO_MAX_THREADS) return -1;
+#ifdef _OPENMP
+    omp_set_num_threads(n);
+#endif
+    return 0;
+}
 
 int fo_get_num_threads(void)
 {
 #ifdef _OPENMP
-    if (fo_threads == 0) fo_threads = omp_get_max_threads();
-    return fo_threads;
+    int n = omp_get_max_threads();
+    return n < 1 ? 1 : n;
 #else
     return 1;
 #endif
 }
 
-/* Update the elements [lo, hi) of the concatenation of ts[0..nt). */
+#if defined(_OPENMP) && !defined(_WIN32)
+#define FO_POOL 1
+#include <pthread.h>
+#include <signal.h>
+#include <time.h>
+
+/* A position in the concatenation of a tensor list: tensor k starts at element off. */
+typedef struct fo_cursor {
+    int64_t k, off;
+} fo_cursor;
+
+/* Update the elements [lo, hi) of the concatenation of ts[0..nt), from cursor c on (which
+ * moves forward as a thread takes increasing ranges, and starts over when it goes back). */
 static void fo_run_range(fo_kernel_fn fn, const double *hyper, const fo_tensor *ts, int64_t nt,
-                         int64_t lo, int64_t hi)
+                         fo_cursor *c, int64_t lo, int64_t hi)
 {
-    int64_t off = 0;
-    for (int64_t k = 0; k < nt && off < hi; k++) {
+    if (c->off > lo) c->k = c->off = 0;
+    while (c->k < nt && c->off + ts[c->k].numel <= lo) c->off += ts[c->k++].numel;
+    for (int64_t k = c->k, off = c->off; k < nt && off < hi; off += ts[k++].numel) {
         int64_t n = ts[k].numel;
         int64_t b = lo > off ? lo - off : 0;
         int64_t e = hi < off + n ? hi - off : n;
         if (b < e) fn(hyper, &ts[k], b, e);
-        off += n;
     }
 }
 
+/* One thread's share of the elements, cut in chunks; `next` counts the chunks taken. */
+typedef struct fo_share {
+    int64_t lo, hi, next;
+} __attribute__((aligned(64))) fo_share; /* one cache line each: the counters are hot */
+#define FO_MAX_SHARES 64
+
+/* Take the next chunk of share s: 1 and [*lo, *hi), or 0 when the share is done. */
+static int fo_take(fo_share *s, int64_t *lo, int64_t *hi)
+{
+    int64_t i = __atomic_fetch_add(&s->next, 1, __ATOMIC_RELAXED);
+    *lo = s->lo + i * FO_CHUNK;
+    if (*lo >= s->hi) return 0;
+    *hi = *lo + FO_CHUNK < s->hi ? *lo + FO_CHUNK : s->hi;
+    return 1;
+}
+
+/* One fo_run over several threads: the shares, and what every chunk runs. */
+typedef struct fo_job {
+    fo_kernel_fn fn;
+    const double *hyper;
+    const fo_tensor *ts;
+    int64_t nt;
+    int nthr, nsh;
+    fo_share sh[FO_MAX_SHARES];
+} fo_job;
+
+/* Work through share `home` and then the chunks left in the others; returns the chunks run. */
+static int64_t fo_job_work(fo_job *j, int home)
+{
+    fo_cursor c = {0, 0};
+    int64_t lo, hi, done = 0;
+    for (int i = 0; i < j->nsh; i++) {
+        fo_share *s = &j->sh[(home + i) % j->nsh];
+        for (; fo_take(s, &lo, &hi); done++)
+            fo_run_range(j->fn, j->hyper, j->ts, j->nt, &c, lo, hi);
+    }
+    return done;
+}
+
+
+/* Threads under load, and threads that share the machine.
+ *
+ * fastopt runs its threads itself rather than in an OpenMP parallel region: a region ends in a
+ * barrier that waits for every thread of the team to arrive, and on a machine where another
+ * process keeps a core busy the last thread to be woken can wait for that process's time
+ * slice, milliseconds, at every step (with a region and chunks taken from a counter, 2 threads
+ * were 13 to 210 times slower than 1 for Adam at 1e6 to 1e5 elements, medians). Here the thread that calls fo_run (the master) starts on its share at once,
+ * the workers join as they wake, and the master waits only for chunks that a worker has
+ * taken: a worker that wakes late finds nothing left and leaves, and one descheduled while it
+ * works delays only its chunk. The thread count is still OpenMP's setting (fo_get_num_threads).
+ *
+ * Waiting: after a job a worker spins for FO_SPIN_NS (so that back-to-back steps, and the
+ * groups of one step, find it awake), yielding the core to anyone who wants it, and then
+ * sleeps on a condition variable, so between the steps of a training loop it never spins
+ * against BLAS or the rest of the program.
+ * OMP_WAIT_POLICY=passive (read once, when the first worker starts) turns the spin off.
+ * libgomp's own wait policy, which its environment variables set when it loads, is left as
+ * the user (or torch, which shares the library) has it.
+ *
+ * The protocol: the master, holding `lock`, fills `job`, sets `active` and bumps `gen`; a
+ * worker that sees a new `gen` adds itself to `inflight`, and only then reads `active` and,
+ * if set, the job. The master, once every chunk is taken, clears `active` and waits until
+ * `inflight` is 0; the sequentially consistent order of those operations means no worker
+ * reads the job after it. A Python thread that calls fo_run while another holds the pool runs
+ * on its own thread. After fork() the child starts without workers. */
+#define FO_SPIN_NS 100000
+#define FO_LATE_NS 50000
+#define FO_WAKE_MIN (1 << 20)
+#define FO_BACKOFF_MAX 1024
+
+static struct {
+    pthread_mutex_t lock;   /* held by the master */
+    pthread_mutex_t sleep;  /* with `wake`: workers that stopped spinning */
+    pthread_cond_t wake;
+    int nworkers;           /* started; under `lock` */
+    int sleepers;           /* atomic */
+    int active;             /* atomic: the job may be worked on */
+    int inflight;           /* atomic: workers between joining and leaving a job */
+    uint64_t gen;           /* atomic: one more per job */
+    long spin_ns;
+    int backoff, skip;      /* under `lock`; see fo_pool_run */
+    fo_job job;
+} fo_pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .sleep = PTHREAD_MUTEX_INITIALIZER,
+             .wake = PTHREAD_COND_INITIALIZER};
+static int64_t fo_last_ns; /* atomic: when the last fo_run that wanted threads ended */
+
+static int64_t fo_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static inline void fo_pause(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* Wait until gen differs from seen: spin for spin_ns, then sleep. Returns the new gen. The
+ * spin is polite: after a few microseconds of pause instructions (the groups of one step come
+ * that close) it yields the core at every turn, so a thread that shares the core (the master,
+ * another process) runs first, and the spin only uses time nobody else wants. */
+static uint64_t fo_worker_wait(uint64_t seen)
+{
+    uint64_t g;
+    int64_t until = 0;
+    for (unsigned i = 0;; i++) {
+        g = __atomic_load_n(&fo_pool.gen, __ATOMIC_SEQ_CST);
+        if (g != seen) return g;
+        if ((i & 63) == 0) {
+            int64_t t = fo_now_ns();
+            if (until == 0) until = t + fo_pool.spin_ns;
+            else if (t >= until) break;
+        }
+        if (i < 64) fo_pause();
+        else sched_yield();
+    }
+    pthread_mutex_lock(&fo_pool.sleep);
+    __atomic_add_fetch(&fo_pool.sleepers, 1, __ATOMIC_SEQ_CST);
+    while ((g = __atomic_load_n(&fo_pool.gen, __ATOMIC_SEQ_CST)) == seen)
+        pthread_cond_wait(&fo_pool.wake, &fo_pool.sleep);
+    __atomic_sub_fetch(&fo_pool.sleepers, 1, __ATOMIC_SEQ_CST);
+    pthread_mutex_unlock(&fo_pool.sleep);
+    return g;
+}
+
+static void *fo_worker(void *arg)
+{
+    int index = (int)(intptr_t)arg; /* 1, 2, ...: the master is 0 */
+    uint64_t seen = __atomic_load_n(&fo_pool.gen, __ATOMIC_SEQ_CST);
+    for (;;) {
+        seen = fo_worker_wait(seen);
+        __atomic_add_fetch(&fo_pool.inflight, 1, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&fo_pool.active, __ATOMIC_SEQ_CST) && index < fo_pool.job.nthr)
+            fo_job_work(&fo_pool.job, index % fo_pool.job.nsh);
+        __atomic_sub_fetch(&fo_pool.inflight, 1, __ATOMIC_SEQ_CST);
+    }
+    return NULL;
+}
+
+static void fo_pool_after_fork(void)
+{
+    pthread_mutex_init(&fo_pool.lock, NULL);
+    pthread_mutex_init(&fo_pool.sleep, NULL);
+    pthread_cond_init(&fo_pool.wake, NULL);
+    fo_pool.nworkers = fo_pool.sleepers = fo_pool.active = fo_pool.inflight = 0;
+    fo_pool.backoff = fo_pool.skip = 0;
+}
+
+/* Start workers until there are `want`; under `lock`. Returns how many there are. */
+static int fo_pool_grow(int want)
+{
+    static int started = 0;
+    if (!started) {
+        const char *policy = getenv("OMP_WAIT_POLICY");
+        fo_pool.spin_ns = (policy && strcasecmp(policy, "passive") == 0) ? 0 : FO_SPIN_NS;
+        pthread_atfork(NULL, NULL, fo_pool_after_fork);
+        started = 1;
+    }
+    if (fo_pool.nworkers >= want) return fo_pool.nworkers;
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old); /* signals stay with the Python threads */
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    while (fo_pool.nworkers < want) {
+        pthread_t t;
+        if (pthread_create(&t, &attr, fo_worker, (void *)(intptr_t)(fo_pool.nworkers + 1)))
+            break;
+        fo_pool.nworkers++;
+    }
+    pthread_attr_destroy(&attr);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    return fo_pool.nworkers;
+}
+
+/* Run fn over ts[0..nt) on up to nthr threads. Returns 0, or -1 when the pool is busy with
+ * another thread's job or backing off (nothing was run). */
+static int fo_pool_run(fo_kernel_fn fn, const double *hyper, const fo_tensor *ts, int64_t nt,
+                       int64_t total, int nthr)
+{
+    if (pthread_mutex_trylock(&fo_pool.lock) != 0) return -1;
+    if (fo_pool.skip > 0) { /* backing off: see below */
+        fo_pool.skip--;
+        pthread_mutex_unlock(&fo_pool.lock);
+        return -1;
+    }
+    /* Waking a sleeping worker is a system call the master pays (microseconds, more in a
+     * VM): worth it when the job is large, or when steps come back to back (the last one
+     * ended within a spin window), since the worker then stays awake for the next ones. A
+     * job that wakes no one runs with the workers that are awake, or on the master alone. */
+    int asleep = __atomic_load_n(&fo_pool.sleepers, __ATOMIC_SEQ_CST);
+    int wake = asleep > 0 && (total >= FO_WAKE_MIN ||
+                              fo_now_ns() - __atomic_load_n(&fo_last_ns, __ATOMIC_RELAXED) <
+                                  fo_pool.spin_ns);
+    if (!wake && asleep > 0 && asleep >= fo_pool.nworkers) {
+        pthread_mutex_unlock(&fo_pool.lock);
+        return -1;
+    }
+    int have = fo_pool_grow(nthr - 1) + 1;
+    if (nthr > have) nthr = have;
+    fo_job *job = &fo_pool.job;
+    job->fn = fn;
+    job->hyper = hyper;
+    job->ts = ts;
+    job->nt = nt;
+    job->nthr = nthr;
+    job->nsh = nthr < FO_MAX_SHARES ? nthr : FO_MAX_SHARES;
+    for (int s = 0; s < job->nsh; s++) {
+        job->sh[s].lo = s == 0 ? 0 : job->sh[s - 1].hi;
+        job->sh[s].hi = s == job->nsh - 1 ? total : (total * (s + 1) / job->nsh) & ~(int64_t)15;
+        job->sh[s].next = 0;
+    }
+    __atomic_store_n(&fo_pool.active, 1, __ATOMIC_SEQ_CST);
+    __atomic_add_fetch(&fo_pool.gen, 1, __ATOMIC_SEQ_CST);
+    if (wake) {
+        pthread_mutex_lock(&fo_pool.sleep);
+        pthread_cond_broadcast(&fo_pool.wake);
+        pthread_mutex_unlock(&fo_pool.sleep);
+    }
+    int64_t t0 = fo_now_ns();
+    int64_t chunks = fo_job_work(job, 0);
+    __atomic_store_n(&fo_pool.active, 0, __ATOMIC_SEQ_CST);
+    int64_t t1 = 0;
+    for (unsigned i = 0; __atomic_load_n(&fo_pool.inflight, __ATOMIC_SEQ_CST) != 0; i++) {
+        if (i == 0) t1 = fo_now_ns();
+        if (i < 256) fo_pause();
+        else sched_yield(); /* a worker descheduled in its chunk may need this core */
+    }
+    /* Back off under load: a wait far longer than one of the master's own chunks means a
+     * worker was descheduled inside its chunk (another process took its core). Then the next
+     * jobs run on the calling thread alone, 4 of them after the first such wait and twice as
+     * many after each further one, up to FO_BACKOFF_MAX; every job without such a wait halves
+     * the length again. On a quiet machine this never triggers. */
+    if (t1 != 0) {
+        int64_t t2 = fo_now_ns(), per_chunk = (t1 - t0) / (chunks > 0 ? chunks : 1);
+        if (t2 - t1 > FO_LATE_NS + 2 * per_chunk) {
+            fo_pool.backoff = fo_pool.backoff ? 2 * fo_pool.backoff : 4;
+            if (fo_pool.backoff > FO_BACKOFF_MAX) fo_pool.backoff = FO_BACKOFF_MAX;
+            fo_pool.skip = fo_pool.backoff;
+        } else {
+            fo_pool.backoff /= 2;
+        }
+    } else {
+        fo_pool.backoff /= 2;
+    }
+    pthread_mutex_unlock(&fo_pool.lock);
+    return 0;
+}
+#endif
+
+void fo_run_threads(fo_kernel_fn fn, const double *hyper, const fo_tensor *ts, int64_t nt,
+                    int nthr)
+{
+    int64_t total = 0;
+    for (int64_t k = 0; k < nt; k++) total += ts[k].numel;
+    if ((int64_t)nthr > (total + 15) / 16) nthr = (int)((total + 15) / 16);
+#ifdef FO_POOL
+    if (nthr > 1 && fo_pool_run(fn, hyper, ts, nt, total, nthr) == 0) {
+        __atomic_store_n(&fo_last_ns, fo_now_ns(), __ATOMIC_RELAXED);
+        return;
+    }
+#endif
+    for (int64_t k = 0; k < nt; k++)
+        if (ts[k].numel > 0) fn(hyper, &ts[k], 0, ts[k].numel);
+#ifdef FO_POOL
+    if (nthr > 1) __atomic_store_n(&fo_last_ns, fo_now_ns(), __ATOMIC_RELAXED);
+#endif
+}
+
+/* The threshold, 2 * FO_GRAIN = 65536 elements, is measured: `python
+ * benchmarks/bench_threads.py threshold` times one thread against fo_run_threads forced on 2
+ * threads for the cheapest kernel (SGD without momentum, float32, in cache) and for Adam. On
+ * the 2-vCPU development machine (shared with other work: rough numbers), 1 thread / 2
+ * threads with steps back to back was 0.73 to 0.94 for SGD below 32768 elements, 0.96 at
+ * 49152, 1.49 at 65536 and 2.58 at 262144; Adam was even below 65536 and 1.70 to 1.89 from
+ * 65536 to 131072. With 500 us of other work between steps it was 1.0 at every size (sleeping
+ * workers are not woken for such groups). A bare loop whose helpers never sleep paid from
+ * 16384 elements of SGD (1.40). Below 65536 threads lose for cheap kernels and gain little
+ * for heavy ones, so one thread runs there. */
 void fo_run(fo_kernel_fn fn, const double *hyper, const fo_tensor *ts, int64_t nt, int serial)
 {
     int64_t total = 0;
     for (int64_t k = 0; k < nt; k++) total += ts[k].numel;
-    int nthr = serial ? 1 : fo_get_num_threads();
+    int nthr = (serial || total < 2 * (int64_t)FO_GRAIN) ? 1 : fo_get_num_threads();
     if ((int64_t)nthr > total / FO_GRAIN) nthr = (int)(total / FO_GRAIN);
-    if (nthr <= 1) {
-        for (int64_t k = 0; k < nt; k++)
-            if (ts[k].numel > 0) fn(hyper, &ts[k], 0, ts[k].numel);
-        return;
-    }
-#ifdef _OPENMP
-#pragma omp parallel num_threads(nthr)
-    {
-        int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
-        int64_t chunk = ((total + nth - 1) / nth + 15) & ~(int64_t)15;
-        int64_t lo = tid * chunk, hi = lo + chunk;
-        if (hi > total) hi = total;
-        if (lo < hi) fo_run_range(fn, hyper, ts, nt, lo, hi);
-    }
-#else
-    fo_run_range(fn, hyper, ts, nt, 0, total);
-#endif
+    fo_run_threads(fn, hyper, ts, nt, nthr);
 }
 
 /* Step counters and per-tensor scalars of one group, in list order. A pure prepare is a

@@ -81,20 +81,35 @@ int fo_isa_current(void);
 /* Use this level from now on; returns 0, or -1 when it is not supported (nothing changes). */
 int fo_isa_set(int level);
 
-/* Threads: fo_run never uses more than this many. Starts at the OpenMP default. */
-void fo_set_num_threads(int n);
+/* Threads: fo_run uses at most fo_get_num_threads() threads, OpenMP's setting for the calling
+ * thread (omp_get_max_threads(), read at every call), which fo_set_num_threads sets
+ * (omp_set_num_threads). fo_set_num_threads returns 0, or -1 for n < 1 or n > FO_MAX_THREADS
+ * (nothing changes). Without OpenMP the kernels run on the calling thread. */
+int fo_set_num_threads(int n);
 int fo_get_num_threads(void);
+#define FO_MAX_THREADS 4096
 /* 1 when built with OpenMP. */
 int fo_have_openmp(void);
-/* Elements per thread below which fo_run stays on the calling thread. */
+/* fo_run stays on the calling thread for fewer than 2 * FO_GRAIN elements (measured: see
+ * dispatch.c), gives every thread at least FO_GRAIN elements, and lets the threads take work
+ * from each other in chunks of FO_CHUNK elements (a few microseconds of work each, so a
+ * thread that finishes early waits little for the others). */
 #define FO_GRAIN 32768
+#define FO_CHUNK 32768
 
 /* Run fn over every element of tensors ts[0..nt). With several threads the concatenated
- * element range is cut into equal, 16-element-aligned pieces; results do not depend on
- * the cut because every element is updated independently. When `serial` is nonzero
- * (a tensor appears twice, so its updates must happen in list order) one thread runs. */
+ * element range is cut into one share per thread (16-element aligned) and each share into
+ * chunks of FO_CHUNK elements, which the share's thread and then any idle thread take;
+ * results do not depend on the cut because every element is updated independently. When
+ * `serial` is nonzero (a tensor appears twice, so its updates must happen in list order) one
+ * thread runs. Several Python threads may call it at once: one gets the workers, the others
+ * run on their own thread. */
 void fo_run(fo_kernel_fn fn, const double *hyper, const fo_tensor *ts, int64_t nt,
             int serial);
+/* fo_run on up to nthr threads whatever the size (for the benchmark that measures the
+ * threshold): the tensors must not share memory. */
+void fo_run_threads(fo_kernel_fn fn, const double *hyper, const fo_tensor *ts, int64_t nt,
+                    int nthr);
 
 /* The tensors of one dtype of one parameter group, and the kernel that updates them. */
 typedef struct fo_group {

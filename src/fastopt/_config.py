@@ -13,12 +13,22 @@ class _ThreadCountTypeError(TypeError, RuntimeError):
 
 def set_num_threads(n):
     """Use at most ``n`` threads in the kernels (1 turns threading off). Results are the
-    same bits for any thread count. Tensors below a size threshold always run on one.
+    same bits for any thread count. Groups of fewer elements than
+    ``show_config()["parallel_threshold"]`` always run on one thread.
+
+    The count is OpenMP's own setting for the calling thread: this calls
+    ``omp_set_num_threads(n)``, and every step reads ``omp_get_max_threads()``. So
+    ``OMP_NUM_THREADS``, ``threadpoolctl.threadpool_limits`` and ``omp_set_num_threads`` set
+    it as well, and other OpenMP code of the calling thread that uses the same runtime (torch's
+    CPU operations, where torch loads the same libgomp) follows this setting too. As with
+    OpenMP, a Python thread that never set a count uses the process default
+    (``OMP_NUM_THREADS``, else the number of CPUs).
 
     Parameters
     ----------
     n : int
-        A positive integer: a Python or NumPy int (anything with ``__index__``), not a bool.
+        A positive integer: a Python or NumPy int (anything with ``__index__``), not a bool,
+        at most ``show_config()["max_threads"]``.
 
     Raises
     ------
@@ -26,7 +36,7 @@ def set_num_threads(n):
         For a float, a string, a bool or None (torch.set_num_threads raises RuntimeError for
         these: the error raised is both a TypeError and a RuntimeError).
     ValueError
-        For ``n < 1``.
+        For ``n < 1`` or ``n`` above the maximum; the setting stays as it was.
     """
     try:
         if isinstance(n, bool) or type(n).__name__ == "bool_":
@@ -39,7 +49,8 @@ def set_num_threads(n):
 
 
 def get_num_threads():
-    """The most threads the kernels use."""
+    """The most threads the kernels use now in the calling thread: OpenMP's setting
+    (``omp_get_max_threads()``), or 1 when fastopt was built without OpenMP."""
     return _kernels.get_num_threads()
 
 
@@ -48,9 +59,11 @@ def show_config(print_=True):
 
     Keys: ``isa`` (the kernels in use: baseline, avx2 or avx512), ``isa_supported`` (levels
     this CPU and build can run), ``num_threads``, ``openmp``, ``compiler``,
-    ``kernel_flags`` and ``parallel_grain`` (elements per thread below which a step stays on
-    one thread). The environment variable ``FASTOPT_CPU_CAPABILITY`` (read at import) picks
-    a lower level.
+    ``kernel_flags``, ``parallel_grain`` (elements per thread below which a step stays on
+    one thread), ``parallel_threshold`` (elements of a group below which it runs on one
+    thread: twice the grain), ``parallel_chunk`` (the elements a thread takes at a time) and
+    ``max_threads`` (the largest count ``set_num_threads`` takes). The environment variable
+    ``FASTOPT_CPU_CAPABILITY`` (read at import) picks a lower level.
     """
     info = _kernels.build_info()
     cfg = {
@@ -61,6 +74,9 @@ def show_config(print_=True):
         "compiler": info["compiler"],
         "kernel_flags": info["kernel_flags"],
         "parallel_grain": info["grain"],
+        "parallel_threshold": 2 * info["grain"],
+        "parallel_chunk": info["chunk"],
+        "max_threads": info["max_threads"],
     }
     if print_:
         width = max(map(len, cfg))

@@ -14,6 +14,8 @@ cdef extern from "fastopt.h" nogil:
 
     int FO_FIRST_STEP
     int FO_GRAIN
+    int FO_CHUNK
+    int FO_MAX_THREADS
     int FO_ISA_COUNT
     int FO_KERNEL_COUNT
 
@@ -45,7 +47,7 @@ cdef extern from "fastopt.h" nogil:
     int fo_isa_supported(int level) noexcept
     int fo_isa_current() noexcept
     int fo_isa_set(int level) noexcept
-    void fo_set_num_threads(int n) noexcept
+    int fo_set_num_threads(int n) noexcept
     int fo_get_num_threads() noexcept
     int fo_have_openmp() noexcept
     void fo_step(const fo_group *gs, int64_t ng) noexcept

@@ -1782,9 +1782,11 @@ def set_isa(str name):
     raise ValueError(f"unknown ISA level {name!r}; expected one of {isa_levels()}")
 
 
-def set_num_threads(int n):
-    if n < 1:
-        raise ValueError(f"num_threads must be a positive integer, got {n}")
+def set_num_threads(n):
+    """omp_set_num_threads(n) for an int ``n`` in [1, FO_MAX_THREADS]; ValueError otherwise."""
+    if not 1 <= n <= FO_MAX_THREADS:
+        raise ValueError(f"num_threads must be a positive integer no larger than "
+                         f"{FO_MAX_THREADS}, got {n}")
     fo_set_num_threads(n)
 
 
@@ -1798,7 +1800,7 @@ def have_openmp():
 
 def build_info():
     return {"compiler": FO_COMPILER.decode(), "kernel_flags": FO_KERNEL_FLAGS.decode(),
-            "grain": FO_GRAIN}
+            "grain": FO_GRAIN, "chunk": FO_CHUNK, "max_threads": FO_MAX_THREADS}
 
 
 # ---- freezing a parameter group's hyperparameters (see Optimizer._freeze) -----------------

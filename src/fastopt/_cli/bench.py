@@ -13,6 +13,7 @@ import time
 import numpy as np
 
 import fastopt
+from fastopt._cli import threads
 from fastopt._cli.cases import CASES
 
 DEFAULT_SIZES = ["1e4", "1e5", "1e6", "1e7", "100x1000"]
@@ -179,8 +180,35 @@ def configure(ap):
     ap.add_argument("--tensor-count", action="store_true",
                     help="instead: the step time of Adam over 1 to 10000 tensors (1 to 1000 "
                          "with --quick), fitted as fixed cost + per tensor + per element")
+    ap.add_argument("--thread-sweep", action="store_true",
+                    help="instead: fastopt with 1 thread against --threads threads (2 unless "
+                         "more are given) while another process keeps one core busy; default "
+                         f"optimizers {','.join(threads.SWEEP_OPTIMIZERS)}, sizes "
+                         f"{','.join(threads.SWEEP_SIZES)} ({','.join(threads.QUICK_SIZES)} "
+                         "with --quick)")
+    ap.add_argument("--no-load", action="store_true",
+                    help="with --thread-sweep: no background process")
     ap.set_defaults(run=run)
     return ap
+
+
+def run_thread_sweep(args):
+    """``--thread-sweep``: the table of fastopt.threads.sweep."""
+    names = args.optimizers or threads.SWEEP_OPTIMIZERS
+    sizes = args.sizes or _sizes(",".join(threads.QUICK_SIZES if args.quick
+                                          else threads.SWEEP_SIZES))
+    n = args.threads if args.threads > 1 else 2
+    rounds = args.rounds or (3 if args.quick else 5)
+    print(f"fastopt {fastopt.__version__}: thread sweep, 1 against {n} threads, "
+          f"{'one core kept busy' if not args.no_load else 'no added load'}", file=sys.stderr)
+    rows = threads.sweep(names, sizes, threads=n, rounds=rounds, load=not args.no_load,
+                         log=lambda text: print(text, file=sys.stderr, flush=True))
+    print(threads.format_sweep(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": fastopt.show_config(print_=False), "rows": rows}, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
 
 
 def run(args):
@@ -194,6 +222,8 @@ def run(args):
             with open(args.json, "w") as f:
                 json.dump(res, f, indent=1)
         return 0
+    if args.thread_sweep:
+        return run_thread_sweep(args)
     names = list(CASES) if args.optimizers is None else args.optimizers
     sizes = args.sizes or _sizes(",".join(QUICK_SIZES if args.quick else DEFAULT_SIZES))
     rounds = args.rounds or (3 if args.quick else 5)
