@@ -230,9 +230,9 @@ def test_autograd_mlp():
 @needs_sklearn
 def test_digits_example_runs_as_a_script():
     cmd = [sys.executable, os.path.join(EXAMPLES, "digits_mlp.py"), "--quick"]
-    r = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, cwd="/")
-    assert r.returncode == 0, r.stderr
-    assert "\r" not in r.stdout  # a pipe gets no progress frames
-    last = r.stdout.strip().splitlines()[-1]
+    r = subprocess.run(cmd, check=False, capture_output=True, timeout=300, cwd="/")
+    assert r.returncode == 0, r.stderr.decode()
+    assert b"\r" not in r.stdout  # a pipe gets no progress frames (bytes: text mode maps \r)
+    last = r.stdout.decode().strip().splitlines()[-1]
     assert last.startswith("test accuracy ")
     assert float(last.split()[2].rstrip("%")) >= 95.0
