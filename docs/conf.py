@@ -7,8 +7,11 @@ import os
 import sys
 from importlib.metadata import version as _version
 
-# the examples the user guide shows, and the package (installed, normally in editable mode)
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "examples")))
+HERE = os.path.dirname(os.path.abspath(__file__))
+# the examples the user guide shows (the package itself is installed, normally in editable
+# mode), and public_api.py
+sys.path.insert(0, os.path.join(HERE, "..", "examples"))
+sys.path.insert(0, HERE)
 
 project = "fastopt"
 author = "the fastopt developers"
@@ -82,7 +85,31 @@ def _cut_torch_docstrings(app, what, name, obj, options, lines):
         " in PyTorch's documentation.\n"))
 
 
+def _module_pages(app):
+    """A reference page for every public module that has none in api/ (a module added since
+    the reference was last arranged): ``automodule`` with ``:members:``, listed by the
+    toctree that api/index.rst includes, so every public name is documented."""
+    from public_api import public_modules
+
+    out = os.path.join(app.srcdir, "_generated")
+    os.makedirs(os.path.join(out, "api"), exist_ok=True)
+    pages = []
+    for name in public_modules():
+        short = name.split(".", 1)[-1]
+        if name == "fastopt" or os.path.exists(os.path.join(app.srcdir, "api", short + ".rst")):
+            continue
+        title = f"``{name}``"
+        with open(os.path.join(out, "api", short + ".rst"), "w", encoding="utf-8") as f:
+            f.write(f"{title}\n{'=' * len(title)}\n\n.. automodule:: {name}\n"
+                    "   :members:\n   :undoc-members:\n   :show-inheritance:\n")
+        pages.append(f"/_generated/api/{short}")
+    with open(os.path.join(out, "api_modules.inc"), "w", encoding="utf-8") as f:
+        if pages:
+            f.write(".. toctree::\n   :maxdepth: 1\n\n" + "".join(f"   {p}\n" for p in pages))
+
+
 def setup(app):
     app.connect("builder-inited", _draw_demo_pictures)
+    app.connect("builder-inited", _module_pages)
     # before numpydoc's own handler (priority 500) parses the docstring
     app.connect("autodoc-process-docstring", _cut_torch_docstrings, priority=100)
