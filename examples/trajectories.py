@@ -175,7 +175,7 @@ def figures(results, size=(1500, 900), dpi=100):
         ax.plot(path[:, 0], path[:, 1], value("f1", path), lw=1.2 if small else 1.4,
                 ms=1.5 if small else 2.5,
                 **dict(STYLES[name], ls="-"))
-        ax.view_init(elev=32, azim=-115)
+        ax.view_init(elev=38, azim=-68)
         ax.set_title(describe(name, "f1"), fontsize=7 if small else 9,
                      color=STYLES[name]["color"])
         ax.tick_params(labelsize=6 if small else 7, pad=0)
@@ -196,7 +196,7 @@ def figures(results, size=(1500, 900), dpi=100):
     curve.legend(loc="lower left", fontsize="x-small" if small else "small")
     curve.set_title("f along each path", fontsize=10)
     fig.suptitle(PROBLEMS["f1"]["title"] + ", start (-7, 2)")
-    fig.subplots_adjust(left=0.01, right=0.95, bottom=0.08, top=0.9, wspace=0.12,
+    fig.subplots_adjust(left=0.03, right=0.95, bottom=0.08, top=0.9, wspace=0.2,
                         hspace=0.18)
     figs["trajectories_3d.png"] = fig
     return figs
