@@ -11,8 +11,12 @@ handed to fastopt through ``Parameter.grad``, as a training loop would.
     python examples/trajectories.py [--out DIR] [--steps N] [--quick] [--no-plot]
 
 writes ``trajectories_f1.png`` (one contour panel per optimizer), ``trajectories_f2.png``
-(all paths on one contour plot) and ``trajectories_3d.png`` (the first surface in 3-D with
-the paths lifted onto it) to DIR, and prints the final value of f per optimizer.
+(all paths on one contour plot) and ``trajectories_3d.png`` (the first surface in 3-D, each
+path drawn above a wireframe of it, next to f against the step on a log scale) to DIR, and
+prints the final value of f per optimizer. Every title or legend entry gives the
+optimizer's hyperparameters: the learning rates are picked per method, and they explain the
+paths (Adam, for one, moves each coordinate by about ``lr`` per step whatever the gradient's
+size, so with lr=0.3 it circles the minimum instead of settling in it).
 """
 import argparse
 import os
@@ -40,6 +44,15 @@ OPTIMIZERS = {
     "RMSprop": (fastopt.RMSprop, {}, {"f1": 0.15, "f2": 0.1}),
     "Adam": (fastopt.Adam, {}, {"f1": 0.3, "f2": 0.3}),
 }
+
+
+def describe(name, problem):
+    """``"Momentum (lr=0.1, momentum=0.9)"``: the optimizer's name and the hyperparameters it
+    runs with on ``problem`` (the others are the class's defaults)."""
+    _, kwargs, lrs = OPTIMIZERS[name]
+    args = ", ".join(f"{k}={v}" for k, v in {"lr": lrs[problem], **kwargs}.items()
+                     if k != "nesterov")
+    return f"{name} ({args})"
 
 
 def value(problem, xy):
@@ -79,30 +92,56 @@ def _grid(problem, n=200):
     return X, Y, value(problem, np.stack([X, Y], axis=-1))
 
 
+# one colour, marker and line style per optimizer in the pictures that draw every path, so
+# that paths lying on top of each other (Adagrad and RMSprop on f2) stay apart
+STYLES = {
+    "SGD": dict(color="tab:blue", marker="o", ls="-"),
+    "Momentum": dict(color="tab:orange", marker="s", ls="-"),
+    "Nesterov": dict(color="tab:green", marker="^", ls="-"),
+    "Adagrad": dict(color="tab:red", marker="D", ls="--"),
+    "RMSprop": dict(color="tab:purple", marker="v", ls=":"),
+    "Adam": dict(color="tab:brown", marker="P", ls="-"),
+}
+
+
 def plot(results, out, size=(1500, 900), dpi=100):
     """Write the three PNGs to ``out``; return their paths."""
+    os.makedirs(out, exist_ok=True)
+    paths = []
+    for name, fig in figures(results, size, dpi).items():
+        paths.append(os.path.join(out, name))
+        fig.savefig(paths[-1], dpi=dpi)
+    return paths
+
+
+def figures(results, size=(1500, 900), dpi=100):
+    """``{file name: matplotlib Figure}`` of the three pictures."""
     from matplotlib.figure import Figure
 
-    os.makedirs(out, exist_ok=True)
     w, h = size[0] / dpi, size[1] / dpi
-    paths = []
+    small = size[0] < 1200
+    figs = {}
 
     # f1: one panel per optimizer
     fig = Figure(figsize=(w, h), dpi=dpi)
-    axes = fig.subplots(2, 3).ravel()
+    axes = fig.subplots(2, 3, sharex=True, sharey=True)
     X, Y, Z = _grid("f1")
-    for ax, (name, (path, _)) in zip(axes, results["f1"].items()):
+    for ax, (name, (path, _)) in zip(axes.ravel(), results["f1"].items()):
         ax.contour(X, Y, Z, levels=np.geomspace(0.05, 30, 14), cmap="Greys", linewidths=0.8)
         ax.plot(path[:, 0], path[:, 1], "o-", color="tab:red", ms=3, lw=1)
         ax.plot(0, 0, "+", color="k", ms=10)
-        ax.set_title(f"{name}: f = {value('f1', path[-1]):.2g} after {len(path) - 1} steps",
-                     fontsize=10)
+        ax.set_title(f"{describe(name, 'f1')}\nf = {value('f1', path[-1]):.2g} after "
+                     f"{len(path) - 1} steps", fontsize=8 if small else 10)
         ax.set_xlim(-10, 10)
         ax.set_ylim(-5, 5)
-    fig.suptitle(PROBLEMS["f1"]["title"] + ", start (-7, 2)")
+    for ax in axes[-1]:
+        ax.set_xlabel("x")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("y")
+    fig.suptitle(PROBLEMS["f1"]["title"] + ", start (-7, 2); other hyperparameters at "
+                 "their defaults")
     fig.tight_layout()
-    paths.append(os.path.join(out, "trajectories_f1.png"))
-    fig.savefig(paths[-1], dpi=dpi)
+    figs["trajectories_f1.png"] = fig
 
     # f2: every path on one contour plot
     fig = Figure(figsize=(w, h), dpi=dpi)
@@ -111,32 +150,56 @@ def plot(results, out, size=(1500, 900), dpi=100):
     cs = ax.contourf(X, Y, Z, levels=20, cmap="Blues", alpha=0.6)
     fig.colorbar(cs, ax=ax, label="f")
     for name, (path, _) in results["f2"].items():
-        ax.plot(path[:, 0], path[:, 1], "o-", ms=3, lw=1.2,
-                label=f"{name} (f = {value('f2', path[-1]):.2g})")
+        ax.plot(path[:, 0], path[:, 1], ms=4, lw=1.4, mfc="none", **STYLES[name],
+                label=f"{describe(name, 'f2')}: f = {value('f2', path[-1]):.2g}")
     ax.plot(0, 0, "*", color="k", ms=12)
     ax.set_aspect("equal")
-    ax.legend(loc="lower left", fontsize="small")
-    ax.set_title(PROBLEMS["f2"]["title"] + ", start (3, 4)")
+    ax.set_xlabel("x₁")
+    ax.set_ylabel("x₂")
+    ax.legend(loc="lower left", fontsize="x-small" if small else "small")
+    ax.set_title(PROBLEMS["f2"]["title"] + f", start (3, 4), {len(path) - 1} steps")
     fig.tight_layout()
-    paths.append(os.path.join(out, "trajectories_f2.png"))
-    fig.savefig(paths[-1], dpi=dpi)
+    figs["trajectories_f2.png"] = fig
 
-    # f1 as a surface, paths lifted onto it
+    # f1 in 3-D, one panel per optimizer (paths on one surface would hide each other): each
+    # path above a wireframe of the surface cropped to where the paths run (an opaque surface
+    # would hide them); and f along every path, per step, on the right
     fig = Figure(figsize=(w, h), dpi=dpi)
-    ax = fig.add_subplot(projection="3d")
-    X, Y, Z = _grid("f1", n=80)
-    ax.plot_surface(X, Y, Z, cmap="viridis", alpha=0.55, linewidth=0)
+    grid = fig.add_gridspec(2, 4, width_ratios=(1, 1, 1, 1.25))
+    n = 31
+    X, Y = np.meshgrid(np.linspace(-8, 2, n), np.linspace(-2.5, 2.5, n))
+    Z = value("f1", np.stack([X, Y], axis=-1))
+    for k, (name, (path, _)) in enumerate(results["f1"].items()):
+        ax = fig.add_subplot(grid[k // 3, k % 3], projection="3d")
+        ax.plot_wireframe(X, Y, Z, rstride=2, cstride=2, color="0.55", lw=0.4, alpha=0.5)
+        ax.plot(path[:, 0], path[:, 1], value("f1", path), lw=1.2 if small else 1.4,
+                ms=1.5 if small else 2.5,
+                **dict(STYLES[name], ls="-"))
+        ax.view_init(elev=38, azim=-68)
+        ax.set_title(describe(name, "f1"), fontsize=7 if small else 9,
+                     color=STYLES[name]["color"])
+        ax.tick_params(labelsize=6 if small else 7, pad=0)
+        ax.set_xlabel("x", fontsize=7, labelpad=-4 if small else 0)
+        ax.set_ylabel("y", fontsize=7, labelpad=-4 if small else 0)
+        ax.set_zlabel("f", fontsize=7, labelpad=-4 if small else 0)
+    curve = fig.add_subplot(grid[:, 3])
     for name, (path, _) in results["f1"].items():
-        ax.plot(path[:, 0], path[:, 1], value("f1", path), "o-", ms=2, lw=1.2, label=name)
-    ax.view_init(elev=35, azim=-60)
-    ax.set_xlabel("x")
-    ax.set_ylabel("y")
-    ax.set_zlabel("f")
-    ax.legend(loc="upper left", fontsize="small")
-    ax.set_title(PROBLEMS["f1"]["title"])
-    paths.append(os.path.join(out, "trajectories_3d.png"))
-    fig.savefig(paths[-1], dpi=dpi)
-    return paths
+        style = dict(STYLES[name], marker=None)
+        curve.plot(np.arange(len(path)), value("f1", path), lw=1.6, **style,
+                   label=describe(name, "f1"))
+    curve.set_yscale("log")
+    curve.set_xlabel("step")
+    curve.set_ylabel("f")
+    curve.yaxis.set_label_position("right")
+    curve.yaxis.tick_right()
+    curve.grid(True, alpha=0.3)
+    curve.legend(loc="lower left", fontsize="x-small" if small else "small")
+    curve.set_title("f along each path", fontsize=10)
+    fig.suptitle(PROBLEMS["f1"]["title"] + ", start (-7, 2)")
+    fig.subplots_adjust(left=0.03, right=0.95, bottom=0.08, top=0.9, wspace=0.2,
+                        hspace=0.18)
+    figs["trajectories_3d.png"] = fig
+    return figs
 
 
 def table(results):

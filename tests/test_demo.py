@@ -60,7 +60,7 @@ def test_demo_quick_writes_pictures_and_summary(tmp_path):
         if cells[2] != "-":
             assert float(cells[2]) < 1.3 * 0.1 ** 2, name  # at the noise floor (sd 0.1)
         assert 0 < float(cells[3]) < 1e4, name  # microseconds per step
-    assert rows["Nesterov"][2] == "-"  # not part of the fit
+    assert "-" not in [cells[2] for cells in rows.values()]  # every optimizer in the fit
     assert any("OneCycleLR" in line for line in lines)
     assert sum(line.startswith("wrote ") for line in lines) == 5
 
@@ -120,8 +120,36 @@ def test_schedule_gallery_shapes():
     for title, sched in gallery:
         lrs = [row[0] for row in lr_trace(sched, 100)["lr"]]
         assert max(lrs) <= 0.1 + 1e-12 and min(lrs) >= 0, title
-    traces = {t: [row[0] for row in lr_trace(s, 100)["lr"]] for t, s in gallery}
+    traces = {type(s).__name__: [row[0] for row in lr_trace(s, 100)["lr"]] for t, s in gallery}
     one = traces["OneCycleLR"]
     assert one[0] < one[30] and one[-1] < one[0]  # warm up, then anneal below the start
-    warm = traces["warm-up then cosine (SequentialLR)"]
+    warm = traces["SequentialLR"]
     assert warm[0] == pytest.approx(1e-3) and max(warm) == pytest.approx(0.1)
+
+
+def test_schedule_gallery_titles_give_the_arguments():
+    gallery = dict(demo.schedule_gallery(100))
+    by_type = {type(s).__name__: (t, s) for t, s in gallery.items()}
+    title, multi = by_type["MultiStepLR"]
+    assert sorted(multi.milestones) == [50, 75] and multi.gamma == 0.1
+    assert title == "MultiStepLR(milestones=[50, 75], gamma=0.1)"
+    assert by_type["StepLR"][0] == "StepLR(step_size=25, gamma=0.5)"
+    assert by_type["CosineAnnealingLR"][0] == "CosineAnnealingLR(T_max=100)"
+    title, warm = by_type["SequentialLR"]
+    assert title == "warm-up 10 steps, then CosineAnnealingLR(T_max=90)"
+    assert warm._milestones == [10]
+    for title, sched in gallery.items():
+        assert title.startswith(type(sched).__name__) or type(sched).__name__ == "SequentialLR"
+        assert "(" in title, title  # every title gives the arguments
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
+                    reason="matplotlib (the plot extra) is not installed")
+def test_schedule_gallery_picture_labels_its_axes():
+    gallery = demo.schedule_gallery(100)
+    fig = demo._gallery_figure(gallery, 100, (900, 700))
+    axes = fig.axes
+    assert [ax.get_title() for ax in axes] == [t for t, _ in gallery]
+    assert [ax.get_xlabel() for ax in axes[-3:]] == ["step (scheduler.step() calls)"] * 3
+    assert all(ax.get_ylabel() == "learning rate" for ax in axes)
+    assert "lr=0.1" in fig.get_suptitle()

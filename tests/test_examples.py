@@ -76,6 +76,38 @@ def test_trajectories(tmp_path, capsys):
     assert "final f1" in printed and "Nesterov" in printed
 
 
+@needs_matplotlib
+def test_trajectory_pictures_name_the_hyperparameters():
+    ex = load("trajectories")
+    results = ex.run_all(5)
+    figs = ex.figures(results, size=(900, 540))
+    assert list(figs) == ["trajectories_f1.png", "trajectories_f2.png", "trajectories_3d.png"]
+    # one f1 panel per optimizer, titled with its name and every argument it runs with
+    titles = [ax.get_title() for ax in figs["trajectories_f1.png"].axes]
+    assert [t.split("\n")[0] for t in titles] == [ex.describe(n, "f1") for n in ex.OPTIMIZERS]
+    assert titles[0].startswith("SGD (lr=0.95)\nf = ")
+    assert ex.describe("Momentum", "f2") == "Momentum (lr=0.05, momentum=0.9)"
+    assert ex.describe("Adam", "f1") == "Adam (lr=0.3)"
+    # f2: every optimizer in the legend with its learning rate, each in its own style
+    ax = figs["trajectories_f2.png"].axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert [lab.split(":")[0] for lab in labels] == [ex.describe(n, "f2") for n in ex.OPTIMIZERS]
+    lines = [line for line in ax.get_lines() if line.get_label() in labels]
+    styles = {(line.get_color(), line.get_marker(), line.get_linestyle()) for line in lines}
+    assert len(styles) == len(ex.OPTIMIZERS)
+    # 3-D: one 3-D panel per optimizer (paths on one shared surface hid each other) and
+    # the f-per-step panel with the hyperparameters in its legend
+    axes = figs["trajectories_3d.png"].axes
+    assert [a.name for a in axes] == ["3d"] * len(ex.OPTIMIZERS) + ["rectilinear"]
+    assert [a.get_title() for a in axes[:-1]] == [ex.describe(n, "f1") for n in ex.OPTIMIZERS]
+    assert [t.get_text() for t in axes[-1].get_legend().get_texts()] == [
+        ex.describe(n, "f1") for n in ex.OPTIMIZERS]
+    for a, (name, (path, _)) in zip(axes[:-1], results["f1"].items()):
+        drawn = a.get_lines()[-1].get_data_3d()
+        np.testing.assert_array_equal(drawn[0], path[:, 0], err_msg=name)
+        np.testing.assert_array_equal(drawn[2], ex.value("f1", path), err_msg=name)
+
+
 def test_trajectories_table_without_plots(capsys):
     ex = load("trajectories")
     out = ex.main(["--no-plot", "--steps", "5"])
@@ -92,7 +124,7 @@ def test_linear_fit(tmp_path, capsys):
     ex = load("linear_fit")
     out = ex.main(["--quick", "--out", str(tmp_path)])
     res = out["results"]
-    assert list(res) == ["SGD", "Momentum", "Adagrad", "RMSprop", "Adam"]
+    assert list(res) == ["SGD", "Momentum", "Nesterov", "Adagrad", "RMSprop", "Adam"]
     for name, r in res.items():
         assert r["iter_loss"].shape == (30 * 16,)  # 1000 samples / batch 64 -> 16 batches
         assert r["epoch_loss"].shape == (30,)
@@ -105,6 +137,17 @@ def test_linear_fit(tmp_path, capsys):
     assert [os.path.basename(f) for f in out["files"]] == ["linear_fit.png"]
     assert png_size(out["files"][0]) == (900, 360)
     assert "us/step" in capsys.readouterr().out
+
+
+@needs_matplotlib
+def test_linear_fit_legend_names_the_hyperparameters():
+    ex = load("linear_fit")
+    assert ex.describe("Nesterov") == "Nesterov (lr=0.05, momentum=0.9)"
+    assert ex.describe("RMSprop") == "RMSprop (lr=0.01)"
+    fig = ex.figure(ex.run_all(epochs=2), size=(900, 360))
+    for ax in fig.axes:
+        labels = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert labels == [ex.describe(n) for n in ex.OPTIMIZERS] + ["noise variance"]
 
 
 # ------------------------------------------------------------------------ digits MLPs
@@ -121,8 +164,38 @@ def test_digits_mlp_reaches_95_percent(capsys):
     assert out["seconds"] < 30  # "a few seconds" (about 0.3 s here), loosely for slow CI
     printed = capsys.readouterr().out
     assert "test acc" in printed.splitlines()[0]
-    assert "[" + "#" * 30 + "]" in printed  # the progress bar reached the end
+    # not a terminal: no progress frames, only the table
+    assert "\r" not in printed and "#" not in printed
+    assert len(printed.splitlines()) == 1 + 6 + 1
     assert "test accuracy" in printed.splitlines()[-1]
+
+
+@needs_sklearn
+def test_digits_mlp_draws_its_progress_bar_on_a_terminal():
+    import pty
+
+    ex = load("digits_mlp")
+    master, slave = pty.openpty()
+    try:
+        with os.fdopen(slave, "w", closefd=False) as tty:
+            assert tty.isatty()
+            ex.train(epochs=1, out=tty)
+        os.set_blocking(master, False)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(master)
+        os.close(slave)
+    shown = b"".join(chunks).decode()
+    assert "\r  [" + "#" * 30 + "]" in shown  # redrawn in place, up to the end
+    assert "test acc" in shown
 
 
 @needs_sklearn
@@ -157,8 +230,9 @@ def test_autograd_mlp():
 @needs_sklearn
 def test_digits_example_runs_as_a_script():
     cmd = [sys.executable, os.path.join(EXAMPLES, "digits_mlp.py"), "--quick"]
-    r = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, cwd="/")
-    assert r.returncode == 0, r.stderr
-    last = r.stdout.strip().splitlines()[-1]
+    r = subprocess.run(cmd, check=False, capture_output=True, timeout=300, cwd="/")
+    assert r.returncode == 0, r.stderr.decode()
+    assert b"\r" not in r.stdout  # a pipe gets no progress frames (bytes: text mode maps \r)
+    last = r.stdout.decode().strip().splitlines()[-1]
     assert last.startswith("test accuracy ")
     assert float(last.split()[2].rstrip("%")) >= 95.0

@@ -49,7 +49,7 @@ __all__ = ["Parameter", "Optimizer", *OPTIMIZERS, "SparseAdam", "SparseGrad", "L
            "swa_utils", "save", "load", "minimize", "functional"]
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> object:
     # fastopt.torch imports torch, so it is loaded on first use (``import fastopt`` alone
     # never imports torch)
     if name == "torch":

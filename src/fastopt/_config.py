@@ -1,5 +1,8 @@
 """Build and runtime configuration: ISA dispatch, threads, compiler flags."""
+from __future__ import annotations
+
 import operator
+from typing import Any, Dict
 
 from fastopt import _kernels
 
@@ -11,7 +14,7 @@ class _ThreadCountTypeError(TypeError, RuntimeError):
     what Python raises for a wrong type: this is both."""
 
 
-def set_num_threads(n):
+def set_num_threads(n: int) -> None:
     """Use at most ``n`` threads in the kernels (1 turns threading off). Results are the
     same bits for any thread count. Groups of fewer elements than
     ``show_config()["parallel_threshold"]`` always run on one thread.
@@ -48,13 +51,13 @@ def set_num_threads(n):
     _kernels.set_num_threads(count)
 
 
-def get_num_threads():
+def get_num_threads() -> int:
     """The most threads the kernels use now in the calling thread: OpenMP's setting
     (``omp_get_max_threads()``), or 1 when fastopt was built without OpenMP."""
     return _kernels.get_num_threads()
 
 
-def show_config(print_=True):
+def show_config(print_: bool = True) -> Dict[str, Any]:
     """Return (and print unless ``print_`` is False) how fastopt was built and what it runs.
 
     Keys: ``isa`` (the kernels in use: baseline, avx2 or avx512), ``isa_supported`` (levels

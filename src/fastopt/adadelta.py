@@ -1,5 +1,9 @@
 """Adadelta."""
+from __future__ import annotations
 
+from typing import Optional
+
+from fastopt._typing import ParamsT
 from fastopt.optimizer import Optimizer, _check_nonneg
 
 __all__ = ["Adadelta"]
@@ -43,8 +47,10 @@ class Adadelta(Optimizer):
     _flag_defaults = {"foreach": None, "maximize": False, "differentiable": False,
                       "capturable": False}
 
-    def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0, foreach=None, *,
-                 capturable=False, maximize=False, differentiable=False):
+    def __init__(self, params: ParamsT, lr: float = 1.0, rho: float = 0.9, eps: float = 1e-6,
+                 weight_decay: float = 0, foreach: Optional[bool] = None, *,
+                 capturable: bool = False, maximize: bool = False,
+                 differentiable: bool = False) -> None:
         defaults = dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay,
                         maximize=maximize, capturable=capturable, foreach=foreach,
                         differentiable=differentiable)

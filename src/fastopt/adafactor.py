@@ -1,8 +1,13 @@
 """Adafactor: factored second moments for matrices (NumPy, not per-element)."""
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
 import numpy as np
 
 from fastopt._numpy_step import (check_state_array, check_step, lerp_, mark_updated, prepare,
                                  real, signals_deferred)
+from fastopt._typing import Closure, ParamsT
 from fastopt.optimizer import Optimizer
 
 __all__ = ["Adafactor"]
@@ -60,8 +65,10 @@ class Adafactor(Optimizer):
 
     _flag_defaults = {"foreach": None, "maximize": False}
 
-    def __init__(self, params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0,
-                 weight_decay=0.0, *, foreach=None, maximize=False):
+    def __init__(self, params: ParamsT, lr: float = 1e-2, beta2_decay: float = -0.8,
+                 eps: Tuple[Optional[float], float] = (None, 1e-3), d: float = 1.0,
+                 weight_decay: float = 0.0, *, foreach: Optional[bool] = None,
+                 maximize: bool = False) -> None:
         defaults = dict(lr=lr, beta2_decay=beta2_decay, eps=eps, d=d,
                         weight_decay=weight_decay, foreach=foreach, maximize=maximize)
         self._check_group(defaults)
@@ -140,7 +147,7 @@ class Adafactor(Optimizer):
         else:
             state["variance"] = np.zeros_like(array)
 
-    def step(self, closure=None):
+    def step(self, closure: Optional[Closure] = None) -> Any:
         """Perform one optimization step; returns ``closure()``'s value when given."""
         loss = None
         if closure is not None:

@@ -1,7 +1,12 @@
 """Adagrad."""
+from __future__ import annotations
+
+from typing import Optional
+
 import numpy as np
 
 from fastopt._adapters import _foreign_arrays
+from fastopt._typing import ParamsT
 from fastopt.optimizer import Optimizer, _check_impl_flags, _check_nonneg
 
 __all__ = ["Adagrad"]
@@ -53,9 +58,10 @@ class Adagrad(Optimizer):
     _flag_defaults = {"foreach": None, "maximize": False, "differentiable": False,
                       "fused": None}
 
-    def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0,
-                 initial_accumulator_value=0, eps=1e-10, foreach=None, *, maximize=False,
-                 differentiable=False, fused=None):
+    def __init__(self, params: ParamsT, lr: float = 1e-2, lr_decay: float = 0,
+                 weight_decay: float = 0, initial_accumulator_value: float = 0, eps: float = 1e-10,
+                 foreach: Optional[bool] = None, *, maximize: bool = False,
+                 differentiable: bool = False, fused: Optional[bool] = None) -> None:
         defaults = dict(lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
                         initial_accumulator_value=initial_accumulator_value, foreach=foreach,
                         maximize=maximize, differentiable=differentiable, fused=fused)

@@ -1,5 +1,9 @@
 """Adamax."""
+from __future__ import annotations
 
+from typing import Optional, Tuple
+
+from fastopt._typing import ParamsT
 from fastopt.optimizer import Optimizer, _check_betas, _check_nonneg
 
 __all__ = ["Adamax"]
@@ -48,8 +52,10 @@ class Adamax(Optimizer):
     _flag_defaults = {"foreach": None, "maximize": False, "differentiable": False,
                       "capturable": False}
 
-    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
-                 foreach=None, *, maximize=False, differentiable=False, capturable=False):
+    def __init__(self, params: ParamsT, lr: float = 2e-3, betas: Tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0, foreach: Optional[bool] = None, *,
+                 maximize: bool = False, differentiable: bool = False,
+                 capturable: bool = False) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         foreach=foreach, maximize=maximize, differentiable=differentiable,
                         capturable=capturable)

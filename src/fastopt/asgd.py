@@ -1,6 +1,11 @@
 """ASGD (averaged stochastic gradient descent)."""
+from __future__ import annotations
+
+from typing import Optional
+
 import numpy as np
 
+from fastopt._typing import ParamsT
 from fastopt.optimizer import Optimizer, _check_nonneg
 
 __all__ = ["ASGD"]
@@ -54,8 +59,10 @@ class ASGD(Optimizer):
     _flag_defaults = {"foreach": None, "maximize": False, "differentiable": False,
                       "capturable": False}
 
-    def __init__(self, params, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0,
-                 foreach=None, maximize=False, differentiable=False, capturable=False):
+    def __init__(self, params: ParamsT, lr: float = 1e-2, lambd: float = 1e-4, alpha: float = 0.75,
+                 t0: float = 1e6, weight_decay: float = 0, foreach: Optional[bool] = None,
+                 maximize: bool = False, differentiable: bool = False,
+                 capturable: bool = False) -> None:
         defaults = dict(lr=lr, lambd=lambd, alpha=alpha, t0=t0, weight_decay=weight_decay,
                         foreach=foreach, maximize=maximize, differentiable=differentiable,
                         capturable=capturable)

@@ -70,6 +70,8 @@ raises :class:`TruncatedCheckpointError`, a damaged one :class:`CorruptCheckpoin
 sizes or parameter shapes, or other schedulers, :class:`CheckpointMismatchError`. In every
 case the optimizer and the schedulers are left exactly as they were.
 """
+from __future__ import annotations
+
 import hashlib
 import json
 import math
@@ -77,8 +79,16 @@ import os
 import secrets
 import stat
 from collections import Counter, OrderedDict
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Sequence, Union
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from fastopt.lr_scheduler import LRScheduler
+    from fastopt.optimizer import Optimizer
+
+    #: what ``save`` and ``load`` take as ``scheduler``
+    Schedulers = Union[LRScheduler, Sequence[LRScheduler], Mapping[str, LRScheduler], None]
 
 __all__ = [
     "FORMAT",
@@ -298,7 +308,8 @@ def _raw(array):
 
 # ---- writing ----------------------------------------------------------------------------------
 
-def save(path, optimizer, scheduler=None, extra=None):
+def save(path: Union[str, os.PathLike[str]], optimizer: Optimizer,
+         scheduler: Schedulers = None, extra: Any = None) -> None:
     """Write a checkpoint of ``optimizer`` (and ``scheduler``, and ``extra``) to ``path``.
 
     Parameters
@@ -349,7 +360,7 @@ def save(path, optimizer, scheduler=None, extra=None):
                for name, a in encoder.tensors.items()}
     metadata[_KEY_SHA] = _digest(metadata, tensors)
 
-    header = {"__metadata__": metadata}
+    header: Dict[str, Any] = {"__metadata__": metadata}
     order = sorted(tensors, key=lambda n: (-encoder.tensors[n].dtype.itemsize, n))
     offset = 0
     for name in order:
@@ -477,11 +488,11 @@ def _layout(path, data):
                       f"bytes, its data_offsets {offsets} span {offsets[1] - offsets[0]}")
         entries[name] = (code, tuple(shape), offsets[0], offsets[1])
     end = 0
-    for name, (_, _, b, e) in sorted(entries.items(), key=lambda item: item[1][2:]):
-        if b != end:
-            raise bad(f"tensor {name!r} starts at byte {b} of the data, the previous tensor "
-                      f"ends at {end}")
-        end = e
+    for name, (_, _, first, stop) in sorted(entries.items(), key=lambda item: item[1][2:]):
+        if first != end:
+            raise bad(f"tensor {name!r} starts at byte {first} of the data, the previous "
+                      f"tensor ends at {end}")
+        end = stop
     start = 8 + n
     if start + end > size:
         raise TruncatedCheckpointError(
@@ -492,7 +503,7 @@ def _layout(path, data):
     return metadata, entries, start
 
 
-def read(path):
+def read(path: Union[str, os.PathLike[str]]) -> Dict[str, Any]:
     """Read and check a checkpoint without loading it into anything.
 
     Parameters
@@ -655,7 +666,8 @@ def _pair_schedulers(path, given, saved, where, out):
         out.append((given, saved.state_dict, where))
 
 
-def load(path, optimizer, scheduler=None):
+def load(path: Union[str, os.PathLike[str]], optimizer: Optimizer,
+         scheduler: Schedulers = None) -> Any:
     """Load a checkpoint written by :func:`save` into ``optimizer`` (and ``scheduler``).
 
     The file is read and checked completely, and matched against the optimizer and the
@@ -712,7 +724,7 @@ def load(path, optimizer, scheduler=None):
             if tuple(shape) != tuple(p.shape):
                 raise mismatch(f"param_groups[{gi}]['params'][{pi}] has shape {tuple(shape)} "
                                f"in the checkpoint, {tuple(p.shape)} in the optimizer")
-    pairs = []
+    pairs: list = []
     _pair_schedulers(path, scheduler, content["scheduler"], "scheduler", pairs)
     for sched, sd, where in pairs:
         check = getattr(sched, "_check_state_dict", None)

@@ -24,12 +24,15 @@ Scheduler state dicts are plain Python values; ``scheduler_state_to_torch`` and
 Importing this module does not import torch; the ``*_to_torch`` functions and ``to_torch``
 do.
 """
+from __future__ import annotations
+
 import copy
 import sys
+from typing import Any, Dict
 
 import numpy as np
 
-from fastopt.optimizer import kernel_optimizers, other_optimizers
+from fastopt.optimizer import Optimizer, kernel_optimizers, other_optimizers
 
 __all__ = [
     "SHARED_OPTIMIZERS",
@@ -145,7 +148,7 @@ def _check_layout(state_dict, what):
 # ------------------------------------------------------------------------ state dicts
 
 
-def state_dict_to_torch(state_dict):
+def state_dict_to_torch(state_dict: Dict[str, Any]) -> Dict[str, Any]:
     """A fastopt optimizer ``state_dict()`` as ``torch.optim`` would have written it.
 
     Parameters
@@ -173,7 +176,7 @@ def state_dict_to_torch(state_dict):
     return out
 
 
-def state_dict_from_torch(state_dict):
+def state_dict_from_torch(state_dict: Dict[str, Any]) -> Dict[str, Any]:
     """A ``torch.optim`` optimizer's ``state_dict()`` with NumPy arrays instead of tensors.
 
     Tensors become NumPy copies of the same dtype and shape (a 0-d float32 ``step`` stays a
@@ -216,7 +219,7 @@ def _group_specs(optimizer, convert_param):
     return specs
 
 
-def to_torch(optimizer):
+def to_torch(optimizer: Optimizer) -> Any:
     """The ``torch.optim`` optimizer equivalent to a fastopt ``optimizer``, state included.
 
     Parameters
@@ -247,7 +250,7 @@ def to_torch(optimizer):
     return new
 
 
-def from_torch(optimizer):
+def from_torch(optimizer: Any) -> Optimizer:
     """The fastopt optimizer equivalent to a ``torch.optim`` ``optimizer``, state included.
 
     The new optimizer updates the same tensors in place (they must be dense, contiguous
@@ -280,7 +283,7 @@ def _torch_class(name, torch):
 _FASTOPT_ONLY_SCHEDULER_KEYS = ("_scheduler_class",)
 
 
-def scheduler_state_to_torch(state_dict):
+def scheduler_state_to_torch(state_dict: Dict[str, Any]) -> Dict[str, Any]:
     """A fastopt scheduler's ``state_dict()`` for the torch scheduler of the same class.
 
     Drops the keys only fastopt uses (also in the nested dicts of SequentialLR and
@@ -302,7 +305,7 @@ def scheduler_state_to_torch(state_dict):
     return clean(state_dict)
 
 
-def scheduler_state_from_torch(state_dict):
+def scheduler_state_from_torch(state_dict: Dict[str, Any]) -> Dict[str, Any]:
     """A torch scheduler's ``state_dict()`` for the fastopt scheduler of the same class.
 
     fastopt's schedulers accept torch's dicts as they are; this copies the dict and turns

@@ -6,11 +6,15 @@ scalars of the parameter dtype, exactly where torch's are 0-d tensors of that dt
 float32 arithmetic follows the same promotions as torch's; only the summation order inside
 dot products and the single rounding of torch's fused ``add_(alpha=)`` differ.
 """
+from __future__ import annotations
+
 import numbers
+from typing import Any, Optional
 
 import numpy as np
 
 from fastopt._adapters import _foreign_among, _foreign_arrays, _foreign_updated, _param_arrays
+from fastopt._typing import Closure, ParamsT
 from fastopt.optimizer import Optimizer, _check_nonneg
 from fastopt.parameter import Parameter, SparseGrad
 
@@ -161,8 +165,10 @@ class LBFGS(Optimizer):
     _flag_defaults = {}
     _scalar_state_keys = frozenset()
 
-    def __init__(self, params, lr=1, max_iter=20, max_eval=None, tolerance_grad=1e-7,
-                 tolerance_change=1e-9, history_size=100, line_search_fn=None):
+    def __init__(self, params: ParamsT, lr: float = 1, max_iter: int = 20,
+                 max_eval: Optional[int] = None, tolerance_grad: float = 1e-7,
+                 tolerance_change: float = 1e-9, history_size: int = 100,
+                 line_search_fn: Optional[str] = None) -> None:
         if max_eval is None:
             max_eval = max_iter * 5 // 4
         defaults = dict(lr=lr, max_iter=max_iter, max_eval=max_eval,
@@ -306,7 +312,7 @@ class LBFGS(Optimizer):
 
     # the step -------------------------------------------------------------------------------
 
-    def step(self, closure):
+    def step(self, closure: Closure) -> Any:  # type: ignore[override]  # as torch's
         """Run up to ``max_iter`` L-BFGS iterations; returns the first loss. When it raises,
         the parameters and the state are as they were before the call."""
         key = self._params[0] if self._params else None

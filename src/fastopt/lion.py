@@ -1,5 +1,9 @@
 """Lion (EvoLved Sign Momentum), which torch.optim does not have."""
+from __future__ import annotations
 
+from typing import Tuple
+
+from fastopt._typing import ParamsT
 from fastopt.optimizer import Optimizer, _check_betas, _check_nonneg
 
 __all__ = ["Lion"]
@@ -45,8 +49,8 @@ class Lion(Optimizer):
     _step_counter = False
     _flag_defaults = {"maximize": False}
 
-    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *,
-                 maximize=False):
+    def __init__(self, params: ParamsT, lr: float = 1e-4, betas: Tuple[float, float] = (0.9, 0.99),
+                 weight_decay: float = 0.0, *, maximize: bool = False) -> None:
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
         self._check_group(defaults)
         super().__init__(params, defaults)

@@ -29,6 +29,8 @@ import warnings
 import weakref
 from bisect import bisect_right
 from collections import Counter
+from typing import (Any, Callable, Dict, Iterable, List, Optional, Sequence, SupportsFloat, Tuple,
+                    Union)
 
 import numpy as np
 
@@ -413,7 +415,7 @@ class LRScheduler:
     _get_lr_called_within_step = False
     _is_initial = False
     # attributes never written to a state_dict
-    _not_saved = ("optimizer",)
+    _not_saved: Tuple[str, ...] = ("optimizer",)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -421,7 +423,7 @@ class LRScheduler:
         if step is not None and not getattr(step, "_all_or_nothing", False):
             cls.step = _all_or_nothing(step)
 
-    def __init__(self, optimizer, last_epoch=-1):
+    def __init__(self, optimizer: Optimizer, last_epoch: int = -1) -> None:
         _check_optimizer(optimizer)
         self.optimizer = optimizer
         if last_epoch == -1:
@@ -451,7 +453,7 @@ class LRScheduler:
 
     # -- stepping
 
-    def get_lr(self):
+    def get_lr(self) -> List[float]:
         """Learning rates for the current ``last_epoch`` (chainable form)."""
         raise NotImplementedError(f"{type(self).__name__} does not define get_lr()")
 
@@ -460,11 +462,11 @@ class LRScheduler:
         if not self._get_lr_called_within_step:
             warnings.warn(_WARN_GET_LR, UserWarning, stacklevel=2)
 
-    def get_last_lr(self):
+    def get_last_lr(self) -> List[float]:
         """The learning rates written by the last ``step()``, one per param group."""
         return self._last_lr
 
-    def step(self, epoch=None):
+    def step(self, epoch: Optional[float] = None) -> None:
         """Advance one epoch (or jump to ``epoch``, deprecated) and write the new lrs.
 
         All or nothing, in every scheduler class: when it raises (an ``lr_lambda`` that
@@ -500,7 +502,7 @@ class LRScheduler:
     def _state_items(self):
         return {k: v for k, v in self.__dict__.items() if k not in self._not_saved}
 
-    def state_dict(self):
+    def state_dict(self) -> Dict[str, Any]:
         """Everything needed to resume, as a plain dict (the optimizer is not included).
 
         The keys are those of torch's scheduler of the same name, plus ``"_scheduler_class"``.
@@ -544,7 +546,7 @@ class LRScheduler:
     #: per-group lists that ``step()`` pairs one to one with the param groups, or with each
     #: other: torch zips them with ``strict=True`` and fails at a later step, after its
     #: counters have moved, when their lengths differ
-    _paired = ()
+    _paired: Tuple[str, ...] = ()
 
     def _paired_lengths(self, n_groups):
         """The lengths the lists of ``_paired`` may have, and what they are paired with: the
@@ -584,7 +586,7 @@ class LRScheduler:
             if key != _CLASS_KEY:
                 self.__dict__[key] = copy.deepcopy(value)
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Restore a state saved by ``state_dict()`` of the same class.
 
         Everything is checked before anything changes: ``ValueError`` for a dict from
@@ -629,7 +631,9 @@ _LRScheduler = LRScheduler
 class _LambdaBase(LRScheduler):
     _not_saved = ("optimizer", "lr_lambdas")
 
-    def __init__(self, optimizer, lr_lambda, last_epoch=-1):
+    def __init__(self, optimizer: Optimizer,
+                 lr_lambda: Union[Callable[[int], float], List[Callable[[int], float]]],
+                 last_epoch: int = -1) -> None:
         _check_optimizer(optimizer)
         self.optimizer = optimizer
         n = len(optimizer.param_groups)
@@ -706,7 +710,8 @@ class StepLR(LRScheduler):
     """Multiply lr by ``gamma`` every ``step_size`` epochs:
     ``base * gamma**(epoch // step_size)``."""
 
-    def __init__(self, optimizer, step_size, gamma=0.1, last_epoch=-1):
+    def __init__(self, optimizer: Optimizer, step_size: int, gamma: float = 0.1,
+                 last_epoch: int = -1) -> None:
         self.step_size = step_size
         self.gamma = gamma
         super().__init__(optimizer, last_epoch)
@@ -725,7 +730,8 @@ class StepLR(LRScheduler):
 class MultiStepLR(LRScheduler):
     """Multiply lr by ``gamma`` at each milestone (a milestone listed twice counts twice)."""
 
-    def __init__(self, optimizer, milestones, gamma=0.1, last_epoch=-1):
+    def __init__(self, optimizer: Optimizer, milestones: Iterable[int], gamma: float = 0.1,
+                 last_epoch: int = -1) -> None:
         self.milestones = Counter(milestones)
         self.gamma = gamma
         super().__init__(optimizer, last_epoch)
@@ -746,7 +752,8 @@ class MultiStepLR(LRScheduler):
 class ConstantLR(LRScheduler):
     """lr scaled by ``factor`` for the first ``total_iters`` epochs, then back to base."""
 
-    def __init__(self, optimizer, factor=1.0 / 3, total_iters=5, last_epoch=-1):
+    def __init__(self, optimizer: Optimizer, factor: float = 1.0 / 3, total_iters: int = 5,
+                 last_epoch: int = -1) -> None:
         if factor > 1.0 or factor < 0:
             raise ValueError("Constant multiplicative factor expected to be between 0 and 1. "
                              f"Got factor={factor!r}.")
@@ -772,9 +779,8 @@ class ConstantLR(LRScheduler):
 class LinearLR(LRScheduler):
     """lr factor moving linearly from ``start_factor`` to ``end_factor`` over ``total_iters``."""
 
-    def __init__(
-        self, optimizer, start_factor=1.0 / 3, end_factor=1.0, total_iters=5, last_epoch=-1
-    ):
+    def __init__(self, optimizer: Optimizer, start_factor: float = 1.0 / 3, end_factor: float = 1.0,
+                 total_iters: int = 5, last_epoch: int = -1) -> None:
         if start_factor > 1.0 or start_factor <= 0:
             raise ValueError(
                 "Starting multiplicative factor expected to be greater than 0 and less or "
@@ -812,7 +818,7 @@ class LinearLR(LRScheduler):
 class ExponentialLR(LRScheduler):
     """``lr = base * gamma**epoch``."""
 
-    def __init__(self, optimizer, gamma, last_epoch=-1):
+    def __init__(self, optimizer: Optimizer, gamma: float, last_epoch: int = -1) -> None:
         self.gamma = gamma
         super().__init__(optimizer, last_epoch)
 
@@ -829,7 +835,8 @@ class ExponentialLR(LRScheduler):
 class PolynomialLR(LRScheduler):
     """``lr = base * (1 - min(epoch, total_iters) / total_iters) ** power``."""
 
-    def __init__(self, optimizer, total_iters=5, power=1.0, last_epoch=-1):
+    def __init__(self, optimizer: Optimizer, total_iters: int = 5, power: float = 1.0,
+                 last_epoch: int = -1) -> None:
         self.total_iters = total_iters
         self.power = power
         super().__init__(optimizer, last_epoch)
@@ -858,7 +865,8 @@ class CosineAnnealingLR(LRScheduler):
 
     _paired = ("base_lrs",)
 
-    def __init__(self, optimizer, T_max, eta_min=0.0, last_epoch=-1):
+    def __init__(self, optimizer: Optimizer, T_max: int, eta_min: float = 0.0,
+                 last_epoch: int = -1) -> None:
         self.T_max = T_max
         self.eta_min = eta_min
         super().__init__(optimizer, last_epoch)
@@ -896,7 +904,8 @@ class CosineAnnealingWarmRestarts(LRScheduler):
 
     _paired = ("base_lrs",)
 
-    def __init__(self, optimizer, T_0, T_mult=1, eta_min=0.0, last_epoch=-1):
+    def __init__(self, optimizer: Optimizer, T_0: int, T_mult: int = 1, eta_min: float = 0.0,
+                 last_epoch: int = -1) -> None:
         if not isinstance(T_0, int) or T_0 <= 0:
             _require_real("T_0", T_0)
             raise ValueError(f"Expected positive integer T_0, but got {T_0}")
@@ -911,7 +920,7 @@ class CosineAnnealingWarmRestarts(LRScheduler):
         self.T_i = T_0
         self.T_mult = T_mult
         self.eta_min = eta_min
-        self.T_cur = last_epoch
+        self.T_cur: float = last_epoch
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self):
@@ -920,7 +929,7 @@ class CosineAnnealingWarmRestarts(LRScheduler):
         c = 1 + math.cos(math.pi * self.T_cur / self.T_i)
         return [eta + (base - eta) * c / 2 for base in self.base_lrs]
 
-    def step(self, epoch=None):
+    def step(self, epoch: Optional[float] = None) -> None:
         if epoch is None and self.last_epoch < 0:
             epoch = 0
         if epoch is None:
@@ -985,22 +994,12 @@ class CyclicLR(LRScheduler):
     _not_saved = ("optimizer", "_scale_fn_custom")
     _paired = ("base_lrs", "max_lrs", "base_momentums", "max_momentums")
 
-    def __init__(
-        self,
-        optimizer,
-        base_lr,
-        max_lr,
-        step_size_up=2000,
-        step_size_down=None,
-        mode="triangular",
-        gamma=1.0,
-        scale_fn=None,
-        scale_mode="cycle",
-        cycle_momentum=True,
-        base_momentum=0.8,
-        max_momentum=0.9,
-        last_epoch=-1,
-    ):
+    def __init__(self, optimizer: Optimizer, base_lr: Union[float, List[float]],
+                 max_lr: Union[float, List[float]], step_size_up: int = 2000,
+                 step_size_down: Optional[int] = None, mode: str = "triangular", gamma: float = 1.0,
+                 scale_fn: Optional[Callable[[float], float]] = None, scale_mode: str = "cycle",
+                 cycle_momentum: bool = True, base_momentum: Union[float, List[float]] = 0.8,
+                 max_momentum: Union[float, List[float]] = 0.9, last_epoch: int = -1) -> None:
         _check_optimizer(optimizer)
         self.optimizer = optimizer
         # torch's checks in its order; the groups are written only once all have passed
@@ -1043,7 +1042,7 @@ class CyclicLR(LRScheduler):
         if self._scale_fn_custom is None:
             self.scale_mode = "iterations" if self.mode == "exp_range" else "cycle"
 
-    def scale_fn(self, x):
+    def scale_fn(self, x: float) -> float:
         """Amplitude multiplier for cycle number (or iteration) ``x``."""
         if self._scale_fn_custom is not None:
             return self._scale_fn_custom(x)
@@ -1076,7 +1075,7 @@ class CyclicLR(LRScheduler):
                 _write_momentum(group, m, self.use_beta1)
         return lrs
 
-    def state_dict(self):
+    def state_dict(self) -> Dict[str, Any]:
         state = super().state_dict()
         fn = self._scale_fn_custom
         state["_scale_fn_custom"] = (
@@ -1115,23 +1114,14 @@ class OneCycleLR(LRScheduler):
     Stepping beyond ``total_steps`` raises ``ValueError``.
     """
 
-    def __init__(
-        self,
-        optimizer,
-        max_lr,
-        total_steps=None,
-        epochs=None,
-        steps_per_epoch=None,
-        pct_start=0.3,
-        anneal_strategy="cos",
-        cycle_momentum=True,
-        base_momentum=0.85,
-        max_momentum=0.95,
-        div_factor=25.0,
-        final_div_factor=1e4,
-        three_phase=False,
-        last_epoch=-1,
-    ):
+    def __init__(self, optimizer: Optimizer, max_lr: Union[float, List[float]],
+                 total_steps: Optional[int] = None, epochs: Optional[int] = None,
+                 steps_per_epoch: Optional[int] = None, pct_start: float = 0.3,
+                 anneal_strategy: str = "cos", cycle_momentum: bool = True,
+                 base_momentum: Union[float, List[float]] = 0.85,
+                 max_momentum: Union[float, List[float]] = 0.95, div_factor: float = 25.0,
+                 final_div_factor: float = 1e4, three_phase: bool = False,
+                 last_epoch: int = -1) -> None:
         _check_optimizer(optimizer)
         self.optimizer = optimizer
         if total_steps is not None:
@@ -1253,18 +1243,10 @@ class ReduceLROnPlateau(LRScheduler):
     A group's lr never goes below its ``min_lr``, and reductions smaller than ``eps`` are skipped.
     """
 
-    def __init__(
-        self,
-        optimizer,
-        mode="min",
-        factor=0.1,
-        patience=10,
-        threshold=1e-4,
-        threshold_mode="rel",
-        cooldown=0,
-        min_lr=0,
-        eps=1e-8,
-    ):
+    def __init__(self, optimizer: Optimizer, mode: str = "min", factor: float = 0.1,
+                 patience: int = 10, threshold: float = 1e-4, threshold_mode: str = "rel",
+                 cooldown: int = 0, min_lr: Union[float, List[float]] = 0,
+                 eps: float = 1e-8) -> None:
         if factor >= 1.0:
             raise ValueError(f"Factor should be < 1.0. Got factor={factor!r}.")
         self.factor = factor
@@ -1314,10 +1296,10 @@ class ReduceLROnPlateau(LRScheduler):
         self.num_bad_epochs = 0
 
     @property
-    def in_cooldown(self):
+    def in_cooldown(self) -> bool:
         return self.cooldown_counter > 0
 
-    def is_better(self, a, best):
+    def is_better(self, a: float, best: float) -> bool:
         """Whether metric ``a`` improves on ``best`` by more than the threshold."""
         thr = self.threshold
         if self.mode == "min":
@@ -1328,7 +1310,8 @@ class ReduceLROnPlateau(LRScheduler):
             return a > best * (thr + 1.0)
         return a > best + thr
 
-    def step(self, metrics, epoch=None):
+    def step(self, metrics: SupportsFloat,  # type: ignore[override]
+             epoch: Optional[int] = None) -> None:
         current = float(metrics)
         if epoch is None:
             epoch = self.last_epoch + 1
@@ -1437,7 +1420,8 @@ class SequentialLR(_Composite):
     At a milestone the next scheduler restarts from its own epoch 0 (its ``base_lrs``).
     """
 
-    def __init__(self, optimizer, schedulers, milestones, last_epoch=-1):
+    def __init__(self, optimizer: Optimizer, schedulers: Sequence[LRScheduler],
+                 milestones: Sequence[int], last_epoch: int = -1) -> None:
         if len(schedulers) < 1:
             raise ValueError(
                 f"{type(self).__name__} expects at least one scheduler, but got no scheduler."
@@ -1469,7 +1453,7 @@ class SequentialLR(_Composite):
         elif hasattr(sched, "last_epoch"):
             sched.last_epoch -= 1
 
-    def step(self):
+    def step(self) -> None:  # type: ignore[override]
         self.last_epoch += 1
         idx = bisect_right(self._milestones, self.last_epoch)
         sched = self._schedulers[idx]
@@ -1483,7 +1467,8 @@ class SequentialLR(_Composite):
 class ChainedScheduler(_Composite):
     """Step every scheduler in ``schedulers`` at each ``step()``; their effects compose."""
 
-    def __init__(self, schedulers, optimizer=None):
+    def __init__(self, schedulers: Sequence[LRScheduler],
+                 optimizer: Optional[Optimizer] = None) -> None:
         if len(schedulers) < 1:
             raise ValueError(
                 f"{type(self).__name__} expects at least one scheduler to be chained, but got "
@@ -1495,7 +1480,7 @@ class ChainedScheduler(_Composite):
         self.optimizer = optimizer
         self._last_lr = _group_values(optimizer, "lr")
 
-    def step(self):
+    def step(self) -> None:  # type: ignore[override]
         for sched in self._schedulers:
             sched.step()
         self._last_lr = _group_values(self.optimizer, "lr")
@@ -1516,7 +1501,9 @@ class FunctionLR(LRScheduler):
 
     _not_saved = ("optimizer", "schedules")
 
-    def __init__(self, optimizer, schedule, last_epoch=-1):
+    def __init__(self, optimizer: Optimizer,
+                 schedule: Union[Callable[[int], float], List[Callable[[int], float]]],
+                 last_epoch: int = -1) -> None:
         _check_optimizer(optimizer)
         self.optimizer = optimizer
         self.schedules = _per_group("schedule", optimizer, schedule)
@@ -1532,7 +1519,7 @@ class FunctionLR(LRScheduler):
     def _get_closed_form_lr(self):
         return [float(fn(self.last_epoch)) for fn in self.schedules]
 
-    def state_dict(self):
+    def state_dict(self) -> Dict[str, Any]:
         state = super().state_dict()
         state["schedules"] = _callables_state(self.schedules)
         return state

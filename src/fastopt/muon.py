@@ -1,11 +1,15 @@
 """Muon: momentum orthogonalised by a Newton-Schulz iteration (NumPy, 2-D parameters)."""
+from __future__ import annotations
+
 import math
 import operator
+from typing import Any, Optional, Tuple
 
 import numpy as np
 
 from fastopt import _kernels
 from fastopt._numpy_step import check_state_array, mark_updated, prepare, signals_deferred
+from fastopt._typing import Closure, ParamsT
 from fastopt.optimizer import Optimizer
 
 __all__ = ["Muon"]
@@ -166,9 +170,11 @@ class Muon(Optimizer):
     ns_dtype = "bfloat16"
     _scalar_state_keys = frozenset()
 
-    def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
-                 ns_coefficients=(DEFAULT_A, DEFAULT_B, DEFAULT_C), eps=EPS,
-                 ns_steps=DEFAULT_NS_STEPS, adjust_lr_fn=None):
+    def __init__(self, params: ParamsT, lr: float = 1e-3, weight_decay: float = 0.1,
+                 momentum: float = 0.95, nesterov: bool = True,
+                 ns_coefficients: Tuple[float, float, float] = (DEFAULT_A, DEFAULT_B, DEFAULT_C),
+                 eps: float = EPS, ns_steps: int = DEFAULT_NS_STEPS,
+                 adjust_lr_fn: Optional[str] = None) -> None:
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
                         nesterov=nesterov, ns_coefficients=ns_coefficients, eps=eps,
                         ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn)
@@ -233,7 +239,7 @@ class Muon(Optimizer):
     def _init_state(self, state, array, group):
         state["momentum_buffer"] = np.zeros_like(array)
 
-    def step(self, closure=None):
+    def step(self, closure: Optional[Closure] = None) -> Any:
         """Perform one optimization step; returns ``closure()``'s value when given."""
         loss = None
         if closure is not None:

@@ -6,6 +6,8 @@ this module does the bookkeeping: parameter groups, hooks, ``state_dict`` and
 ``load_state_dict`` in torch's exact format, and the two-phase step (check everything, then
 update) that leaves nothing half-updated when an input is bad.
 """
+from __future__ import annotations
+
 from collections import OrderedDict, defaultdict
 from collections.abc import Mapping
 from copy import deepcopy
@@ -14,6 +16,7 @@ from threading import get_ident
 import functools
 import math
 import warnings
+from typing import Any, Dict, Optional, Tuple, Type
 
 import numpy as np
 
@@ -22,6 +25,7 @@ from fastopt._adapters import (TORCH_ADAPTER, _adapter_for, _foreign_arrays, _fo
                                _foreign_updated)
 from fastopt._kernels import guarded_step, update
 from fastopt.parameter import Parameter
+from fastopt._typing import Closure, Hook, ParamsT, StateDict
 
 __all__ = [
     "Optimizer",
@@ -60,12 +64,12 @@ class RemovableHandle:
 
     _next_id = 0
 
-    def __init__(self, hooks_dict):
+    def __init__(self, hooks_dict: Dict[int, Hook]) -> None:
         self._hooks = hooks_dict
         self.id = RemovableHandle._next_id
         RemovableHandle._next_id += 1
 
-    def remove(self):
+    def remove(self) -> None:
         self._hooks.pop(self.id, None)
 
     def __enter__(self):
@@ -84,10 +88,10 @@ def _register(hooks, hook, prepend=False):
 
 
 #: the optimizer classes of this package, in definition order (see kernel_optimizers)
-_FASTOPT_OPTIMIZERS = []
+_FASTOPT_OPTIMIZERS: list[Type[Optimizer]] = []
 
 
-def kernel_optimizers():
+def kernel_optimizers() -> Dict[str, Type[Optimizer]]:
     """Every per-element optimizer class of fastopt by name, in the order of their kernels
     in csrc/kernels.def (classes sharing a kernel in definition order)."""
     order = {name: i for i, name in enumerate(_kernels.kernel_names())}
@@ -96,22 +100,22 @@ def kernel_optimizers():
     return {cls.__name__: cls for _, _, cls in ranked}
 
 
-def other_optimizers():
+def other_optimizers() -> Dict[str, Type[Optimizer]]:
     """Every fastopt optimizer class that writes its own ``step`` (no C kernel of the
     generic path), by name, in definition order."""
     return {cls.__name__: cls for cls in _FASTOPT_OPTIMIZERS if cls._kernel is None}
 
 
-_global_step_pre_hooks = OrderedDict()
-_global_step_post_hooks = OrderedDict()
+_global_step_pre_hooks: OrderedDict[int, Hook] = OrderedDict()
+_global_step_post_hooks: OrderedDict[int, Hook] = OrderedDict()
 
 
-def register_optimizer_step_pre_hook(hook):
+def register_optimizer_step_pre_hook(hook: Hook) -> RemovableHandle:
     """Register a pre-step hook for every optimizer: ``hook(optimizer, args, kwargs)``."""
     return _register(_global_step_pre_hooks, hook)
 
 
-def register_optimizer_step_post_hook(hook):
+def register_optimizer_step_post_hook(hook: Hook) -> RemovableHandle:
     """Register a post-step hook for every optimizer: ``hook(optimizer, args, kwargs)``."""
     return _register(_global_step_post_hooks, hook)
 
@@ -217,31 +221,31 @@ class Optimizer:
 
     #: name of the C kernel (a line of csrc/kernels.def); None for an optimizer that writes
     #: its own ``step``
-    _kernel = None
+    _kernel: Optional[str] = None
     #: group keys in the order of the kernel's hyperparameter struct (tuples such as betas
     #: give one double per entry, flags 0 or 1)
-    _hyperparameters = ()
+    _hyperparameters: Tuple[str, ...] = ()
     #: the per-element state arrays in the kernel's state[] order: a key, or (key, flag) for
     #: one that exists only while the group's flag is true, or (key, flag, "positive") for
     #: one that exists only while it is > 0
-    _state_keys = ()
+    _state_keys: Tuple[Any, ...] = ()
     #: whether the state holds torch's float32 ``step`` counter
     _step_counter = True
     #: 0-d float32 state entries that the kernel's prepare reads and updates
-    _scalars = ()
+    _scalars: Tuple[str, ...] = ()
     #: SGD's rule for its momentum buffer: created when missing, takes the gradient as is
     _lazy_state = False
     #: group keys that must be >= 0 at every step (``betas[1]`` is always checked)
-    _nonneg_at_step = ()
+    _nonneg_at_step: Tuple[str, ...] = ()
     #: whether the update divides by 1 - betas[0] ** step (Adam's bias correction), so that
     #: betas[0] == 1 is torch's ZeroDivisionError
     _beta1_division = False
     #: group flags back-filled with these values when a state dict lacks them (torch's
     #: ``__setstate__`` does the same with hard-coded values).
-    _flag_defaults = {}
+    _flag_defaults: Dict[str, Any] = {}
     #: state entries that are scalars (never shaped like the parameter); derived from
     #: ``_step_counter`` and ``_scalars`` for a kernel optimizer
-    _scalar_state_keys = frozenset({"step"})
+    _scalar_state_keys: frozenset[str] = frozenset({"step"})
 
     def _check_group(self, group):
         """Raise ValueError for invalid hyperparameters in ``group``."""
@@ -313,7 +317,7 @@ class Optimizer:
                 cls._scalar_state_keys = frozenset(
                     (("step",) if cls._step_counter else ()) + tuple(cls._scalars))
 
-    def __init__(self, params, defaults):
+    def __init__(self, params: ParamsT, defaults: Dict[str, Any]) -> None:
         self.defaults = defaults
         self._init_hooks()
         if isinstance(params, np.ndarray) or _adapter_for(params) is not None:
@@ -371,7 +375,7 @@ class Optimizer:
 
     # Parameter groups --------------------------------------------------------------------
 
-    def add_param_group(self, param_group):
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """Add a parameter group, torch's rules: a dict with ``"params"``; missing
         hyperparameters are taken from ``defaults``; a parameter already in another group is
         a ValueError. On error the optimizer and the dict are left unchanged."""
@@ -448,7 +452,7 @@ class Optimizer:
 
     # Gradients ---------------------------------------------------------------------------
 
-    def zero_grad(self, set_to_none=True):
+    def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset the gradients of all parameters: to None (default, as torch) or to zeros."""
         for group in self.param_groups:
             for p in group["params"]:
@@ -468,7 +472,7 @@ class Optimizer:
 
     # Stepping ----------------------------------------------------------------------------
 
-    def step(self, closure=None):
+    def step(self, closure: Optional[Closure] = None) -> Any:
         """Perform one optimization step; returns ``closure()``'s value when given.
 
         Bad input raises before anything changes; among it, ValueError when an array the
@@ -529,33 +533,35 @@ class Optimizer:
 
     # Hooks -------------------------------------------------------------------------------
 
-    def register_step_pre_hook(self, hook):
+    def register_step_pre_hook(self, hook: Hook) -> RemovableHandle:
         """``hook(optimizer, args, kwargs) -> None or (args, kwargs)`` before each step."""
         return _register(self._optimizer_step_pre_hooks, hook)
 
-    def register_step_post_hook(self, hook):
+    def register_step_post_hook(self, hook: Hook) -> RemovableHandle:
         """``hook(optimizer, args, kwargs) -> None`` after each step."""
         return _register(self._optimizer_step_post_hooks, hook)
 
-    def register_state_dict_pre_hook(self, hook, prepend=False):
+    def register_state_dict_pre_hook(self, hook: Hook, prepend: bool = False) -> RemovableHandle:
         """``hook(optimizer) -> None`` before ``state_dict()`` builds the dict."""
         return _register(self._optimizer_state_dict_pre_hooks, hook, prepend)
 
-    def register_state_dict_post_hook(self, hook, prepend=False):
+    def register_state_dict_post_hook(self, hook: Hook, prepend: bool = False) -> RemovableHandle:
         """``hook(optimizer, state_dict) -> state_dict or None`` after ``state_dict()``."""
         return _register(self._optimizer_state_dict_post_hooks, hook, prepend)
 
-    def register_load_state_dict_pre_hook(self, hook, prepend=False):
+    def register_load_state_dict_pre_hook(self, hook: Hook,
+                                          prepend: bool = False) -> RemovableHandle:
         """``hook(optimizer, state_dict) -> state_dict or None`` before loading."""
         return _register(self._optimizer_load_state_dict_pre_hooks, hook, prepend)
 
-    def register_load_state_dict_post_hook(self, hook, prepend=False):
+    def register_load_state_dict_post_hook(self, hook: Hook,
+                                          prepend: bool = False) -> RemovableHandle:
         """``hook(optimizer) -> None`` after loading."""
         return _register(self._optimizer_load_state_dict_post_hooks, hook, prepend)
 
     # State dicts -------------------------------------------------------------------------
 
-    def state_dict(self):
+    def state_dict(self) -> StateDict:
         """The optimizer's state in torch's format.
 
         ``{"state": {index: {key: value}}, "param_groups": [{..., "params": [index, ...]}]}``:
@@ -666,7 +672,7 @@ class Optimizer:
                 raise TypeError(f"{where}: state[{key!r}] must be a 0-d float32 array, got "
                                 f"{_describe(value)}")
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: StateDict) -> None:
         """Load a state dict made by ``state_dict()`` (of this library or, with tensors turned
         into arrays, of torch.optim). Hyperparameters come from the saved groups, state arrays
         are cast to each parameter's dtype.

@@ -1,6 +1,11 @@
 """What an optimizer updates: ``Parameter`` (an array with its gradient) and ``SparseGrad``
 (a row-sparse gradient)."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from fastopt import _autograd
 
@@ -30,9 +35,10 @@ class Parameter(np.ndarray):
     """
 
     __slots__ = ("grad",)
-    __hash__ = object.__hash__
+    grad: Any  # None, an ndarray of the parameter's shape and dtype, or a SparseGrad
+    __hash__ = object.__hash__  # type: ignore[assignment]  # ndarray is unhashable
 
-    def __new__(cls, data):
+    def __new__(cls, data: ArrayLike) -> Parameter:
         arr = np.asarray(data)
         if arr.dtype not in (np.float32, np.float64) or not arr.dtype.isnative:
             raise TypeError(f"fastopt.Parameter needs float32 or float64 data in native "
@@ -76,7 +82,7 @@ class Parameter(np.ndarray):
         return new
 
     @property
-    def data(self):
+    def data(self) -> np.ndarray:  # type: ignore[override]  # torch's
         """The wrapped array as a plain ndarray sharing memory."""
         return self.view(np.ndarray)
 
@@ -108,7 +114,7 @@ class SparseGrad:
 
     __slots__ = ("indices", "values")
 
-    def __init__(self, indices, values):
+    def __init__(self, indices: ArrayLike, values: ArrayLike) -> None:
         idx = np.asarray(indices)
         if idx.ndim == 2 and idx.shape[0] == 1:
             idx = idx[0]
@@ -123,12 +129,12 @@ class SparseGrad:
         self.values = vals
 
     @classmethod
-    def from_torch(cls, tensor):
+    def from_torch(cls, tensor: Any) -> SparseGrad:
         """From a torch sparse COO tensor with one sparse dimension (an embedding's grad)."""
         t = tensor.coalesce() if not tensor.is_coalesced() else tensor
         return cls(t.indices().numpy().copy(), t.values().numpy().copy())
 
-    def coalesce(self):
+    def coalesce(self) -> SparseGrad:
         """The same gradient with sorted unique rows (duplicates summed)."""
         idx = self.indices
         if idx.size == 0 or (idx.size == 1 or bool(np.all(idx[1:] > idx[:-1]))):
@@ -141,7 +147,7 @@ class SparseGrad:
             return SparseGrad(idx, np.ascontiguousarray(vals))
         return SparseGrad(idx[starts], np.add.reduceat(vals, starts, axis=0))
 
-    def to_dense(self, shape):
+    def to_dense(self, shape: Sequence[int]) -> NDArray[Any]:
         out = np.zeros(shape, dtype=self.values.dtype)
         np.add.at(out, self.indices, self.values)
         return out

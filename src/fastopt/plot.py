@@ -13,7 +13,9 @@ does not consume any of the schedule.
 from __future__ import annotations
 
 import copy
+import os
 import warnings
+from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 from fastopt.lr_scheduler import LRScheduler, ReduceLROnPlateau, _set_group_value
 
@@ -84,7 +86,8 @@ def _trace_scheduler(sched, steps, metrics):
     return lrs, (moms if with_momentum else None)
 
 
-def lr_trace(schedule, steps, metrics=None):
+def lr_trace(schedule: Union[LRScheduler, Callable[[int], float]], steps: int,
+             metrics: Optional[Sequence[float]] = None) -> Dict[str, Any]:
     """The learning rate at each of ``steps`` steps.
 
     Parameters
@@ -125,8 +128,10 @@ def _default_label(schedule):
     return getattr(schedule, "__name__", type(schedule).__name__)
 
 
-def lr_curve(*schedules, steps=100, labels=None, metrics=None, momentum=True, ax=None,
-             path=None, width=800, height=500, dpi=100, title=None, logy=False):
+def lr_curve(*schedules: Any, steps: int = 100, labels: Optional[Sequence[str]] = None,
+             metrics: Optional[Sequence[float]] = None, momentum: bool = True, ax: Any = None,
+             path: Union[str, os.PathLike[str], None] = None, width: int = 800, height: int = 500,
+             dpi: int = 100, title: Optional[str] = None, logy: bool = False) -> Any:
     """Draw the learning rate per step of one or several schedulers or schedule functions.
 
     Parameters

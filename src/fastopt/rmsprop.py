@@ -1,5 +1,9 @@
 """RMSprop, plain, centered and with momentum."""
+from __future__ import annotations
 
+from typing import Optional
+
+from fastopt._typing import ParamsT
 from fastopt.optimizer import Optimizer, _check_impl_flags, _check_nonneg
 
 __all__ = ["RMSprop"]
@@ -51,9 +55,10 @@ class RMSprop(Optimizer):
     _flag_defaults = {"momentum": 0, "centered": False, "foreach": None, "maximize": False,
                       "differentiable": False, "capturable": False}
 
-    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0,
-                 centered=False, capturable=False, foreach=None, maximize=False,
-                 differentiable=False):
+    def __init__(self, params: ParamsT, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
+                 weight_decay: float = 0, momentum: float = 0, centered: bool = False,
+                 capturable: bool = False, foreach: Optional[bool] = None, maximize: bool = False,
+                 differentiable: bool = False) -> None:
         defaults = dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,
                         weight_decay=weight_decay, capturable=capturable, foreach=foreach,
                         maximize=maximize, differentiable=differentiable)

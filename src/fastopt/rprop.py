@@ -1,6 +1,11 @@
 """Rprop (resilient backpropagation)."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
 import numpy as np
 
+from fastopt._typing import ParamsT
 from fastopt.optimizer import Optimizer, _check_nonneg
 
 __all__ = ["Rprop"]
@@ -45,8 +50,10 @@ class Rprop(Optimizer):
     _flag_defaults = {"foreach": None, "maximize": False, "differentiable": False,
                       "capturable": False}
 
-    def __init__(self, params, lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50), *,
-                 capturable=False, foreach=None, maximize=False, differentiable=False):
+    def __init__(self, params: ParamsT, lr: float = 1e-2, etas: Tuple[float, float] = (0.5, 1.2),
+                 step_sizes: Tuple[float, float] = (1e-6, 50), *, capturable: bool = False,
+                 foreach: Optional[bool] = None, maximize: bool = False,
+                 differentiable: bool = False) -> None:
         defaults = dict(lr=lr, etas=etas, step_sizes=step_sizes, foreach=foreach,
                         maximize=maximize, differentiable=differentiable,
                         capturable=capturable)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import numbers
 from bisect import bisect_left, bisect_right
+from typing import Callable, Iterable, List, Sequence, Union
 
 __all__ = [
     "SCHEDULES",
@@ -65,17 +66,15 @@ class Schedule:
 
     kind = "schedule"
 
-    def __call__(self, step):
+    def __call__(self, step: float) -> float:
         return float(self._at(step))
 
     def _at(self, step):  # pragma: no cover - every subclass defines it
         raise NotImplementedError
 
-    def values(self, steps):
+    def values(self, steps: Union[int, Iterable[float]]) -> List[float]:
         """The schedule at each of ``steps`` (an int means ``range(steps)``), as a list."""
-        if isinstance(steps, int):
-            steps = range(steps)
-        return [self(s) for s in steps]
+        return [self(s) for s in (range(steps) if isinstance(steps, int) else steps)]
 
     def __eq__(self, other):
         return type(self) is type(other) and self.__dict__ == other.__dict__
@@ -267,12 +266,13 @@ class _Join(Schedule):
 # --------------------------------------------------------------------------- public
 
 
-def constant(value):
+def constant(value: float) -> Schedule:
     """``lr(step) = value``."""
     return _Constant(value)
 
 
-def exponential_decay(initial_lr, decay_steps, decay_rate, staircase=False):
+def exponential_decay(initial_lr: float, decay_steps: float, decay_rate: float,
+                      staircase: bool = False) -> Schedule:
     """TensorFlow's ``ExponentialDecay``: ``initial_lr * decay_rate ** (step / decay_steps)``.
 
     With ``staircase=True`` the exponent is the integer division ``floor(step / decay_steps)``,
@@ -281,7 +281,7 @@ def exponential_decay(initial_lr, decay_steps, decay_rate, staircase=False):
     return _ExponentialDecay(initial_lr, decay_steps, decay_rate, staircase)
 
 
-def piecewise_constant(boundaries, values):
+def piecewise_constant(boundaries: Sequence[float], values: Sequence[float]) -> Schedule:
     """TensorFlow's ``PiecewiseConstantDecay``.
 
     ``values[0]`` while ``step <= boundaries[0]``, ``values[i]`` while
@@ -291,7 +291,8 @@ def piecewise_constant(boundaries, values):
     return _PiecewiseConstant(boundaries, values)
 
 
-def polynomial_decay(initial_lr, decay_steps, end_lr=0.0001, power=1.0, cycle=False):
+def polynomial_decay(initial_lr: float, decay_steps: float, end_lr: float = 0.0001,
+                     power: float = 1.0, cycle: bool = False) -> Schedule:
     """TensorFlow's ``PolynomialDecay``.
 
     ``(initial_lr - end_lr) * (1 - min(step, decay_steps) / decay_steps) ** power + end_lr``;
@@ -300,7 +301,7 @@ def polynomial_decay(initial_lr, decay_steps, end_lr=0.0001, power=1.0, cycle=Fa
     return _PolynomialDecay(initial_lr, decay_steps, end_lr, power, cycle)
 
 
-def cosine_decay(initial_lr, decay_steps, alpha=0.0):
+def cosine_decay(initial_lr: float, decay_steps: float, alpha: float = 0.0) -> Schedule:
     """TensorFlow's ``CosineDecay`` (Loshchilov & Hutter, without restarts).
 
     ``initial_lr * ((1 - alpha) * c + alpha)`` with
@@ -310,13 +311,14 @@ def cosine_decay(initial_lr, decay_steps, alpha=0.0):
     return _CosineDecay(initial_lr, decay_steps, alpha)
 
 
-def linear_warmup(peak_value, warmup_steps, init_value=0.0):
+def linear_warmup(peak_value: float, warmup_steps: float, init_value: float = 0.0) -> Schedule:
     """Linear ramp from ``init_value`` at step 0 to ``peak_value`` at ``warmup_steps``, then
     flat."""
     return _LinearWarmup(peak_value, warmup_steps, init_value)
 
 
-def warmup_cosine(init_value, peak_value, warmup_steps, decay_steps, end_value=0.0):
+def warmup_cosine(init_value: float, peak_value: float, warmup_steps: float, decay_steps: float,
+                  end_value: float = 0.0) -> Schedule:
     """optax's ``warmup_cosine_decay_schedule``.
 
     Linear from ``init_value`` to ``peak_value`` over ``warmup_steps``, then a half cosine from
@@ -326,7 +328,7 @@ def warmup_cosine(init_value, peak_value, warmup_steps, decay_steps, end_value=0
     return _WarmupCosine(init_value, peak_value, warmup_steps, decay_steps, end_value)
 
 
-def join(schedules, boundaries):
+def join(schedules: Sequence[Callable[[float], float]], boundaries: Sequence[float]) -> Schedule:
     """One schedule after another (optax's ``join_schedules``).
 
     ``schedules[i]`` runs from ``boundaries[i-1]`` (inclusive) to ``boundaries[i]`` and is

@@ -1,4 +1,9 @@
 """Stochastic gradient descent, with momentum and Nesterov momentum."""
+from __future__ import annotations
+
+from typing import Optional
+
+from fastopt._typing import ParamsT
 from fastopt.optimizer import Optimizer, _check_impl_flags, _check_nonneg
 
 __all__ = ["SGD"]
@@ -46,9 +51,10 @@ class SGD(Optimizer):
     _flag_defaults = {"nesterov": False, "maximize": False, "foreach": None,
                       "differentiable": False, "fused": None}
 
-    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0,
-                 nesterov=False, *, maximize=False, foreach=None, differentiable=False,
-                 fused=None):
+    def __init__(self, params: ParamsT, lr: float = 1e-3, momentum: float = 0, dampening: float = 0,
+                 weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False,
+                 foreach: Optional[bool] = None, differentiable: bool = False,
+                 fused: Optional[bool] = None) -> None:
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
                         foreach=foreach, differentiable=differentiable, fused=fused)

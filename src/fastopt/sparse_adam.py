@@ -1,9 +1,14 @@
 """SparseAdam: Adam for row-sparse gradients (``fastopt.SparseGrad``)."""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
 import numpy as np
 
 from fastopt import _kernels
 from fastopt._adapters import _foreign_among, _foreign_updated, _param_arrays, _where
 from fastopt._numpy_step import check_state_array, commit_state, freeze
+from fastopt._typing import Closure, ParamsT
 from fastopt.optimizer import Optimizer, _check_betas
 from fastopt.parameter import SparseGrad
 
@@ -45,7 +50,8 @@ class SparseAdam(Optimizer):
     _flag_defaults = {"maximize": False}
     _scalar_state_keys = frozenset()
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, maximize=False):
+    def __init__(self, params: ParamsT, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, maximize: bool = False) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, maximize=maximize)
         self._check_group(defaults)
         super().__init__(params, defaults)
@@ -93,7 +99,7 @@ class SparseAdam(Optimizer):
             if not st[key].flags.c_contiguous:
                 raise ValueError(f"{where}: state[{key!r}] must be C-contiguous")
 
-    def step(self, closure=None):
+    def step(self, closure: Optional[Closure] = None) -> Any:
         """Perform one optimization step; returns ``closure()``'s value when given."""
         loss = None
         if closure is not None:
@@ -108,7 +114,7 @@ class SparseAdam(Optimizer):
                     continue
                 where = _where(gi, pi)
                 if not isinstance(g, SparseGrad):
-                    if type(g).__module__.startswith("torch") and getattr(g, "is_sparse", 0):
+                    if type(g).__module__.startswith("torch") and getattr(g, "is_sparse", False):
                         g = SparseGrad.from_torch(g)
                     else:
                         raise RuntimeError(f"{where}: SparseAdam does not support dense "
@@ -134,16 +140,16 @@ class SparseAdam(Optimizer):
                 g = g.coalesce()
                 work.append((gi, p, arr, np.ascontiguousarray(g.indices),
                              np.ascontiguousarray(g.values, dtype=arr.dtype)))
-        created = {}
+        created: Dict[int, Any] = {}
         for gi, p, arr, _, _ in work:
             if not self.state.get(p) and id(p) not in created:
-                fresh = {}
+                fresh: Dict[str, Any] = {}
                 self._init_state(fresh, arr, frozen[gi])
                 created[id(p)] = (p, fresh)
         # the step sizes, computed before any counter moves (a parameter listed twice
         # counts twice, as torch)
-        steps = {}
-        items_of = {}
+        steps: Dict[int, Any] = {}
+        items_of: Dict[int, Any] = {}
         for gi, p, arr, rows, vals in work:
             st = created[id(p)][1] if id(p) in created else self.state[p]
             t = steps[id(p)] = steps.get(id(p), st["step"]) + 1

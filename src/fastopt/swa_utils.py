@@ -26,12 +26,16 @@ import math
 import sys
 import warnings
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, List, Optional, Union
 
 import numpy as np
 
 from fastopt import _kernels
 from fastopt._adapters import TORCH_ADAPTER
 from fastopt.lr_scheduler import _WARN_GET_LR, LRScheduler, _check_optimizer, _per_group
+
+if TYPE_CHECKING:
+    from fastopt.optimizer import Optimizer
 
 __all__ = [
     "SWALR",
@@ -177,7 +181,7 @@ def _check_decay(decay):
         raise ValueError(f"decay must be in [0, 1], got {decay!r}")
 
 
-def get_ema_multi_avg_fn(decay=0.999):
+def get_ema_multi_avg_fn(decay: float = 0.999) -> Callable[[Any, Any, Any], None]:
     """In-place EMA over lists: ``avg <- avg + (1 - decay) * (cur - avg)`` (a lerp).
 
     The lists hold arrays or torch tensors. For tensors it is torch's function: float and
@@ -206,7 +210,7 @@ def get_ema_multi_avg_fn(decay=0.999):
     return ema_update
 
 
-def get_swa_multi_avg_fn():
+def get_swa_multi_avg_fn() -> Callable[[Any, Any, Any], None]:
     """In-place equal-weight mean over lists: ``avg <- lerp(avg, cur, 1 / (n + 1))``.
 
     The lists hold arrays or torch tensors; for tensors it is torch's function (see
@@ -236,7 +240,7 @@ def get_swa_multi_avg_fn():
     return swa_update
 
 
-def get_ema_avg_fn(decay=0.999):
+def get_ema_avg_fn(decay: float = 0.999) -> Callable[[Any, Any, Any], Any]:
     """Per-array (or tensor, without autograd) EMA returning the new average:
     ``decay * avg + (1 - decay) * cur``."""
     _check_decay(decay)
@@ -248,7 +252,7 @@ def get_ema_avg_fn(decay=0.999):
     return ema_update
 
 
-def get_swa_avg_fn():
+def get_swa_avg_fn() -> Callable[[Any, Any, Any], Any]:
     """Per-array (or tensor, without autograd) SWA mean returning the new average:
     ``avg + (cur - avg) / (n + 1)``."""
 
@@ -333,7 +337,9 @@ class AveragedModel(metaclass=abc.ABCMeta):
             return _module_class()(model, *args, **kwargs)
         return super().__new__(cls)
 
-    def __init__(self, model, avg_fn=None, multi_avg_fn=None, use_buffers=False):
+    def __init__(self, model: Any, avg_fn: Optional[Callable[[Any, Any, Any], Any]] = None,
+                 multi_avg_fn: Optional[Callable[[Any, Any, Any], None]] = None,
+                 use_buffers: bool = False) -> None:
         if avg_fn is not None and multi_avg_fn is not None:
             raise _AssertionValueError("Only one of avg_fn and multi_avg_fn may be given")
         self.params = [np.array(p, copy=True, order="C") for p in _arrays(model, "parameters")]
@@ -343,11 +349,11 @@ class AveragedModel(metaclass=abc.ABCMeta):
         self.multi_avg_fn = multi_avg_fn
         self.use_buffers = use_buffers
 
-    def parameters(self):
+    def parameters(self) -> Any:
         """The averaged parameter arrays (updated in place)."""
         return list(self.params)
 
-    def update_parameters(self, model):
+    def update_parameters(self, model: Any) -> None:
         """Fold the current arrays of ``model`` into the average."""
         cur = _arrays(model, "parameters")
         cur_buffers = _arrays(model, "buffers")
@@ -403,7 +409,7 @@ class AveragedModel(metaclass=abc.ABCMeta):
             else:
                 a[...] = a + (c - a) / (n + 1)
 
-    def state_dict(self):
+    def state_dict(self) -> Any:
         """Copies of the averages and the update count."""
         return {
             "params": [p.copy() for p in self.params],
@@ -411,7 +417,7 @@ class AveragedModel(metaclass=abc.ABCMeta):
             "n_averaged": self.n_averaged,
         }
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: Any) -> Any:
         """Restore from ``state_dict()``; checks everything before changing anything.
 
         ``params`` and ``buffers`` must be lists holding one array (or tensor, or nested
@@ -560,7 +566,7 @@ def _define_module_class():
     return _TorchAveragedModel
 
 
-def update_bn(loader, model, device=None):
+def update_bn(loader: Iterable[Any], model: Any, device: Any = None) -> None:
     """Recompute the running statistics of the BatchNorm layers of ``model`` (a
     ``torch.nn.Module``, an :class:`AveragedModel` of one included) with one pass over
     ``loader``: torch's ``torch.optim.swa_utils.update_bn``, which this calls.
@@ -599,8 +605,9 @@ class SWALR(LRScheduler):
     ``param_groups``); a failed check leaves the param groups unchanged.
     """
 
-    def __init__(self, optimizer, swa_lr, anneal_epochs=10, anneal_strategy="cos",
-                 last_epoch=-1):
+    def __init__(self, optimizer: Optimizer, swa_lr: Union[float, List[float]],
+                 anneal_epochs: int = 10, anneal_strategy: str = "cos",
+                 last_epoch: int = -1) -> None:
         _check_optimizer(optimizer)
         # torch's checks, in its order and with its texts; the groups change only after them
         swa_lrs = _per_group("swa_lr", optimizer, swa_lr)
@@ -619,7 +626,7 @@ class SWALR(LRScheduler):
         self.anneal_epochs = anneal_epochs
         super().__init__(optimizer, last_epoch)
 
-    def anneal_func(self, t):
+    def anneal_func(self, t: float) -> float:
         return _cos_anneal(t) if self._anneal_strategy == "cos" else _linear_anneal(t)
 
     def get_lr(self):

@@ -7,7 +7,7 @@ optimizer, time per ``step()``):
 * paths of SGD, Momentum, Nesterov, Adagrad, RMSprop and Adam on the quadratics
   f(x, y) = x^2/20 + y^2 from (-7, 2) and f(x1, x2) = 0.2 x1^2 + 2 x2^2 from (3, 4), 30 steps;
 * minibatch linear regression (1000 x 2 inputs, batch 64, 30 epochs) with SGD, Momentum,
-  Adagrad, RMSprop and Adam;
+  Nesterov, Adagrad, RMSprop and Adam;
 * a gallery of learning-rate schedules.
 
 The example programs are the one source of these experiments: the wheel installs
@@ -48,44 +48,61 @@ def schedule_gallery(steps=100):
     def opt(lr=0.1, momentum=0.9):
         return fastopt.SGD([fastopt.Parameter(np.zeros(1))], lr=lr, momentum=momentum)
 
+    warm = max(1, steps // 10)
+
     def warmup_cosine():
         o = opt()
-        warm = max(1, steps // 10)
         return S.SequentialLR(o, [S.LinearLR(o, 0.01, total_iters=warm),
                                   S.CosineAnnealingLR(o, T_max=steps - warm)], [warm])
 
+    milestones = [steps // 2, 3 * steps // 4]
+    t0 = steps // 7
+    up = steps // 8
     return [
         (f"StepLR(step_size={steps // 4}, gamma=0.5)",
          S.StepLR(opt(), step_size=steps // 4, gamma=0.5)),
-        ("MultiStepLR", S.MultiStepLR(opt(), milestones=[steps // 2, 3 * steps // 4])),
-        ("ExponentialLR(0.97)", S.ExponentialLR(opt(), gamma=0.97)),
-        ("CosineAnnealingLR", S.CosineAnnealingLR(opt(), T_max=steps)),
-        ("CosineAnnealingWarmRestarts", S.CosineAnnealingWarmRestarts(opt(), T_0=steps // 7,
-                                                                      T_mult=2)),
-        ("PolynomialLR(power=2)", S.PolynomialLR(opt(), total_iters=steps, power=2.0)),
-        ("warm-up then cosine (SequentialLR)", warmup_cosine()),
-        ("CyclicLR(triangular2)", S.CyclicLR(opt(), base_lr=0.01, max_lr=0.1,
-                                             step_size_up=steps // 8, mode="triangular2")),
-        ("OneCycleLR", S.OneCycleLR(opt(), max_lr=0.1, total_steps=steps + 1)),
+        (f"MultiStepLR(milestones={milestones}, gamma=0.1)",
+         S.MultiStepLR(opt(), milestones=milestones, gamma=0.1)),
+        ("ExponentialLR(gamma=0.97)", S.ExponentialLR(opt(), gamma=0.97)),
+        (f"CosineAnnealingLR(T_max={steps})", S.CosineAnnealingLR(opt(), T_max=steps)),
+        (f"CosineAnnealingWarmRestarts(T_0={t0}, T_mult=2)",
+         S.CosineAnnealingWarmRestarts(opt(), T_0=t0, T_mult=2)),
+        (f"PolynomialLR(total_iters={steps}, power=2)",
+         S.PolynomialLR(opt(), total_iters=steps, power=2.0)),
+        (f"warm-up {warm} steps, then CosineAnnealingLR(T_max={steps - warm})",
+         warmup_cosine()),
+        (f"CyclicLR(0.01 to 0.1, step_size_up={up}, triangular2)",
+         S.CyclicLR(opt(), base_lr=0.01, max_lr=0.1, step_size_up=up, mode="triangular2")),
+        (f"OneCycleLR(max_lr=0.1, total_steps={steps + 1})",
+         S.OneCycleLR(opt(), max_lr=0.1, total_steps=steps + 1)),
     ]
 
 
 def _plot_gallery(gallery, path, steps, size, dpi=100):
+    _gallery_figure(gallery, steps, size, dpi).savefig(path, dpi=dpi)
+    return path
+
+
+def _gallery_figure(gallery, steps, size, dpi=100):
     from matplotlib.figure import Figure
 
     from fastopt.plot import lr_curve
 
     fig = Figure(figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi)
-    axes = fig.subplots(3, 3, sharex=True).ravel()
-    for ax, (title, sched) in zip(axes, gallery):
+    grid = fig.subplots(3, 3, sharex=True)
+    small = size[0] < 1200
+    for ax, (title, sched) in zip(grid.ravel(), gallery):
         lr_curve(sched, steps=steps, ax=ax, momentum=False, labels=[title])
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title, fontsize=7 if small else 9)
         ax.legend().remove()
         ax.set_xlabel("")
-    fig.suptitle(f"learning-rate schedules over {steps} steps (lr 0.1)")
+        ax.tick_params(labelsize=7 if small else 9)
+        ax.yaxis.label.set_fontsize(8 if small else 10)
+    for ax in grid[-1]:
+        ax.set_xlabel("step (scheduler.step() calls)", fontsize=8 if small else 10)
+    fig.suptitle(f"learning-rate schedules over {steps} steps, SGD(lr=0.1, momentum=0.9)")
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    return path
+    return fig
 
 
 def _summary(traj, fit, value):
@@ -141,9 +158,10 @@ def run(args):
           f"0, 1/4, 1/2, 3/4, end")
     marks = [0, gallery_steps // 4, gallery_steps // 2, 3 * gallery_steps // 4,
              gallery_steps - 1]
+    width = max(len(title) for title, _ in gallery) + 2
     for title, sched in gallery:
         lrs = lr_trace(sched, gallery_steps)["lr"]
-        print(f"  {title:<36}" + "".join(f"{lrs[m][0]:>10.2e}" for m in marks))
+        print(f"  {title:<{width}}" + "".join(f"{lrs[m][0]:>10.2e}" for m in marks))
 
     try:
         import matplotlib  # noqa: F401
