@@ -28,7 +28,7 @@ import numpy as np
 try:
     from numpy.lib.array_utils import byte_bounds as _byte_bounds
 except ImportError:  # NumPy < 2
-    _byte_bounds = np.byte_bounds
+    _byte_bounds = np.byte_bounds  # type: ignore[attr-defined]
 
 from fastopt import _pytree
 from fastopt.adadelta import Adadelta

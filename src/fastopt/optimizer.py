@@ -329,7 +329,7 @@ class Optimizer:
             # a dict of named parameters (nested containers allowed): one group
             if len(params) == 0:
                 raise ValueError("optimizer got an empty parameter list")
-            param_groups = [{"params": params}]
+            param_groups: list[Any] = [{"params": params}]
         else:
             param_groups = list(params)
             if len(param_groups) == 0:
