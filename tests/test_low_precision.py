@@ -398,6 +398,23 @@ def test_fastopt_classes_take_float16_tensors_and_refuse_bfloat16_ones():
         ft.LBFGS([_start(torch.float16).requires_grad_()])
 
 
+@pytest.mark.parametrize("key", ["bf16", "fp16"])
+@pytest.mark.parametrize("name", ["SGD", "Adagrad"])
+def test_sparse_gradients_of_16_bit_parameters_are_refused(name, key):
+    dt = TORCH_DTYPES[key]
+    e = torch.nn.Embedding(5, 3, sparse=True).to(dt)
+    opt = getattr(ft, name)(e.parameters(), lr=0.1)
+    before = e.weight.detach().clone()
+    state = {k: v.clone() for k, v in opt.state[e.weight].items()}  # Adagrad's, made at once
+    e.weight.grad = torch.sparse_coo_tensor([[1, 3]], torch.ones(2, 3, dtype=dt), (5, 3))
+    with pytest.raises(RuntimeError, match=r"param_groups\[0\]\['params'\]\[0\]: fastopt "
+                                           rf"does not support sparse gradients of {dt}"):
+        opt.step()
+    assert torch.equal(e.weight.detach().view(torch.int16), before.view(torch.int16))
+    assert opt.state[e.weight].keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in opt.state[e.weight].items())
+
+
 # ---- the cached step ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("world", ["numpy", "torch"])

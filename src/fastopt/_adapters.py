@@ -300,6 +300,9 @@ class TorchAdapter:
         if not isinstance(g, torch.Tensor):
             raise TypeError(f"{where}: .grad must be a tensor or None, got "
                             f"{type(g).__name__}")
+        if g.layout is torch.sparse_coo and obj.dtype in (torch.float16, torch.bfloat16):
+            raise RuntimeError(f"{where}: fastopt does not support sparse gradients of "
+                               f"{obj.dtype} parameters")
         if g.layout is torch.sparse_coo and g.device.type == "cpu" and g.dtype == obj.dtype:
             # an embedding's sparse gradient, as is: SparseAdam takes it (as a SparseGrad),
             # the optimizers with dense kernels refuse it naming the parameter, as torch's do
