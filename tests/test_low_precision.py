@@ -37,6 +37,9 @@ torch = pytest.importorskip("torch")
 ml_dtypes = pytest.importorskip("ml_dtypes")
 import fastopt.torch as ft  # noqa: E402
 
+# torch.sparse_coo_tensor builds sparse tensors without saying whether to check them
+pytestmark = pytest.mark.filterwarnings("ignore:Sparse invariant checks are implicitly disabled")
+
 STEPS = 20
 SHAPE = (7, 9)
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -212,9 +212,10 @@ class _KernelStep:
 
     def add_param_group(self, param_group):
         """``torch.optim.Optimizer.add_param_group``, and then fastopt's checks: every
-        parameter a dense float32, float64, complex64 or complex128 CPU tensor (contiguous or
-        dense in another axis order, as channels_last; not a view with gaps such as a
-        strided slice), and no ``differentiable=True``. A refused group is not added."""
+        parameter a dense float32, float64, complex64, complex128, float16 or bfloat16 CPU
+        tensor (contiguous or dense in another axis order, as channels_last; not a view
+        with gaps such as a strided slice), and no ``differentiable=True``. A refused group
+        is not added."""
         if isinstance(param_group, dict) and param_group.get("differentiable"):
             raise ValueError(f"{type(self).__name__}: differentiable=True is not supported by "
                              f"fastopt.torch (the update runs in C, outside autograd); use "
