@@ -31,7 +31,16 @@ typedef struct fo_tensor {
     int64_t numel;
     double scalar[4];
     int64_t flags;
+    int64_t storage; /* FO_STORAGE_*: how param, grad and state are stored (float32 loops) */
 } fo_tensor;
+
+/* fo_tensor.storage: the element type of the parameter, its gradient and its state arrays in
+ * a group of float32 loops (fo_group.f64 == 0). A 16-bit tensor is updated as float32: each
+ * element is loaded exactly as a float, the kernel's float32 loop computes it, and the results
+ * are stored rounded to nearest, ties to even. */
+#define FO_STORAGE_NATIVE 0 /* float32 (or float64 in a float64 group) */
+#define FO_STORAGE_F16 1    /* IEEE binary16 */
+#define FO_STORAGE_BF16 2   /* bfloat16: the upper half of a float32 */
 
 /* fo_tensor.flags bits */
 #define FO_FIRST_STEP 1 /* SGD: the momentum buffer is new; it takes the gradient as is */

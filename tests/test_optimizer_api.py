@@ -38,9 +38,9 @@ def test_parameter_wraps_without_copy_and_rejects_other_dtypes():
     p.grad = np.ones((2, 3), np.float32)
     opt.step()
     assert (x == -1).all()  # the update is seen through the original array
-    for bad in (np.zeros(3, np.int64), np.zeros(3, np.float16), np.zeros(3, np.complex64),
-                np.zeros(3, ">f4")):
-        with pytest.raises(TypeError, match="float32 or float64"):
+    for bad in (np.zeros(3, np.int64), np.zeros(3, np.int16), np.zeros(3, np.complex64),
+                np.zeros(3, ">f4"), np.zeros(3, ">f2")):
+        with pytest.raises(TypeError, match="float32, float64, float16 or bfloat16"):
             fastopt.Parameter(bad)
     with pytest.raises(ValueError, match="C-contiguous"):
         fastopt.Parameter(np.zeros((4, 4), np.float32)[:, ::2])

@@ -301,14 +301,14 @@ def _bad_params():
         "sparse": (torch.zeros(3, 3).to_sparse(), ValueError, "dense"),
         "non-contiguous": (base.t(), ValueError, "not contiguous"),
         "int": (torch.zeros(3, dtype=torch.int64), TypeError, "torch.int64"),
-        "float16": (torch.zeros(3, dtype=torch.float16), TypeError, "float16"),
+        "float8": (torch.zeros(3, dtype=torch.float8_e4m3fn), TypeError, "float8_e4m3fn"),
         "bfloat16": (torch.zeros(3, dtype=torch.bfloat16), TypeError, "bfloat16"),
         "complex": (torch.zeros(3, dtype=torch.complex64), TypeError, "complex64"),
         "non-leaf": (leaf * 2, ValueError, "can't optimize a non-leaf Tensor"),
     }
 
 
-BAD_PARAMS = ["gpu-like (meta)", "sparse", "non-contiguous", "int", "float16", "bfloat16",
+BAD_PARAMS = ["gpu-like (meta)", "sparse", "non-contiguous", "int", "float8", "bfloat16",
               "complex", "non-leaf"]
 
 

@@ -284,9 +284,9 @@ def test_hooks_repr_and_zero_grad_are_torchs():
 def test_refused_parameters_name_the_parameter_and_add_no_group():
     model = _model()
     opt = ft.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(TypeError, match=r"param_groups\[1\]\['params'\]\[1\].*float16"):
+    with pytest.raises(TypeError, match=r"param_groups\[1\]\['params'\]\[1\].*float8"):
         opt.add_param_group({"params": [torch.zeros(3, requires_grad=True),
-                                        torch.zeros(3, dtype=torch.float16,
+                                        torch.zeros(3, dtype=torch.float8_e4m3fn,
                                                     requires_grad=True)]})
     assert len(opt.param_groups) == 1
     with pytest.raises(ValueError, match="differentiable"):

@@ -17,8 +17,9 @@ objects that are tensors, which cannot exist before torch was imported.
 
 Rules, as torch.optim's where torch has one:
 
-* a parameter must be a dense (strided), contiguous, CPU, float32 or float64 tensor, and a
-  leaf (or ``retains_grad``) unless the optimizer was built with ``differentiable=True``;
+* a parameter must be a dense (strided), contiguous, CPU, float32 or float64 tensor (for
+  the per-element optimizers also float16; bfloat16 in ``fastopt.torch``'s), and a leaf
+  (or ``retains_grad``) unless the optimizer was built with ``differentiable=True``;
   anything else is refused by ``add_param_group`` with an error naming the parameter. The
   optimizers of ``fastopt.torch`` ask for more (``wide``): a tensor dense in any axis order
   (channels_last), viewed with its own strides, and a complex tensor, viewed as its
@@ -31,6 +32,10 @@ Rules, as torch.optim's where torch has one:
   torch op would do, so a backward through a graph that saved the old value still fails
   loudly instead of giving wrong gradients;
 * ``zero_grad(set_to_none=False)`` detaches and zeroes the gradient in place, as torch does.
+
+NumPy has no bfloat16 dtype of its own, so a bfloat16 tensor (its gradient and its state
+too) is viewed as int16 (``_numpy_of``); the kernels read a foreign parameter's int16 view as
+bfloat16, and an int16 state tensor is viewed as uint16, which matches no parameter.
 """
 import sys
 import weakref
@@ -103,6 +108,13 @@ def _torch():
     return sys.modules.get("torch")
 
 
+def _numpy_of(t):
+    """The NumPy view of the detached tensor ``t``: of its int16 bits for bfloat16."""
+    if t.dtype is _torch().bfloat16:
+        return t.view(_torch().int16).numpy()
+    return t.numpy()
+
+
 def _check_dense_cpu(obj, where):
     """Raise ValueError naming ``where`` unless the tensor ``obj`` is strided and on the CPU."""
     if obj.layout is not _torch().strided:
@@ -137,19 +149,27 @@ class TorchAdapter:
 
     # -- checks at add_param_group --------------------------------------------------------
 
-    def check(self, obj, gi, pi, defaults, wide=False):
+    def check(self, obj, gi, pi, defaults, wide=False, low=False):
         """Raise unless ``obj`` can be optimized. ``wide`` (the optimizers of
         ``fastopt.torch``): also a dense tensor in any axis order (channels_last; the
         kernels run over its memory block) and a complex tensor (updated as its
-        ``torch.view_as_real`` view, as torch's optimizers do)."""
+        ``torch.view_as_real`` view, as torch's optimizers do). ``low`` (the per-element
+        kernels): also float16, and with ``wide`` bfloat16 (fastopt's own classes keep
+        NumPy state, and NumPy has no bfloat16 of its own)."""
         torch = _torch()
         where = _where(gi, pi)
         if wide:
-            return self._check_wide(obj, where, defaults)
+            return self._check_wide(obj, where, defaults, low)
         _check_dense_cpu(obj, where)
-        if obj.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"{where}: fastopt optimizes float32 and float64 tensors, got "
-                            f"{obj.dtype}")
+        if low and obj.dtype is torch.bfloat16:
+            raise TypeError(f"{where}: fastopt's optimizers keep NumPy state, and NumPy has "
+                            f"no bfloat16 dtype; step bfloat16 tensors with fastopt.torch's "
+                            f"classes, or convert to a fastopt.Parameter of "
+                            f"ml_dtypes.bfloat16")
+        if obj.dtype not in ((torch.float32, torch.float64, torch.float16) if low
+                             else (torch.float32, torch.float64)):
+            raise TypeError(f"{where}: fastopt optimizes float32 and float64 tensors"
+                            f"{' (and float16)' if low else ''}, got {obj.dtype}")
         if obj.is_conj() or obj.is_neg():
             raise ValueError(f"{where}: a lazily conjugated/negated tensor view cannot be "
                              f"updated in place; pass a materialized tensor")
@@ -161,12 +181,14 @@ class TorchAdapter:
         if not (obj.is_leaf or obj.retains_grad) and not defaults.get("differentiable"):
             raise ValueError(f"{where}: can't optimize a non-leaf Tensor")
 
-    def _check_wide(self, obj, where, defaults):
+    def _check_wide(self, obj, where, defaults, low=True):
         torch = _torch()
         _check_dense_cpu(obj, where)
-        if obj.dtype not in (torch.float32, torch.float64, torch.complex64, torch.complex128):
+        if obj.dtype not in ((torch.float32, torch.float64, torch.complex64, torch.complex128)
+                             + ((torch.float16, torch.bfloat16) if low else ())):
             raise TypeError(f"{where}: fastopt optimizes float32, float64, complex64 and "
-                            f"complex128 tensors, got {obj.dtype}")
+                            f"complex128 tensors{', float16 and bfloat16' if low else ''}, "
+                            f"got {obj.dtype}")
         if obj.is_conj() or obj.is_neg():
             raise ValueError(f"{where}: a lazily conjugated/negated tensor view cannot be "
                              f"updated in place; pass a materialized tensor")
@@ -208,19 +230,20 @@ class TorchAdapter:
             except (TypeError, ValueError) as e:
                 raise ValueError(f"{e} (the tensor changed since it was added to the "
                                  f"optimizer)") from None
-            plain = obj.dtype in (torch.float32, torch.float64) and obj.is_contiguous()
-            arr = (torch.view_as_real(obj.detach()) if obj.is_complex()
-                   else obj.detach()).numpy()
+            plain = (obj.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+                     and obj.is_contiguous())
+            arr = _numpy_of(torch.view_as_real(obj.detach()) if obj.is_complex()
+                            else obj.detach())
             strides = None if plain else tuple(obj.stride())
         else:
             if (obj.layout is not torch.strided or obj.device.type != "cpu"
-                    or obj.dtype not in (torch.float32, torch.float64)
+                    or obj.dtype not in (torch.float32, torch.float64, torch.float16)
                     or not obj.is_contiguous() or obj.is_conj() or obj.is_neg()):
                 raise ValueError(
                     f"{_where(gi, pi)}: the tensor changed since it was added to the "
-                    f"optimizer and is no longer a dense, contiguous float32/float64 CPU "
-                    f"tensor (device {obj.device}, dtype {obj.dtype}, layout {obj.layout}, "
-                    f"contiguous {obj.is_contiguous()})")
+                    f"optimizer and is no longer a dense, contiguous float32, float64 or "
+                    f"float16 CPU tensor (device {obj.device}, dtype {obj.dtype}, layout "
+                    f"{obj.layout}, contiguous {obj.is_contiguous()})")
             arr = obj.detach().numpy()
             strides = None
         views = self._views
@@ -254,6 +277,9 @@ class TorchAdapter:
             garr = g.numpy()
         except (RuntimeError, TypeError, AttributeError):
             garr = self._grad_array(obj, g, gi, pi)
+        else:
+            if garr.dtype == np.int16:  # not the bits of a bfloat16 gradient: refused
+                garr = self._grad_array(obj, g, gi, pi)
         if mark:
             self.updated([obj])
         return arr, garr
@@ -274,6 +300,9 @@ class TorchAdapter:
         if not isinstance(g, torch.Tensor):
             raise TypeError(f"{where}: .grad must be a tensor or None, got "
                             f"{type(g).__name__}")
+        if g.layout is torch.sparse_coo and obj.dtype in (torch.float16, torch.bfloat16):
+            raise RuntimeError(f"{where}: fastopt does not support sparse gradients of "
+                               f"{obj.dtype} parameters")
         if g.layout is torch.sparse_coo and g.device.type == "cpu" and g.dtype == obj.dtype:
             # an embedding's sparse gradient, as is: SparseAdam takes it (as a SparseGrad),
             # the optimizers with dense kernels refuse it naming the parameter, as torch's do
@@ -287,8 +316,8 @@ class TorchAdapter:
         if g.dtype != obj.dtype:
             raise TypeError(f"{where}: .grad has dtype {g.dtype}, the parameter {obj.dtype}")
         if g.is_conj() or g.is_neg():
-            return g.resolve_conj().resolve_neg().detach().numpy()
-        return g.detach().numpy()
+            return _numpy_of(g.resolve_conj().resolve_neg().detach())
+        return _numpy_of(g.detach())
 
     def _complex_arrays(self, obj, arr, gi, pi, mark):
         """(real view, real view of the gradient or None) of a complex parameter."""
@@ -321,7 +350,10 @@ class TorchAdapter:
             raise TypeError(f"expected a dense CPU tensor, got one with layout {obj.layout} "
                             f"on {obj.device}")
         view = torch.view_as_real(obj.detach()) if obj.is_complex() else obj.detach()
-        return view.numpy(), obj.data_ptr(), obj._version
+        arr = _numpy_of(view)
+        if obj.dtype is torch.int16:
+            arr = arr.view(np.uint16)  # int16 bits stand for bfloat16 (see above)
+        return arr, obj.data_ptr(), obj._version
 
     def zero_grad(self, obj, set_to_none):
         g = obj.grad

@@ -11,8 +11,12 @@ cdef extern from "fastopt.h" nogil:
         int64_t numel
         double scalar[4]
         int64_t flags
+        int64_t storage
 
     int FO_FIRST_STEP
+    int FO_STORAGE_NATIVE
+    int FO_STORAGE_F16
+    int FO_STORAGE_BF16
     int FO_GRAIN
     int FO_CHUNK
     int FO_MAX_THREADS

@@ -174,24 +174,77 @@ cdef inline bint _same_layout(cnp.ndarray a, cnp.ndarray b):
     return True
 
 
-def check_param(obj, Py_ssize_t gi, Py_ssize_t pi):
-    """Raise unless ``obj`` (an ndarray) can be updated in place by the kernels."""
+# 16-bit parameters: float16 (NPY_FLOAT16), ml_dtypes.bfloat16 (a dtype registered by ml_dtypes,
+# whose type number is learnt from the first such array seen: fastopt never imports ml_dtypes
+# itself), and a torch bfloat16 tensor, which NumPy cannot hold: the torch adapter views it
+# as int16, and only a foreign parameter's int16 view is read as bfloat16. They are stepped by
+# the float32 loops (fo_tensor.storage).
+cdef int _bf16_typenum = -1
+
+
+cdef inline int _storage_of(int tn, bint foreign) noexcept:
+    """FO_STORAGE_* of arrays of type number tn, or -1 for a type the kernels do not step."""
+    if tn == cnp.NPY_FLOAT or tn == cnp.NPY_DOUBLE:
+        return FO_STORAGE_NATIVE
+    if tn == cnp.NPY_FLOAT16:
+        return FO_STORAGE_F16
+    if tn == _bf16_typenum or (foreign and tn == cnp.NPY_SHORT):
+        return FO_STORAGE_BF16
+    return -1
+
+
+cdef inline int _itemsize_of(int tn) noexcept:
+    return 4 if tn == cnp.NPY_FLOAT else 8 if tn == cnp.NPY_DOUBLE else 2
+
+
+cdef int _learn_bf16(cnp.ndarray a) except -1:
+    """Record the type number of ml_dtypes.bfloat16 when ``a`` is such an array."""
+    global _bf16_typenum
+    dt = (<object>a).dtype
+    if (_bf16_typenum < 0 and dt.name == "bfloat16" and dt.itemsize == 2
+            and type(dt).__module__.split(".")[0] != "numpy"):
+        _bf16_typenum = cnp.PyArray_TYPE(a)
+    return 0
+
+
+cdef str _dtype_text(cnp.ndarray p):
+    """The dtype of the parameter array ``p`` in words: an int16 parameter array is the view
+    of a torch bfloat16 tensor (no other int16 parameter reaches the kernels)."""
+    return "bfloat16" if cnp.PyArray_TYPE(p) == cnp.NPY_SHORT else str((<object>p).dtype)
+
+
+def check_param(obj, Py_ssize_t gi, Py_ssize_t pi, bint low_precision=False):
+    """Raise unless ``obj`` (an ndarray) can be updated in place by the kernels; with
+    ``low_precision``, float16 and bfloat16 arrays too (the per-element kernels step them)."""
+    if low_precision and cnp.PyArray_Check(obj):
+        _learn_bf16(obj)
+    if (low_precision and cnp.PyArray_Check(obj)
+            and _storage_of(cnp.PyArray_TYPE(<cnp.ndarray>obj), False) > FO_STORAGE_NATIVE):
+        _check_param(obj, gi, pi, False, True)
+        return
     _check_param(obj, gi, pi, False)
 
 
 cdef inline int _check_param(cnp.ndarray a, Py_ssize_t gi, Py_ssize_t pi,
-                             bint dense_ok) except -1:
+                             bint dense_ok, bint low=False, bint foreign=False) except -1:
     # dense_ok: a dense array in any axis order will do (the tensors of fastopt.torch); the
     # kernels then run over its memory block, and the gradient and state must share its
-    # layout (see _check_grad and Plan._bind)
+    # layout (see _check_grad and Plan._bind). low: 16-bit arrays too (_storage_of; foreign:
+    # the int16 view of a torch bfloat16 tensor)
     if (cnp.PyArray_IS_C_CONTIGUOUS(a) and cnp.PyArray_ISALIGNED(a)
             and cnp.PyArray_ISNOTSWAPPED(a) and cnp.PyArray_ISWRITEABLE(a)
             and (cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT or cnp.PyArray_TYPE(a) == cnp.NPY_DOUBLE)):
         return 0
     cdef int tn = cnp.PyArray_TYPE(a)
-    if (tn != cnp.NPY_FLOAT and tn != cnp.NPY_DOUBLE) or not cnp.PyArray_ISNOTSWAPPED(a):
-        raise TypeError(f"{_where(gi, pi)}: fastopt optimizes float32 and float64 arrays "
-                        f"in native byte order, got dtype {a.dtype}")
+    if low and _bf16_typenum < 0:
+        _learn_bf16(a)
+    if not low or _storage_of(tn, foreign) <= FO_STORAGE_NATIVE:
+        if (tn != cnp.NPY_FLOAT and tn != cnp.NPY_DOUBLE) or not cnp.PyArray_ISNOTSWAPPED(a):
+            raise TypeError(f"{_where(gi, pi)}: fastopt optimizes float32 and float64 arrays "
+                            f"in native byte order, got dtype {a.dtype}")
+    elif not cnp.PyArray_ISNOTSWAPPED(a):
+        raise TypeError(f"{_where(gi, pi)}: fastopt optimizes arrays in native byte order, "
+                        f"got dtype {a.dtype}")
     if (dense_ok and _dense(a) and cnp.PyArray_ISALIGNED(a)
             and cnp.PyArray_ISWRITEABLE(a)):
         return 0
@@ -216,7 +269,7 @@ cdef cnp.ndarray _check_grad(cnp.ndarray p, object g, Py_ssize_t gi, Py_ssize_t 
     cdef cnp.ndarray ga = <cnp.ndarray>g
     if cnp.PyArray_TYPE(ga) != cnp.PyArray_TYPE(p) or not cnp.PyArray_ISNOTSWAPPED(ga):
         raise TypeError(f"{_where(gi, pi)}: .grad has dtype {ga.dtype}, the parameter "
-                        f"{p.dtype}")
+                        f"{_dtype_text(p)}")
     if not _same_shape(p, ga):
         raise ValueError(f"{_where(gi, pi)}: .grad has shape {(<object>ga).shape}, the parameter "
                          f"{(<object>p).shape}")
@@ -853,6 +906,8 @@ cdef class Plan:
     cdef list gkeep  # the gradients, kept apart: a cached plan lets go of them after a step
     cdef double hyper[MAX_HYPER]
     cdef readonly int typenum
+    cdef readonly int itemsize  # bytes per element of every array of the plan
+    cdef int storage            # FO_STORAGE_* of its tensors
     cdef tuple keys
     cdef bint has_step
     cdef tuple scalars
@@ -860,8 +915,10 @@ cdef class Plan:
     cdef Py_ssize_t gi  # the group's index
     cdef int serial  # 1: run on one thread (set by _check_spans), -1: not known yet
 
-    def __cinit__(self, int typenum):
+    def __cinit__(self, int typenum, int storage=FO_STORAGE_NATIVE):
         self.typenum = typenum
+        self.itemsize = _itemsize_of(typenum)
+        self.storage = storage
         self.sid = -1
         self.serial = -1
         self.keep = []
@@ -901,6 +958,7 @@ cdef class Plan:
         t.scalar[2] = 0.0
         t.scalar[3] = 0.0
         t.flags = 0
+        t.storage = self.storage
         self.keep.append(p)
         self.gkeep.append(g)
         self.n += 1
@@ -919,8 +977,7 @@ cdef class Plan:
         cdef int k, nb = 0  # memory spans of the state arrays bound so far
         cdef tuple keys = self.keys
         # every state array has the parameter's dtype and shape (checked below)
-        cdef uintptr_t nbytes = (<uintptr_t>self.ts[slot].numel
-                                 * (4 if self.typenum == cnp.NPY_FLOAT else 8))
+        cdef uintptr_t nbytes = <uintptr_t>self.ts[slot].numel * <uintptr_t>self.itemsize
         cdef uintptr_t p0 = <uintptr_t>cnp.PyArray_DATA(p)
         if not isinstance(st, dict):
             raise TypeError(f"{_where(gi, pi)}: optimizer.state entry must be a dict, "
@@ -941,7 +998,8 @@ cdef class Plan:
             a = <cnp.ndarray>obj
             if cnp.PyArray_TYPE(a) != cnp.PyArray_TYPE(p) or not _same_shape(a, p):
                 raise ValueError(f"{_where(gi, pi)}: state[{key!r}] has dtype {a.dtype} and "
-                                 f"shape {(<object>a).shape}; the parameter has {p.dtype} "
+                                 f"shape {(<object>a).shape}; the parameter has "
+                                 f"{_dtype_text(p)} "
                                  f"{(<object>p).shape}")
             if not (_usable(a) and cnp.PyArray_IS_C_CONTIGUOUS(p)):
                 if not (cnp.PyArray_ISALIGNED(a) and cnp.PyArray_ISWRITEABLE(a)
@@ -1017,7 +1075,7 @@ cdef class Plan:
         cdef int64_t total = 0
         cdef uintptr_t hi = 0
         cdef _span *spans
-        cdef size_t itemsize = 4 if self.typenum == cnp.NPY_FLOAT else 8
+        cdef size_t itemsize = self.itemsize
         if self.n < 2 or fo_get_num_threads() < 2:
             return 0
         for k in range(self.n):
@@ -1044,8 +1102,9 @@ cdef class Plan:
         return dup
 
 
-cdef Plan _new_plan(int typenum, Spec spec, tuple keys, _Spans sp, Py_ssize_t gi):
-    cdef Plan plan = Plan.__new__(Plan, typenum)
+cdef Plan _new_plan(int typenum, Spec spec, tuple keys, _Spans sp, Py_ssize_t gi,
+                    int storage=FO_STORAGE_NATIVE):
+    cdef Plan plan = Plan.__new__(Plan, typenum, storage)
     plan.gi = gi
     plan.keys = keys
     plan.has_step = spec.step_counter
@@ -1058,10 +1117,10 @@ cdef Plan _new_plan(int typenum, Spec spec, tuple keys, _Spans sp, Py_ssize_t gi
 
 cdef tuple _collect(Py_ssize_t gi, list params, state, Spec spec, tuple keys, int init_mode,
                     list missing, _Spans sp, list foreign, list sparse, _StepCache rec):
-    """Check group ``gi`` and return plans (p32, p64) of the parameters that have a
-    gradient, by dtype (None for a dtype with none). Parameters that need new state (see
-    Spec.init_mode) are appended to ``missing`` as (plan, slot, param, array, gi, pi) and
-    left unbound. The memory of every array is recorded in ``sp``; foreign parameters with a
+    """Check group ``gi`` and return the plans of the parameters that have a gradient, one
+    per dtype (float32, float64, then the 16-bit ones in the order met). Parameters that
+    need new state (see Spec.init_mode) are appended to ``missing`` as (plan, slot, param,
+    array, gi, pi) and left unbound. The memory of every array is recorded in ``sp``; foreign parameters with a
     gradient are appended to ``foreign``. With ``sparse`` (a list, see Spec.sparse_ok),
     foreign parameters with a sparse gradient are appended to it as (gi, pi, param, array,
     grad) and left out of the plans. With ``rec`` (a cache being built), every parameter
@@ -1071,6 +1130,8 @@ cdef tuple _collect(Py_ssize_t gi, list params, state, Spec spec, tuple keys, in
     cdef int kind
     cdef cnp.ndarray arr, g
     cdef Plan plan, p32 = None, p64 = None
+    cdef list low = None  # the plans of 16-bit dtypes
+    cdef int storage
     cdef PyObject *item
     cdef bint need
     cdef uintptr_t nbytes
@@ -1100,8 +1161,11 @@ cdef tuple _collect(Py_ssize_t gi, list params, state, Spec spec, tuple keys, in
                 except Exception:
                     a_obj = None  # a sparse, lazily conjugated or graph-holding gradient
                 else:
-                    if not _same_shape(<cnp.ndarray>a_obj, <cnp.ndarray>gobj):
-                        a_obj = None  # the tensor was reshaped: the adapter looks again
+                    if (not _same_shape(<cnp.ndarray>a_obj, <cnp.ndarray>gobj)
+                            or cnp.PyArray_TYPE(<cnp.ndarray>gobj) == cnp.NPY_SHORT):
+                        # the tensor was reshaped, or an int16 gradient (the type of a
+                        # bfloat16 parameter's view): the adapter looks again
+                        a_obj = None
             if a_obj is None:
                 kind = -1  # not the path of the cached step
                 a_obj, gobj = (_foreign_param(obj, gi, i, False, True) if spec.wide
@@ -1120,7 +1184,7 @@ cdef tuple _collect(Py_ssize_t gi, list params, state, Spec spec, tuple keys, in
         else:
             raise TypeError(f"{_where(gi, i)}: expected a fastopt.Parameter, got "
                             f"{type(obj).__name__}; wrap arrays as fastopt.Parameter(x)")
-        _check_param(arr, gi, i, spec.wide)
+        _check_param(arr, gi, i, spec.wide, True, kind != _KIND_ARRAY)
         g = _check_grad(arr, gobj, gi, i)
         if _overlap(g, arr, True):
             raise ValueError(f"{_where(gi, i)}: .grad partly overlaps the parameter's memory "
@@ -1129,12 +1193,23 @@ cdef tuple _collect(Py_ssize_t gi, list params, state, Spec spec, tuple keys, in
             if p32 is None:
                 p32 = _new_plan(cnp.NPY_FLOAT, spec, keys, sp, gi)
             plan = p32
-        else:
+        elif cnp.PyArray_TYPE(arr) == cnp.NPY_DOUBLE:
             if p64 is None:
                 p64 = _new_plan(cnp.NPY_DOUBLE, spec, keys, sp, gi)
             plan = p64
+        else:
+            plan = None
+            if low is None:
+                low = []
+            for x in low:
+                if (<Plan>x).typenum == cnp.PyArray_TYPE(arr):
+                    plan = <Plan>x
+            if plan is None:
+                storage = _storage_of(cnp.PyArray_TYPE(arr), kind != _KIND_ARRAY)
+                plan = _new_plan(cnp.PyArray_TYPE(arr), spec, keys, sp, gi, storage)
+                low.append(plan)
         slot = plan._add(arr, g)
-        nbytes = <uintptr_t>plan.ts[slot].numel * (4 if plan.typenum == cnp.NPY_FLOAT else 8)
+        nbytes = <uintptr_t>plan.ts[slot].numel * <uintptr_t>plan.itemsize
         _push(sp, cnp.PyArray_DATA(arr), nbytes, obj, i, plan.sid, _ROLE_PARAM)
         # a gradient that is the parameter itself (allowed above) is covered by the
         # parameter's span; a contiguous copy made by _check_grad shares nothing
@@ -1163,7 +1238,10 @@ cdef tuple _collect(Py_ssize_t gi, list params, state, Spec spec, tuple keys, in
                 rec.state_dict(<object>item)
             plan._bind(slot, <object>item, arr, gi, i, sp, obj,
                        rec if rec is not None and rec.ok else None)
-    return p32, p64
+    out = [x for x in (p32, p64) if x is not None]
+    if low is not None:
+        out.extend(low)
+    return tuple(out)
 
 
 # ---- the cached step -----------------------------------------------------------------------
@@ -1264,7 +1342,7 @@ cdef class _StepCache:
             r.plan = <PyObject *>plan  # the plans are kept by the cache (plans)
             r.slot = <int32_t>slot
             r.numel = plan.ts[slot].numel
-            r.itemsize = 4 if plan.typenum == cnp.NPY_FLOAT else 8
+            r.itemsize = plan.itemsize
             r.typenum = plan.typenum
         return 0
 
@@ -1577,7 +1655,6 @@ def update(opt, tuple kinds, Spec spec):
     cdef tuple nonneg = spec.nonneg_at_step
     cdef tuple keys
     cdef double hyper[MAX_HYPER]
-    cdef Plan p32, p64
     cdef int mode
     cdef _Spans sp
     cdef _StepCache rec = _cache_of(opt)
@@ -1608,14 +1685,11 @@ def update(opt, tuple kinds, Spec spec):
             rec = None
         keys = spec.layout(frozen)
         mode = spec.init_mode(keys)
-        p32, p64 = _collect(gi, params, state, spec, keys, mode, missing, sp, foreign, sparse,
-                            rec)
-        if p32 is not None:
-            memcpy(p32.hyper, hyper, MAX_HYPER * sizeof(double))
-            plans.append(p32)
-        if p64 is not None:
-            memcpy(p64.hyper, hyper, MAX_HYPER * sizeof(double))
-            plans.append(p64)
+        gplans = _collect(gi, params, state, spec, keys, mode, missing, sp, foreign, sparse,
+                          rec)
+        for plan in gplans:
+            memcpy((<Plan>plan).hyper, hyper, MAX_HYPER * sizeof(double))
+            plans.append(plan)
         work.append((frozen, keys, mode))
         if rec is not None:
             lookup = tuple([k for k in keys if k is not None])
@@ -1624,7 +1698,7 @@ def update(opt, tuple kinds, Spec spec):
                 lookup += ("step",)
             lookup += spec.scalars
             rec.groups.append((group, params, len(params), keys, lookup,
-                               tuple([x for x in (p32, p64) if x is not None]), n0d))
+                               gplans, n0d))
         gi += 1
     _check_spans(sp)
     commit = None

@@ -24,7 +24,7 @@ from fastopt import _kernels, _pytree
 from fastopt._adapters import (TORCH_ADAPTER, _adapter_for, _foreign_arrays, _foreign_param,
                                _foreign_updated)
 from fastopt._kernels import guarded_step, update
-from fastopt.parameter import Parameter
+from fastopt.parameter import Parameter, _is_bfloat16
 from fastopt._typing import Closure, Hook, ParamsT, StateDict
 
 __all__ = [
@@ -399,11 +399,11 @@ class Optimizer:
         gi = len(self.param_groups)
         for pi, p in enumerate(tensors):
             if isinstance(p, Parameter):
-                _kernels.check_param(p, gi, pi)
+                _kernels.check_param(p, gi, pi, self._kernel is not None)
                 continue
             adapter = _adapter_for(p)
             if adapter is not None:
-                adapter.check(p, gi, pi, self.defaults)
+                adapter.check(p, gi, pi, self.defaults, low=self._kernel is not None)
                 continue
             if isinstance(p, np.ndarray):
                 raise TypeError("optimizer can only optimize fastopt.Parameter objects, but "
@@ -623,7 +623,7 @@ class Optimizer:
             if value.shape != array.shape:
                 raise ValueError(f"{where}: state[{key!r}] has shape {value.shape}, the "
                                  f"parameter {array.shape}")
-            if value.dtype.kind not in "biuf":
+            if value.dtype.kind not in "biuf" and not _is_bfloat16(value.dtype):
                 raise TypeError(f"{where}: state[{key!r}] has dtype {value.dtype}; expected "
                                 f"floating point")
             out = np.asarray(value, dtype=array.dtype)

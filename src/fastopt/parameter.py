@@ -12,6 +12,13 @@ from fastopt import _autograd
 __all__ = ["Parameter", "SparseGrad"]
 
 
+def _is_bfloat16(dtype):
+    """Whether ``dtype`` is ml_dtypes' bfloat16 (told by its name: ml_dtypes is not
+    imported here; an array of that dtype exists only once it was)."""
+    return (dtype.name == "bfloat16" and dtype.itemsize == 2
+            and type(dtype).__module__.split(".")[0] != "numpy")
+
+
 class Parameter(np.ndarray):
     """A float32 or float64 array that carries ``.grad``, as ``torch.nn.Parameter`` does.
 
@@ -30,8 +37,10 @@ class Parameter(np.ndarray):
     Parameters
     ----------
     data : array_like
-        float32 or float64 data. An ndarray is wrapped as is; anything else is converted
-        with ``np.asarray`` (and must already have a float32 or float64 dtype).
+        float32, float64, float16 or bfloat16 (``ml_dtypes.bfloat16``) data. An ndarray is
+        wrapped as is; anything else is converted with ``np.asarray`` (and must already have
+        one of these dtypes). The per-element optimizers step float16 and bfloat16
+        parameters in float32 arithmetic, their state in the parameter's dtype.
     """
 
     __slots__ = ("grad",)
@@ -40,9 +49,10 @@ class Parameter(np.ndarray):
 
     def __new__(cls, data: ArrayLike) -> Parameter:
         arr = np.asarray(data)
-        if arr.dtype not in (np.float32, np.float64) or not arr.dtype.isnative:
-            raise TypeError(f"fastopt.Parameter needs float32 or float64 data in native "
-                            f"byte order, got dtype {arr.dtype}")
+        if not (arr.dtype in (np.float32, np.float64, np.float16) or _is_bfloat16(arr.dtype)) \
+                or not arr.dtype.isnative:
+            raise TypeError(f"fastopt.Parameter needs float32, float64, float16 or bfloat16 "
+                            f"data in native byte order, got dtype {arr.dtype}")
         if not (arr.flags.c_contiguous and arr.flags.aligned):
             raise ValueError("fastopt.Parameter needs a C-contiguous, aligned array; "
                              "pass np.ascontiguousarray(x) and use the Parameter from then on")

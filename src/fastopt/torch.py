@@ -39,9 +39,10 @@ its step before it changes anything.
 
 Rules beyond torch's:
 
-* parameters of the per-element optimizers are float32, float64, complex64 or complex128
-  CPU tensors, dense: contiguous or in another axis order (channels_last), not a view with
-  gaps such as a strided slice (``add_param_group`` refuses others, naming the parameter).
+* parameters of the per-element optimizers are float32, float64, complex64, complex128,
+  float16 or bfloat16 CPU tensors (the 16-bit ones stepped in float32 arithmetic, their
+  state in their dtype, as torch keeps it), dense: contiguous or in another axis order
+  (channels_last), not a view with gaps such as a strided slice (``add_param_group`` refuses others, naming the parameter).
   The kernels run over a tensor's memory block: a gradient laid out otherwise than its
   parameter is copied into the parameter's layout for the step (the ``.grad`` itself is
   left alone), and state is made and loaded in the parameter's layout (state set by hand in
@@ -99,7 +100,7 @@ from torch.optim import Optimizer as _TorchOptimizer
 
 import fastopt
 from fastopt import _kernels, _numpy_step
-from fastopt._adapters import TORCH_ADAPTER, _foreign_param, _where
+from fastopt._adapters import TORCH_ADAPTER, _foreign_param, _numpy_of, _where
 from fastopt.muon import _check_ns_dtype
 from fastopt.optimizer import Optimizer as _Optimizer, _run_step_hooks
 
@@ -211,9 +212,10 @@ class _KernelStep:
 
     def add_param_group(self, param_group):
         """``torch.optim.Optimizer.add_param_group``, and then fastopt's checks: every
-        parameter a dense float32, float64, complex64 or complex128 CPU tensor (contiguous or
-        dense in another axis order, as channels_last; not a view with gaps such as a
-        strided slice), and no ``differentiable=True``. A refused group is not added."""
+        parameter a dense float32, float64, complex64, complex128, float16 or bfloat16 CPU
+        tensor (contiguous or dense in another axis order, as channels_last; not a view
+        with gaps such as a strided slice), and no ``differentiable=True``. A refused group
+        is not added."""
         if isinstance(param_group, dict) and param_group.get("differentiable"):
             raise ValueError(f"{type(self).__name__}: differentiable=True is not supported by "
                              f"fastopt.torch (the update runs in C, outside autograd); use "
@@ -227,7 +229,7 @@ class _KernelStep:
                                  f"supported by fastopt.torch (the update runs in C, outside "
                                  f"autograd); use torch.optim for a differentiable step")
             for pi, p in enumerate(group["params"]):
-                TORCH_ADAPTER.check(p, gi, pi, group, wide=True)
+                TORCH_ADAPTER.check(p, gi, pi, group, wide=True, low=True)
         except BaseException:
             self.param_groups.pop()
             raise
@@ -274,9 +276,17 @@ class _KernelStep:
         arrays = {}
         # a tensor lr as its value (ASGD's eta starts at lr): NumPy warns when it converts a
         # tensor itself
-        self._init_state(arrays, array, {
-            k: v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v
-            for k, v in frozen.items()})
+        values = {k: v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v
+                  for k, v in frozen.items()}
+        if param.dtype is torch.bfloat16:
+            # the int16 view of the parameter holds no bfloat16 values: the state is made in
+            # float32, in the parameter's layout, and its arrays rounded as torch rounds
+            self._init_state(arrays, np.empty_like(array, dtype=np.float32), values)
+            keys = {k for k in self._spec.layout(frozen) if k is not None}
+            state.update({k: (torch.from_numpy(v).to(torch.bfloat16) if k in keys
+                              else _state_tensor(param, array, v)) for k, v in arrays.items()})
+            return
+        self._init_state(arrays, array, values)
         state.update({k: _state_tensor(param, array, v) for k, v in arrays.items()})
 
     # -- loading ----------------------------------------------------------------------------
@@ -298,6 +308,10 @@ class _KernelStep:
     def _cast_state(self, param, array, value, key, where):
         if isinstance(value, torch.Tensor) and value.layout is torch.sparse_coo:
             return _cast_sparse_state(param, value, key, where)
+        if (param.dtype is torch.bfloat16 and key not in self._scalar_state_keys
+                and isinstance(value, (torch.Tensor, np.ndarray))
+                and tuple(value.shape) == tuple(param.shape)):
+            value = _bfloat16_bits(value, key, where)
         if (isinstance(value, torch.Tensor) and param.is_complex() and value.is_complex()
                 and value.shape == param.shape):
             value = torch.view_as_real(value.detach().resolve_conj().to(param.dtype))
@@ -314,13 +328,35 @@ class _KernelStep:
         self._after_init()
 
 
+def _bfloat16_bits(value, key, where):
+    """A saved state array or tensor for a bfloat16 parameter: rounded to bfloat16 as torch
+    rounds, as the int16 view of its bits that the kernels step."""
+    if isinstance(value, torch.Tensor):
+        if value.is_complex() or value.dtype is torch.bool:
+            raise TypeError(f"{where}: state[{key!r}] has dtype {value.dtype}; expected "
+                            f"floating point")
+        value = value.detach().to(device="cpu")
+    else:
+        if value.dtype.name == "bfloat16" and value.dtype.itemsize == 2:
+            value = value.astype(np.float32)  # ml_dtypes' bfloat16: exact in float32
+        if value.dtype.kind not in "iuf":
+            raise TypeError(f"{where}: state[{key!r}] has dtype {value.dtype}; expected "
+                            f"floating point")
+        value = torch.from_numpy(np.ascontiguousarray(value))
+    return value.to(torch.bfloat16).view(torch.int16).numpy()
+
+
 def _state_tensor(param, base, value):
     """A state value of a C-kernel optimizer made or cast for ``param`` (whose kernel array
     is ``base``) as a tensor: complex, as torch's, for a per-element array of a complex
-    parameter. (The NumPy steps' counterpart is ``_numpy_state_tensor``.)"""
+    parameter; bfloat16 for an array of the int16 view of a bfloat16 one. (The NumPy steps'
+    counterpart is ``_numpy_state_tensor``.)"""
     if (isinstance(value, np.ndarray) and param.is_complex() and value.shape == base.shape
             and value.dtype == base.dtype):
         return torch.view_as_complex(torch.from_numpy(value))
+    if (isinstance(value, np.ndarray) and param.dtype is torch.bfloat16
+            and value.dtype == np.int16 and value.shape == base.shape):
+        return torch.from_numpy(value).view(torch.bfloat16)
     return _to_tensor(value)
 
 
@@ -363,7 +399,8 @@ def _own(base, name):
 def _check_loaded_tensors(check):
     """``check`` (fastopt's check of a loaded state, on arrays) applied to tensor state."""
     def _check_loaded_state(self, state, array, group, where):
-        viewed = {k: ((torch.view_as_real(v.detach()) if v.is_complex() else v.detach()).numpy()
+        viewed = {k: (_numpy_of(torch.view_as_real(v.detach()) if v.is_complex()
+                                else v.detach())
                       if isinstance(v, torch.Tensor) and v.device.type == "cpu"
                       and v.layout is torch.strided else v) for k, v in state.items()
                   # SGD's sparse momentum buffer (checked by _cast_sparse_state); a sparse
