@@ -1,0 +1,333 @@
+"""Data-parallel training over MPI: gradient averaging across processes, and a clean abort.
+
+Every process (rank) holds the same parameters and the same optimizer; each computes the
+gradients of its own share of the batch, :func:`average_gradients` replaces every gradient by
+the mean over the ranks, in place, and each rank then calls ``opt.step()`` as a single process
+would. The parameters stay identical on all ranks because every rank steps the same kernels
+on the same numbers.
+
+Start such a program with ``mpiexec -n 4 python train.py``. It needs mpi4py and an MPI
+library, both on PyPI: ``pip install mpi4py mpich`` (the ``distributed`` extra of fastopt
+installs them). ``import fastopt`` never imports mpi4py; this module imports it on first use.
+
+The average is exact and reproducible: for each element it is
+``(((g_0 + g_1) + g_2) + ... + g_{N-1}) / N``, every operation rounded to the gradient's
+dtype, the ranks' gradients taken in rank order, whatever the number of processes or the
+MPI library's reduction algorithms; all ranks get the same bits. This is computed as a
+reduce-scatter with a fixed order (an ``Alltoallv`` hands rank ``r`` every rank's
+``r``-th slice of the bucket, which it sums in rank order) followed by an ``Allgatherv`` of the
+summed slices: the data volume of a ring all-reduce. ``deterministic=False`` uses one
+``Allreduce(MPI.SUM)`` per bucket instead, whose summation order is the MPI library's choice
+(it changes with the process count, the message size and the library), so its result agrees
+with the ordered sum to rounding only.
+
+Gradients are reduced in buckets of about ``bucket_bytes`` (25 MiB by default): the gradients
+of one dtype, in parameter order, are packed into one contiguous buffer, reduced with one pair
+of collectives (or one ``Allreduce``), and copied back, so a model of many small tensors costs
+a few collectives per step rather than one per parameter. :func:`plan_buckets` shows the plan.
+
+Before any data moves, every rank checks its parameters and gradients, and the ranks compare
+a digest of what they hold (one ``Allgather`` of 17 bytes per rank). A gradient that is
+missing on some ranks only, of the wrong shape or dtype, or parameters that differ between
+ranks, make :func:`average_gradients` raise the same :class:`GradientMismatchError` on every
+rank, naming the first offending rank and parameter, with no gradient changed, instead of
+leaving some ranks waiting in a collective that others never enter.
+
+A rank that raises anything else (in its forward pass, in ``step()``) would leave the others
+blocked in their next collective. Run the training under :func:`abort_on_error` and such an
+exception prints its traceback with the rank's number and ends the whole job with
+``MPI_Abort``.
+"""
+import contextlib
+import hashlib
+import os
+import sys
+import traceback
+
+import numpy as np
+
+__all__ = ["average_gradients", "plan_buckets", "abort_on_error", "GradientMismatchError",
+           "DEFAULT_BUCKET_BYTES"]
+
+#: The default bucket size of :func:`average_gradients`, in bytes.
+DEFAULT_BUCKET_BYTES = 25 << 20
+
+_DTYPES = (np.float32, np.float64, np.complex64, np.complex128)
+
+
+class GradientMismatchError(ValueError):
+    """The ranks' parameters or gradients do not agree; raised on every rank alike."""
+
+
+def _mpi():
+    from mpi4py import MPI
+    return MPI
+
+
+def _world(comm):
+    return _mpi().COMM_WORLD if comm is None else comm
+
+
+def _named_params(params):
+    """``[(name, parameter)]`` of an optimizer (every group, in order) or an iterable."""
+    groups = getattr(params, "param_groups", None)
+    if groups is not None:
+        return [(f"param_groups[{g}]['params'][{j}]", p)
+                for g, group in enumerate(groups) for j, p in enumerate(group["params"])]
+    if isinstance(params, np.ndarray):
+        raise TypeError("average_gradients takes an optimizer or an iterable of parameters, "
+                        "not a single array; pass [p]")
+    return [(f"params[{i}]", p) for i, p in enumerate(params)]
+
+
+def _describe(grad):
+    return "None" if grad is None else f"shape {tuple(grad.shape)} {grad.dtype}"
+
+
+def _inspect(named):
+    """Per parameter ``(shape, dtype, grad description)`` and the first local error or None.
+
+    The description is that of the gradient when it is usable, else ``None``; a gradient that
+    is not None but unusable is a local error.
+    """
+    signature, error = [], None
+    for name, p in named:
+        shape, dtype = tuple(np.shape(p)), str(getattr(p, "dtype", type(p).__name__))
+        grad = getattr(p, "grad", None)
+        problem = None
+        if grad is not None:
+            if not isinstance(grad, np.ndarray):
+                problem = f".grad is a {type(grad).__name__}, not a NumPy array"
+            elif tuple(grad.shape) != shape:
+                problem = f".grad has shape {tuple(grad.shape)}, the parameter {shape}"
+            elif str(grad.dtype) != dtype:
+                problem = f".grad has dtype {grad.dtype}, the parameter {dtype}"
+            elif grad.dtype not in _DTYPES:
+                problem = (f".grad has dtype {grad.dtype}; averaging takes float32, float64, "
+                           f"complex64 or complex128")
+            elif not grad.flags.writeable:
+                problem = ".grad is read-only (it is averaged in place)"
+        if problem is not None and error is None:
+            error = f"{name}: {problem}"
+        signature.append((shape, dtype, None if grad is None or problem else _describe(grad)))
+    return signature, error
+
+
+def _agree(named, comm):
+    """Check locally and collectively; raise the same error on every rank on a mismatch."""
+    signature, error = _inspect(named)
+    digest = hashlib.blake2b(repr(signature).encode(), digest_size=16).digest()
+    mine = np.frombuffer(digest + bytes([error is not None]), dtype=np.uint8)
+    everyone = np.empty((comm.Get_size(), mine.size), dtype=np.uint8)
+    comm.Allgather(mine, everyone)
+    if not everyone[:, -1].any() and (everyone == everyone[0]).all():
+        return signature
+    # Something differs: gather the full descriptions (rare, so pickled) and let every rank
+    # derive the same message from the same data.
+    gathered = comm.allgather((signature, error))
+    raise GradientMismatchError(_mismatch_message(gathered, [name for name, _ in named]))
+
+
+def _mismatch_message(gathered, names0):
+    size = len(gathered)
+    for rank, (_, error) in enumerate(gathered):
+        if error is not None:
+            return f"rank {rank} of {size}: {error}"
+    sigs = [sig for sig, _ in gathered]
+    for rank in range(1, size):
+        if len(sigs[rank]) != len(sigs[0]):
+            return (f"rank {rank} of {size} has {len(sigs[rank])} parameters, rank 0 has "
+                    f"{len(sigs[0])}")
+    for i, name in enumerate(names0):
+        for rank in range(1, size):
+            a, b = sigs[0][i], sigs[rank][i]
+            if a[:2] != b[:2]:
+                return (f"rank {rank} of {size}: {name} has shape {b[0]} {b[1]}, on rank 0 "
+                        f"shape {a[0]} {a[1]}")
+        have = [rank for rank in range(size) if sigs[rank][i][2] is not None]
+        if 0 < len(have) < size:
+            missing = min(set(range(size)) - set(have))
+            return (f"rank {missing} of {size}: {name}: .grad is None (missing), on rank "
+                    f"{have[0]} .grad has {sigs[have[0]][i][2]}")
+    raise AssertionError("the ranks' digests differ but their descriptions agree")
+
+
+def plan_buckets(params, bucket_bytes=DEFAULT_BUCKET_BYTES):
+    """The buckets :func:`average_gradients` reduces, as lists of parameter positions.
+
+    Parameters whose gradient is None are left out. The gradients of each dtype, in
+    parameter order (dtypes in order of first appearance), fill buckets of at most
+    ``bucket_bytes``; a gradient larger than that has a bucket of its own.
+
+    Parameters
+    ----------
+    params : Optimizer or iterable of Parameter
+        An optimizer (its groups' parameters, in order) or the parameters.
+    bucket_bytes : int
+        The most bytes of gradient per bucket (a single larger gradient excepted).
+
+    Returns
+    -------
+    list of list of int
+        Per bucket, the positions of its parameters in the flattened parameter list.
+    """
+    if not isinstance(bucket_bytes, (int, np.integer)) or bucket_bytes < 1:
+        raise ValueError(f"bucket_bytes must be a positive integer, got {bucket_bytes!r}")
+    return _plan([p.grad for _, p in _named_params(params)], bucket_bytes)
+
+
+def _plan(grads, bucket_bytes):
+    per_dtype = {}                   # dtype -> its buckets; dict order: first appearance
+    for i, g in enumerate(grads):
+        if g is None:
+            continue
+        nbytes = g.size * g.itemsize
+        buckets = per_dtype.setdefault(g.dtype, [])
+        if not buckets or (buckets[-1][1] + nbytes > bucket_bytes and buckets[-1][0]):
+            buckets.append([[], 0])
+        buckets[-1][0].append(i)
+        buckets[-1][1] += nbytes
+    return [positions for buckets in per_dtype.values() for positions, _ in buckets]
+
+
+def _chunks(n, size):
+    """Counts and offsets of ``size`` contiguous slices of ``n`` elements (lists of int)."""
+    counts = [n // size + (r < n % size) for r in range(size)]
+    displs = [0] * size
+    for r in range(1, size):
+        displs[r] = displs[r - 1] + counts[r - 1]
+    return counts, displs
+
+
+def _ordered_mean(buf, comm):
+    """Replace ``buf`` by the rank-ordered sum over the ranks divided by their number."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    counts, displs = _chunks(buf.size, size)
+    mine = counts[rank]
+    recv = np.empty(size * mine, dtype=buf.dtype)
+    comm.Alltoallv([buf, (counts, displs)],
+                   [recv, ([mine] * size, [s * mine for s in range(size)])])
+    parts = recv.reshape(size, mine)
+    total = parts[0]
+    for s in range(1, size):
+        np.add(total, parts[s], out=total)
+    np.divide(total, size, out=total)
+    comm.Allgatherv(total, [buf, (counts, displs)])
+
+
+def average_gradients(params, comm=None, bucket_bytes=DEFAULT_BUCKET_BYTES, *,
+                      deterministic=True):
+    """Replace every gradient by its mean over the ranks of ``comm``, in place.
+
+    Call it on every rank after the backward pass and before ``step()``. Every rank must pass
+    the same parameters (same number, order, shapes and dtypes). A parameter whose gradient
+    is None on every rank is skipped (as ``step()`` skips it); one whose gradient is None on
+    some ranks only is an error.
+
+    Parameters
+    ----------
+    params : Optimizer or iterable of Parameter
+        An optimizer (all its groups' parameters, in order) or the parameters; each has a
+        ``.grad`` that is None or a NumPy array of the parameter's shape and dtype
+        (float32, float64, complex64 or complex128), written in place.
+    comm : mpi4py.MPI.Comm, optional
+        The communicator; ``MPI.COMM_WORLD`` by default.
+    bucket_bytes : int
+        About how many bytes of gradients one bucket (one round of collectives) carries.
+    deterministic : bool
+        True (default): the sum runs in rank order, so the result is the same bits for any
+        process count and MPI library (see the module docstring). False: one
+        ``Allreduce(MPI.SUM)`` per bucket, in the MPI library's order.
+
+    Returns
+    -------
+    int
+        The number of buckets reduced.
+
+    Raises
+    ------
+    GradientMismatchError
+        On every rank alike, before any gradient changes, when some rank's gradient is
+        missing (while others have it), not an array, read-only, of a shape or dtype other
+        than its parameter's, or when the ranks' parameters differ. The message names the
+        first such rank and the parameter.
+    """
+    if not isinstance(bucket_bytes, (int, np.integer)) or bucket_bytes < 1:
+        raise ValueError(f"bucket_bytes must be a positive integer, got {bucket_bytes!r}")
+    comm = _world(comm)
+    named = _named_params(params)
+    _agree(named, comm)
+    size = comm.Get_size()
+    grads = [p.grad for _, p in named]
+    buckets = _plan(grads, bucket_bytes)
+    if size == 1:
+        return len(buckets)
+    MPI = _mpi() if not deterministic else None
+    for bucket in buckets:
+        members = [grads[i] for i in bucket]
+        if len(members) == 1 and members[0].flags.c_contiguous:
+            buf = members[0].reshape(-1)            # a view: reduced in place
+        else:
+            buf = np.empty(sum(g.size for g in members), dtype=members[0].dtype)
+            offset = 0
+            for g in members:
+                buf[offset:offset + g.size] = g.reshape(-1)
+                offset += g.size
+        if deterministic:
+            _ordered_mean(buf, comm)
+        else:
+            comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+            np.divide(buf, size, out=buf)
+        if not np.shares_memory(buf, members[0]):
+            offset = 0
+            for g in members:
+                g[...] = buf[offset:offset + g.size].reshape(g.shape)
+                offset += g.size
+    return len(buckets)
+
+
+@contextlib.contextmanager
+def abort_on_error(comm=None, errorcode=1):
+    """End the whole MPI job when the body raises, instead of leaving other ranks blocked.
+
+    On an exception (KeyboardInterrupt included; ``SystemExit`` with code 0 or None
+    excepted) it writes ``fastopt.distributed: rank R of N raised ...`` and the traceback to
+    stderr and calls ``comm.Abort(errorcode)``, which ends every process of the job. Use it
+    as ``with abort_on_error(): train()`` or as a decorator ``@abort_on_error()``.
+
+    Parameters
+    ----------
+    comm : mpi4py.MPI.Comm, optional
+        The communicator to abort; ``MPI.COMM_WORLD`` by default.
+    errorcode : int
+        The exit status passed to ``MPI_Abort``.
+
+    Yields
+    ------
+    mpi4py.MPI.Comm
+        The communicator.
+    """
+    comm = _world(comm)
+    try:
+        yield comm
+    except SystemExit as exc:
+        if exc.code in (None, 0):
+            raise
+        _abort(comm, errorcode)
+    except BaseException:
+        _abort(comm, errorcode)
+
+
+def _abort(comm, errorcode):
+    text = traceback.format_exc()
+    try:
+        sys.stderr.write(f"fastopt.distributed: rank {comm.Get_rank()} of {comm.Get_size()} "
+                         f"raised an exception; aborting the MPI job (error code "
+                         f"{errorcode})\n{text}")
+        sys.stderr.flush()
+        sys.stdout.flush()
+    finally:
+        comm.Abort(errorcode)
+        # MPI_Abort may return before the process manager ends this process (MPICH does):
+        # run no more of the program.
+        os._exit(errorcode)
