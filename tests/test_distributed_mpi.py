@@ -18,6 +18,7 @@ checked against the bound on two orders of the same sum, ``2 (N - 1) eps sum|g_i
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -133,3 +134,17 @@ def test_a_rank_that_raises_in_step_aborts_the_job():
     assert ("ValueError: param_groups[0]['params'][0]: .grad has shape (2,), the parameter "
             "(3, 4)") in err
     assert "finished" not in out
+
+
+@needs_mpi
+@pytest.mark.skipif(importlib.util.find_spec("sklearn") is None,
+                    reason="scikit-learn provides the digits data set")
+def test_digits_example_trains_data_parallel():
+    rc, out, err = run_mpi(2, [EXAMPLE, "--quick"])
+    assert rc == 0, f"stdout:\n{out}\nstderr:\n{err}"
+    last = out.strip().splitlines()[-1]
+    match = re.fullmatch(r"test accuracy ([0-9.]+)% after 6 epochs on 2 ranks in [0-9.]+ s; "
+                         r"parameters identical on all ranks", last)
+    assert match, last
+    assert float(match.group(1)) > 95
+    assert out.count("test accuracy") == 1               # rank 0 alone prints
