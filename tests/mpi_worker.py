@@ -208,6 +208,78 @@ def check_errors():
     return errors
 
 
+def state_bytes(opt, scalars):
+    """Bytes of the optimizer's per-element state (the 0-d entries ``scalars`` left out)."""
+    return sum(v.nbytes for st in opt.state.values() for k, v in st.items()
+               if isinstance(v, np.ndarray) and k not in scalars)
+
+
+def zero_groups(params):
+    """Two groups, one per dtype, the second with its own lr."""
+    return [{"params": [p for p in params if p.dtype == np.float32]},
+            {"params": [p for p in params if p.dtype == np.float64], "lr": 3e-3}]
+
+
+def check_zero():
+    """ZeRO-1 steps equal one process stepping with the averaged gradients, bit for bit."""
+    configs = [(fastopt.Adam, dict(lr=1e-2, weight_decay=1e-3, amsgrad=True)),
+               (fastopt.SGD, dict(lr=0.1, momentum=0.9, nesterov=True))]
+    configs += [(cls, {}) for name, cls in fastopt.OPTIMIZERS.items()
+                if name not in ("Adam", "SGD")]
+    for cls, kwargs in configs:
+        params, ref = params_of(), params_of()
+        zero = distributed.ZeroOptimizer(zero_groups(params), cls, **kwargs)
+        ref_opt = cls(zero_groups(ref), **kwargs)
+        for t in range(3):
+            for p, g in zip(params, grads_of(rank + 1000 * t)):
+                p.grad = g
+            kept = [p.grad.copy() for p in params]
+            zero.step()
+            assert all(np.array_equal(p.grad, k) for p, k in zip(params, kept)), cls
+            want = ordered_mean([grads_of(r + 1000 * t) for r in range(size)])
+            for p, w in zip(ref, want):
+                p.grad = w
+            ref_opt.step()
+            for i, (p, q) in enumerate(zip(params, ref)):
+                assert np.array_equal(p, q), (cls.__name__, t, i)
+        assert same_on_all_ranks(params), cls
+        # each rank holds the state of its 1/N of every group's elements, no more: its
+        # arrays have its share of the elements, and the ranks' together the reference's
+        shard_state = list(zero.optimizer.state.values())
+        scalars = {k for st in shard_state for k, v in st.items() if np.ndim(v) == 0}
+        arrays = len(shard_state[0]) - len(scalars) if shard_state else 0
+        share = [sum(p.size for p in g["params"]) for g in zero_groups(ref)]
+        share = [n // size + (rank < n % size) for n in share]
+        mine = state_bytes(zero.optimizer, scalars)
+        assert mine == arrays * (share[0] * 4 + share[1] * 8), (cls.__name__, mine)
+        assert comm.allreduce(mine) == state_bytes(ref_opt, scalars), cls.__name__
+    # errors: the same on every rank, nothing changed
+    params = params_of()
+    zero = distributed.ZeroOptimizer(zero_groups(params), fastopt.Adam)
+    before = [p.copy() for p in params]
+    errors = {}
+    for key, mutate in (("zero_missing", on(size - 1, set_grad(1, None))),
+                        ("zero_none", lambda ps: set_grad(1, None)(ps))):
+        for p, g in zip(params, grads_of(rank)):
+            p.grad = g
+        mutate(params)
+        try:
+            zero.step()
+        except distributed.GradientMismatchError as e:
+            errors[key] = str(e)
+        assert all(np.array_equal(p, b) for p, b in zip(params, before))
+        assert not zero.optimizer.state
+    try:
+        distributed.ZeroOptimizer([{"params": params}], fastopt.Adam)
+    except ValueError as e:
+        errors["zero_dtypes"] = str(e)
+    try:
+        distributed.ZeroOptimizer(params, fastopt.LBFGS)
+    except TypeError as e:
+        errors["zero_class"] = str(e).split(", got")[0]
+    return errors
+
+
 def main(mode):
     if mode == "check":
         with distributed.abort_on_error():      # a failed assertion ends the job at once
@@ -215,6 +287,7 @@ def main(mode):
             check_step()
             check_allreduce()
             errors = check_errors()
+            errors.update(check_zero())
         with open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w") as f:
             json.dump({"rank": rank, "size": size, "errors": errors}, f)
     elif mode == "abort":

@@ -109,13 +109,22 @@ def expected_errors(n):
                        f"(5,) float32",
         "group": f"rank {last} of {n}: param_groups[1]['params'][2]: .grad has shape (3,), "
                  f"the parameter (64,)",
+        "zero_missing": f"rank {last} of {n}: param_groups[0]['params'][1]: .grad is None "
+                        f"(missing), on rank 0 .grad has shape (5,) float32",
+        "zero_none": "param_groups[0]['params'][1]: .grad is None on every rank; "
+                     "ZeroOptimizer steps every parameter",
+        "zero_dtypes": "param_groups[0] mixes dtypes ['float32', 'float64']; ZeroOptimizer "
+                       "shards each group as one array: put each dtype in its own group",
+        "zero_class": "ZeroOptimizer needs a per-element fastopt optimizer class (one of "
+                      "fastopt.OPTIMIZERS)",
     }
 
 
 @needs_mpi
 @pytest.mark.parametrize("n", [2, 3, 4])
 def test_average_step_and_errors_under_mpiexec(n, tmp_path):
-    """Averages bit for bit, steps as one process, and every rank raises the same error."""
+    """Averages bit for bit, steps as one process (also ZeRO-1 sharded: every per-element
+    optimizer, each rank holding 1/N of the state), and every rank raises the same error."""
     rc, out, err = run_mpi(n, [WORKER, "check", str(tmp_path)])
     assert rc == 0, f"stdout:\n{out}\nstderr:\n{err}"
     results = [json.loads(f.read_text()) for f in sorted(tmp_path.glob("rank*.json"))]

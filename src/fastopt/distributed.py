@@ -26,6 +26,12 @@ of one dtype, in parameter order, are packed into one contiguous buffer, reduced
 of collectives (or one ``Allreduce``), and copied back, so a model of many small tensors costs
 a few collectives per step rather than one per parameter. :func:`plan_buckets` shows the plan.
 
+:class:`ZeroOptimizer` is ZeRO stage 1: instead of every rank keeping the whole optimizer
+state, each rank owns a contiguous 1/N of every group's elements and keeps the state of that
+shard only; a step reduce-scatters the gradients (in the same fixed order), steps the shard
+with the same C kernels and gathers the updated parameters onto every rank. The result is
+the same bits as a single process stepping with the averaged gradients.
+
 Before any data moves, every rank checks its parameters and gradients, and the ranks compare
 a digest of what they hold (one ``Allgather`` of 17 bytes per rank). A gradient that is
 missing on some ranks only, of the wrong shape or dtype, or parameters that differ between
@@ -46,8 +52,8 @@ import traceback
 
 import numpy as np
 
-__all__ = ["average_gradients", "plan_buckets", "abort_on_error", "GradientMismatchError",
-           "DEFAULT_BUCKET_BYTES"]
+__all__ = ["average_gradients", "plan_buckets", "ZeroOptimizer", "abort_on_error",
+           "GradientMismatchError", "DEFAULT_BUCKET_BYTES"]
 
 #: The default bucket size of :func:`average_gradients`, in bytes.
 DEFAULT_BUCKET_BYTES = 25 << 20
@@ -199,8 +205,12 @@ def _chunks(n, size):
     return counts, displs
 
 
-def _ordered_mean(buf, comm):
-    """Replace ``buf`` by the rank-ordered sum over the ranks divided by their number."""
+def _ordered_reduce_scatter(buf, comm):
+    """This rank's slice of the rank-ordered sum of ``buf`` over the ranks, divided by N.
+
+    Slice ``r`` of ``buf`` (``_chunks``) goes to rank ``r`` from every rank (``Alltoallv``);
+    rank ``r`` sums what it received in rank order. Returns a new array.
+    """
     size, rank = comm.Get_size(), comm.Get_rank()
     counts, displs = _chunks(buf.size, size)
     mine = counts[rank]
@@ -212,7 +222,13 @@ def _ordered_mean(buf, comm):
     for s in range(1, size):
         np.add(total, parts[s], out=total)
     np.divide(total, size, out=total)
-    comm.Allgatherv(total, [buf, (counts, displs)])
+    return total
+
+
+def _ordered_mean(buf, comm):
+    """Replace ``buf`` by the rank-ordered sum over the ranks divided by their number."""
+    counts, displs = _chunks(buf.size, comm.Get_size())
+    comm.Allgatherv(_ordered_reduce_scatter(buf, comm), [buf, (counts, displs)])
 
 
 def average_gradients(params, comm=None, bucket_bytes=DEFAULT_BUCKET_BYTES, *,
@@ -284,6 +300,153 @@ def average_gradients(params, comm=None, bucket_bytes=DEFAULT_BUCKET_BYTES, *,
                 g[...] = buf[offset:offset + g.size].reshape(g.shape)
                 offset += g.size
     return len(buckets)
+
+
+def _copy_range(members, lo, out):
+    """Copy elements ``lo:lo + out.size`` of the members' concatenation into ``out``."""
+    hi, offset = lo + out.size, 0
+    for p in members:
+        n = int(np.size(p))
+        a, b = max(lo, offset), min(hi, offset + n)
+        if a < b:
+            out[a - lo:b - lo] = np.asarray(p).reshape(-1)[a - offset:b - offset]
+        offset += n
+
+
+class ZeroOptimizer:
+    """ZeRO stage 1: each rank keeps the optimizer state of 1/N of every group's elements.
+
+    The parameters of each group, flattened and concatenated in order, are cut into N
+    contiguous slices; rank ``r`` owns slice ``r`` (the first ``E % N`` ranks one element
+    more) and holds an ``optimizer_class`` over that slice only (:attr:`optimizer`, one
+    parameter per group), so each rank's optimizer state is 1/N of a single process's. A
+    :meth:`step`:
+
+    1. checks, collectively, the parameters and gradients (:func:`average_gradients`'s
+       check; every parameter needs a gradient, and every group one dtype);
+    2. reduce-scatters each group's gradients: rank ``r`` receives slice ``r`` of every
+       rank's gradients (``Alltoallv``) and averages them in rank order, the same bits as
+       :func:`average_gradients`;
+    3. copies the owned slice of the parameters into the shard and steps the shard with the
+       same C kernels;
+    4. gathers the updated slices (``Allgatherv``) into every rank's parameters, in place.
+
+    The parameters therefore end every step equal on all ranks and, bit for bit, equal to
+    one process stepping ``optimizer_class`` over all of them with the averaged gradients
+    (the update of an element depends on that element only). The gradients are left as they
+    were (not averaged). Each group's gradients travel in one round of collectives, through
+    a buffer of the group's size that lives for the step.
+
+    Parameters
+    ----------
+    params : iterable of Parameter or of dict
+        The parameters, or parameter groups (dicts with ``"params"`` and per-group options),
+        the same on every rank.
+    optimizer_class : type
+        A per-element fastopt optimizer (``fastopt.Adam``, ``fastopt.SGD``, ... : one of
+        ``fastopt.OPTIMIZERS``).
+    comm : mpi4py.MPI.Comm, optional
+        The communicator; ``MPI.COMM_WORLD`` by default.
+    **defaults
+        The optimizer's arguments (``lr=...``), as for ``optimizer_class``.
+
+    Attributes
+    ----------
+    optimizer : Optimizer
+        This rank's ``optimizer_class`` over its shards. Its ``param_groups`` carry the
+        hyperparameters (a learning-rate scheduler drives it), its ``state`` the shard's
+        state, and its ``state_dict()`` is this rank's part of a checkpoint.
+    """
+
+    def __init__(self, params, optimizer_class, comm=None, **defaults):
+        from fastopt.optimizer import kernel_optimizers
+        from fastopt.parameter import Parameter
+
+        if not (isinstance(optimizer_class, type) and
+                any(issubclass(optimizer_class, k) for k in kernel_optimizers().values())):
+            raise TypeError(f"ZeroOptimizer needs a per-element fastopt optimizer class "
+                            f"(one of fastopt.OPTIMIZERS), got {optimizer_class!r}")
+        self.comm = comm = _world(comm)
+        params = list(params)
+        if params and isinstance(params[0], dict):
+            groups = [dict(g, params=list(g["params"])) for g in params]
+        else:
+            groups = [{"params": params}]
+        size, rank = comm.Get_size(), comm.Get_rank()
+        self._groups, shard_groups = [], []
+        for g, group in enumerate(groups):
+            members = group["params"]
+            if not members:
+                raise ValueError(f"param_groups[{g}] has no parameters")
+            dtypes = {np.dtype(p.dtype) for p in members}
+            if len(dtypes) != 1:
+                raise ValueError(f"param_groups[{g}] mixes dtypes "
+                                 f"{sorted(str(d) for d in dtypes)}; ZeroOptimizer shards "
+                                 f"each group as one array: put each dtype in its own group")
+            total = sum(int(np.size(p)) for p in members)
+            counts, displs = _chunks(total, size)
+            lo = displs[rank]
+            flat = np.concatenate([np.asarray(p).reshape(-1) for p in members])
+            shard = Parameter(np.ascontiguousarray(flat[lo:lo + counts[rank]]))
+            self._groups.append((members, counts, displs, shard))
+            shard_groups.append(dict({k: v for k, v in group.items() if k != "params"},
+                                     params=[shard]))
+        self.optimizer = optimizer_class(shard_groups, **defaults)
+
+    @property
+    def param_groups(self):
+        """The shard optimizer's groups (hyperparameters; each holds this rank's shard)."""
+        return self.optimizer.param_groups
+
+    def _named(self):
+        return [(f"param_groups[{g}]['params'][{j}]", p)
+                for g, (members, _, _, _) in enumerate(self._groups)
+                for j, p in enumerate(members)]
+
+    def zero_grad(self, set_to_none=True):
+        """Clear the gradients of the parameters (None, or zeros in place)."""
+        for members, _, _, _ in self._groups:
+            for p in members:
+                if set_to_none:
+                    p.grad = None
+                elif p.grad is not None:
+                    p.grad[...] = 0
+
+    def step(self):
+        """Average the gradients over the ranks, step this rank's shards, gather the result.
+
+        Raises
+        ------
+        GradientMismatchError
+            On every rank alike, before anything changes, as :func:`average_gradients`
+            raises it, and when a parameter has no gradient on any rank.
+        """
+        comm = self.comm
+        named = self._named()
+        signature = _agree(named, comm)
+        for (name, _), (_, _, grad) in zip(named, signature):
+            if grad is None:        # then None on every rank: the signatures agree
+                raise GradientMismatchError(f"{name}: .grad is None on every rank; "
+                                            f"ZeroOptimizer steps every parameter")
+        rank = comm.Get_rank()
+        for members, counts, displs, shard in self._groups:
+            flat = np.concatenate([p.grad.reshape(-1) for p in members])
+            shard.grad = _ordered_reduce_scatter(flat, comm)
+            # the parameters are authoritative (a loaded checkpoint, an edit between steps)
+            _copy_range(members, displs[rank], shard)
+        try:
+            self.optimizer.step()
+        finally:
+            for _, _, _, shard in self._groups:
+                shard.grad = None
+        for members, counts, displs, shard in self._groups:
+            flat = np.empty(sum(counts), dtype=shard.dtype)
+            comm.Allgatherv(np.asarray(shard), [flat, (counts, displs)])
+            offset = 0
+            for p in members:
+                n = int(np.size(p))
+                p[...] = flat[offset:offset + n].reshape(np.shape(p))
+                offset += n
 
 
 @contextlib.contextmanager
