@@ -194,6 +194,10 @@ def check_errors():
                                 lr=0.1),
             on(last, lambda opt: setattr(opt.param_groups[1]["params"][2], "grad",
                                          np.zeros(3, np.float64)))),
+        "grouping": expect_error(
+            lambda: fastopt.SGD([{"params": params_of()[:4 if rank != 1 else 3]},
+                                 {"params": params_of()[4 if rank != 1 else 3:]}], lr=0.1),
+            lambda opt: None),
     }
     # a gradient that is None on every rank is skipped, as step() skips it
     params = params_of()

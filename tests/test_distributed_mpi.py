@@ -109,6 +109,9 @@ def expected_errors(n):
                        f"(5,) float32",
         "group": f"rank {last} of {n}: param_groups[1]['params'][2]: .grad has shape (3,), "
                  f"the parameter (64,)",
+        "grouping": f"rank 1 of {n}: parameter 3 is param_groups[1]['params'][0], on rank "
+                    f"0 param_groups[0]['params'][3] (the ranks group their parameters "
+                    f"differently)",
         "zero_missing": f"rank {last} of {n}: param_groups[0]['params'][1]: .grad is None "
                         f"(missing), on rank 0 .grad has shape (5,) float32",
         "zero_none": "param_groups[0]['params'][1]: .grad is None on every rank; "

@@ -91,7 +91,7 @@ def _describe(grad):
 
 
 def _inspect(named):
-    """Per parameter ``(shape, dtype, grad description)`` and the first local error or None.
+    """Per parameter ``(name, shape, dtype, grad description)``, and the first local error.
 
     The description is that of the gradient when it is usable, else ``None``; a gradient that
     is not None but unusable is a local error.
@@ -115,7 +115,8 @@ def _inspect(named):
                 problem = ".grad is read-only (it is averaged in place)"
         if problem is not None and error is None:
             error = f"{name}: {problem}"
-        signature.append((shape, dtype, None if grad is None or problem else _describe(grad)))
+        signature.append((name, shape, dtype,
+                          None if grad is None or problem else _describe(grad)))
     return signature, error
 
 
@@ -131,10 +132,10 @@ def _agree(named, comm):
     # Something differs: gather the full descriptions (rare, so pickled) and let every rank
     # derive the same message from the same data.
     gathered = comm.allgather((signature, error))
-    raise GradientMismatchError(_mismatch_message(gathered, [name for name, _ in named]))
+    raise GradientMismatchError(_mismatch_message(gathered))
 
 
-def _mismatch_message(gathered, names0):
+def _mismatch_message(gathered):
     size = len(gathered)
     for rank, (_, error) in enumerate(gathered):
         if error is not None:
@@ -144,17 +145,20 @@ def _mismatch_message(gathered, names0):
         if len(sigs[rank]) != len(sigs[0]):
             return (f"rank {rank} of {size} has {len(sigs[rank])} parameters, rank 0 has "
                     f"{len(sigs[0])}")
-    for i, name in enumerate(names0):
+    for i, (name, *_) in enumerate(sigs[0]):
         for rank in range(1, size):
             a, b = sigs[0][i], sigs[rank][i]
-            if a[:2] != b[:2]:
-                return (f"rank {rank} of {size}: {name} has shape {b[0]} {b[1]}, on rank 0 "
-                        f"shape {a[0]} {a[1]}")
-        have = [rank for rank in range(size) if sigs[rank][i][2] is not None]
+            if a[0] != b[0]:
+                return (f"rank {rank} of {size}: parameter {i} is {b[0]}, on rank 0 {a[0]} "
+                        f"(the ranks group their parameters differently)")
+            if a[1:3] != b[1:3]:
+                return (f"rank {rank} of {size}: {name} has shape {b[1]} {b[2]}, on rank 0 "
+                        f"shape {a[1]} {a[2]}")
+        have = [rank for rank in range(size) if sigs[rank][i][3] is not None]
         if 0 < len(have) < size:
             missing = min(set(range(size)) - set(have))
             return (f"rank {missing} of {size}: {name}: .grad is None (missing), on rank "
-                    f"{have[0]} .grad has {sigs[have[0]][i][2]}")
+                    f"{have[0]} .grad has {sigs[have[0]][i][3]}")
     raise AssertionError("the ranks' digests differ but their descriptions agree")
 
 
@@ -424,7 +428,7 @@ class ZeroOptimizer:
         comm = self.comm
         named = self._named()
         signature = _agree(named, comm)
-        for (name, _), (_, _, grad) in zip(named, signature):
+        for name, _, _, grad in signature:
             if grad is None:        # then None on every rank: the signatures agree
                 raise GradientMismatchError(f"{name}: .grad is None on every rank; "
                                             f"ZeroOptimizer steps every parameter")
