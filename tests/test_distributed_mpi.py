@@ -40,9 +40,17 @@ def _mpiexec():
     return beside if os.path.exists(beside) else shutil.which("mpiexec")
 
 
+def _have_mpi4py():
+    try:
+        import mpi4py  # noqa: F401  (the package only: MPI itself starts with mpi4py.MPI)
+    except ImportError:
+        return False
+    return True
+
+
 MPIEXEC = _mpiexec()
 needs_mpi = pytest.mark.skipif(
-    importlib.util.find_spec("mpi4py") is None or MPIEXEC is None,
+    not _have_mpi4py() or MPIEXEC is None,
     reason="needs mpi4py and mpiexec (pip install mpi4py mpich: the distributed extra)")
 
 
