@@ -33,7 +33,7 @@ with the same C kernels and gathers the updated parameters onto every rank. The 
 the same bits as a single process stepping with the averaged gradients.
 
 Before any data moves, every rank checks its parameters and gradients, and the ranks compare
-a digest of what they hold (one ``Allgather`` of 17 bytes per rank). A gradient that is
+a digest of what they hold (one ``Allgather`` of 16 bytes per rank). A gradient that is
 missing on some ranks only, of the wrong shape or dtype, or parameters that differ between
 ranks, make :func:`average_gradients` raise the same :class:`GradientMismatchError` on every
 rank, naming the first offending rank and parameter, with no gradient changed, instead of
@@ -45,7 +45,6 @@ exception prints its traceback with the rank's number and ends the whole job wit
 ``MPI_Abort``.
 """
 import contextlib
-import hashlib
 import os
 import sys
 import traceback
@@ -59,6 +58,7 @@ __all__ = ["average_gradients", "plan_buckets", "ZeroOptimizer", "abort_on_error
 DEFAULT_BUCKET_BYTES = 25 << 20
 
 _DTYPES = (np.float32, np.float64, np.complex64, np.complex128)
+_DTYPE_SET = frozenset(np.dtype(t) for t in _DTYPES)
 
 
 class GradientMismatchError(ValueError):
@@ -74,16 +74,41 @@ def _world(comm):
     return _mpi().COMM_WORLD if comm is None else comm
 
 
-def _named_params(params):
-    """``[(name, parameter)]`` of an optimizer (every group, in order) or an iterable."""
+def _flatten(params):
+    """The parameters of an optimizer (every group, in order) or an iterable, as a list, and
+    the optimizer's group sizes (``(-1,)`` for an iterable: they name the parameters)."""
     groups = getattr(params, "param_groups", None)
     if groups is not None:
-        return [(f"param_groups[{g}]['params'][{j}]", p)
-                for g, group in enumerate(groups) for j, p in enumerate(group["params"])]
+        members = [list(group["params"]) for group in groups]
+        return [p for m in members for p in m], tuple(len(m) for m in members)
     if isinstance(params, np.ndarray):
         raise TypeError("average_gradients takes an optimizer or an iterable of parameters, "
                         "not a single array; pass [p]")
-    return [(f"params[{i}]", p) for i, p in enumerate(params)]
+    return list(params), (-1,)
+
+
+def _names(sizes, n):
+    if sizes == (-1,):
+        return [f"params[{i}]" for i in range(n)]
+    return [f"param_groups[{g}]['params'][{j}]" for g, k in enumerate(sizes) for j in range(k)]
+
+
+def _codes(params):
+    """The cheap per-step check: per parameter ``(shape, dtype number, has a gradient)``, and
+    whether some gradient is unusable (then :func:`_inspect` says why)."""
+    codes, bad = [], False
+    for p in params:
+        shape = p.shape if isinstance(p, np.ndarray) else tuple(np.shape(p))
+        num = getattr(getattr(p, "dtype", None), "num", -1)
+        g = getattr(p, "grad", None)
+        if g is None:
+            codes.append((shape, num, 0))
+            continue
+        if not (isinstance(g, np.ndarray) and g.shape == shape and g.dtype == p.dtype
+                and g.dtype in _DTYPE_SET and g.flags.writeable):
+            bad = True
+        codes.append((shape, num, 1))
+    return codes, bad
 
 
 def _describe(grad):
@@ -106,9 +131,9 @@ def _inspect(named):
                 problem = f".grad is a {type(grad).__name__}, not a NumPy array"
             elif tuple(grad.shape) != shape:
                 problem = f".grad has shape {tuple(grad.shape)}, the parameter {shape}"
-            elif str(grad.dtype) != dtype:
+            elif grad.dtype != getattr(p, "dtype", None):
                 problem = f".grad has dtype {grad.dtype}, the parameter {dtype}"
-            elif grad.dtype not in _DTYPES:
+            elif grad.dtype not in _DTYPE_SET:
                 problem = (f".grad has dtype {grad.dtype}; averaging takes float32, float64, "
                            f"complex64 or complex128")
             elif not grad.flags.writeable:
@@ -120,19 +145,26 @@ def _inspect(named):
     return signature, error
 
 
-def _agree(named, comm):
-    """Check locally and collectively; raise the same error on every rank on a mismatch."""
-    signature, error = _inspect(named)
-    digest = hashlib.blake2b(repr(signature).encode(), digest_size=16).digest()
-    mine = np.frombuffer(digest + bytes([error is not None]), dtype=np.uint8)
-    everyone = np.empty((comm.Get_size(), mine.size), dtype=np.uint8)
+def _agree(params, sizes, comm):
+    """Check locally and collectively; raise the same error on every rank on a mismatch.
+
+    Returns the per-parameter codes of :func:`_codes` (the same on every rank).
+    """
+    codes, bad = _codes(params)
+    # The hash of a tuple of ints is the same in every process (no hash randomisation)
+    key = hash((sizes, tuple(codes))) & 0xFFFFFFFFFFFFFFFF
+    mine = np.array([key, bad], dtype=np.uint64)
+    everyone = np.empty((comm.Get_size(), 2), dtype=np.uint64)
     comm.Allgather(mine, everyone)
-    if not everyone[:, -1].any() and (everyone == everyone[0]).all():
-        return signature
+    if not everyone[:, 1].any() and (everyone[:, 0] == everyone[0, 0]).all():
+        return codes
     # Something differs: gather the full descriptions (rare, so pickled) and let every rank
     # derive the same message from the same data.
-    gathered = comm.allgather((signature, error))
-    raise GradientMismatchError(_mismatch_message(gathered))
+    gathered = comm.allgather(_inspect(list(zip(_names(sizes, len(params)), params))))
+    message = _mismatch_message(gathered)
+    if message is None:     # the keys differed, the descriptions agree (another Python?)
+        return codes
+    raise GradientMismatchError(message)
 
 
 def _mismatch_message(gathered):
@@ -159,7 +191,7 @@ def _mismatch_message(gathered):
             missing = min(set(range(size)) - set(have))
             return (f"rank {missing} of {size}: {name}: .grad is None (missing), on rank "
                     f"{have[0]} .grad has {sigs[have[0]][i][3]}")
-    raise AssertionError("the ranks' digests differ but their descriptions agree")
+    return None
 
 
 def plan_buckets(params, bucket_bytes=DEFAULT_BUCKET_BYTES):
@@ -183,7 +215,7 @@ def plan_buckets(params, bucket_bytes=DEFAULT_BUCKET_BYTES):
     """
     if not isinstance(bucket_bytes, (int, np.integer)) or bucket_bytes < 1:
         raise ValueError(f"bucket_bytes must be a positive integer, got {bucket_bytes!r}")
-    return _plan([p.grad for _, p in _named_params(params)], bucket_bytes)
+    return _plan([p.grad for p in _flatten(params)[0]], bucket_bytes)
 
 
 def _plan(grads, bucket_bytes):
@@ -275,10 +307,10 @@ def average_gradients(params, comm=None, bucket_bytes=DEFAULT_BUCKET_BYTES, *,
     if not isinstance(bucket_bytes, (int, np.integer)) or bucket_bytes < 1:
         raise ValueError(f"bucket_bytes must be a positive integer, got {bucket_bytes!r}")
     comm = _world(comm)
-    named = _named_params(params)
-    _agree(named, comm)
+    flat, sizes = _flatten(params)
+    _agree(flat, sizes, comm)
     size = comm.Get_size()
-    grads = [p.grad for _, p in named]
+    grads = [p.grad for p in flat]
     buckets = _plan(grads, bucket_bytes)
     if size == 1:
         return len(buckets)
@@ -402,11 +434,6 @@ class ZeroOptimizer:
         """The shard optimizer's groups (hyperparameters; each holds this rank's shard)."""
         return self.optimizer.param_groups
 
-    def _named(self):
-        return [(f"param_groups[{g}]['params'][{j}]", p)
-                for g, (members, _, _, _) in enumerate(self._groups)
-                for j, p in enumerate(members)]
-
     def zero_grad(self, set_to_none=True):
         """Clear the gradients of the parameters (None, or zeros in place)."""
         for members, _, _, _ in self._groups:
@@ -426,12 +453,13 @@ class ZeroOptimizer:
             raises it, and when a parameter has no gradient on any rank.
         """
         comm = self.comm
-        named = self._named()
-        signature = _agree(named, comm)
-        for name, _, _, grad in signature:
-            if grad is None:        # then None on every rank: the signatures agree
-                raise GradientMismatchError(f"{name}: .grad is None on every rank; "
-                                            f"ZeroOptimizer steps every parameter")
+        flat = [p for members, _, _, _ in self._groups for p in members]
+        sizes = tuple(len(members) for members, _, _, _ in self._groups)
+        codes = _agree(flat, sizes, comm)
+        for i, (_, _, has_grad) in enumerate(codes):
+            if not has_grad:        # then None on every rank: the codes agree
+                raise GradientMismatchError(f"{_names(sizes, len(flat))[i]}: .grad is None on "
+                                            f"every rank; ZeroOptimizer steps every parameter")
         rank = comm.Get_rank()
         for members, counts, displs, shard in self._groups:
             flat = np.concatenate([p.grad.reshape(-1) for p in members])
