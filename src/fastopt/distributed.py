@@ -1,4 +1,4 @@
-"""Data-parallel training over MPI: gradient averaging across processes, and a clean abort.
+"""Data-parallel training over MPI: gradient averaging, ZeRO-1 sharding and a clean abort.
 
 Every process (rank) holds the same parameters and the same optimizer; each computes the
 gradients of its own share of the batch, :func:`average_gradients` replaces every gradient by
