@@ -317,7 +317,8 @@ def average_gradients(params, comm=None, bucket_bytes=DEFAULT_BUCKET_BYTES, *,
     MPI = _mpi() if not deterministic else None
     for bucket in buckets:
         members = [grads[i] for i in bucket]
-        if len(members) == 1 and members[0].flags.c_contiguous:
+        in_place = len(members) == 1 and members[0].flags.c_contiguous
+        if in_place:
             buf = members[0].reshape(-1)            # a view: reduced in place
         else:
             buf = np.empty(sum(g.size for g in members), dtype=members[0].dtype)
@@ -330,7 +331,7 @@ def average_gradients(params, comm=None, bucket_bytes=DEFAULT_BUCKET_BYTES, *,
         else:
             comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
             np.divide(buf, size, out=buf)
-        if not np.shares_memory(buf, members[0]):
+        if not in_place:
             offset = 0
             for g in members:
                 g[...] = buf[offset:offset + g.size].reshape(g.shape)
