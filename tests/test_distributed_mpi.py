@@ -14,6 +14,8 @@ and the worker checks that its gradients (six decades of magnitude) give other b
 summed in another order. MPICH's own ``Allreduce`` happens to sum 3 ranks in rank order but 4
 as ``(g_0 + g_1) + (g_2 + g_3)``; ``deterministic=False`` (that ``Allreduce``) is therefore
 checked against the bound on two orders of the same sum, ``2 (N - 1) eps sum|g_i| / N``.
+``ZeroOptimizer`` reduce-scatters in the same rank order, and its parameters are compared bit
+for bit with one process stepping the same optimizer with that ordered mean.
 """
 import importlib.util
 import json
