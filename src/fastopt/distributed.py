@@ -45,9 +45,11 @@ exception prints its traceback with the rank's number and ends the whole job wit
 ``MPI_Abort``.
 """
 import contextlib
+import importlib
 import os
 import sys
 import traceback
+from typing import Any, Iterator, List, Optional
 
 import numpy as np
 
@@ -65,9 +67,9 @@ class GradientMismatchError(ValueError):
     """The ranks' parameters or gradients do not agree; raised on every rank alike."""
 
 
-def _mpi():
-    from mpi4py import MPI
-    return MPI
+def _mpi() -> Any:
+    # imported by name: mpi4py is optional (the distributed extra), and MPI starts here
+    return importlib.import_module("mpi4py.MPI")
 
 
 def _world(comm):
@@ -194,7 +196,7 @@ def _mismatch_message(gathered):
     return None
 
 
-def plan_buckets(params, bucket_bytes=DEFAULT_BUCKET_BYTES):
+def plan_buckets(params: Any, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> List[List[int]]:
     """The buckets :func:`average_gradients` reduces, as lists of parameter positions.
 
     Parameters whose gradient is None are left out. The gradients of each dtype, in
@@ -267,8 +269,8 @@ def _ordered_mean(buf, comm):
     comm.Allgatherv(_ordered_reduce_scatter(buf, comm), [buf, (counts, displs)])
 
 
-def average_gradients(params, comm=None, bucket_bytes=DEFAULT_BUCKET_BYTES, *,
-                      deterministic=True):
+def average_gradients(params: Any, comm: Any = None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                      *, deterministic: bool = True) -> int:
     """Replace every gradient by its mean over the ranks of ``comm``, in place.
 
     Call it on every rank after the backward pass and before ``step()``. Every rank must pass
@@ -314,7 +316,7 @@ def average_gradients(params, comm=None, bucket_bytes=DEFAULT_BUCKET_BYTES, *,
     buckets = _plan(grads, bucket_bytes)
     if size == 1:
         return len(buckets)
-    MPI = _mpi() if not deterministic else None
+    MPI = None if deterministic else _mpi()
     for bucket in buckets:
         members = [grads[i] for i in bucket]
         in_place = len(members) == 1 and members[0].flags.c_contiguous
@@ -329,6 +331,7 @@ def average_gradients(params, comm=None, bucket_bytes=DEFAULT_BUCKET_BYTES, *,
         if deterministic:
             _ordered_mean(buf, comm)
         else:
+            assert MPI is not None
             comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
             np.divide(buf, size, out=buf)
         if not in_place:
@@ -395,7 +398,8 @@ class ZeroOptimizer:
         state, and its ``state_dict()`` is this rank's part of a checkpoint.
     """
 
-    def __init__(self, params, optimizer_class, comm=None, **defaults):
+    def __init__(self, params: Any, optimizer_class: type, comm: Any = None,
+                 **defaults: Any) -> None:
         from fastopt.optimizer import kernel_optimizers
         from fastopt.parameter import Parameter
 
@@ -431,11 +435,11 @@ class ZeroOptimizer:
         self.optimizer = optimizer_class(shard_groups, **defaults)
 
     @property
-    def param_groups(self):
+    def param_groups(self) -> List[dict]:
         """The shard optimizer's groups (hyperparameters; each holds this rank's shard)."""
         return self.optimizer.param_groups
 
-    def zero_grad(self, set_to_none=True):
+    def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the gradients of the parameters (None, or zeros in place)."""
         for members, _, _, _ in self._groups:
             for p in members:
@@ -444,7 +448,7 @@ class ZeroOptimizer:
                 elif p.grad is not None:
                     p.grad[...] = 0
 
-    def step(self):
+    def step(self) -> None:
         """Average the gradients over the ranks, step this rank's shards, gather the result.
 
         Raises
@@ -454,17 +458,18 @@ class ZeroOptimizer:
             raises it, and when a parameter has no gradient on any rank.
         """
         comm = self.comm
-        flat = [p for members, _, _, _ in self._groups for p in members]
+        params = [p for members, _, _, _ in self._groups for p in members]
         sizes = tuple(len(members) for members, _, _, _ in self._groups)
-        codes = _agree(flat, sizes, comm)
+        codes = _agree(params, sizes, comm)
         for i, (_, _, has_grad) in enumerate(codes):
             if not has_grad:        # then None on every rank: the codes agree
-                raise GradientMismatchError(f"{_names(sizes, len(flat))[i]}: .grad is None on "
-                                            f"every rank; ZeroOptimizer steps every parameter")
+                raise GradientMismatchError(f"{_names(sizes, len(params))[i]}: .grad is None "
+                                            f"on every rank; ZeroOptimizer steps every "
+                                            f"parameter")
         rank = comm.Get_rank()
         for members, counts, displs, shard in self._groups:
-            flat = np.concatenate([p.grad.reshape(-1) for p in members])
-            shard.grad = _ordered_reduce_scatter(flat, comm)
+            grads = np.concatenate([p.grad.reshape(-1) for p in members])
+            shard.grad = _ordered_reduce_scatter(grads, comm)
             # the parameters are authoritative (a loaded checkpoint, an edit between steps)
             _copy_range(members, displs[rank], shard)
         try:
@@ -483,7 +488,7 @@ class ZeroOptimizer:
 
 
 @contextlib.contextmanager
-def abort_on_error(comm=None, errorcode=1):
+def abort_on_error(comm: Any = None, errorcode: int = 1) -> Iterator[Any]:
     """End the whole MPI job when the body raises, instead of leaving other ranks blocked.
 
     On an exception (KeyboardInterrupt included; ``SystemExit`` with code 0 or None
