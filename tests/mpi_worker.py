@@ -1,0 +1,314 @@
+"""One rank of the MPI tests of fastopt.distributed (tests/test_distributed_mpi.py).
+
+    mpiexec -n N python tests/mpi_worker.py check DIR  # averaging, steps, mismatch errors
+    mpiexec -n N python tests/mpi_worker.py abort    # rank 1 raises inside a step
+
+``check`` asserts on every rank and ends by writing ``DIR/rank<r>.json`` with the error
+messages the rank saw, which the test compares across ranks. Every rank can rebuild
+every other rank's gradients from their seeds, so the single-process reference is computed
+locally on each rank.
+"""
+import json
+import os
+import sys
+
+import numpy as np
+from mpi4py import MPI
+
+import fastopt
+from fastopt import distributed
+
+comm = MPI.COMM_WORLD
+rank, size = comm.Get_rank(), comm.Get_size()
+
+
+class Holder(np.ndarray):
+    """A complex parameter stand-in: an array with a ``.grad`` (Parameter is real only)."""
+
+
+def holder(a):
+    h = np.asarray(a).view(Holder)
+    h.grad = None
+    return h
+
+
+SHAPES = [((3, 4), np.float32), ((5,), np.float32), ((1000,), np.float32), ((), np.float32),
+          ((7, 7), np.float64), ((0,), np.float32), ((64,), np.float64), ((2, 3), np.float32)]
+
+
+def grads_of(r, shapes=SHAPES):
+    """Rank r's gradients: magnitudes over six decades, so the summation order shows."""
+    rng = np.random.default_rng(100 + r)
+    return [np.asarray(rng.standard_normal(s) * 10.0 ** rng.uniform(-3, 3, s), dtype=dt)
+            for s, dt in shapes]
+
+
+def ordered_mean(per_rank):
+    """The documented average: ((g_0 + g_1) + ...) / N, rounded in the dtype."""
+    out = []
+    for parts in zip(*per_rank):
+        total = parts[0].copy()
+        for g in parts[1:]:
+            total += g
+        out.append(np.divide(total, len(per_rank), out=total))
+    return out
+
+
+def params_of(shapes=SHAPES, seed=7):
+    rng = np.random.default_rng(seed)            # the same on every rank
+    return [fastopt.Parameter(rng.standard_normal(s).astype(dt)) for s, dt in shapes]
+
+
+def same_on_all_ranks(arrays):
+    mine = b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)
+    return len(set(comm.allgather(mine))) == 1
+
+
+def check_average():
+    per_rank = [grads_of(r) for r in range(size)]
+    want = ordered_mean(per_rank)
+    # from 3 ranks on the grouping of the sum matters: another order gives other bits here
+    if size >= 3:
+        rev = ordered_mean(per_rank[::-1])
+        assert any(not np.array_equal(a, b) for a, b in zip(rev, want)), "order-insensitive"
+    for bucket_bytes in (distributed.DEFAULT_BUCKET_BYTES, 64, 1):
+        params = params_of()
+        for p, g in zip(params, grads_of(rank)):
+            p.grad = g
+        grads = [p.grad for p in params]
+        n = distributed.average_gradients(params, bucket_bytes=bucket_bytes)
+        assert n == len(distributed.plan_buckets(params, bucket_bytes)), (n, bucket_bytes)
+        for i, (p, g, w) in enumerate(zip(params, grads, want)):
+            assert p.grad is g, "not in place"
+            assert g.dtype == w.dtype and np.array_equal(g, w), (bucket_bytes, i)
+    # the same bits from a non-contiguous gradient and from complex gradients
+    params = params_of()
+    for p, g in zip(params, grads_of(rank)):
+        p.grad = g
+    wide = np.zeros((3, 8), dtype=np.float32)
+    wide[:, ::2] = params[0].grad
+    params[0].grad = wide[:, ::2]
+    distributed.average_gradients(params, bucket_bytes=100)
+    assert np.array_equal(params[0].grad, want[0]) and not wide[:, 1::2].any()
+    cshapes = [((4,), np.complex64), ((3,), np.complex128)]
+    cper = [[a + 1j * b for a, b in zip(grads_of(r, [(s, np.float32) for s, _ in cshapes]),
+                                           grads_of(r + 50, [(s, np.float32) for s, _ in
+                                                             cshapes]))]
+            for r in range(size)]
+    cper = [[g.astype(dt) for g, (_, dt) in zip(gs, cshapes)] for gs in cper]
+    cparams = [holder(np.zeros(s, dtype=dt)) for s, dt in cshapes]
+    for p, g in zip(cparams, cper[rank]):
+        p.grad = g.copy()
+    distributed.average_gradients(cparams)
+    for p, w in zip(cparams, ordered_mean(cper)):
+        assert np.array_equal(p.grad, w)
+
+
+def check_step():
+    """average + step equals one process stepping with the averaged gradient, bit for bit."""
+    want = ordered_mean([grads_of(r) for r in range(size)])
+    for make in (lambda ps: fastopt.Adam(ps, lr=1e-2, weight_decay=1e-3),
+                 lambda ps: fastopt.SGD(ps, lr=0.1, momentum=0.9, nesterov=True)):
+        params, ref = params_of(), params_of()
+        opt, ref_opt = make(params), make(ref)
+        for _ in range(3):
+            for p, g in zip(params, grads_of(rank)):
+                p.grad = g
+            distributed.average_gradients(opt)
+            opt.step()
+            for p, w in zip(ref, want):
+                p.grad = w.copy()
+            ref_opt.step()
+        for p, q in zip(params, ref):
+            assert np.array_equal(p, q)
+        assert same_on_all_ranks(params)
+
+
+def check_allreduce():
+    """deterministic=False: MPI's order; within the rounding bound of a sum of N terms."""
+    per_rank = [grads_of(r) for r in range(size)]
+    want = ordered_mean(per_rank)
+    params = params_of()
+    for p, g in zip(params, grads_of(rank)):
+        p.grad = g
+    distributed.average_gradients(params, deterministic=False, bucket_bytes=4096)
+    for i, (p, w) in enumerate(zip(params, want)):
+        # two sums of the same N terms in different orders differ by at most
+        # 2 (N - 1) eps sum|g| (each within (N - 1) eps sum|g| of the exact sum), then / N
+        eps = np.finfo(w.dtype).eps
+        bound = 2 * (size - 1) * eps * sum(np.abs(g[i]) for g in per_rank) / size
+        assert np.all(np.abs(p.grad - w) <= bound * (1 + 4 * eps)), i
+
+
+def expect_error(params_fn, mutate):
+    """Run average_gradients on a broken input; the message, and that nothing changed."""
+    params = params_fn()
+    for p, g in zip(params if not hasattr(params, "param_groups")
+                    else [q for grp in params.param_groups for q in grp["params"]],
+                    grads_of(rank)):
+        p.grad = g
+    mutate(params)
+    flat = (params if not hasattr(params, "param_groups")
+            else [q for grp in params.param_groups for q in grp["params"]])
+    before = [None if p.grad is None else p.grad.copy() for p in flat]
+    try:
+        distributed.average_gradients(params, bucket_bytes=256)
+    except distributed.GradientMismatchError as e:
+        message = str(e)
+    else:
+        message = None
+    for p, b in zip(flat, before):
+        assert (p.grad is None) == (b is None) and (b is None or np.array_equal(p.grad, b))
+    return message
+
+
+def on(r, fn):
+    def mutate(params):
+        if rank == r:
+            fn(params)
+    return mutate
+
+
+def set_grad(i, value):
+    def fn(params):
+        params[i].grad = value
+    return fn
+
+
+def check_errors():
+    last = size - 1
+    errors = {
+        "missing": expect_error(params_of, on(last, set_grad(1, None))),
+        "shape": expect_error(params_of, on(1, set_grad(0, np.zeros((4, 3), np.float32)))),
+        "dtype": expect_error(params_of, on(0, set_grad(0, np.zeros((3, 4), np.float64)))),
+        "readonly": expect_error(params_of, on(last, lambda ps: ps[2].grad.setflags(
+            write=False))),
+        "count": expect_error(lambda: params_of()[:3] if rank == 1 else params_of()[:4],
+                              lambda ps: None),
+        "param_shape": expect_error(
+            lambda: params_of() if rank != 1 else params_of()[:1] + [
+                fastopt.Parameter(np.zeros(6, np.float32))] + params_of()[2:],
+            on(1, set_grad(1, np.zeros(6, np.float32)))),
+        "group": expect_error(
+            lambda: fastopt.SGD([{"params": params_of()[:4]}, {"params": params_of()[4:]}],
+                                lr=0.1),
+            on(last, lambda opt: setattr(opt.param_groups[1]["params"][2], "grad",
+                                         np.zeros(3, np.float64)))),
+        "grouping": expect_error(
+            lambda: fastopt.SGD([{"params": params_of()[:4 if rank != 1 else 3]},
+                                 {"params": params_of()[4 if rank != 1 else 3:]}], lr=0.1),
+            lambda opt: None),
+    }
+    # a gradient that is None on every rank is skipped, as step() skips it
+    params = params_of()
+    for p, g in zip(params, grads_of(rank)):
+        p.grad = g
+    params[1].grad = None
+    distributed.average_gradients(params)
+    want = ordered_mean([grads_of(r) for r in range(size)])
+    assert params[1].grad is None
+    assert all(np.array_equal(p.grad, w) for i, (p, w) in enumerate(zip(params, want))
+               if i != 1)
+    return errors
+
+
+def state_bytes(opt, scalars):
+    """Bytes of the optimizer's per-element state (the 0-d entries ``scalars`` left out)."""
+    return sum(v.nbytes for st in opt.state.values() for k, v in st.items()
+               if isinstance(v, np.ndarray) and k not in scalars)
+
+
+def zero_groups(params):
+    """Two groups, one per dtype, the second with its own lr."""
+    return [{"params": [p for p in params if p.dtype == np.float32]},
+            {"params": [p for p in params if p.dtype == np.float64], "lr": 3e-3}]
+
+
+def check_zero():
+    """ZeRO-1 steps equal one process stepping with the averaged gradients, bit for bit."""
+    configs = [(fastopt.Adam, dict(lr=1e-2, weight_decay=1e-3, amsgrad=True)),
+               (fastopt.SGD, dict(lr=0.1, momentum=0.9, nesterov=True))]
+    configs += [(cls, {}) for name, cls in fastopt.OPTIMIZERS.items()
+                if name not in ("Adam", "SGD")]
+    for cls, kwargs in configs:
+        params, ref = params_of(), params_of()
+        zero = distributed.ZeroOptimizer(zero_groups(params), cls, **kwargs)
+        ref_opt = cls(zero_groups(ref), **kwargs)
+        for t in range(3):
+            for p, g in zip(params, grads_of(rank + 1000 * t)):
+                p.grad = g
+            kept = [p.grad.copy() for p in params]
+            zero.step()
+            assert all(np.array_equal(p.grad, k) for p, k in zip(params, kept)), cls
+            want = ordered_mean([grads_of(r + 1000 * t) for r in range(size)])
+            for p, w in zip(ref, want):
+                p.grad = w
+            ref_opt.step()
+            for i, (p, q) in enumerate(zip(params, ref)):
+                assert np.array_equal(p, q), (cls.__name__, t, i)
+        assert same_on_all_ranks(params), cls
+        # each rank holds the state of its 1/N of every group's elements, no more: its
+        # arrays have its share of the elements, and the ranks' together the reference's
+        shard_state = list(zero.optimizer.state.values())
+        scalars = {k for st in shard_state for k, v in st.items() if np.ndim(v) == 0}
+        arrays = len(shard_state[0]) - len(scalars) if shard_state else 0
+        share = [sum(p.size for p in g["params"]) for g in zero_groups(ref)]
+        share = [n // size + (rank < n % size) for n in share]
+        mine = state_bytes(zero.optimizer, scalars)
+        assert mine == arrays * (share[0] * 4 + share[1] * 8), (cls.__name__, mine)
+        assert comm.allreduce(mine) == state_bytes(ref_opt, scalars), cls.__name__
+    # errors: the same on every rank, nothing changed
+    params = params_of()
+    zero = distributed.ZeroOptimizer(zero_groups(params), fastopt.Adam)
+    before = [p.copy() for p in params]
+    errors = {}
+    for key, mutate in (("zero_missing", on(size - 1, set_grad(1, None))),
+                        ("zero_none", lambda ps: set_grad(1, None)(ps))):
+        for p, g in zip(params, grads_of(rank)):
+            p.grad = g
+        mutate(params)
+        try:
+            zero.step()
+        except distributed.GradientMismatchError as e:
+            errors[key] = str(e)
+        assert all(np.array_equal(p, b) for p, b in zip(params, before))
+        assert not zero.optimizer.state
+    try:
+        distributed.ZeroOptimizer([{"params": params}], fastopt.Adam)
+    except ValueError as e:
+        errors["zero_dtypes"] = str(e)
+    try:
+        distributed.ZeroOptimizer(params, fastopt.LBFGS)
+    except TypeError as e:
+        errors["zero_class"] = str(e).split(", got")[0]
+    return errors
+
+
+def main(mode):
+    if mode == "check":
+        with distributed.abort_on_error():      # a failed assertion ends the job at once
+            check_average()
+            check_step()
+            check_allreduce()
+            errors = check_errors()
+            errors.update(check_zero())
+        with open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w") as f:
+            json.dump({"rank": rank, "size": size, "errors": errors}, f)
+    elif mode == "abort":
+        params = params_of()
+        opt = fastopt.Adam(params)
+        with distributed.abort_on_error():
+            for p, g in zip(params, grads_of(rank)):
+                p.grad = g
+            distributed.average_gradients(opt)
+            if rank == 1:
+                params[0].grad = np.zeros(2, np.float32)    # step() refuses it, naming it
+            opt.step()
+            distributed.average_gradients(opt)              # the other ranks wait here
+        print(f"rank {rank} finished", flush=True)
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,172 @@
+"""fastopt.distributed under real MPI jobs: ``mpiexec -n N`` launches tests/mpi_worker.py.
+
+The MPI tests need mpi4py and an ``mpiexec`` (``pip install "fastopt[distributed]"``) and
+skip without them. Every launch has a timeout, and the whole process group is killed when it
+runs out, so a hang fails the test instead of stalling the suite. Three and four ranks are
+oversubscribed on a 2-core machine; MPICH's launcher needs no option for that.
+
+Which reductions depend on the order, and how it is pinned: a float sum of three or more
+terms depends on its grouping. ``average_gradients`` sums in rank order itself (an
+``Alltoallv`` of slices, each summed by its owner in rank order), so the worker compares its
+result with ``((g_0 + g_1) + ...) / N`` computed in one process, bit for bit; with 2 ranks
+every order gives the same bits (addition commutes), so 3 and 4 ranks are the telling runs,
+and the worker checks that its gradients (six decades of magnitude) give other bits when
+summed in another order. MPICH's own ``Allreduce`` happens to sum 3 ranks in rank order but 4
+as ``(g_0 + g_1) + (g_2 + g_3)``; ``deterministic=False`` (that ``Allreduce``) is therefore
+checked against the bound on two orders of the same sum, ``2 (N - 1) eps sum|g_i| / N``.
+``ZeroOptimizer`` reduce-scatters in the same rank order, and its parameters are compared bit
+for bit with one process stepping the same optimizer with that ordered mean.
+"""
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fastopt
+from fastopt import distributed
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(HERE, "mpi_worker.py")
+EXAMPLE = os.path.join(os.path.dirname(HERE), "examples", "digits_mlp_mpi.py")
+
+
+def _mpiexec():
+    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    return beside if os.path.exists(beside) else shutil.which("mpiexec")
+
+
+def _have_mpi4py():
+    try:
+        import mpi4py  # noqa: F401  (the package only: MPI itself starts with mpi4py.MPI)
+    except ImportError:
+        return False
+    return True
+
+
+MPIEXEC = _mpiexec()
+needs_mpi = pytest.mark.skipif(
+    not _have_mpi4py() or MPIEXEC is None,
+    reason="needs mpi4py and mpiexec (pip install mpi4py mpich: the distributed extra)")
+
+
+def run_mpi(n, args, timeout=120):
+    """``mpiexec -n n python args...``: (exit status, stdout, stderr); a hang fails."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([MPIEXEC, "-n", str(n), sys.executable, *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"mpiexec -n {n} {args} did not finish in {timeout} s (a hang)\n"
+                    f"stdout:\n{out}\nstderr:\n{err}")
+    return proc.returncode, out, err
+
+
+def test_import_fastopt_does_not_import_mpi4py():
+    code = ("import sys, fastopt, fastopt.distributed\n"
+            "assert 'mpi4py' not in sys.modules, sorted(m for m in sys.modules if 'mpi' in m)")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_plan_buckets():
+    def params(*specs):
+        out = []
+        for n, dtype, has_grad in specs:
+            p = fastopt.Parameter(np.zeros(n, dtype=dtype))
+            p.grad = np.zeros(n, dtype=dtype) if has_grad else None
+            out.append(p)
+        return out
+
+    f4, f8 = np.float32, np.float64
+    ps = params((10, f4, True), (10, f4, True), (10, f4, True), (100, f4, True),
+                (3, f4, False), (2, f4, True))
+    # 40 bytes each: two fit in 80; the 400-byte gradient gets a bucket of its own
+    assert distributed.plan_buckets(ps, 80) == [[0, 1], [2], [3], [5]]
+    assert distributed.plan_buckets(ps) == [[0, 1, 2, 3, 5]]
+    assert distributed.plan_buckets(ps, 1) == [[0], [1], [2], [3], [5]]
+    # one dtype per bucket, dtypes in order of first appearance
+    mixed = params((4, f8, True), (4, f4, True), (4, f8, True), (4, f4, True))
+    assert distributed.plan_buckets(mixed) == [[0, 2], [1, 3]]
+    opt = fastopt.SGD([{"params": mixed[:2]}, {"params": mixed[2:]}], lr=0.1)
+    assert distributed.plan_buckets(opt, 32) == [[0], [2], [1, 3]]   # 32 + 32 > 32
+    assert distributed.plan_buckets(opt, 24) == [[0], [2], [1], [3]]
+    for bad in (0, -1, 2.5, None):
+        with pytest.raises(ValueError, match="bucket_bytes must be a positive integer"):
+            distributed.plan_buckets(ps, bad)
+
+
+def expected_errors(n):
+    last = n - 1
+    return {
+        "missing": f"rank {last} of {n}: params[1]: .grad is None (missing), on rank 0 .grad "
+                   f"has shape (5,) float32",
+        "shape": f"rank 1 of {n}: params[0]: .grad has shape (4, 3), the parameter (3, 4)",
+        "dtype": f"rank 0 of {n}: params[0]: .grad has dtype float64, the parameter float32",
+        "readonly": f"rank {last} of {n}: params[2]: .grad is read-only (it is averaged in "
+                    f"place)",
+        "count": f"rank 1 of {n} has 3 parameters, rank 0 has 4",
+        "param_shape": f"rank 1 of {n}: params[1] has shape (6,) float32, on rank 0 shape "
+                       f"(5,) float32",
+        "group": f"rank {last} of {n}: param_groups[1]['params'][2]: .grad has shape (3,), "
+                 f"the parameter (64,)",
+        "grouping": f"rank 1 of {n}: parameter 3 is param_groups[1]['params'][0], on rank "
+                    f"0 param_groups[0]['params'][3] (the ranks group their parameters "
+                    f"differently)",
+        "zero_missing": f"rank {last} of {n}: param_groups[0]['params'][1]: .grad is None "
+                        f"(missing), on rank 0 .grad has shape (5,) float32",
+        "zero_none": "param_groups[0]['params'][1]: .grad is None on every rank; "
+                     "ZeroOptimizer steps every parameter",
+        "zero_dtypes": "param_groups[0] mixes dtypes ['float32', 'float64']; ZeroOptimizer "
+                       "shards each group as one array: put each dtype in its own group",
+        "zero_class": "ZeroOptimizer needs a per-element fastopt optimizer class (one of "
+                      "fastopt.OPTIMIZERS)",
+    }
+
+
+@needs_mpi
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_average_step_and_errors_under_mpiexec(n, tmp_path):
+    """Averages bit for bit, steps as one process (also ZeRO-1 sharded: every per-element
+    optimizer, each rank holding 1/N of the state), and every rank raises the same error."""
+    rc, out, err = run_mpi(n, [WORKER, "check", str(tmp_path)])
+    assert rc == 0, f"stdout:\n{out}\nstderr:\n{err}"
+    results = [json.loads(f.read_text()) for f in sorted(tmp_path.glob("rank*.json"))]
+    assert sorted(r["rank"] for r in results) == list(range(n)), out
+    assert all(r["size"] == n for r in results)
+    for r in results:
+        assert r["errors"] == expected_errors(n), r["rank"]
+
+
+@needs_mpi
+def test_a_rank_that_raises_in_step_aborts_the_job():
+    """Rank 1's step() raises while ranks 0 and 2 wait in a collective: the job ends."""
+    rc, out, err = run_mpi(3, [WORKER, "abort"], timeout=60)
+    assert rc != 0
+    assert "fastopt.distributed: rank 1 of 3 raised an exception; aborting the MPI job" in err
+    assert ("ValueError: param_groups[0]['params'][0]: .grad has shape (2,), the parameter "
+            "(3, 4)") in err
+    assert "finished" not in out
+
+
+@needs_mpi
+@pytest.mark.skipif(importlib.util.find_spec("sklearn") is None,
+                    reason="scikit-learn provides the digits data set")
+def test_digits_example_trains_data_parallel():
+    rc, out, err = run_mpi(2, [EXAMPLE, "--quick"])
+    assert rc == 0, f"stdout:\n{out}\nstderr:\n{err}"
+    last = out.strip().splitlines()[-1]
+    match = re.fullmatch(r"test accuracy ([0-9.]+)% after 6 epochs on 2 ranks in [0-9.]+ s; "
+                         r"parameters identical on all ranks", last)
+    assert match, last
+    assert float(match.group(1)) > 95
+    assert out.count("test accuracy") == 1               # rank 0 alone prints
