@@ -798,7 +798,6 @@ cdef inline int _check_scalar(object obj, Py_ssize_t gi, Py_ssize_t pi, object k
 
 
 cdef extern from "Python.h":
-    PyObject *_PyDict_GetItem_KnownHash(object d, object key, Py_hash_t h)
     Py_hash_t PyObject_Hash(object o) except? -1
     void PyErr_Clear()
     PyObject *PyList_GET_ITEM(object lst, Py_ssize_t i)
@@ -815,7 +814,21 @@ cdef extern from *:
         if (f == NULL) { PyErr_SetString(PyExc_TypeError, "not a descriptor"); return NULL; }
         return f(d, obj, (PyObject *)Py_TYPE(obj));
     }
+    /* d[key] (borrowed; NULL when missing or on error) where hash(key) is known to be h:
+       no call of the key's __hash__ (a Python function for a tensor). The lookup with a
+       known hash is private to CPython, so it is used before 3.13 only; from 3.13 on the
+       key's hash is computed. */
+    static inline PyObject *fo_dict_get_hashed(PyObject *d, PyObject *key, Py_hash_t h)
+    {
+    #if PY_VERSION_HEX < 0x030D0000
+        return _PyDict_GetItem_KnownHash(d, key, h);
+    #else
+        (void)h;
+        return PyDict_GetItemWithError(d, key);
+    #endif
+    }
     """
+    PyObject *fo_dict_get_hashed(object d, object key, Py_hash_t h)
     object fo_descr_get(object d, object obj)
     object PyObject_CallOneArg(object f, object arg)
 
@@ -1552,7 +1565,7 @@ cdef class _StepCache:
                 r.glo = gp
                 r.ghi = ghi
             if r.st != NULL:
-                item = _PyDict_GetItem_KnownHash(state, obj, r.hash)
+                item = fo_dict_get_hashed(state, obj, r.hash)
                 if item != r.st:
                     if item == NULL:
                         PyErr_Clear()
