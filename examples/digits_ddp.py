@@ -69,7 +69,10 @@ def main(argv=None):
             print(f"epoch {epoch + 1}: loss {total / count:.4f}  test accuracy {acc:.4f}",
                   flush=True)
     if rank == 0:
-        print(f"test accuracy {acc:.4f}")
+        print(f"test accuracy {acc:.4f}", flush=True)
+    # every process arrives before any leaves: the first to tear down its group (rank 0 also
+    # holds the rendezvous store) must not leave another one waiting on it
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -29,7 +29,8 @@ def torchrun(nproc, *args):
         return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env,
                               cwd=ROOT, check=False)
     except subprocess.TimeoutExpired as e:
-        pytest.fail(f"torchrun did not finish in {TIMEOUT} s (a hang?): {e.stderr}")
+        pytest.fail(f"torchrun did not finish in {TIMEOUT} s (a hang?); its output:\n"
+                    f"{e.stdout}\n{e.stderr}")
 
 
 @pytest.mark.parametrize("nproc", [2, 3])
