@@ -1630,7 +1630,7 @@ def cached(opt):
 
 cdef int _run(list plans, int kernel) except -1:
     """One fo_step call over the non-empty plans, in list order, the GIL released."""
-    cdef Py_ssize_t k, ng = 0
+    cdef Py_ssize_t ng = 0
     cdef Plan plan
     cdef fo_group *gs = <fo_group *>malloc((len(plans) + 1) * sizeof(fo_group))
     if gs == NULL:

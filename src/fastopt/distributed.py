@@ -49,7 +49,7 @@ import importlib
 import os
 import sys
 import traceback
-from typing import Any, Iterator, List, Optional
+from typing import Any, Iterator, List
 
 import numpy as np
 
