@@ -1411,13 +1411,23 @@ cdef tuple _collect(Py_ssize_t gi, list params, state, Spec spec, tuple keys, in
                     if rec is not None:
                         rec.param(gi, i, obj, kind, None, -1, a_obj)
                     continue
+                bf16 = False
                 try:
-                    gobj = gobj.numpy()
+                    if (gobj.dtype is obj.dtype and str(gobj.dtype) == "torch.bfloat16"
+                            and type(gobj) is type(obj.data)):
+                        # the bits of a dense bfloat16 gradient, as the parameter's view
+                        bf16 = (gobj.layout is obj.layout and not gobj.is_neg()
+                                and gobj.is_contiguous())
+                        gobj = gobj.view(sys.modules["torch"].int16).numpy() if bf16 else \
+                            gobj.numpy()
+                    else:
+                        gobj = gobj.numpy()
                 except Exception:
                     a_obj = None  # a sparse, lazily conjugated or graph-holding gradient
                 else:
                     if (not _same_shape(<cnp.ndarray>a_obj, <cnp.ndarray>gobj)
-                            or cnp.PyArray_TYPE(<cnp.ndarray>gobj) == cnp.NPY_SHORT):
+                            or (cnp.PyArray_TYPE(<cnp.ndarray>gobj) == cnp.NPY_SHORT
+                                and not bf16)):
                         # the tensor was reshaped, or an int16 gradient (the type of a
                         # bfloat16 parameter's view): the adapter looks again
                         a_obj = None
