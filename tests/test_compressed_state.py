@@ -535,3 +535,37 @@ def test_torch_state_dicts_convert_on_load():
     np.testing.assert_array_equal(full.state[r]["exp_avg"].numpy(),
                                   fastopt.dequantize_blockwise(*want, True))
     torch.optim.Adam([r.detach().clone().requires_grad_()]).load_state_dict(full.state_dict())
+
+
+@pytest.mark.parametrize("state_dtype", ["bfloat16", "int8"])
+def test_nan_and_inf_gradients_stay_in_their_elements(state_dtype):
+    """A NaN or infinite gradient makes its own parameter NaN, as in float32 state (the 8-bit
+    code keeps NaN and infinity, and a block's scale is its largest finite magnitude), and
+    leaves the other elements of its block as they would be without it."""
+    n = 1029
+    rng = np.random.default_rng(12)
+    start = rng.standard_normal(n).astype(np.float32)
+    grads = [rng.standard_normal(n).astype(np.float32) for _ in range(3)]
+    bad = grads[1].copy()
+    bad[[5, 300]] = [np.nan, np.inf]
+    p, q, r = (fastopt.Parameter(start.copy()) for _ in range(3))
+    kw = dict(lr=1e-2, state_dtype=state_dtype, min_8bit_size=0)
+    oq, or_ = fastopt.Adam([q], **kw), fastopt.Adam([r], **kw)
+    ref = fastopt.Adam([p], lr=1e-2)
+    for i, g in enumerate(grads):
+        p.grad = bad if i == 1 else g
+        q.grad = bad.copy() if i == 1 else g.copy()
+        r.grad = g.copy()
+        ref.step()
+        oq.step()
+        or_.step()
+    assert np.isnan(np.asarray(q)[[5, 300]]).all() and np.isnan(np.asarray(p)[[5, 300]]).all()
+    others = np.ones(n, bool)
+    others[[5, 300]] = False
+    np.testing.assert_array_equal(np.isfinite(np.asarray(q)), others)
+    if state_dtype == "int8":
+        # the rest of their blocks: as far from the run without them as 8-bit state allows
+        np.testing.assert_allclose(np.asarray(q)[others], np.asarray(r)[others], atol=3e-2)
+        st = oq.state[q]
+        assert np.isnan(fastopt.dequantize_blockwise(st["exp_avg"], st["exp_avg_absmax"])[5])
+        assert np.all(np.isfinite(st["exp_avg_absmax"]))
