@@ -1388,7 +1388,6 @@ cdef class _StepCache:
         r.gi = <int32_t>gi
         r.pi = <int32_t>pi
         r.kind = kind
-        self.prefetched_object(r, obj)
         if kind == _KIND_TENSOR:
             shape = obj.shape
             dtype = obj.dtype
@@ -1418,6 +1417,7 @@ cdef class _StepCache:
             r.numel = plan.ts[slot].numel
             r.itemsize = plan.itemsize
             r.typenum = plan.typenum
+        self.prefetched_object(r, obj)
         return 0
 
     cdef void prefetched(self, _trec *r, uintptr_t lo, int lines) noexcept:
@@ -1435,6 +1435,8 @@ cdef class _StepCache:
             self.prefetched(r, <uintptr_t>cnp.PyArray_DIMS(<cnp.ndarray>obj), 1)
             return 0
         cdef uintptr_t impl, storage
+        if not self.ok or not _plain_tensor_type(type(obj)):
+            return 0  # the cache will not be used, or the object is not a plain tensor
         try:
             impl = <uintptr_t>obj._cdata
             storage = <uintptr_t>obj.untyped_storage()._cdata
