@@ -54,3 +54,19 @@ def test_the_cli_option_runs_the_sweep(tmp_path):
     assert "SGD, float32, 1 thread" in res.stdout
     data = json.loads(out.read_text())
     assert {k.split("|")[0] for k in data} >= {"fastopt", "fastopt.torch", "torch fused"}
+
+
+def test_the_script_runs_chosen_cases_by_cpu_time(tmp_path, capsys):
+    out = tmp_path / "tc.json"
+    tensor_count.main(["--counts", "1,2", "--elements", "1,4", "--rounds", "1",
+                       "--impls", "fastopt", "--cpu-time", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert "CPU time of the thread" in text
+    data = json.loads(out.read_text())
+    assert set(data) == {f"fastopt|{e}|{n}" for e in (1, 4) for n in (1, 2)}
+    assert all(med > 0 and lo <= med <= hi for med, lo, hi in data.values())
+
+
+def test_the_script_refuses_an_unknown_case():
+    with pytest.raises(SystemExit):
+        tensor_count.main(["--impls", "fastopt,nonesuch"])

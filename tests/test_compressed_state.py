@@ -509,7 +509,7 @@ def test_torch_classes_step_as_the_numpy_classes(name, kwargs, dtype, channels_l
             tv = topt.state[tp][k]
             got = _torch_np(mem(tv) if tv.ndim == 4 else tv)
             assert got.tobytes() == np.asarray(v).tobytes(), (k, step)
-    assert _kernels.cached(topt) or channels_last
+    assert _kernels.cached(topt)
 
 
 def test_torch_state_dicts_convert_on_load():

@@ -5,7 +5,9 @@ As there, two identical optimizers are warmed until the first steps from its cac
 the same way, the second one's cache dropped, and both stepped: the outcome must be the same,
 bit for bit. The changes here are the ones torch users make between steps: ``p.data = ...``,
 a storage freed and reallocated, in-place updates, gradients of another layout or dtype, state
-tensors replaced or re-pointed.
+tensors replaced or re-pointed, parameters laid out anew over their memory. The same runs
+over a convolution in channels_last, whose dense but not contiguous tensors step from the cache
+too.
 """
 import gc
 import weakref
@@ -30,14 +32,28 @@ MAKERS = {
 }
 
 
-def world(maker):
-    model = torch_mlp()
+def conv_model():
+    """A small convolution in channels_last: its weights are dense, not contiguous."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Tanh(),
+                                torch.nn.Conv2d(4, 2, 3))
+    return model.to(memory_format=torch.channels_last)
+
+
+def conv_batch():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 3, 8, 8, generator=g).to(memory_format=torch.channels_last)
+    return x, torch.randn(5, 2, 4, 4, generator=g)
+
+
+def world(maker, conv=False):
+    model = conv_model() if conv else torch_mlp()
     return MAKERS[maker](list(model.parameters())), model
 
 
 def backward(opt, model, scale=1.0):
     opt.zero_grad()  # set_to_none: new gradient tensors at every backward
-    x, y = torch_batch()
+    x, y = conv_batch() if isinstance(model[0], torch.nn.Conv2d) else torch_batch()
     (scale * torch.nn.functional.mse_loss(model(x), y)).backward()
 
 
@@ -67,8 +83,8 @@ def outcome(opt):
     return "stepped"
 
 
-def twins(maker, change, keeps_cache=True):
-    (a, ma), (b, mb) = world(maker), world(maker)
+def twins(maker, change, keeps_cache=True, conv=False):
+    (a, ma), (b, mb) = world(maker, conv), world(maker, conv)
     for opt, model in ((a, ma), (b, mb)):
         for k in range(3):
             backward(opt, model, 1.0 + k)
@@ -167,6 +183,36 @@ def _grad_over_state(opt, model):
         p.grad = opt.state[p][k]
 
 
+def _relaid(p, strides):
+    """Lay ``p`` out anew over its own memory: the same storage, offset and shape, other
+    strides (its data pointer stays)."""
+    with torch.no_grad():
+        p.set_(p.untyped_storage(), p.storage_offset(), p.shape, strides)
+
+
+def _relaid_transposed(opt, model):
+    p = _first(model)
+    _relaid(p, (1, p.shape[0]))
+    assert not p.is_contiguous()
+
+
+def _relaid_contiguous(opt, model):
+    p = _first(model)
+    _relaid(p, torch.empty(p.shape).stride())
+    assert p.is_contiguous()
+
+
+def _grad_data_transposed_shape(opt, model):
+    g = _first(model).grad
+    g.data = torch.zeros(tuple(reversed(g.shape)))
+
+
+def _contiguous_grad(opt, model):
+    p = _first(model)
+    p.grad = p.grad.contiguous()
+    assert not p.grad.is_contiguous(memory_format=torch.channels_last)
+
+
 def _listed_twice(opt, model):
     opt.param_groups[0]["params"].append(model[2].bias)
 
@@ -182,6 +228,7 @@ CHANGES = {
     "a non-contiguous gradient": _non_contiguous_grad,
     "a gradient re-pointed to float64": _grad_data_dtype,
     "a gradient re-pointed to another shape": _grad_data_shape,
+    "a gradient re-pointed to the transposed shape": _grad_data_transposed_shape,
     "a sparse gradient": _sparse_grad,
     "a gradient that requires grad": _grad_requires_grad,
     "a gradient that is a state tensor": _grad_over_state,
@@ -200,6 +247,17 @@ CHANGES = {
     "another lr": lambda opt, m: opt.param_groups[0].__setitem__("lr", 0.03),
 }
 
+# the changes for the channels_last convolution: those of the MLP that apply to 4-d weights,
+# and changes of layout
+CONV_CHANGES = {k: v for k, v in CHANGES.items() if k != "a non-contiguous gradient"}
+CONV_CHANGES.update({
+    "a contiguous gradient": _contiguous_grad,
+    "p.data = a contiguous copy": lambda opt, m: setattr(_first(m), "data",
+                                                         _first(m).data.contiguous()),
+    "p laid out contiguous over its memory": _relaid_contiguous,
+})
+CHANGES["p laid out transposed over its memory"] = _relaid_transposed
+
 
 @pytest.mark.parametrize("maker", list(MAKERS))
 @pytest.mark.parametrize("what", list(CHANGES))
@@ -216,6 +274,64 @@ def test_a_change_gives_the_full_paths_outcome(maker, what):
         assert got[0] is RuntimeError and "sparse" in got[1]
     if what == "a gradient that is a state tensor" and maker.startswith("fastopt.torch"):
         assert got[0] is ValueError and "shares memory" in got[1]
+    if what in ("a gradient re-pointed to the transposed shape",):
+        assert got != "stepped"
+    if what == "p laid out transposed over its memory" and maker.startswith("fastopt.torch"):
+        # the state keeps the old layout (the full path's refusal)
+        assert got[0] is ValueError and "memory layout" in got[1]
+
+
+@pytest.mark.parametrize("maker", [m for m in MAKERS if m.startswith("fastopt.torch")])
+@pytest.mark.parametrize("what", list(CONV_CHANGES))
+def test_a_change_of_a_channels_last_model_gives_the_full_paths_outcome(maker, what):
+    got = twins(maker, CONV_CHANGES[what], conv=True)
+    if what in ("p.data = a new tensor", "p.set_(a new tensor)", "a contiguous gradient",
+                "no gradient", "another lr", "a state entry replaced"):
+        assert got == "stepped"
+    if what in ("p.data = a contiguous copy", "p laid out contiguous over its memory"):
+        # the state keeps the old layout (the full path's refusal)
+        assert got[0] is ValueError and "memory layout" in got[1]
+    if what in ("a gradient re-pointed to float64", "a gradient re-pointed to another shape",
+                "a gradient re-pointed to the transposed shape"):
+        assert got != "stepped"
+
+
+def test_channels_last_parameters_step_from_the_cache():
+    (opt, model), (twin, twin_model) = (world("fastopt.torch.Adam", conv=True),
+                                        world("fastopt.torch.Adam", conv=True))
+    for k in range(4):
+        for o, m in ((opt, model), (twin, twin_model)):
+            backward(o, m, 1.0 + k)
+        assert all(not p.grad.is_contiguous() for p in model.parameters() if p.dim() == 4)
+        assert _kernels.cached(opt) == (k > 1)  # state made at 0, the cache at 1
+        _kernels.forget(twin)
+        opt.step()
+        twin.step()
+        assert state_of(opt) == state_of(twin)
+
+
+def test_a_gradient_of_a_long_axis_is_compared_by_value():
+    # axes longer than 256 are ints of their own in every torch.Size: the cached step
+    # compares their values
+    def make():
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 600).reshape(300, 2))
+        return p, fastopt.torch.Adam([p], lr=0.01)
+
+    (p, opt), (q, twin) = make(), make()
+    for k in range(4):
+        p.grad = torch.full((300, 2), 0.5 + k)
+        q.grad = torch.full((300, 2), 0.5 + k)
+        assert _kernels.cached(opt) == (k > 1)  # state made at 0, the cache at 1
+        _kernels.forget(twin)
+        opt.step()
+        twin.step()
+        assert torch.equal(p, q)
+    p.grad = torch.ones(300, 2)
+    p.grad.data = torch.ones(2, 300)
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match="shape"):
+        opt.step()
+    assert torch.equal(p, before)
 
 
 @pytest.mark.parametrize("maker", ["fastopt.torch.Adam", "fastopt.torch.SGD"])

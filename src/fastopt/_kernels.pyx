@@ -18,6 +18,7 @@ from cpython.dict cimport PyDict_DelItem, PyDict_GetItem, PyDict_SetItem
 from cpython.long cimport PyLong_FromUnsignedLong, PyLong_FromVoidPtr
 from cpython.pythread cimport PyThread_get_thread_ident
 from cpython.object cimport PyObject
+from cpython.ref cimport Py_DECREF, Py_INCREF
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc, qsort, realloc
 from libc.string cimport memcpy, memset
@@ -62,9 +63,11 @@ _foreign_updated = None
 _tensor_views = None
 
 
-cdef object _cached_tensor_view(object obj):
+cdef object _cached_tensor_view(object obj, bint wide=False):
     """The cached NumPy view of the contiguous tensor ``obj`` while its storage, shape and
-    layout are those it was made for (the adapter's own test), else None."""
+    layout are those it was made for (the adapter's own test), else None. ``wide`` (the
+    optimizers of fastopt.torch): also of a real tensor dense in another axis order
+    (channels_last), viewed with its strides."""
     if _tensor_views is None:
         return None
     cdef PyObject *item = PyDict_GetItem(_tensor_views, PyLong_FromVoidPtr(<void *>obj))
@@ -73,7 +76,12 @@ cdef object _cached_tensor_view(object obj):
     cdef tuple e = <tuple>item
     # the shape is compared with the gradient's by the caller (torch keeps a gradient of
     # the parameter's shape), which falls back to the adapter when they differ
-    if e[4] is None and e[0]() is obj and obj.data_ptr() == e[1] and obj.is_contiguous():
+    if e[4] is None:
+        if e[0]() is obj and obj.data_ptr() == e[1] and obj.is_contiguous():
+            return e[3]
+    elif (wide and cnp.PyArray_NDIM(<cnp.ndarray>e[3]) == len(<tuple>e[4])  # not complex
+          and e[0]() is obj and obj.data_ptr() == e[1] and obj.shape == e[2]
+          and obj.stride() == e[4]):
         return e[3]
     return None
 
@@ -896,9 +904,14 @@ cdef inline int _check_scalar(object obj, Py_ssize_t gi, Py_ssize_t pi, object k
 
 
 cdef extern from "Python.h":
+    ctypedef struct PyDictObject:
+        void *ma_keys
     Py_hash_t PyObject_Hash(object o) except? -1
     void PyErr_Clear()
     PyObject *PyList_GET_ITEM(object lst, Py_ssize_t i)
+    PyObject *PyTuple_GET_ITEM(object t, Py_ssize_t i)
+    Py_ssize_t PyTuple_GET_SIZE(object t)
+    bint PyTuple_Check(object o)
     bint PyDict_Check(object o)
     Py_ssize_t PyList_GET_SIZE(object lst)
 
@@ -925,21 +938,38 @@ cdef extern from *:
         return PyDict_GetItemWithError(d, key);
     #endif
     }
+    /* a hint that the memory at a & ~3 is read soon: (a & 3) + 1 lines of 64 bytes from
+       there. A prefetch never faults: a stale or wrong address costs only the hint. */
+    static inline void fo_prefetch_lines(uintptr_t a)
+    {
+    #if defined(__GNUC__) || defined(__clang__)
+        const char *p = (const char *)(a & ~(uintptr_t)3);
+        int k, n = (int)(a & 3);
+        for (k = 0; k <= n; k++)
+            __builtin_prefetch(p + 64 * k);
+    #else
+        (void)a;
+    #endif
+    }
     """
+    void fo_prefetch_lines(uintptr_t a) noexcept nogil
     PyObject *fo_dict_get_hashed(object d, object key, Py_hash_t h)
     object fo_descr_get(object d, object obj)
     object PyObject_CallOneArg(object f, object arg)
 
 # torch.Tensor's attributes the cached step reads, as their descriptors, so that reading one
-# is a C call without a name lookup: (grad, dtype, shape, data_ptr, is_contiguous, is_neg), or
-# None when torch's tensor type does not define them all itself (then by name)
+# is a C call without a name lookup: those of _TENSOR_ATTR_NAMES, or () when torch's tensor
+# type does not define them all itself (then the cached step does not serve tensors)
+cdef tuple _TENSOR_ATTR_NAMES = ("grad", "dtype", "shape", "data_ptr", "is_contiguous",
+                                 "is_neg", "stride")
 cdef tuple _tensor_attrs = None
-cdef object _T_GRAD, _T_DTYPE, _T_SHAPE, _T_DATA_PTR, _T_IS_CONTIGUOUS, _T_IS_NEG
+cdef object _T_GRAD, _T_DTYPE, _T_SHAPE, _T_DATA_PTR, _T_IS_CONTIGUOUS, _T_IS_NEG, _T_STRIDE
 
 
 cdef int _find_tensor_attrs(object torch) except -1:
     global _tensor_attrs, _T_GRAD, _T_DTYPE, _T_SHAPE, _T_DATA_PTR, _T_IS_CONTIGUOUS, _T_IS_NEG
-    names = ("grad", "dtype", "shape", "data_ptr", "is_contiguous", "is_neg")
+    global _T_STRIDE
+    names = _TENSOR_ATTR_NAMES
     base = getattr(getattr(torch, "_C", None), "TensorBase", None)
     found = tuple([None if base is None else base.__dict__.get(n) for n in names])
     if any(d is None for d in found):
@@ -953,15 +983,34 @@ cdef int _find_tensor_attrs(object torch) except -1:
               and fo_descr_get(found[2], probe) == probe.shape
               and PyObject_CallOneArg(found[3], probe) == probe.data_ptr()
               and PyObject_CallOneArg(found[4], probe) is True
-              and PyObject_CallOneArg(found[5], probe) is False)
+              and PyObject_CallOneArg(found[5], probe) is False
+              and _same_size(PyObject_CallOneArg(found[6], probe), probe.stride())
+              and _same_size(fo_descr_get(found[2], probe), probe.shape))
     except Exception:
         ok = False
     if not ok:
         _tensor_attrs = ()
         return 0
     _tensor_attrs = found
-    _T_GRAD, _T_DTYPE, _T_SHAPE, _T_DATA_PTR, _T_IS_CONTIGUOUS, _T_IS_NEG = found
+    _T_GRAD, _T_DTYPE, _T_SHAPE, _T_DATA_PTR, _T_IS_CONTIGUOUS, _T_IS_NEG, _T_STRIDE = found
     return 0
+
+
+cdef inline bint _same_size(object a, object b) except -1:
+    """Whether the tuples of ints ``a`` and ``b`` (a torch.Size, a tensor's strides) are
+    equal: without the rich comparison, and equal ints are mostly the same object."""
+    cdef Py_ssize_t k, n
+    if not (PyTuple_Check(a) and PyTuple_Check(b)):
+        return a == b
+    n = PyTuple_GET_SIZE(a)
+    if n != PyTuple_GET_SIZE(b):
+        return False
+    for k in range(n):
+        x = <object>PyTuple_GET_ITEM(a, k)
+        y = <object>PyTuple_GET_ITEM(b, k)
+        if x is not y and x != y:
+            return False
+    return True
 
 
 cdef bint _plain_tensor_type(object cls):
@@ -970,8 +1019,7 @@ cdef bint _plain_tensor_type(object cls):
     cdef Py_ssize_t k
     if not _tensor_attrs:
         return False
-    for k, name in enumerate(("grad", "dtype", "shape", "data_ptr", "is_contiguous",
-                              "is_neg")):
+    for k, name in enumerate(_TENSOR_ATTR_NAMES):
         if getattr(cls, name, None) is not _tensor_attrs[k]:
             return False
     return True
@@ -979,8 +1027,10 @@ cdef bint _plain_tensor_type(object cls):
 
 cdef enum:
     _KIND_ARRAY = 0   # a fastopt.Parameter (an ndarray)
-    _KIND_TENSOR = 1  # a contiguous real torch tensor, read through its cached view
+    _KIND_TENSOR = 1  # a dense real torch tensor, read through its cached view
     _MAX_ENTRIES = 10  # 3 state arrays, their 3 scales, master weights, step, 2 scalars
+    _MAX_PF = 24      # prefetched spans per record: 3 per tensor, 2 for its state dict
+    _PF_AHEAD = 2     # records prefetched ahead of the one checked
     _NEED_FLAGS = (cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_ALIGNED | cnp.NPY_ARRAY_WRITEABLE)
 
 ctypedef struct _trec:
@@ -1010,6 +1060,12 @@ ctypedef struct _trec:
     int32_t nentry
     int32_t tensors           # bit k: entry k is a tensor (else an ndarray)
     int32_t typenum
+    # the memory the checks of the record read (its objects and, of a tensor, torch's
+    # TensorImpl and StorageImpl), as fo_prefetch_lines takes it: prefetched a few records
+    # ahead, so that the reads of many records wait for memory at once, not one by one
+    uintptr_t pf[_MAX_PF]
+    int32_t npf
+    PyObject *strides         # a tensor dense in another axis order: its strides (a tuple)
 
 
 cdef class _StepCache
@@ -1404,7 +1460,7 @@ cdef tuple _collect(Py_ssize_t gi, list params, state, Spec spec, tuple keys, in
             arr = <cnp.ndarray>obj
         elif _foreign_param is not None and not cnp.PyArray_Check(obj):
             kind = _KIND_TENSOR
-            a_obj = _cached_tensor_view(obj)
+            a_obj = _cached_tensor_view(obj, spec.wide)
             if a_obj is not None:
                 gobj = obj.grad
                 if gobj is None:
@@ -1417,7 +1473,7 @@ cdef tuple _collect(Py_ssize_t gi, list params, state, Spec spec, tuple keys, in
                             and type(gobj) is type(obj.data)):
                         # the bits of a dense bfloat16 gradient, as the parameter's view
                         bf16 = (gobj.layout is obj.layout and not gobj.is_neg()
-                                and gobj.is_contiguous())
+                                and gobj.stride() == obj.stride())
                         gobj = gobj.view(sys.modules["torch"].int16).numpy() if bf16 else \
                             gobj.numpy()
                     else:
@@ -1605,6 +1661,10 @@ cdef class _StepCache:
             r.shape = <PyObject *>shape
             r.dtype = <PyObject *>dtype
             r.pdata = <uintptr_t>obj.data_ptr()
+            if not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>arr):  # channels_last and such
+                strides = obj.stride()
+                self.refs.append(strides)
+                r.strides = <PyObject *>strides
             if self.tensor_type is None:
                 torch = sys.modules["torch"]
                 self.tensor_type = torch.Tensor
@@ -1622,6 +1682,33 @@ cdef class _StepCache:
             r.numel = plan.ts[slot].numel
             r.itemsize = plan.itemsize
             r.typenum = plan.typenum
+        self.prefetched_object(r, obj)
+        return 0
+
+    cdef void prefetched(self, _trec *r, uintptr_t lo, int lines) noexcept:
+        """Add ``lines`` lines of 64 bytes from ``lo`` to the prefetched memory of ``r``."""
+        if r.npf < _MAX_PF and lo != 0:
+            r.pf[r.npf] = (lo & ~(<uintptr_t>3)) | <uintptr_t>(lines - 1)
+            r.npf += 1
+
+    cdef int prefetched_object(self, _trec *r, object obj) except -1:
+        """Add the memory the cached step reads of the ndarray or tensor ``obj``: the object
+        (an array's shape too), and a tensor's TensorImpl and StorageImpl, whose addresses
+        torch gives as ``_cdata``."""
+        self.prefetched(r, <uintptr_t><void *>obj, 2)
+        if cnp.PyArray_Check(obj):
+            self.prefetched(r, <uintptr_t>cnp.PyArray_DIMS(<cnp.ndarray>obj), 1)
+            return 0
+        cdef uintptr_t impl, storage
+        if not self.ok or not _plain_tensor_type(type(obj)):
+            return 0  # the cache will not be used, or the object is not a plain tensor
+        try:
+            impl = <uintptr_t>obj._cdata
+            storage = <uintptr_t>obj.untyped_storage()._cdata
+        except Exception:
+            return 0  # not a tensor with these: no prefetch (the checks need none)
+        self.prefetched(r, impl, 4)
+        self.prefetched(r, storage, 2)
         return 0
 
     cdef int grad(self, cnp.ndarray g, object gdtype) except -1:
@@ -1644,6 +1731,8 @@ cdef class _StepCache:
         cdef _trec *r = &self.recs[self.n - 1]
         r.st = <PyObject *>st
         self.refs.append(st)
+        self.prefetched(r, <uintptr_t><void *>st, 1)
+        self.prefetched(r, <uintptr_t>(<PyDictObject *>r.st).ma_keys, 4)
         r.hash = PyObject_Hash(<object>r.param)
         return 0
 
@@ -1666,6 +1755,7 @@ cdef class _StepCache:
         r.ekind[k] = kind
         r.etype[k] = cnp.PyArray_TYPE(a)
         r.esize[k] = cnp.PyArray_SIZE(a)
+        self.prefetched_object(r, obj)
         if cnp.PyArray_Check(obj):
             r.eptr[k] = <uintptr_t>cnp.PyArray_DATA(<cnp.ndarray>obj)
         else:
@@ -1727,6 +1817,13 @@ cdef class _StepCache:
         free(keys)
         return 0
 
+    cdef inline bint laid_out(self, _trec *r, object t) except -1:
+        """Whether the tensor ``t`` (the parameter of ``r`` or its gradient) has the layout of
+        the parameter's cached view: contiguous, or the recorded strides."""
+        if r.strides == NULL:
+            return PyObject_CallOneArg(_T_IS_CONTIGUOUS, t) is True
+        return _same_size(PyObject_CallOneArg(_T_STRIDE, t), <object>r.strides)
+
     cdef bint clear_of_writes(self, uintptr_t lo, uintptr_t hi) noexcept:
         """Whether [lo, hi) shares no byte with an array the step writes."""
         cdef Py_ssize_t a = 0, b = self.nw, mid
@@ -1743,16 +1840,12 @@ cdef class _StepCache:
     cdef int step(self, object opt, tuple kinds, Spec spec) except -1:
         """Run a step from the cache: 1 when it ran, 0 when something differs from the
         cached step (nothing has changed then; the caller takes the full path)."""
-        cdef Py_ssize_t gi, i, k, ng = len(self.groups)
+        cdef Py_ssize_t gi, i, ng = len(self.groups)
         cdef double hyper[MAX_HYPER]
         cdef tuple ge
-        cdef _trec *r
-        cdef PyObject *item
-        cdef cnp.ndarray ga
-        cdef uintptr_t gp, ghi
-        cdef list gkeep
         cdef list rounding = None
-        cdef list params
+        cdef PyObject **gkeep  # the gradients read, kept alive while the kernels run
+        cdef Py_ssize_t nkeep = 0
         groups = opt.param_groups
         if (groups is not self.groups_list or len(groups) != ng
                 or opt.state is not self.state):
@@ -1789,10 +1882,36 @@ cdef class _StepCache:
             for plan in ge[5]:
                 memcpy((<Plan>plan).hyper, hyper, MAX_HYPER * sizeof(double))
                 (<Plan>plan).round_key = <uint64_t>policy[4]
-        gkeep = []
+        gkeep = <PyObject **>malloc((self.n + 1) * sizeof(PyObject *))
+        if gkeep == NULL:
+            raise MemoryError()
+        try:
+            return self._step(state, gkeep, &nkeep, spec, rounding)
+        finally:
+            for i in range(nkeep):
+                Py_DECREF(<object>gkeep[i])
+            free(gkeep)
+
+    cdef int _step(self, object state, PyObject **gkeep, Py_ssize_t *nkeep,
+                   Spec spec, list rounding) except -1:
+        """The per-tensor part of ``step``, once the groups are checked: the gradients read
+        go to ``gkeep`` (new references, ``nkeep`` of them, released by the caller);
+        the groups of ``rounding`` count the step (their ``rounding_step``) before it runs."""
+        cdef Py_ssize_t i, k
+        cdef tuple ge
+        cdef _trec *r
+        cdef _trec *rn
+        cdef PyObject *item
+        cdef cnp.ndarray ga
+        cdef uintptr_t gp, ghi
+        cdef list params
         tensor_type = self.tensor_type
         for i in range(self.n):
             r = &self.recs[i]
+            if i + _PF_AHEAD < self.n:
+                rn = &self.recs[i + _PF_AHEAD]
+                for k in range(rn.npf):
+                    fo_prefetch_lines(rn.pf[k])
             ge = <tuple>self.groups[r.gi]
             params = <list>ge[1]
             if PyList_GET_ITEM(params, r.pi) != r.param:
@@ -1820,9 +1939,14 @@ cdef class _StepCache:
                     return 0
                 gp = <uintptr_t>cnp.PyArray_DATA(ga)
             else:
-                # the memory of the cached view (``.data =`` and ``set_`` move it); its
+                # the memory and the layout of the cached view: ``.data =`` and ``set_`` move
+                # the memory, ``set_`` and ``as_strided_`` can lay it out anew in place; its
                 # shape is the gradient's, compared below
-                if <uintptr_t>PyObject_CallOneArg(_T_DATA_PTR, obj) != r.pdata:
+                try:
+                    if (<uintptr_t>PyObject_CallOneArg(_T_DATA_PTR, obj) != r.pdata
+                            or not self.laid_out(r, obj)):
+                        return 0
+                except Exception:
                     return 0
                 g = fo_descr_get(_T_GRAD, obj)
                 if g is None:
@@ -1833,17 +1957,19 @@ cdef class _StepCache:
                     return 0
                 # what .numpy() checks on the full path, without making an array: a dense
                 # tensor (a sparse, CSR or MKL-DNN one raises or is not contiguous) of the
-                # parameter's dtype and shape, not a lazily negated view
+                # parameter's dtype, shape and layout, not a lazily negated view
                 try:
-                    if (PyObject_CallOneArg(_T_IS_CONTIGUOUS, g) is not True
+                    if (not self.laid_out(r, g)
                             or fo_descr_get(_T_DTYPE, g) is not <object>r.gdtype
-                            or fo_descr_get(_T_SHAPE, g) != <object>r.shape
+                            or not _same_size(fo_descr_get(_T_SHAPE, g), <object>r.shape)
                             or PyObject_CallOneArg(_T_IS_NEG, g) is not False):
                         return 0
                     gp = <uintptr_t>PyObject_CallOneArg(_T_DATA_PTR, g)
                 except Exception:
                     return 0
-            gkeep.append(g)
+            Py_INCREF(g)
+            gkeep[nkeep[0]] = <PyObject *>g
+            nkeep[0] += 1
             ghi = gp + <uintptr_t>(r.numel * r.gitemsize)
             if gp != r.glo or ghi != r.ghi:
                 # the parameter itself is fine, as in the full path; any other array the

@@ -6,6 +6,7 @@ single-tensor loop) and DeepSpeed's CPU Adam when it is installed and builds.
     python -m fastopt bench --tensor-count [--quick] [--rounds 5] [--json FILE]
     python benchmarks/bench_tensor_count.py [--counts 1,10,100,1000,10000] [--elements 1,1000]
                                             [--rounds 5] [--optimizer Adam] [--json FILE]
+                                            [--impls fastopt,fastopt.torch] [--cpu-time]
 
 Every step gets new gradient arrays (as a backward with ``zero_grad(set_to_none=True)``
 makes them), assigned outside the timed region; each step is timed alone. The cases run
@@ -15,6 +16,11 @@ time is the median over its rounds of the median step of the round. The fit is t
 cost of a step, ``b`` the cost per tensor, ``c`` the cost per element. The tables per E also
 give ``(t(N) - t(1)) / (N - 1)`` at each count, the cost per tensor there (element work
 included), so that growth with N shows.
+
+``--cpu-time`` times each step by the CPU time of the calling thread instead of the wall
+clock: every case steps on that one thread, and on a machine shared with other processes a
+step of many tensors (milliseconds) is otherwise timed with the time slices it waited for a
+core. ``--impls`` runs some of the cases only.
 """
 import argparse
 import json
@@ -95,9 +101,9 @@ class Case:
             for p, g in zip(self.params, gs):
                 p.grad = g.copy()
 
-    def round(self, steps):
+    def round(self, steps, clock=time.perf_counter):
+        """The median time of ``steps`` steps, each after new gradients, by ``clock``."""
         times = []
-        clock = time.perf_counter
         for _ in range(steps):
             self.feed()
             t0 = clock()
@@ -123,7 +129,7 @@ def fit(points):
     return a, b, c
 
 
-def run(counts, elements, rounds, name="Adam", impls=IMPLS, out=print):
+def run(counts, elements, rounds, name="Adam", impls=IMPLS, out=print, cpu_time=False):
     torch = _maybe_torch()
     ds_cls = _deepspeed_adam() if "DeepSpeed CPU Adam" in impls and name == "Adam" else None
     impls = [i for i in impls if i == "fastopt" or (torch is not None and (
@@ -133,16 +139,17 @@ def run(counts, elements, rounds, name="Adam", impls=IMPLS, out=print):
     if torch is not None:
         torch.set_num_threads(1)
     try:
-        results = _measure(counts, elements, rounds, name, impls, torch, ds_cls)
+        results = _measure(counts, elements, rounds, name, impls, torch, ds_cls,
+                           time.thread_time if cpu_time else time.perf_counter)
     finally:
         fastopt.set_num_threads(before[0])
         if torch is not None:
             torch.set_num_threads(before[1])
-    _report(results, counts, elements, rounds, name, impls, out)
+    _report(results, counts, elements, rounds, name, impls, out, cpu_time)
     return {f"{i}|{e}|{n}": v for (i, e, n), v in results.items()}
 
 
-def _measure(counts, elements, rounds, name, impls, torch, ds_cls):
+def _measure(counts, elements, rounds, name, impls, torch, ds_cls, clock):
     results = {}
     for e in elements:
         for n in counts:
@@ -151,15 +158,16 @@ def _measure(counts, elements, rounds, name, impls, torch, ds_cls):
             per = {i: [] for i in impls}
             for _ in range(rounds):
                 for i in impls:
-                    per[i].append(cases[i].round(steps))
+                    per[i].append(cases[i].round(steps, clock))
             for i in impls:
                 results[(i, e, n)] = (statistics.median(per[i]), min(per[i]), max(per[i]))
             del cases
     return results
 
 
-def _report(results, counts, elements, rounds, name, impls, out):
-    out(f"{name}, float32, 1 thread; step time in us (median over {rounds} rounds) for N "
+def _report(results, counts, elements, rounds, name, impls, out, cpu_time=False):
+    what = "CPU time of the thread, " if cpu_time else ""
+    out(f"{name}, float32, 1 thread; step time in us ({what}median over {rounds} rounds) for N "
         f"tensors of E elements, fitted as a + b N + c N E")
     out("")
     out(f"{'':20s} {'a (us)':>8s} {'b (us)':>8s} {'c (ns)':>8s}")
@@ -185,8 +193,16 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--optimizer", default="Adam")
     ap.add_argument("--json", metavar="FILE")
+    ap.add_argument("--impls", type=lambda t: tuple(x for x in t.split(",") if x),
+                    default=IMPLS, help=f"a comma-separated choice of {', '.join(IMPLS)}")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time steps by the thread's CPU time (a shared machine)")
     args = ap.parse_args(argv)
-    res = run(args.counts, args.elements, args.rounds, args.optimizer)
+    unknown = set(args.impls) - set(IMPLS)
+    if unknown:
+        ap.error(f"unknown --impls {', '.join(sorted(unknown))}; choose from {', '.join(IMPLS)}")
+    res = run(args.counts, args.elements, args.rounds, args.optimizer, impls=args.impls,
+              cpu_time=args.cpu_time)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
