@@ -2,6 +2,7 @@
 
     mpiexec -n N python tests/mpi_worker.py check DIR  # averaging, steps, mismatch errors
     mpiexec -n N python tests/mpi_worker.py abort    # rank 1 raises inside a step
+    mpiexec -n N python tests/mpi_worker.py torch DIR  # torch tensors and torch.optim
 
 ``check`` asserts on every rank and ends by writing ``DIR/rank<r>.json`` with the error
 messages the rank saw, which the test compares across ranks. Every rank can rebuild
@@ -230,9 +231,22 @@ def check_zero():
                (fastopt.SGD, dict(lr=0.1, momentum=0.9, nesterov=True))]
     configs += [(cls, {}) for name, cls in fastopt.OPTIMIZERS.items()
                 if name not in ("Adam", "SGD")]
-    for cls, kwargs in configs:
+    # the first two also through small buckets: 40 bytes is 10 float32 / 5 float64 elements
+    # per round over all ranks, 256 bytes 64 / 32; the same bits as one bucket per group
+    runs = [(cls, kwargs, distributed.DEFAULT_BUCKET_BYTES) for cls, kwargs in configs]
+    runs[2:2] = [(cls, kwargs, b) for cls, kwargs in configs[:2] for b in (40, 256)]
+    for cls, kwargs, bucket_bytes in runs:
         params, ref = params_of(), params_of()
-        zero = distributed.ZeroOptimizer(zero_groups(params), cls, **kwargs)
+        zero = distributed.ZeroOptimizer(zero_groups(params), cls,
+                                         bucket_bytes=bucket_bytes, **kwargs)
+        rounds = [g.rounds for g in zero._groups]
+        if bucket_bytes == 40:
+            # 1024 float32 elements (a slice of ceil(1024 / N), 10 // N of them per round)
+            # and 113 float64 (5 // N per round)
+            def ceil(a, b):
+                return -(-a // b)
+            assert rounds == [ceil(ceil(1024, size), max(1, 10 // size)),
+                              ceil(ceil(113, size), max(1, 5 // size))], rounds
         ref_opt = cls(zero_groups(ref), **kwargs)
         for t in range(3):
             for p, g in zip(params, grads_of(rank + 1000 * t)):
@@ -284,6 +298,87 @@ def check_zero():
     return errors
 
 
+def check_torch():
+    """torch tensors: averaged as arrays are, stepped by fastopt.torch, torch.optim and
+    ZeroOptimizer, each equal bit for bit to one process stepping with the averaged
+    gradients (computed here from every rank's share of the batch)."""
+    import torch
+
+    import fastopt.torch
+
+    torch.manual_seed(0)
+    data = torch.randn(24, 8, dtype=torch.float32)
+    target = torch.randn(24, 3, dtype=torch.float32)
+
+    def model_of():
+        torch.manual_seed(1)                    # the same weights on every rank
+        return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(),
+                                   torch.nn.Linear(16, 3))
+
+    def grads_of_rank(model, r):
+        model.zero_grad(set_to_none=True)
+        share = slice(r, None, size)            # rank r's share of the batch
+        loss = torch.nn.functional.mse_loss(model(data[share]), target[share])
+        loss.backward()
+        return [p.grad.detach().numpy().copy() for p in model.parameters()]
+
+    def averaged(model):
+        return ordered_mean([grads_of_rank(model, r) for r in range(size)])
+
+    makers = [("fastopt.torch.Adam", lambda ps: fastopt.torch.Adam(ps, lr=1e-2)),
+              ("torch.optim.SGD", lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))]
+    for name, make in makers:
+        model, ref = model_of(), model_of()
+        opt, ref_opt = make(model.parameters()), make(ref.parameters())
+        for _ in range(3):
+            want = averaged(ref)
+            grads_of_rank(model, rank)
+            kept = [p.grad for p in model.parameters()]
+            distributed.average_gradients(opt, bucket_bytes=256)
+            for p, k, w in zip(model.parameters(), kept, want):
+                assert p.grad is k and np.array_equal(p.grad.numpy(), w), name
+            opt.step()
+            for p, w in zip(ref.parameters(), want):
+                p.grad = torch.from_numpy(w)
+            ref_opt.step()
+        for p, q in zip(model.parameters(), ref.parameters()):
+            assert torch.equal(p, q), name
+        assert same_on_all_ranks([p.detach().numpy() for p in model.parameters()]), name
+    # a module's parameters (an iterable of tensors) through ZeroOptimizer: one process
+    # stepping fastopt.Adam over NumPy copies with the averaged gradients
+    model, ref_model = model_of(), model_of()
+    zero = distributed.ZeroOptimizer(model.parameters(), fastopt.Adam, bucket_bytes=256,
+                                     lr=1e-2, weight_decay=1e-2)
+    ref = [fastopt.Parameter(p.detach().numpy().copy()) for p in ref_model.parameters()]
+    ref_opt = fastopt.Adam(ref, lr=1e-2, weight_decay=1e-2)
+    for _ in range(3):
+        for p, q in zip(ref_model.parameters(), ref):
+            p.data.copy_(torch.from_numpy(np.asarray(q)))
+        want = averaged(ref_model)
+        grads_of_rank(model, rank)
+        versions = [p._version for p in model.parameters()]
+        zero.step()
+        assert all(p._version > v for p, v in zip(model.parameters(), versions))
+        for p, w in zip(ref, want):
+            p.grad = w
+        ref_opt.step()
+        for i, (p, q) in enumerate(zip(model.parameters(), ref)):
+            assert np.array_equal(p.detach().numpy(), q), i
+    # a tensor's gradient missing on one rank: the same error everywhere, nothing changed
+    grads_of_rank(model, rank)
+    if rank == size - 1:
+        list(model.parameters())[1].grad = None
+    before = [p.detach().clone() for p in model.parameters()]
+    try:
+        zero.step()
+    except distributed.GradientMismatchError as e:
+        message = str(e)
+    else:
+        message = None
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    return {"torch_missing": message}
+
+
 def main(mode):
     if mode == "check":
         with distributed.abort_on_error():      # a failed assertion ends the job at once
@@ -292,6 +387,11 @@ def main(mode):
             check_allreduce()
             errors = check_errors()
             errors.update(check_zero())
+        with open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w") as f:
+            json.dump({"rank": rank, "size": size, "errors": errors}, f)
+    elif mode == "torch":
+        with distributed.abort_on_error():
+            errors = check_torch()
         with open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w") as f:
             json.dump({"rank": rank, "size": size, "errors": errors}, f)
     elif mode == "abort":

@@ -170,3 +170,19 @@ def test_digits_example_trains_data_parallel():
     assert match, last
     assert float(match.group(1)) > 95
     assert out.count("test accuracy") == 1               # rank 0 alone prints
+
+
+@needs_mpi
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs torch")
+def test_torch_tensors_under_mpiexec(tmp_path):
+    """A torch model's gradients averaged in place (stepped by fastopt.torch.Adam and by
+    torch.optim.SGD) and its parameters sharded by ZeroOptimizer: the bits of one process
+    stepping with the averaged gradients."""
+    rc, out, err = run_mpi(3, [WORKER, "torch", str(tmp_path)])
+    assert rc == 0, f"stdout:\n{out}\nstderr:\n{err}"
+    results = [json.loads(f.read_text()) for f in sorted(tmp_path.glob("rank*.json"))]
+    assert [r["rank"] for r in results] == [0, 1, 2]
+    for r in results:
+        assert r["errors"] == {
+            "torch_missing": "rank 2 of 3: param_groups[0]['params'][1]: .grad is None "
+                             "(missing), on rank 0 .grad has shape (16,) float32"}

@@ -29,8 +29,10 @@ a few collectives per step rather than one per parameter. :func:`plan_buckets` s
 :class:`ZeroOptimizer` is ZeRO stage 1: instead of every rank keeping the whole optimizer
 state, each rank owns a contiguous 1/N of every group's elements and keeps the state of that
 shard only; a step reduce-scatters the gradients (in the same fixed order), steps the shard
-with the same C kernels and gathers the updated parameters onto every rank. The result is
-the same bits as a single process stepping with the averaged gradients.
+with the same C kernels and gathers the updated parameters onto every rank, both collectives
+in buckets of about ``bucket_bytes`` (each carries a piece of every rank's slice, so all ranks
+send and receive in every round). The result is the same bits as a single process stepping
+with the averaged gradients.
 
 Before any data moves, every rank checks its parameters and gradients, and the ranks compare
 a digest of what they hold (one ``Allgather`` of 16 bytes per rank). A gradient that is
@@ -39,16 +41,24 @@ ranks, make :func:`average_gradients` raise the same :class:`GradientMismatchErr
 rank, naming the first offending rank and parameter, with no gradient changed, instead of
 leaving some ranks waiting in a collective that others never enter.
 
+The parameters and gradients may be NumPy arrays or CPU torch tensors (the parameters of a
+``torch.nn.Module``, stepped by a ``fastopt.torch`` optimizer, by a ``torch.optim`` one after
+:func:`average_gradients`, or sharded by :class:`ZeroOptimizer`): a tensor is read and written
+through a NumPy view of its memory. This module never imports torch; it looks for it in
+``sys.modules`` when it meets an object that is not a NumPy array.
+
 A rank that raises anything else (in its forward pass, in ``step()``) would leave the others
 blocked in their next collective. Run the training under :func:`abort_on_error` and such an
 exception prints its traceback with the rank's number and ends the whole job with
 ``MPI_Abort``.
 """
+import bisect
 import contextlib
 import importlib
 import os
 import sys
 import traceback
+import zlib
 from typing import Any, Iterator, List
 
 import numpy as np
@@ -95,22 +105,115 @@ def _names(sizes, n):
     return [f"param_groups[{g}]['params'][{j}]" for g, k in enumerate(sizes) for j in range(k)]
 
 
+def _torch_tensor(x):
+    """Whether ``x`` is a torch tensor (never imports torch: none exists before it is)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def _tensor_view(t):
+    """The NumPy view of the memory of the torch tensor ``t``, or a str saying why there is
+    none (the view is written in place, so it must be the tensor's own memory)."""
+    torch = sys.modules["torch"]
+    if t.layout is not torch.strided:
+        return f"is a tensor with layout {t.layout}; fastopt.distributed takes dense tensors"
+    if t.device.type != "cpu":
+        return f"is on {t.device}; fastopt.distributed takes CPU tensors"
+    if t.is_conj() or t.is_neg():
+        return "is a lazily conjugated or negated view; pass a materialized tensor"
+    try:
+        return t.detach().numpy()
+    except (TypeError, RuntimeError) as e:
+        return f"has dtype {t.dtype}, which NumPy cannot view ({e})"
+
+
+def _dtype_of(x):
+    """The NumPy dtype of an array or tensor (a tensor's dtype name where NumPy has none)."""
+    if isinstance(x, np.ndarray):
+        return x.dtype
+    if _torch_tensor(x):
+        name = str(x.dtype).replace("torch.", "")
+        try:
+            return np.dtype(name)
+        except TypeError:
+            return name
+    return getattr(x, "dtype", None)
+
+
+def _dtype_code(dtype):
+    """A number for a dtype, the same in every process (``hash`` of a str is not)."""
+    if isinstance(dtype, np.dtype):
+        return dtype.num
+    return -1 if dtype is None else zlib.crc32(str(dtype).encode())
+
+
+def _shape_of(x):
+    return tuple(x.shape) if hasattr(x, "shape") else tuple(np.shape(x))
+
+
+def _grad_view(p):
+    """``(gradient as a NumPy array or None, problem or None)`` of the parameter ``p``."""
+    g = getattr(p, "grad", None)
+    if g is None:
+        return None, None
+    if isinstance(g, np.ndarray):
+        array = g
+    elif _torch_tensor(g):
+        array = _tensor_view(g)
+        if isinstance(array, str):
+            return None, f".grad {array}"
+    else:
+        return None, f".grad is a {type(g).__name__}, not a NumPy array or a torch tensor"
+    shape, dtype = _shape_of(p), _dtype_of(p)
+    if array.shape != shape:
+        return None, f".grad has shape {array.shape}, the parameter {shape}"
+    if array.dtype != dtype:
+        return None, f".grad has dtype {array.dtype}, the parameter {dtype}"
+    if array.dtype not in _DTYPE_SET:
+        return None, (f".grad has dtype {array.dtype}; averaging takes float32, float64, "
+                      f"complex64 or complex128")
+    if not array.flags.writeable:
+        return None, ".grad is read-only (it is averaged in place)"
+    return array, None
+
+
+def _param_view(p, where):
+    """The parameter ``p`` as a NumPy array sharing its memory; TypeError naming ``where``."""
+    if isinstance(p, np.ndarray):
+        return p.view(np.ndarray)
+    if _torch_tensor(p):
+        array = _tensor_view(p)
+        if isinstance(array, str):
+            raise TypeError(f"{where} {array}")
+        return array
+    raise TypeError(f"{where}: expected a NumPy array (fastopt.Parameter) or a torch "
+                    f"tensor, got {type(p).__name__}")
+
+
 def _codes(params):
-    """The cheap per-step check: per parameter ``(shape, dtype number, has a gradient)``, and
-    whether some gradient is unusable (then :func:`_inspect` says why)."""
-    codes, bad = [], False
+    """The per-step check: per parameter ``(shape, dtype number, has a gradient)``, the
+    gradients as NumPy arrays (None where missing or unusable), and whether some gradient
+    is unusable (then :func:`_inspect` says why)."""
+    codes, arrays, bad = [], [], False
     for p in params:
-        shape = p.shape if isinstance(p, np.ndarray) else tuple(np.shape(p))
-        num = getattr(getattr(p, "dtype", None), "num", -1)
+        if isinstance(p, np.ndarray):
+            shape, num = p.shape, p.dtype.num
+        else:
+            shape, num = _shape_of(p), _dtype_code(_dtype_of(p))
         g = getattr(p, "grad", None)
         if g is None:
             codes.append((shape, num, 0))
+            arrays.append(None)
             continue
-        if not (isinstance(g, np.ndarray) and g.shape == shape and g.dtype == p.dtype
+        if (isinstance(g, np.ndarray) and g.shape == shape and g.dtype.num == num
                 and g.dtype in _DTYPE_SET and g.flags.writeable):
-            bad = True
+            arrays.append(g)
+        else:
+            array, problem = _grad_view(p)
+            bad = bad or problem is not None
+            arrays.append(array)
         codes.append((shape, num, 1))
-    return codes, bad
+    return codes, arrays, bad
 
 
 def _describe(grad):
@@ -125,47 +228,34 @@ def _inspect(named):
     """
     signature, error = [], None
     for name, p in named:
-        shape, dtype = tuple(np.shape(p)), str(getattr(p, "dtype", type(p).__name__))
-        grad = getattr(p, "grad", None)
-        problem = None
-        if grad is not None:
-            if not isinstance(grad, np.ndarray):
-                problem = f".grad is a {type(grad).__name__}, not a NumPy array"
-            elif tuple(grad.shape) != shape:
-                problem = f".grad has shape {tuple(grad.shape)}, the parameter {shape}"
-            elif grad.dtype != getattr(p, "dtype", None):
-                problem = f".grad has dtype {grad.dtype}, the parameter {dtype}"
-            elif grad.dtype not in _DTYPE_SET:
-                problem = (f".grad has dtype {grad.dtype}; averaging takes float32, float64, "
-                           f"complex64 or complex128")
-            elif not grad.flags.writeable:
-                problem = ".grad is read-only (it is averaged in place)"
+        shape, dtype = _shape_of(p), str(_dtype_of(p) or type(p).__name__)
+        array, problem = _grad_view(p)
         if problem is not None and error is None:
             error = f"{name}: {problem}"
-        signature.append((name, shape, dtype,
-                          None if grad is None or problem else _describe(grad)))
+        signature.append((name, shape, dtype, None if array is None else _describe(array)))
     return signature, error
 
 
 def _agree(params, sizes, comm):
     """Check locally and collectively; raise the same error on every rank on a mismatch.
 
-    Returns the per-parameter codes of :func:`_codes` (the same on every rank).
+    Returns the per-parameter codes of :func:`_codes` (the same on every rank) and the
+    gradients as NumPy arrays.
     """
-    codes, bad = _codes(params)
+    codes, arrays, bad = _codes(params)
     # The hash of a tuple of ints is the same in every process (no hash randomisation)
     key = hash((sizes, tuple(codes))) & 0xFFFFFFFFFFFFFFFF
     mine = np.array([key, bad], dtype=np.uint64)
     everyone = np.empty((comm.Get_size(), 2), dtype=np.uint64)
     comm.Allgather(mine, everyone)
     if not everyone[:, 1].any() and (everyone[:, 0] == everyone[0, 0]).all():
-        return codes
+        return codes, arrays
     # Something differs: gather the full descriptions (rare, so pickled) and let every rank
     # derive the same message from the same data.
     gathered = comm.allgather(_inspect(list(zip(_names(sizes, len(params)), params))))
     message = _mismatch_message(gathered)
     if message is None:     # the keys differed, the descriptions agree (another Python?)
-        return codes
+        return codes, arrays
     raise GradientMismatchError(message)
 
 
@@ -217,7 +307,7 @@ def plan_buckets(params: Any, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> List[
     """
     if not isinstance(bucket_bytes, (int, np.integer)) or bucket_bytes < 1:
         raise ValueError(f"bucket_bytes must be a positive integer, got {bucket_bytes!r}")
-    return _plan([p.grad for p in _flatten(params)[0]], bucket_bytes)
+    return _plan([_grad_view(p)[0] for p in _flatten(params)[0]], bucket_bytes)
 
 
 def _plan(grads, bucket_bytes):
@@ -280,10 +370,13 @@ def average_gradients(params: Any, comm: Any = None, bucket_bytes: int = DEFAULT
 
     Parameters
     ----------
-    params : Optimizer or iterable of Parameter
-        An optimizer (all its groups' parameters, in order) or the parameters; each has a
-        ``.grad`` that is None or a NumPy array of the parameter's shape and dtype
-        (float32, float64, complex64 or complex128), written in place.
+    params : Optimizer or iterable of Parameter or torch.Tensor
+        An optimizer (all its groups' parameters, in order: a fastopt optimizer, one of
+        ``fastopt.torch`` or a ``torch.optim`` one) or the parameters (``model.parameters()``
+        of a torch module); each has a ``.grad`` that is None or an array of the parameter's
+        shape and dtype (float32, float64, complex64 or complex128), written in place: a
+        NumPy array, or a dense CPU torch tensor (averaged through a NumPy view of its
+        memory).
     comm : mpi4py.MPI.Comm, optional
         The communicator; ``MPI.COMM_WORLD`` by default.
     bucket_bytes : int
@@ -310,9 +403,8 @@ def average_gradients(params: Any, comm: Any = None, bucket_bytes: int = DEFAULT
         raise ValueError(f"bucket_bytes must be a positive integer, got {bucket_bytes!r}")
     comm = _world(comm)
     flat, sizes = _flatten(params)
-    _agree(flat, sizes, comm)
+    _, grads = _agree(flat, sizes, comm)
     size = comm.Get_size()
-    grads = [p.grad for p in flat]
     buckets = _plan(grads, bucket_bytes)
     if size == 1:
         return len(buckets)
@@ -342,15 +434,67 @@ def average_gradients(params: Any, comm: Any = None, bucket_bytes: int = DEFAULT
     return len(buckets)
 
 
-def _copy_range(members, lo, out):
-    """Copy elements ``lo:lo + out.size`` of the members' concatenation into ``out``."""
-    hi, offset = lo + out.size, 0
-    for p in members:
-        n = int(np.size(p))
-        a, b = max(lo, offset), min(hi, offset + n)
-        if a < b:
-            out[a - lo:b - lo] = np.asarray(p).reshape(-1)[a - offset:b - offset]
-        offset += n
+def _gather_range(views, offsets, lo, out):
+    """Copy elements ``lo:lo + out.size`` of the concatenation of the flat arrays ``views``
+    (``offsets``: where each starts, and the total last) into ``out``."""
+    hi, done = lo + out.size, 0
+    i = max(bisect.bisect_right(offsets, lo) - 1, 0)
+    while lo < hi:
+        a = offsets[i]
+        n = min(hi, offsets[i + 1]) - lo
+        if n > 0:
+            out[done:done + n] = views[i][lo - a:lo - a + n]
+            lo, done = lo + n, done + n
+        i += 1
+
+
+def _scatter_range(views, offsets, lo, src):
+    """The inverse of :func:`_gather_range`: write ``src`` into elements ``lo:lo + src.size``
+    of the concatenation of ``views``."""
+    hi, done = lo + src.size, 0
+    i = max(bisect.bisect_right(offsets, lo) - 1, 0)
+    while lo < hi:
+        a = offsets[i]
+        n = min(hi, offsets[i + 1]) - lo
+        if n > 0:
+            views[i][lo - a:lo - a + n] = src[done:done + n]
+            lo, done = lo + n, done + n
+        i += 1
+
+
+def _flat_views(arrays):
+    """1-d views of ``arrays`` (a copy only for a non-contiguous one: read, never written)."""
+    return [a.reshape(-1) for a in arrays]
+
+
+class _Shard:
+    """One group of a :class:`ZeroOptimizer`: its parameters, their layout, this rank's
+    shard, and the plan of its buckets."""
+
+    def __init__(self, members, names, size, rank, bucket_bytes):
+        from fastopt.parameter import Parameter
+
+        self.members, self.names = members, names
+        self.views = [_param_view(p, name) for p, name in zip(members, names)]
+        self.dtype = self.views[0].dtype if self.views else np.dtype(np.float32)
+        self.shapes = [v.shape for v in self.views]
+        self.offsets = [0]
+        for v in self.views:
+            self.offsets.append(self.offsets[-1] + v.size)
+        self.numel = self.offsets[-1]
+        self.counts, self.displs = _chunks(self.numel, size)
+        self.lo, self.n = self.displs[rank], self.counts[rank]
+        flat = np.empty(self.n, dtype=self.dtype)
+        _gather_range(_flat_views(self.views), self.offsets, self.lo, flat)
+        self.shard = Parameter(flat)
+        # a bucket carries about bucket_bytes: `piece` elements of every rank's slice
+        self.piece = max(1, bucket_bytes // (self.dtype.itemsize * size))
+        self.rounds = -(-max(self.counts) // self.piece) if self.numel else 0
+
+    def round_counts(self, j):
+        """Per rank, the elements of its slice that bucket ``j`` carries."""
+        start = j * self.piece
+        return [max(0, min(self.piece, c - start)) for c in self.counts]
 
 
 class ZeroOptimizer:
@@ -374,12 +518,23 @@ class ZeroOptimizer:
     The parameters therefore end every step equal on all ranks and, bit for bit, equal to
     one process stepping ``optimizer_class`` over all of them with the averaged gradients
     (the update of an element depends on that element only). The gradients are left as they
-    were (not averaged). Each group's gradients travel in one round of collectives, through
-    a buffer of the group's size that lives for the step.
+    were (not averaged).
+
+    Both collectives travel in buckets of about ``bucket_bytes``: bucket ``j`` of a group
+    carries the ``j``-th piece of every rank's slice (``bucket_bytes / N`` bytes of each), so
+    every rank sends and receives in every round, the buffers of a step are two of a
+    bucket's size, and a group of ``E`` elements takes about ``E * itemsize / bucket_bytes``
+    rounds (at least one per group: put parameters of one dtype in one group to share
+    buckets). The sums, and so the bits, do not depend on ``bucket_bytes``.
+
+    The parameters may be NumPy arrays (``fastopt.Parameter``) or CPU torch tensors
+    (``model.parameters()``, float32 or float64), updated in place (a tensor's autograd
+    version counter is incremented, as by an in-place torch operation); their ``.grad``
+    are arrays or tensors alike.
 
     Parameters
     ----------
-    params : iterable of Parameter or of dict
+    params : iterable of Parameter or torch.Tensor, or of dict
         The parameters, or parameter groups (dicts with ``"params"`` and per-group options),
         the same on every rank.
     optimizer_class : type
@@ -387,6 +542,8 @@ class ZeroOptimizer:
         ``fastopt.OPTIMIZERS``).
     comm : mpi4py.MPI.Comm, optional
         The communicator; ``MPI.COMM_WORLD`` by default.
+    bucket_bytes : int
+        About how many bytes one round of collectives carries (over all ranks).
     **defaults
         The optimizer's arguments (``lr=...``), as for ``optimizer_class``.
 
@@ -399,14 +556,15 @@ class ZeroOptimizer:
     """
 
     def __init__(self, params: Any, optimizer_class: type, comm: Any = None,
-                 **defaults: Any) -> None:
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, **defaults: Any) -> None:
         from fastopt.optimizer import kernel_optimizers
-        from fastopt.parameter import Parameter
 
         if not (isinstance(optimizer_class, type) and
                 any(issubclass(optimizer_class, k) for k in kernel_optimizers().values())):
             raise TypeError(f"ZeroOptimizer needs a per-element fastopt optimizer class "
                             f"(one of fastopt.OPTIMIZERS), got {optimizer_class!r}")
+        if not isinstance(bucket_bytes, (int, np.integer)) or bucket_bytes < 1:
+            raise ValueError(f"bucket_bytes must be a positive integer, got {bucket_bytes!r}")
         self.comm = comm = _world(comm)
         params = list(params)
         if params and isinstance(params[0], dict):
@@ -414,24 +572,23 @@ class ZeroOptimizer:
         else:
             groups = [{"params": params}]
         size, rank = comm.Get_size(), comm.Get_rank()
-        self._groups, shard_groups = [], []
+        self.bucket_bytes = int(bucket_bytes)
+        self._groups: List[_Shard] = []
+        shard_groups = []
         for g, group in enumerate(groups):
             members = group["params"]
             if not members:
                 raise ValueError(f"param_groups[{g}] has no parameters")
-            dtypes = {np.dtype(p.dtype) for p in members}
+            dtypes = {str(_dtype_of(p)) for p in members}
             if len(dtypes) != 1:
-                raise ValueError(f"param_groups[{g}] mixes dtypes "
-                                 f"{sorted(str(d) for d in dtypes)}; ZeroOptimizer shards "
-                                 f"each group as one array: put each dtype in its own group")
-            total = sum(int(np.size(p)) for p in members)
-            counts, displs = _chunks(total, size)
-            lo = displs[rank]
-            flat = np.concatenate([np.asarray(p).reshape(-1) for p in members])
-            shard = Parameter(np.ascontiguousarray(flat[lo:lo + counts[rank]]))
-            self._groups.append((members, counts, displs, shard))
+                raise ValueError(f"param_groups[{g}] mixes dtypes {sorted(dtypes)}; "
+                                 f"ZeroOptimizer shards each group as one array: put each "
+                                 f"dtype in its own group")
+            names = [f"param_groups[{g}]['params'][{i}]" for i in range(len(members))]
+            shard = _Shard(members, names, size, rank, self.bucket_bytes)
+            self._groups.append(shard)
             shard_groups.append(dict({k: v for k, v in group.items() if k != "params"},
-                                     params=[shard]))
+                                     params=[shard.shard]))
         self.optimizer = optimizer_class(shard_groups, **defaults)
 
     @property
@@ -441,12 +598,17 @@ class ZeroOptimizer:
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the gradients of the parameters (None, or zeros in place)."""
-        for members, _, _, _ in self._groups:
-            for p in members:
+        for group in self._groups:
+            for p in group.members:
                 if set_to_none:
                     p.grad = None
                 elif p.grad is not None:
-                    p.grad[...] = 0
+                    g = p.grad
+                    if _torch_tensor(g):
+                        g.detach_()
+                        g.zero_()
+                    else:
+                        g[...] = 0
 
     def step(self) -> None:
         """Average the gradients over the ranks, step this rank's shards, gather the result.
@@ -457,34 +619,94 @@ class ZeroOptimizer:
             On every rank alike, before anything changes, as :func:`average_gradients`
             raises it, and when a parameter has no gradient on any rank.
         """
-        comm = self.comm
-        params = [p for members, _, _, _ in self._groups for p in members]
-        sizes = tuple(len(members) for members, _, _, _ in self._groups)
-        codes = _agree(params, sizes, comm)
+        self._reduce_scatter(self._check())
+        try:
+            self.optimizer.step()
+        finally:
+            for group in self._groups:
+                group.shard.grad = None
+        self._allgather()
+
+    def _check(self):
+        """The collective check of :meth:`step`: the gradients as arrays, per group."""
+        params = [p for group in self._groups for p in group.members]
+        sizes = tuple(len(group.members) for group in self._groups)
+        codes, arrays = _agree(params, sizes, self.comm)
         for i, (_, _, has_grad) in enumerate(codes):
             if not has_grad:        # then None on every rank: the codes agree
                 raise GradientMismatchError(f"{_names(sizes, len(params))[i]}: .grad is None "
                                             f"on every rank; ZeroOptimizer steps every "
                                             f"parameter")
-        rank = comm.Get_rank()
-        for members, counts, displs, shard in self._groups:
-            grads = np.concatenate([p.grad.reshape(-1) for p in members])
-            shard.grad = _ordered_reduce_scatter(grads, comm)
+        out, start = [], 0
+        for group in self._groups:
+            out.append(arrays[start:start + len(group.members)])
+            start += len(group.members)
+        return out
+
+    def _reduce_scatter(self, grads):
+        """Give every shard the rank-ordered mean of its slice of the gradients, bucket by
+        bucket, and refresh the shard from the parameters."""
+        comm = self.comm
+        size, rank = comm.Get_size(), comm.Get_rank()
+        for group, arrays in zip(self._groups, grads):
+            flat = _flat_views(arrays)
+            mean = np.empty(group.n, dtype=group.dtype)
+            send = np.empty(group.piece * size, dtype=group.dtype)
+            recv = np.empty(group.piece * size, dtype=group.dtype)
+            for j in range(group.rounds):
+                counts = group.round_counts(j)
+                start, offset, displs = j * group.piece, 0, []
+                for s, c in enumerate(counts):
+                    displs.append(offset)
+                    _gather_range(flat, group.offsets, group.displs[s] + start,
+                                  send[offset:offset + c])
+                    offset += c
+                mine = counts[rank]
+                comm.Alltoallv([send, (counts, displs)],
+                               [recv, ([mine] * size, [s * mine for s in range(size)])])
+                parts = recv[:size * mine].reshape(size, mine)
+                total = mean[start:start + mine]
+                total[...] = parts[0]
+                for s in range(1, size):
+                    np.add(total, parts[s], out=total)
+                np.divide(total, size, out=total)
+            group.shard.grad = mean
             # the parameters are authoritative (a loaded checkpoint, an edit between steps)
-            _copy_range(members, displs[rank], shard)
-        try:
-            self.optimizer.step()
-        finally:
-            for _, _, _, shard in self._groups:
-                shard.grad = None
-        for members, counts, displs, shard in self._groups:
-            flat = np.empty(sum(counts), dtype=shard.dtype)
-            comm.Allgatherv(np.asarray(shard), [flat, (counts, displs)])
-            offset = 0
-            for p in members:
-                n = int(np.size(p))
-                p[...] = flat[offset:offset + n].reshape(np.shape(p))
-                offset += n
+            views = [_param_view(p, n) for p, n in zip(group.members, group.names)]
+            _gather_range(_flat_views(views), group.offsets, group.lo, group.shard)
+
+    def _allgather(self):
+        """Write every rank's updated shard into the parameters, bucket by bucket."""
+        comm = self.comm
+        size, rank = comm.Get_size(), comm.Get_rank()
+        foreign = []
+        for group in self._groups:
+            views = [_param_view(p, n) for p, n in zip(group.members, group.names)]
+            targets = [v.reshape(-1) if v.flags.c_contiguous else None for v in views]
+            strided = [i for i, t in enumerate(targets) if t is None]
+            if strided:         # written whole at the end, through a contiguous copy
+                for i in strided:
+                    targets[i] = np.empty(views[i].size, dtype=group.dtype)
+            recv = np.empty(group.piece * size, dtype=group.dtype)
+            shard = np.asarray(group.shard)
+            for j in range(group.rounds):
+                counts = group.round_counts(j)
+                start = j * group.piece
+                displs = [0] * size
+                for s in range(1, size):
+                    displs[s] = displs[s - 1] + counts[s - 1]
+                comm.Allgatherv(shard[start:start + counts[rank]],
+                                [recv, (counts, displs)])
+                for s, c in enumerate(counts):
+                    if c:
+                        _scatter_range(targets, group.offsets, group.displs[s] + start,
+                                       recv[displs[s]:displs[s] + c])
+            for i in strided:
+                views[i][...] = targets[i].reshape(views[i].shape)
+            foreign += [p for p in group.members if not isinstance(p, np.ndarray)]
+        if foreign:
+            from fastopt._adapters import _foreign_updated
+            _foreign_updated(foreign)
 
 
 @contextlib.contextmanager
