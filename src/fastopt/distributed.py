@@ -56,15 +56,21 @@ import bisect
 import contextlib
 import importlib
 import os
+import re
+import secrets
 import sys
 import traceback
 import zlib
-from typing import Any, Iterator, List
+from typing import Any, Iterator, List, Union
 
 import numpy as np
 
+from fastopt.checkpoint import (CheckpointError, CheckpointMismatchError, CorruptCheckpointError,
+                                NotACheckpointError, TruncatedCheckpointError)
+
 __all__ = ["average_gradients", "plan_buckets", "ZeroOptimizer", "abort_on_error",
-           "GradientMismatchError", "DEFAULT_BUCKET_BYTES"]
+           "GradientMismatchError", "DEFAULT_BUCKET_BYTES", "save", "load",
+           "IncompleteCheckpointError", "shard_file_name", "SHARD_LAYOUT_KEY"]
 
 #: The default bucket size of :func:`average_gradients`, in bytes.
 DEFAULT_BUCKET_BYTES = 25 << 20
@@ -552,7 +558,7 @@ class ZeroOptimizer:
     optimizer : Optimizer
         This rank's ``optimizer_class`` over its shards. Its ``param_groups`` carry the
         hyperparameters (a learning-rate scheduler drives it), its ``state`` the shard's
-        state, and its ``state_dict()`` is this rank's part of a checkpoint.
+        state; :func:`save` and :func:`load` checkpoint it, on any number of ranks.
     """
 
     def __init__(self, params: Any, optimizer_class: type, comm: Any = None,
@@ -707,6 +713,545 @@ class ZeroOptimizer:
         if foreign:
             from fastopt._adapters import _foreign_updated
             _foreign_updated(foreign)
+
+
+# ---- sharded checkpoints -----------------------------------------------------------------
+
+#: The key of a shard file's ``extra`` that holds its layout (see :func:`save`).
+SHARD_LAYOUT_KEY = "fastopt.distributed"
+_SHARD_FORMAT = 1
+_SHARD_RE = re.compile(r"shard-(\d{5})-of-(\d{5})\.safetensors\Z")
+
+
+class IncompleteCheckpointError(CheckpointError):
+    """A sharded checkpoint that is not whole: a shard file is missing, or the shards come
+    from different saves (one that did not finish)."""
+
+
+def shard_file_name(rank: int, world_size: int) -> str:
+    """The name of rank ``rank``'s file in a checkpoint of ``world_size`` ranks.
+
+    >>> shard_file_name(1, 3)
+    'shard-00001-of-00003.safetensors'
+    """
+    return f"shard-{rank:05d}-of-{world_size:05d}.safetensors"
+
+
+class _Solo:
+    """The communicator of a single process that uses no MPI (a plain optimizer)."""
+
+    def Get_size(self):
+        return 1
+
+    def Get_rank(self):
+        return 0
+
+    def allgather(self, value):
+        return [value]
+
+    def bcast(self, value, root=0):
+        return value
+
+    def Barrier(self):
+        pass
+
+
+_ERRORS = {cls.__name__: cls for cls in (
+    CheckpointError, CorruptCheckpointError, TruncatedCheckpointError, NotACheckpointError,
+    CheckpointMismatchError, IncompleteCheckpointError, OSError, FileNotFoundError,
+    PermissionError, NotADirectoryError, IsADirectoryError, TypeError, ValueError)}
+
+
+def _raise_first(errors):
+    """Raise the first rank's error of ``errors`` (per rank, ``(class name, message)`` or
+    None), saying which rank found it when the others did not find the same."""
+    for r, found in enumerate(errors):
+        if found is not None:
+            message = found[1]
+            if any(e != found for e in errors):
+                message += f" (found on rank {r} of {len(errors)})"
+            raise _ERRORS.get(found[0], CheckpointError)(message)
+
+
+def _agree_or_raise(comm, error):
+    """Gather every rank's ``(class name, message)`` or None; raise the first rank's on all."""
+    _raise_first(comm.allgather(error))
+
+
+def _as_error(exc):
+    """``(class name, message)`` of ``exc``, the class being its nearest one in _ERRORS."""
+    name = next(c.__name__ for c in type(exc).__mro__ if c.__name__ in _ERRORS)
+    return name, str(exc)
+
+
+class _Layout:
+    """What a checkpoint of an optimizer records and checks: its class, and per group the
+    parameter shapes, the dtype, the element count and this process's range."""
+
+    def __init__(self, optimizer):
+        from fastopt.checkpoint import _qualname
+        from fastopt.optimizer import Optimizer, kernel_optimizers
+
+        self.zero = isinstance(optimizer, ZeroOptimizer)
+        if self.zero:
+            self.comm = optimizer.comm
+            self.inner = optimizer.optimizer
+            self.groups = [(g.shapes, g.dtype, g.numel, g.lo, g.n) for g in optimizer._groups]
+            self.members = [g.members for g in optimizer._groups]
+        else:
+            if not (isinstance(optimizer, Optimizer) and any(
+                    isinstance(optimizer, k) for k in kernel_optimizers().values())):
+                raise TypeError(f"a sharded checkpoint is of a ZeroOptimizer or of a "
+                                f"per-element fastopt optimizer (one of fastopt.OPTIMIZERS), "
+                                f"got {type(optimizer).__name__}")
+            self.comm = _Solo()
+            self.inner = optimizer
+            self.groups, self.members = [], []
+            for g, group in enumerate(optimizer.param_groups):
+                members = list(group["params"])
+                views = [_param_view(p, f"param_groups[{g}]['params'][{i}]")
+                         for i, p in enumerate(members)]
+                dtypes = sorted({str(v.dtype) for v in views})
+                if len(dtypes) > 1:
+                    raise ValueError(f"param_groups[{g}] mixes dtypes {dtypes}; a sharded "
+                                     f"checkpoint keeps each group's state as one array: "
+                                     f"put each dtype in its own group")
+                numel = sum(v.size for v in views)
+                dtype = views[0].dtype if views else np.dtype(np.float32)
+                self.groups.append(([v.shape for v in views], dtype, numel, 0, numel))
+                self.members.append(members)
+        self.size, self.rank = self.comm.Get_size(), self.comm.Get_rank()
+        self.cls = type(self.inner)
+        self.name = _qualname(self.inner)
+        self.scalars = frozenset(self.cls._scalar_state_keys) | {"step"}
+
+    def describe(self):
+        """The layout entry of this process's shard file (JSON values)."""
+        return [{"numel": numel, "begin": lo, "end": lo + n, "dtype": str(dtype),
+                 "shapes": [list(map(int, s)) for s in shapes]}
+                for shapes, dtype, numel, lo, n in self.groups]
+
+    def flat_state(self):
+        """A plain optimizer's state as a ZeroOptimizer shard holds it: per group one dict
+        of flat arrays (None for a group without state); ValueError naming the parameter
+        and key where the group's parameters cannot share one state."""
+        out = []
+        opt = self.inner
+        for g, (members, group) in enumerate(zip(self.members, opt.param_groups)):
+            states = [opt.state.get(p) or {} for p in members]
+            first = next((i for i, st in enumerate(states) if st), None)
+            if first is None:
+                out.append(None)
+                continue
+            where0 = f"param_groups[{g}]['params'][{first}]"
+            keys = list(states[first])
+            merged = {}
+            for i, st in enumerate(states):
+                where = f"param_groups[{g}]['params'][{i}]"
+                if sorted(st) != sorted(keys):
+                    raise ValueError(
+                        f"{where} has state {sorted(st)}, {where0} {sorted(keys)}; a sharded "
+                        f"checkpoint keeps one state per group: its parameters must all have "
+                        f"stepped together")
+                for key in keys:
+                    value = st[key]
+                    if not isinstance(value, np.ndarray):
+                        raise ValueError(f"{where}: state[{key!r}] is a "
+                                         f"{type(value).__name__}, not an array")
+                    if key in self.scalars:
+                        ref = states[first][key]
+                        if value.tobytes() != np.asarray(ref).tobytes():
+                            raise ValueError(
+                                f"{where}: state[{key!r}] is {value!r}, at {where0} {ref!r}; a "
+                                f"sharded checkpoint keeps one {key!r} per group")
+            for key in keys:
+                if key in self.scalars:
+                    merged[key] = states[first][key]
+                else:
+                    merged[key] = np.concatenate([np.asarray(st[key]).reshape(-1)
+                                                  for st in states])
+            out.append(merged)
+        return out
+
+
+def save(checkpoint_dir: Union[str, "os.PathLike[str]"], optimizer: Any,
+         scheduler: Any = None, extra: Any = None) -> None:
+    """Write a sharded checkpoint of ``optimizer``: one file per rank, loadable on any number.
+
+    Call it on every rank of a :class:`ZeroOptimizer` (collective), or in one process for a
+    plain per-element fastopt optimizer (a checkpoint of one shard; no MPI is used, so in
+    plain data parallelism call it on one rank). :func:`load` reads it back on any number of
+    ranks, or into a plain optimizer.
+
+    File layout: ``checkpoint_dir/shard-RRRRR-of-NNNNN.safetensors`` (:func:`shard_file_name`),
+    one per rank of the ``N`` that saved. Each is a checkpoint of :mod:`fastopt.checkpoint`'s
+    format (pickle-free safetensors, checksummed, written atomically; readable with
+    :func:`fastopt.checkpoint.read`) of that rank's shard optimizer: its state dict has one
+    parameter per group, whose state arrays are 1-d, the rank's contiguous range of the
+    group's elements (parameters flattened and concatenated in order), and the 0-d entries
+    (``step``, NAdam's ``mu_product``, ASGD's ``eta`` and ``mu``) once per group. Its
+    ``extra`` is ``{"fastopt.distributed": layout, "extra": ...}``, the layout being
+    ``{"format": 1, "id": <hex, the same in every shard of one save>, "rank": r,
+    "world_size": N, "groups": [{"numel": E, "begin": b, "end": e, "dtype": "float32",
+    "shapes": [[3, 4], ...]}, ...]}`` (rank ``r`` covers elements ``b:e`` of each group, the
+    split of :class:`ZeroOptimizer`). Rank 0's file alone carries ``scheduler`` and the
+    user's ``extra``; the others hold None there.
+
+    Parameters
+    ----------
+    checkpoint_dir : str or os.PathLike
+        The directory (created if missing). Shard files of a checkpoint of another rank
+        count in it are removed once every rank has written its file. A save that stops
+        midway leaves shards of two saves, which :func:`load` refuses: save to a new
+        directory (or alternate two) to keep the previous checkpoint safe.
+    optimizer : ZeroOptimizer or Optimizer
+        A :class:`ZeroOptimizer` (its shard optimizer's state), or a per-element fastopt
+        optimizer whose groups each hold one dtype and whose parameters of a group all have
+        state or all have none, with the same 0-d entries.
+    scheduler : scheduler, list or dict of schedulers, or None
+        As for :func:`fastopt.save` (the schedulers of rank 0 are saved).
+    extra : object, optional
+        As for :func:`fastopt.save` (rank 0's is saved; :func:`load` returns it on every
+        rank). The parameters are not part of the optimizer's state: pass them here
+        (``extra={"params": params}``) to resume training from the checkpoint.
+
+    Raises
+    ------
+    TypeError, ValueError, OSError
+        On every rank alike (the first failing rank's error), when something cannot be
+        stored or written. The checks of ``extra`` and ``scheduler`` come before any file
+        is written.
+    """
+    from fastopt import checkpoint
+
+    layout = _Layout(optimizer)
+    comm, rank, size = layout.comm, layout.rank, layout.size
+    directory = os.fspath(checkpoint_dir)
+    flat = None if layout.zero else layout.flat_state()
+    # 1. rank 0 checks what only it writes, and draws the save's id
+    error, save_id = None, None
+    if rank == 0:
+        save_id = secrets.token_hex(16)
+        try:
+            encoder = checkpoint._Encoder()
+            encoder.encode(extra, ("extra",), "extra")
+            checkpoint._scheduler_state(scheduler, ("scheduler",), "scheduler", encoder)
+        except (TypeError, ValueError) as e:
+            error = _as_error(e)
+    _agree_or_raise(comm, error)
+    save_id = comm.bcast(save_id, root=0)
+    # 2. every rank writes its file
+    error = None
+    try:
+        os.makedirs(directory, exist_ok=True)
+        content = {SHARD_LAYOUT_KEY: {"format": _SHARD_FORMAT, "id": save_id, "rank": rank,
+                                      "world_size": size, "groups": layout.describe()},
+                   "extra": extra if rank == 0 else None}
+        path = os.path.join(directory, shard_file_name(rank, size))
+        shard = layout.inner if layout.zero else _shard_optimizer(layout, flat)
+        checkpoint.save(path, shard, scheduler if rank == 0 else None, content)
+    except (OSError, TypeError, ValueError) as e:
+        error = _as_error(e)
+    _agree_or_raise(comm, error)
+    # 3. rank 0 removes the shards of checkpoints of other rank counts
+    if rank == 0:
+        for name in os.listdir(directory):
+            match = _SHARD_RE.match(name)
+            if match and int(match.group(2)) != size:
+                os.unlink(os.path.join(directory, name))
+    comm.Barrier()
+
+
+def _shard_optimizer(layout, flat):
+    """A plain optimizer's state as an optimizer of its class over one flat parameter per
+    group (the shard of one rank), to write as a shard file."""
+    from fastopt.parameter import Parameter
+
+    groups, state = [], {}
+    for (shapes, dtype, numel, _, _), group, st in zip(layout.groups,
+                                                       layout.inner.param_groups, flat):
+        p = Parameter(np.empty(numel, dtype=dtype))    # never written: pages stay unmapped
+        groups.append(dict({k: v for k, v in group.items() if k != "params"}, params=[p]))
+        if st is not None:
+            state[p] = st
+    shard = layout.cls(groups)
+    shard.state.update(state)
+    return shard
+
+
+def _shard_files(directory):
+    """``(world size, {rank: path})`` of the shard files in ``directory``."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{directory}: no such checkpoint directory") from None
+    found = {}
+    for name in sorted(names):
+        match = _SHARD_RE.match(name)
+        if match:
+            found.setdefault(int(match.group(2)), {})[int(match.group(1))] = name
+    if not found:
+        raise IncompleteCheckpointError(f"{directory}: no shard files "
+                                        f"(shard-RRRRR-of-NNNNN.safetensors) in it")
+    if len(found) > 1:
+        raise IncompleteCheckpointError(
+            f"{directory}: holds shard files of checkpoints of {sorted(found)} ranks; a save "
+            f"that did not finish? remove the shards of the one to drop")
+    (world, files), = found.items()
+    for r in range(world):
+        if r not in files:
+            raise IncompleteCheckpointError(
+                f"{os.path.join(directory, shard_file_name(r, world))}: missing (the "
+                f"checkpoint was saved by {world} ranks)")
+    extra = sorted(r for r in files if r >= world)
+    if extra:
+        raise IncompleteCheckpointError(
+            f"{os.path.join(directory, files[extra[0]])}: rank {extra[0]} of {world} ranks")
+    return world, {r: os.path.join(directory, name) for r, name in files.items()}
+
+
+def _read_shard(path, k, world, layout):
+    """Read and check shard file ``k`` of ``world``: ``(content, its groups' state)``."""
+    from fastopt.checkpoint import _read
+
+    content = _read(path)
+
+    def mismatch(what):
+        return CheckpointMismatchError(f"{path}: {what}")
+
+    def corrupt(what):
+        return CorruptCheckpointError(f"{path}: {what}")
+
+    extra = content["extra"]
+    info = extra.get(SHARD_LAYOUT_KEY) if isinstance(extra, dict) else None
+    if not (isinstance(info, dict) and set(extra) == {SHARD_LAYOUT_KEY, "extra"}):
+        raise NotACheckpointError(f"{path}: not a shard of a sharded checkpoint (its extra "
+                                  f"has no {SHARD_LAYOUT_KEY!r} layout)")
+    if info.get("format") != _SHARD_FORMAT:
+        raise NotACheckpointError(f"{path}: sharded checkpoint format {info.get('format')!r}; "
+                                  f"this fastopt reads format {_SHARD_FORMAT}")
+    if info.get("rank") != k or info.get("world_size") != world:
+        raise corrupt(f"the file is named rank {k} of {world}, its layout says rank "
+                      f"{info.get('rank')!r} of {info.get('world_size')!r} (a renamed file?)")
+    if content["optimizer"] != layout.name:
+        raise mismatch(f"the checkpoint holds the state of a {content['optimizer']}, not of "
+                       f"a {layout.name}")
+    saved = info.get("groups")
+    if not isinstance(saved, list) or not all(isinstance(g, dict) for g in saved):
+        raise corrupt("the layout's groups are not a list of objects")
+    if len(saved) != len(layout.groups):
+        raise mismatch(f"the checkpoint has {len(saved)} parameter groups, the optimizer "
+                       f"{len(layout.groups)}")
+    sd = content["state_dict"]
+    if len(sd["param_groups"]) != len(saved):
+        raise corrupt(f"the state dict has {len(sd['param_groups'])} groups, the layout "
+                      f"{len(saved)}")
+    states = []
+    for g, (entry, (shapes, _, numel, _, _)) in enumerate(zip(saved, layout.groups)):
+        where = f"param_groups[{g}]"
+        mine = [list(map(int, s)) for s in shapes]
+        theirs = entry.get("shapes")
+        if not isinstance(theirs, list):
+            raise corrupt(f"{where}: the layout has no parameter shapes")
+        if len(theirs) != len(mine):
+            raise mismatch(f"{where} has {len(theirs)} parameters in the checkpoint, "
+                           f"{len(mine)} in the optimizer")
+        for i, (a, b) in enumerate(zip(theirs, mine)):
+            if a != b:
+                raise mismatch(f"{where}['params'][{i}] has shape {tuple(a)} in the "
+                               f"checkpoint, {tuple(b)} in the optimizer")
+        counts, displs = _chunks(numel, world)
+        expected = [displs[k], displs[k] + counts[k]]
+        if entry.get("numel") != numel or [entry.get("begin"), entry.get("end")] != expected:
+            raise corrupt(f"{where}: the shard covers elements {entry.get('begin')!r}:"
+                          f"{entry.get('end')!r} of {entry.get('numel')!r}; rank {k} of "
+                          f"{world} holds {expected[0]}:{expected[1]} of {numel}")
+        if sd["param_groups"][g].get("params") != [g]:
+            raise corrupt(f"state dict param_groups[{g}] does not hold the one parameter {g}")
+        st = sd["state"].get(g, sd["state"].get(str(g)))
+        if st is not None and not isinstance(st, dict):
+            raise corrupt(f"state[{g}] is not a dict")
+        for key, value in (st or {}).items():
+            if not isinstance(value, np.ndarray):
+                raise corrupt(f"state[{g}][{key!r}] is a {type(value).__name__}, not an array")
+            want = () if key in layout.scalars else (counts[k],)
+            if value.shape != want:
+                raise corrupt(f"state[{g}][{key!r}] has shape {value.shape}; the shard of "
+                              f"{where} needs {want}")
+        states.append(st or None)
+    return content, states
+
+
+def _facts(content, states, scalars):
+    """What every shard of one save holds alike: its id, the groups' hyperparameters, their
+    state keys and 0-d state (compared as text)."""
+    groups = [{k: v for k, v in g.items() if k != "params"}
+              for g in content["state_dict"]["param_groups"]]
+    per_group = [None if st is None else
+                 sorted((key, repr(value.tolist()) if key in scalars else None)
+                        for key, value in st.items())
+                 for st in states]
+    return (content["extra"][SHARD_LAYOUT_KEY]["id"], repr(groups), repr(per_group))
+
+
+def load(checkpoint_dir: Union[str, "os.PathLike[str]"], optimizer: Any,
+         scheduler: Any = None) -> Any:
+    """Load a checkpoint written by :func:`save` on any number of ranks into ``optimizer``.
+
+    A :class:`ZeroOptimizer` on ``M`` ranks (call it on every rank: collective) takes its
+    share of every group's state from a checkpoint saved by ``N`` ranks, ``N`` and ``M``
+    unrelated; a plain per-element optimizer (one process, no MPI) takes all of it. Each
+    rank reads the shard files that overlap its range (and every ``M``-th file besides, so
+    that every file is checked by some rank; rank 0's file, which holds the schedulers and
+    ``extra``, by every rank). The state is the same numbers as the one saved, element for
+    element, so training continues with the bits of a run that never stopped.
+
+    Everything is checked before anything changes: every shard file is present, each file
+    is whole (checksum) and of this save (the shards carry the same id), of the same
+    optimizer class, number of groups, parameters per group and shapes, its range is the
+    expected one (so the shards cover every element once), and the shards agree on the
+    hyperparameters, state keys and 0-d state. The ranks then agree, and on an error every
+    rank raises the same exception, naming the file (and group or key), with the optimizer
+    and the schedulers left as they were; likewise when ``load_state_dict`` refuses the
+    state on some rank.
+
+    Parameters
+    ----------
+    checkpoint_dir : str or os.PathLike
+        A directory written by :func:`save`.
+    optimizer : ZeroOptimizer or Optimizer
+        Of the class that was saved, with the same groups and parameter shapes, on any
+        number of ranks (a plain optimizer: each group of one dtype).
+    scheduler : scheduler, list or dict of schedulers, or None
+        The structure saved (as for :func:`fastopt.load`).
+
+    Returns
+    -------
+    object
+        The ``extra`` saved (rank 0's), on every rank.
+
+    Raises
+    ------
+    IncompleteCheckpointError
+        A shard file is missing, or shards of different saves are mixed.
+    TruncatedCheckpointError, CorruptCheckpointError, NotACheckpointError
+        A damaged file, or one that is no shard (see :mod:`fastopt.checkpoint`).
+    CheckpointMismatchError
+        A checkpoint of another optimizer class, other groups or shapes, other schedulers,
+        or state that ``load_state_dict`` refuses.
+    FileNotFoundError, OSError
+        The directory or a file cannot be read.
+    """
+    from fastopt.checkpoint import _pair_schedulers
+
+    layout = _Layout(optimizer)
+    comm, rank, size = layout.comm, layout.rank, layout.size
+    directory = os.fspath(checkpoint_dir)
+    error, facts, prepared = None, {}, None
+    try:
+        world, paths = _shard_files(directory)
+        wanted = {0} | {k for k in range(world) if k % size == rank}
+        for shapes, _, numel, lo, n in layout.groups:
+            counts, displs = _chunks(numel, world)
+            wanted |= {k for k in range(world)
+                       if n and displs[k] < lo + n and lo < displs[k] + counts[k]}
+        read = {}
+        for k in sorted(wanted):
+            content, states = _read_shard(paths[k], k, world, layout)
+            read[k] = (content, states)
+            facts[k] = _facts(content, states, layout.scalars)
+        pairs: list = []
+        _pair_schedulers(paths[0], scheduler, read[0][0]["scheduler"], "scheduler", pairs)
+        for sched, sd, where in pairs:
+            check = getattr(sched, "_check_state_dict", None)
+            if check is not None:
+                try:
+                    check(sd)
+                except (ValueError, TypeError, KeyError) as e:
+                    raise CheckpointMismatchError(f"{paths[0]}: wrong schedulers: {where}: "
+                                                  f"{e}") from None
+        prepared = (world, paths, read, pairs)
+    except (CheckpointError, OSError) as e:
+        error = _as_error(e)
+    everyone = comm.allgather((error, facts))
+    _raise_first([found for found, _ in everyone])
+    assert prepared is not None
+    world, paths, read, pairs = prepared
+    merged: dict = {}
+    for _, f in everyone:
+        merged.update(f)
+    ref = merged[0]
+    for k in sorted(merged):
+        if merged[k][0] != ref[0]:
+            raise IncompleteCheckpointError(
+                f"{paths[k]} is of another save than {paths[0]} (the shards carry different "
+                f"ids: a save that did not finish, or files of two checkpoints)")
+        for what, i in (("hyperparameters", 1), ("state keys or 0-d state (step, ...)", 2)):
+            if merged[k][i] != ref[i]:
+                raise CorruptCheckpointError(
+                    f"{paths[k]}: its {what} differ from those of {paths[0]}: "
+                    f"{merged[k][i][:200]} vs {ref[i][:200]}")
+    state_dict = _assemble(layout, world, read)
+    opt = layout.inner
+    before = opt.state, opt.param_groups
+    error, done = None, []
+    try:
+        opt.load_state_dict(state_dict)
+        for sched, sd, where in pairs:
+            previous = sched.state_dict()
+            sched.load_state_dict(sd)
+            done.append((sched, previous))
+    except (ValueError, TypeError, KeyError) as e:
+        error = ("CheckpointMismatchError",
+                 f"{directory}: the optimizer or a scheduler refuses the saved state: {e}")
+    errors = comm.allgather(error)
+    if any(e is not None for e in errors):
+        for sched, previous in reversed(done):
+            sched.load_state_dict(previous)
+        opt.state, opt.param_groups = before
+        _raise_first(errors)
+    return read[0][0]["extra"]["extra"]
+
+
+def _assemble(layout, world, read):
+    """The state dict of ``layout``'s optimizer, cut from the shards in ``read``."""
+    ref_groups = read[0][0]["state_dict"]["param_groups"]
+    state, groups, index = {}, [], 0
+    for g, (shapes, _, numel, lo, n) in enumerate(layout.groups):
+        counts, displs = _chunks(numel, world)
+        hyper = {k: v for k, v in ref_groups[g].items() if k != "params"}
+        some = read[0][1][g]
+        merged = None
+        if some is not None:
+            merged = {}
+            for key, value in some.items():
+                if key in layout.scalars:
+                    merged[key] = np.array(value)
+                    continue
+                out = np.empty(n, dtype=value.dtype)
+                for k in range(world):
+                    a, b = max(lo, displs[k]), min(lo + n, displs[k] + counts[k])
+                    if a < b:
+                        piece = read[k][1][g][key]
+                        out[a - lo:b - lo] = piece[a - displs[k]:b - displs[k]]
+                merged[key] = out
+        if layout.zero:
+            groups.append(dict(hyper, params=[g]))
+            if merged is not None:
+                state[g] = merged
+            continue
+        ids = list(range(index, index + len(shapes)))
+        groups.append(dict(hyper, params=ids))
+        offset = 0
+        for i, shape in zip(ids, shapes):
+            size = int(np.prod(shape))
+            if merged is not None:
+                state[i] = {key: (np.array(v) if key in layout.scalars
+                                  else v[offset:offset + size].reshape(shape).copy())
+                            for key, v in merged.items()}
+            offset += size
+        index += len(shapes)
+    return {"state": state, "param_groups": groups}
 
 
 @contextlib.contextmanager
