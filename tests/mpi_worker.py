@@ -568,6 +568,8 @@ def main(mode):
         with distributed.abort_on_error():
             ckpt_run(source, target, start, stop, mode == "ckpt-plain",
                      extra_dirs=rest[:1] if len(rest) in (1, 4) else ())
+            if mode == "ckpt-plain" and size == 1:      # and a ZeroOptimizer of one rank
+                ckpt_run(source, target + "-zero1", start, stop, False)
             if len(rest) >= 3:
                 errors = ckpt_errors(source, rest[-3], rest[-2])
                 with open(os.path.join(rest[-1], f"rank{rank}.json"), "w") as f:

@@ -279,7 +279,8 @@ def expected_checkpoint_errors(scratch):
 
 @needs_mpi
 def test_sharded_checkpoints_reshard_under_mpiexec(tmp_path):
-    """Save on 2 ranks, resume on 3, on 2, in one process (a plain optimizer), on 2 again:
+    """Save on 2 ranks, resume on 3, on 2, in one process (a plain optimizer, and a
+    ZeroOptimizer of one rank), on 2 again:
     every step of every run equals one process that never stopped, bit for bit (Adam with
     AMSGrad, NAdam and ASGD with their 0-d state, SGD with momentum; a StepLR each); and
     damaged or mismatched checkpoints raise the same error on every rank, changing nothing."""

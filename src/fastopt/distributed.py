@@ -657,6 +657,12 @@ class ZeroOptimizer:
         for group, arrays in zip(self._groups, grads):
             flat = _flat_views(arrays)
             mean = np.empty(group.n, dtype=group.dtype)
+            if size == 1:       # the mean of one rank: its gradients (x / 1 is x)
+                _gather_range(flat, group.offsets, 0, mean)
+                group.shard.grad = mean
+                views = [_param_view(p, n) for p, n in zip(group.members, group.names)]
+                _gather_range(_flat_views(views), group.offsets, 0, group.shard)
+                continue
             send = np.empty(group.piece * size, dtype=group.dtype)
             recv = np.empty(group.piece * size, dtype=group.dtype)
             for j in range(group.rounds):
@@ -672,10 +678,13 @@ class ZeroOptimizer:
                                [recv, ([mine] * size, [s * mine for s in range(size)])])
                 parts = recv[:size * mine].reshape(size, mine)
                 total = mean[start:start + mine]
-                total[...] = parts[0]
-                for s in range(1, size):
-                    np.add(total, parts[s], out=total)
-                np.divide(total, size, out=total)
+                if size == 1:
+                    total[...] = parts[0]
+                else:       # ((g_0 + g_1) + ...) / N, as _ordered_reduce_scatter sums
+                    np.add(parts[0], parts[1], out=total)
+                    for s in range(2, size):
+                        np.add(total, parts[s], out=total)
+                    np.divide(total, size, out=total)
             group.shard.grad = mean
             # the parameters are authoritative (a loaded checkpoint, an edit between steps)
             views = [_param_view(p, n) for p, n in zip(group.members, group.names)]
@@ -695,7 +704,9 @@ class ZeroOptimizer:
                     targets[i] = np.empty(views[i].size, dtype=group.dtype)
             recv = np.empty(group.piece * size, dtype=group.dtype)
             shard = np.asarray(group.shard)
-            for j in range(group.rounds):
+            if size == 1:
+                _scatter_range(targets, group.offsets, 0, shard)
+            for j in range(group.rounds if size > 1 else 0):
                 counts = group.round_counts(j)
                 start = j * group.piece
                 displs = [0] * size
