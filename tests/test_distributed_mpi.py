@@ -306,3 +306,28 @@ def test_sharded_checkpoints_reshard_under_mpiexec(tmp_path):
         # the checksum message ends with the two hashes
         got["ckpt_corrupt"] = got["ckpt_corrupt"].split(" (its contents hash")[0]
         assert got == want, r["rank"]
+
+
+@needs_mpi
+def test_bench_distributed_reports_the_state_per_rank(tmp_path):
+    """``python -m fastopt bench --distributed``: every rank count's rows, with the state
+    bytes per rank of Adam over 10 tensors of 100 elements (two float32 arrays per element,
+    and a float32 step counter per tensor, or per group for ZeroOptimizer's shard)."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "fastopt", "bench", "--distributed",
+                           "--sizes", "1000", "--ranks", "1,2", "--rounds", "2",
+                           "--json", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())
+    assert [(r["size"], r["ranks"]) for r in rows] == [(1000, 1), (1000, 2)]
+    assert [r["dp_state"] for r in rows] == [[8040], [8040, 8040]]
+    assert [r["zero_state"] for r in rows] == [[8004], [4004, 4004]]
+    for r in rows:
+        assert len(r["dp"]) == len(r["zero"]) == 2
+        assert all(s["comm"] >= 0 and s["update"] > 0 for s in r["dp"] + r["zero"])
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("fastopt.distributed, Adam float32, 10 tensors per size, 1 "
+                               "kernel thread per rank, buckets of 25 MiB") for line in lines)
+    assert [line.split()[:3] for line in lines[-4:]] == [
+        ["1e+03", "1", "dp"], ["1e+03", "1", "zero"], ["1e+03", "2", "dp"],
+        ["1e+03", "2", "zero"]]
