@@ -331,3 +331,29 @@ def test_bench_distributed_reports_the_state_per_rank(tmp_path):
     assert [line.split()[:3] for line in lines[-4:]] == [
         ["1e+03", "1", "dp"], ["1e+03", "1", "zero"], ["1e+03", "2", "dp"],
         ["1e+03", "2", "zero"]]
+
+
+@needs_mpi
+@pytest.mark.skipif(importlib.util.find_spec("sklearn") is None,
+                    reason="scikit-learn provides the digits data set")
+def test_digits_example_resumes_a_sharded_checkpoint_on_more_ranks(tmp_path):
+    """--zero --checkpoint: 3 epochs on 2 ranks, stopped, then the last 3 on 3 ranks from
+    the sharded checkpoint, to the accuracy of a run that never stopped."""
+    ck = str(tmp_path / "ck")
+    common = [EXAMPLE, "--quick", "--zero", "--checkpoint", ck]
+    rc, out, err = run_mpi(2, [*common, "--stop-after", "3"])
+    assert rc == 0, f"stdout:\n{out}\nstderr:\n{err}"
+    assert out.strip().splitlines()[-1].startswith("test accuracy ")
+    assert " after 3 epochs on 2 ranks " in out.strip().splitlines()[-1]
+    assert sorted(os.listdir(ck)) == [f"shard-0000{r}-of-00002.safetensors" for r in (0, 1)]
+    rc, out, err = run_mpi(3, common)
+    assert rc == 0, f"stdout:\n{out}\nstderr:\n{err}"
+    lines = out.strip().splitlines()
+    assert f"resumed from {ck} after epoch 3" in lines
+    assert [line.split()[0] for line in lines if re.match(r" *[0-9]+ ", line)] == [
+        "4", "5", "6"]                                  # the table's epoch rows
+    match = re.fullmatch(r"test accuracy ([0-9.]+)% after 6 epochs on 3 ranks in [0-9.]+ s; "
+                         r"parameters identical on all ranks", lines[-1])
+    assert match, lines[-1]
+    assert float(match.group(1)) > 95
+    assert sorted(os.listdir(ck)) == [f"shard-0000{r}-of-00003.safetensors" for r in range(3)]
