@@ -911,7 +911,8 @@ def save(checkpoint_dir: Union[str, "os.PathLike[str]"], optimizer: Any,
     Parameters
     ----------
     checkpoint_dir : str or os.PathLike
-        The directory (created if missing). Shard files of a checkpoint of another rank
+        The directory (created if missing), one that every rank sees (a shared file system
+        when the ranks run on several machines). Shard files of a checkpoint of another rank
         count in it are removed once every rank has written its file. A save that stops
         midway leaves shards of two saves, which :func:`load` refuses: save to a new
         directory (or alternate two) to keep the previous checkpoint safe.
