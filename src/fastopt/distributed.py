@@ -120,6 +120,10 @@ def _torch_tensor(x):
 def _tensor_view(t):
     """The NumPy view of the memory of the torch tensor ``t``, or a str saying why there is
     none (the view is written in place, so it must be the tensor's own memory)."""
+    try:
+        return t.numpy()        # a dense CPU tensor that needs no grad: the usual gradient
+    except (RuntimeError, TypeError):
+        pass
     torch = sys.modules["torch"]
     if t.layout is not torch.strided:
         return f"is a tensor with layout {t.layout}; fastopt.distributed takes dense tensors"
@@ -138,12 +142,19 @@ def _dtype_of(x):
     if isinstance(x, np.ndarray):
         return x.dtype
     if _torch_tensor(x):
-        name = str(x.dtype).replace("torch.", "")
-        try:
-            return np.dtype(name)
-        except TypeError:
-            return name
+        dtype = _TORCH_DTYPES.get(x.dtype)
+        if dtype is None:
+            name = str(x.dtype).replace("torch.", "")
+            try:
+                dtype = np.dtype(name)
+            except TypeError:
+                dtype = name
+            _TORCH_DTYPES[x.dtype] = dtype
+        return dtype
     return getattr(x, "dtype", None)
+
+
+_TORCH_DTYPES: dict = {}        # torch dtype -> NumPy dtype (its name where NumPy has none)
 
 
 def _dtype_code(dtype):
@@ -211,6 +222,8 @@ def _codes(params):
             codes.append((shape, num, 0))
             arrays.append(None)
             continue
+        if not isinstance(g, np.ndarray) and _torch_tensor(g):
+            g = _tensor_view(g)         # a str when unusable: then _grad_view says why
         if (isinstance(g, np.ndarray) and g.shape == shape and g.dtype.num == num
                 and g.dtype in _DTYPE_SET and g.flags.writeable):
             arrays.append(g)
