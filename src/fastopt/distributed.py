@@ -506,9 +506,23 @@ class _Shard:
         flat = np.empty(self.n, dtype=self.dtype)
         _gather_range(_flat_views(self.views), self.offsets, self.lo, flat)
         self.shard = Parameter(flat)
-        # a bucket carries about bucket_bytes: `piece` elements of every rank's slice
-        self.piece = max(1, bucket_bytes // (self.dtype.itemsize * size))
+        # a bucket carries about bucket_bytes: `piece` elements of every rank's slice (no
+        # more than the largest slice)
+        self.piece = max(1, min(bucket_bytes // (self.dtype.itemsize * size),
+                                max(self.counts)))
         self.rounds = -(-max(self.counts) // self.piece) if self.numel else 0
+        self._buffers = None
+
+    def buffers(self):
+        """``(send, receive, mean)``: the two bucket buffers and the shard's gradient, made
+        at the first step and kept (new buffers at every step would fault their pages in
+        every time)."""
+        if self._buffers is None:
+            size = len(self.counts)
+            self._buffers = (np.empty(self.piece * size, dtype=self.dtype),
+                             np.empty(self.piece * size, dtype=self.dtype),
+                             np.empty(self.n, dtype=self.dtype))
+        return self._buffers
 
     def round_counts(self, j):
         """Per rank, the elements of its slice that bucket ``j`` carries."""
@@ -541,10 +555,12 @@ class ZeroOptimizer:
 
     Both collectives travel in buckets of about ``bucket_bytes``: bucket ``j`` of a group
     carries the ``j``-th piece of every rank's slice (``bucket_bytes / N`` bytes of each), so
-    every rank sends and receives in every round, the buffers of a step are two of a
-    bucket's size, and a group of ``E`` elements takes about ``E * itemsize / bucket_bytes``
-    rounds (at least one per group: put parameters of one dtype in one group to share
-    buckets). The sums, and so the bits, do not depend on ``bucket_bytes``.
+    every rank sends and receives in every round, the buffers are two of a bucket's size
+    (per group, made at the first step and kept, with the shard's gradient), and a group of
+    ``E`` elements takes about ``E * itemsize / bucket_bytes`` rounds (at least one per
+    group: put parameters of one dtype in one group to share buckets). The sums, and so the
+    bits, do not depend on ``bucket_bytes``. On one rank the step copies instead of calling
+    the collectives.
 
     The parameters may be NumPy arrays (``fastopt.Parameter``) or CPU torch tensors
     (``model.parameters()``, float32 or float64), updated in place (a tensor's autograd
@@ -621,13 +637,11 @@ class ZeroOptimizer:
             for p in group.members:
                 if set_to_none:
                     p.grad = None
+                elif _torch_tensor(p):
+                    from fastopt._adapters import TORCH_ADAPTER
+                    TORCH_ADAPTER.zero_grad(p, False)    # as torch.optim does it
                 elif p.grad is not None:
-                    g = p.grad
-                    if _torch_tensor(g):
-                        g.detach_()
-                        g.zero_()
-                    else:
-                        g[...] = 0
+                    p.grad[...] = 0
 
     def step(self) -> None:
         """Average the gradients over the ranks, step this rank's shards, gather the result.
@@ -669,15 +683,13 @@ class ZeroOptimizer:
         size, rank = comm.Get_size(), comm.Get_rank()
         for group, arrays in zip(self._groups, grads):
             flat = _flat_views(arrays)
-            mean = np.empty(group.n, dtype=group.dtype)
+            send, recv, mean = group.buffers()
             if size == 1:       # the mean of one rank: its gradients (x / 1 is x)
                 _gather_range(flat, group.offsets, 0, mean)
                 group.shard.grad = mean
                 views = [_param_view(p, n) for p, n in zip(group.members, group.names)]
                 _gather_range(_flat_views(views), group.offsets, 0, group.shard)
                 continue
-            send = np.empty(group.piece * size, dtype=group.dtype)
-            recv = np.empty(group.piece * size, dtype=group.dtype)
             for j in range(group.rounds):
                 counts = group.round_counts(j)
                 start, offset, displs = j * group.piece, 0, []
@@ -715,7 +727,7 @@ class ZeroOptimizer:
             if strided:         # written whole at the end, through a contiguous copy
                 for i in strided:
                     targets[i] = np.empty(views[i].size, dtype=group.dtype)
-            recv = np.empty(group.piece * size, dtype=group.dtype)
+            recv = group.buffers()[1]
             shard = np.asarray(group.shard)
             if size == 1:
                 _scatter_range(targets, group.offsets, 0, shard)
