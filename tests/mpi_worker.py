@@ -2,6 +2,8 @@
 
     mpiexec -n N python tests/mpi_worker.py check DIR  # averaging, steps, mismatch errors
     mpiexec -n N python tests/mpi_worker.py abort    # rank 1 raises inside a step
+    mpiexec -n N python tests/mpi_worker.py torch DIR  # torch tensors and torch.optim
+    mpiexec -n N python tests/mpi_worker.py ckpt SOURCE TARGET START STOP ...  # checkpoints
 
 ``check`` asserts on every rank and ends by writing ``DIR/rank<r>.json`` with the error
 messages the rank saw, which the test compares across ranks. Every rank can rebuild
@@ -230,9 +232,22 @@ def check_zero():
                (fastopt.SGD, dict(lr=0.1, momentum=0.9, nesterov=True))]
     configs += [(cls, {}) for name, cls in fastopt.OPTIMIZERS.items()
                 if name not in ("Adam", "SGD")]
-    for cls, kwargs in configs:
+    # the first two also through small buckets: 40 bytes is 10 float32 / 5 float64 elements
+    # per round over all ranks, 256 bytes 64 / 32; the same bits as one bucket per group
+    runs = [(cls, kwargs, distributed.DEFAULT_BUCKET_BYTES) for cls, kwargs in configs]
+    runs[2:2] = [(cls, kwargs, b) for cls, kwargs in configs[:2] for b in (40, 256)]
+    for cls, kwargs, bucket_bytes in runs:
         params, ref = params_of(), params_of()
-        zero = distributed.ZeroOptimizer(zero_groups(params), cls, **kwargs)
+        zero = distributed.ZeroOptimizer(zero_groups(params), cls,
+                                         bucket_bytes=bucket_bytes, **kwargs)
+        rounds = [g.rounds for g in zero._groups]
+        if bucket_bytes == 40:
+            # 1024 float32 elements (a slice of ceil(1024 / N), 10 // N of them per round)
+            # and 113 float64 (5 // N per round)
+            def ceil(a, b):
+                return -(-a // b)
+            assert rounds == [ceil(ceil(1024, size), max(1, 10 // size)),
+                              ceil(ceil(113, size), max(1, 5 // size))], rounds
         ref_opt = cls(zero_groups(ref), **kwargs)
         for t in range(3):
             for p, g in zip(params, grads_of(rank + 1000 * t)):
@@ -284,6 +299,252 @@ def check_zero():
     return errors
 
 
+def check_torch():
+    """torch tensors: averaged as arrays are, stepped by fastopt.torch, torch.optim and
+    ZeroOptimizer, each equal bit for bit to one process stepping with the averaged
+    gradients (computed here from every rank's share of the batch)."""
+    import torch
+
+    import fastopt.torch
+
+    torch.manual_seed(0)
+    data = torch.randn(24, 8, dtype=torch.float32)
+    target = torch.randn(24, 3, dtype=torch.float32)
+
+    def model_of():
+        torch.manual_seed(1)                    # the same weights on every rank
+        return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(),
+                                   torch.nn.Linear(16, 3))
+
+    def grads_of_rank(model, r):
+        model.zero_grad(set_to_none=True)
+        share = slice(r, None, size)            # rank r's share of the batch
+        loss = torch.nn.functional.mse_loss(model(data[share]), target[share])
+        loss.backward()
+        return [p.grad.detach().numpy().copy() for p in model.parameters()]
+
+    def averaged(model):
+        return ordered_mean([grads_of_rank(model, r) for r in range(size)])
+
+    makers = [("fastopt.torch.Adam", lambda ps: fastopt.torch.Adam(ps, lr=1e-2)),
+              ("torch.optim.SGD", lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))]
+    for name, make in makers:
+        model, ref = model_of(), model_of()
+        opt, ref_opt = make(model.parameters()), make(ref.parameters())
+        for _ in range(3):
+            want = averaged(ref)
+            grads_of_rank(model, rank)
+            kept = [p.grad for p in model.parameters()]
+            distributed.average_gradients(opt, bucket_bytes=256)
+            for p, k, w in zip(model.parameters(), kept, want):
+                assert p.grad is k and np.array_equal(p.grad.numpy(), w), name
+            opt.step()
+            for p, w in zip(ref.parameters(), want):
+                p.grad = torch.from_numpy(w)
+            ref_opt.step()
+        for p, q in zip(model.parameters(), ref.parameters()):
+            assert torch.equal(p, q), name
+        assert same_on_all_ranks([p.detach().numpy() for p in model.parameters()]), name
+    # a module's parameters (an iterable of tensors) through ZeroOptimizer: one process
+    # stepping fastopt.Adam over NumPy copies with the averaged gradients
+    model, ref_model = model_of(), model_of()
+    zero = distributed.ZeroOptimizer(model.parameters(), fastopt.Adam, bucket_bytes=256,
+                                     lr=1e-2, weight_decay=1e-2)
+    ref = [fastopt.Parameter(p.detach().numpy().copy()) for p in ref_model.parameters()]
+    ref_opt = fastopt.Adam(ref, lr=1e-2, weight_decay=1e-2)
+    for _ in range(3):
+        for p, q in zip(ref_model.parameters(), ref):
+            p.data.copy_(torch.from_numpy(np.asarray(q)))
+        want = averaged(ref_model)
+        grads_of_rank(model, rank)
+        versions = [p._version for p in model.parameters()]
+        zero.step()
+        assert all(p._version > v for p, v in zip(model.parameters(), versions))
+        for p, w in zip(ref, want):
+            p.grad = w
+        ref_opt.step()
+        for i, (p, q) in enumerate(zip(model.parameters(), ref)):
+            assert np.array_equal(p.detach().numpy(), q), i
+    # a tensor's gradient missing on one rank: the same error everywhere, nothing changed
+    grads_of_rank(model, rank)
+    if rank == size - 1:
+        list(model.parameters())[1].grad = None
+    before = [p.detach().clone() for p in model.parameters()]
+    try:
+        zero.step()
+    except distributed.GradientMismatchError as e:
+        message = str(e)
+    else:
+        message = None
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    return {"torch_missing": message}
+
+
+# ---- sharded checkpoints ---------------------------------------------------------------
+
+def exact_grads(t, r, n):
+    """Rank r of n's gradients at step t: G_t + (2r - n + 1) D_t with G_t and D_t multiples
+    of 2**-10 below 2**3, so every partial sum is exact and the ordered mean is G_t
+    exactly, for every number of ranks: runs on 1, 2 and 3 ranks take the same steps."""
+    rng = np.random.default_rng(500 + t)
+    out = []
+    for shape, dt in SHAPES:
+        base = np.round(rng.uniform(-8, 8, shape) * 1024) / 1024
+        delta = np.round(rng.uniform(-2, 2, shape) * 1024) / 1024
+        out.append(np.asarray(base + (2 * r - n + 1) * delta, dtype=dt))
+    return out
+
+
+CKPT_CONFIGS = [("Adam", dict(lr=1e-2, weight_decay=1e-3, amsgrad=True)), ("NAdam", {}),
+                ("ASGD", dict(lr=1e-2)), ("SGD", dict(lr=0.1, momentum=0.9))]
+
+
+def ckpt_setup(name, kwargs, plain):
+    """Fresh parameters, the optimizer (ZeroOptimizer, or plain), its StepLR."""
+    from fastopt.lr_scheduler import StepLR
+
+    cls = getattr(fastopt, name)
+    params = params_of()
+    if plain:
+        opt = inner = cls(zero_groups(params), **kwargs)
+    else:
+        opt = distributed.ZeroOptimizer(zero_groups(params), cls, bucket_bytes=64, **kwargs)
+        inner = opt.optimizer
+    return params, opt, StepLR(inner, step_size=3, gamma=0.5)
+
+
+def ckpt_reference(name, kwargs, steps):
+    """One process, every step with the mean gradient: the parameters after each step."""
+    params, opt, sched = ckpt_setup(name, kwargs, plain=True)
+    out = []
+    for t in range(steps):
+        for p, g in zip(params, exact_grads(t, 0, 1)):
+            p.grad = g
+        opt.step()
+        sched.step()
+        out.append([p.copy() for p in params])
+    return out
+
+
+def state_snapshot(opt):
+    inner = getattr(opt, "optimizer", opt)
+    return repr([(k, sorted((kk, np.asarray(v).tobytes()) for kk, v in st.items()))
+                 for k, st in inner.state_dict()["state"].items()]) + repr(
+        [{k: v for k, v in g.items() if k != "params"} for g in inner.param_groups])
+
+
+def ckpt_run(source, target, start, stop, plain, extra_dirs=()):
+    """Load ``source`` ("-": start afresh), take steps start..stop-1 checking each against
+    one process, save to ``target`` (and, one step earlier, to ``extra_dirs``)."""
+    for name, kwargs in CKPT_CONFIGS:
+        params, opt, sched = ckpt_setup(name, kwargs, plain)
+        if source != "-":
+            extra = distributed.load(os.path.join(source, name), opt, sched)
+            assert extra["step"] == start, (extra["step"], start)
+            for p, a in zip(params, extra["params"]):
+                p[...] = a
+        want = ckpt_reference(name, kwargs, stop)
+        for t in range(start, stop):
+            if t == stop - 1:
+                for d in extra_dirs:
+                    distributed.save(os.path.join(d, name), opt, sched,
+                                     extra={"params": params, "step": t})
+            for p, g in zip(params, exact_grads(t, rank, size)):
+                p.grad = g
+            opt.step()
+            sched.step()
+            for i, (p, w) in enumerate(zip(params, want[t])):
+                assert np.array_equal(p, w), (name, t, i)
+        assert same_on_all_ranks(params), name
+        distributed.save(os.path.join(target, name), opt, sched,
+                         extra={"params": params, "step": stop})
+
+
+def ckpt_errors(good, other, scratch):
+    """Damaged and mismatched checkpoints: the message on every rank, nothing changed."""
+    import shutil
+
+    name, kwargs = CKPT_CONFIGS[0]
+    src = os.path.join(good, name)
+    world = len([f for f in os.listdir(src) if f.startswith("shard-")])
+
+    def variant(tag, edit):
+        d = os.path.join(scratch, tag)
+        if rank == 0:
+            shutil.copytree(src, d)
+            edit(d)
+        comm.Barrier()
+        return d
+
+    def drop(k):
+        return lambda d: os.unlink(os.path.join(d, distributed.shard_file_name(k, world)))
+
+    def flip(k):
+        def edit(d):
+            path = os.path.join(d, distributed.shard_file_name(k, world))
+            with open(path, "r+b") as f:
+                f.seek(-3, os.SEEK_END)
+                byte = f.read(1)[0]
+                f.seek(-3, os.SEEK_END)
+                f.write(bytes([byte ^ 0x10]))
+        return edit
+
+    def mix(k):
+        return lambda d: shutil.copy(os.path.join(other, name,
+                                                  distributed.shard_file_name(k, world)), d)
+
+    def stray(d):
+        shutil.copy(os.path.join(d, distributed.shard_file_name(0, world)),
+                    os.path.join(d, distributed.shard_file_name(0, world + 1)))
+
+    def zero(cls=fastopt.Adam, params=None):
+        return distributed.ZeroOptimizer(zero_groups(params or params_of()), cls, **kwargs)
+
+    fewer = params_of()[:1] + params_of()[2:]
+    wider = params_of()[:1] + [fastopt.Parameter(np.zeros(6, np.float32))] + params_of()[2:]
+    cases = {
+        "ckpt_missing": (variant("missing", drop(world - 1)), zero),
+        "ckpt_corrupt": (variant("corrupt", flip(1)), zero),
+        "ckpt_mixed": (variant("mixed", mix(1)), zero),
+        "ckpt_stray": (variant("stray", stray), zero),
+        "ckpt_count": (src, lambda: zero(params=fewer)),
+        "ckpt_shape": (src, lambda: zero(params=wider)),
+        "ckpt_shape_rank1": (src, lambda: zero(params=wider if rank == 1 else None)),
+        "ckpt_class": (src, lambda: zero(fastopt.AdamW)),
+        "ckpt_nodir": (os.path.join(scratch, "nothing"), zero),
+    }
+    cases["ckpt_no_scheduler"] = (src, zero)
+    errors = {}
+    for key, (path, make) in cases.items():
+        from fastopt.lr_scheduler import StepLR
+
+        opt = make()
+        sched = StepLR(opt.optimizer, step_size=3, gamma=0.5)
+        if key != "ckpt_shape_rank1":       # (whose parameters differ between the ranks)
+            for group in opt._groups:
+                for p in group.members:
+                    p.grad = np.ones(p.shape, p.dtype)
+            opt.step()
+            sched.step()
+        before = state_snapshot(opt) + repr(sched.state_dict())
+        try:
+            distributed.load(path, opt, None if key == "ckpt_no_scheduler" else sched)
+        except (fastopt.checkpoint.CheckpointError, OSError) as e:
+            errors[key] = f"{type(e).__name__}: {e}".replace(scratch, "SCRATCH").replace(
+                good, "GOOD")
+        else:
+            errors[key] = None
+        assert state_snapshot(opt) + repr(sched.state_dict()) == before, key
+    # saving what cannot be stored: the same error on every rank, no file written
+    opt = zero()
+    try:
+        distributed.save(os.path.join(scratch, "unsaved"), opt, extra={"f": print})
+    except TypeError as e:
+        errors["ckpt_save_extra"] = str(e)
+    assert not os.path.exists(os.path.join(scratch, "unsaved"))
+    return errors
+
+
 def main(mode):
     if mode == "check":
         with distributed.abort_on_error():      # a failed assertion ends the job at once
@@ -294,6 +555,25 @@ def main(mode):
             errors.update(check_zero())
         with open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w") as f:
             json.dump({"rank": rank, "size": size, "errors": errors}, f)
+    elif mode == "torch":
+        with distributed.abort_on_error():
+            errors = check_torch()
+        with open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w") as f:
+            json.dump({"rank": rank, "size": size, "errors": errors}, f)
+    elif mode in ("ckpt", "ckpt-plain"):
+        # ckpt SOURCE TARGET START STOP [EXTRA_DIR] [ERRORS_OTHER SCRATCH OUT]
+        source, target, start, stop = sys.argv[2], sys.argv[3], int(sys.argv[4]), \
+            int(sys.argv[5])
+        rest = sys.argv[6:]
+        with distributed.abort_on_error():
+            ckpt_run(source, target, start, stop, mode == "ckpt-plain",
+                     extra_dirs=rest[:1] if len(rest) in (1, 4) else ())
+            if mode == "ckpt-plain" and size == 1:      # and a ZeroOptimizer of one rank
+                ckpt_run(source, target + "-zero1", start, stop, False)
+            if len(rest) >= 3:
+                errors = ckpt_errors(source, rest[-3], rest[-2])
+                with open(os.path.join(rest[-1], f"rank{rank}.json"), "w") as f:
+                    json.dump({"rank": rank, "size": size, "errors": errors}, f)
     elif mode == "abort":
         params = params_of()
         opt = fastopt.Adam(params)

@@ -160,6 +160,16 @@ def _threads(text):
     return n
 
 
+def _rank_counts(text):
+    try:
+        counts = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid rank counts: {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError("--ranks takes positive process counts, like 1,2,3")
+    return counts
+
+
 def configure(ap):
     """Add the arguments of ``bench`` to the parser ``ap``; ``run`` is its action."""
     ap.add_argument("--optimizers", type=optimizer_names, default=None,
@@ -188,6 +198,12 @@ def configure(ap):
                          "with --quick)")
     ap.add_argument("--no-load", action="store_true",
                     help="with --thread-sweep: no background process")
+    ap.add_argument("--distributed", action="store_true",
+                    help="instead: data-parallel Adam over MPI (mpiexec -n K for each of "
+                         "--ranks), plain and ZeroOptimizer: state per rank, communication "
+                         "and update times; default sizes 1e6,1e7 (1e5,1e6 with --quick)")
+    ap.add_argument("--ranks", type=_rank_counts, default=[1, 2, 3],
+                    help="with --distributed: comma-separated process counts (default 1,2,3)")
     ap.set_defaults(run=run)
     return ap
 
@@ -224,6 +240,13 @@ def run(args):
         return 0
     if args.thread_sweep:
         return run_thread_sweep(args)
+    if args.distributed:
+        from fastopt._cli import distributed
+        sizes = [sum(shape) for _, shape in args.sizes] if args.sizes else (
+            [100_000, 1_000_000] if args.quick else [1_000_000, 10_000_000])
+        distributed.run(sizes, args.ranks, args.rounds or (3 if args.quick else 7),
+                        json_path=args.json)
+        return 0
     names = list(CASES) if args.optimizers is None else args.optimizers
     sizes = args.sizes or _sizes(",".join(QUICK_SIZES if args.quick else DEFAULT_SIZES))
     rounds = args.rounds or (3 if args.quick else 5)
