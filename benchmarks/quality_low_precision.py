@@ -17,7 +17,9 @@ Two tasks, each trained from the same seed in every configuration:
   ``--steps`` steps on text that Python ships: the docstrings of a fixed list of standard
   library modules (their first 90% for training, the rest for validation); reported: the
   training loss averaged over the last 50 steps and the validation loss at the end (16
-  fixed batches). The text depends on the Python version; every configuration reads the same.
+  fixed batches), torch and fastopt on one thread (so that no threads spin against a busy
+  machine). The text depends on the Python version; every
+  configuration reads the same.
 
 Configurations: float32 Adam; bfloat16 state (``state_dtype="bfloat16"``); 8-bit block-wise
 state (``state_dtype="int8"``); bfloat16 parameters with bfloat16 gradients and the forward
@@ -187,7 +189,7 @@ def _make_model(torch, vocab, d=64, layers=2, heads=4, ctx=64):
 
 
 def train_lm(dtype_name, kwargs, seed, steps=300, batch=32, ctx=64, lr=3e-3, warmup=30,
-             last=50, text=None):
+             last=50, text=None, threads=1):
     """The tiny transformer with fastopt.torch.AdamW; returns the train and validation loss."""
     import torch
 
@@ -198,6 +200,8 @@ def train_lm(dtype_name, kwargs, seed, steps=300, batch=32, ctx=64, lr=3e-3, war
     data = torch.tensor([lookup[c] for c in text], dtype=torch.long)
     split = int(0.9 * len(data))
     train, val = data[:split], data[split:]
+    torch.set_num_threads(threads)
+    fastopt.set_num_threads(threads)
     torch.manual_seed(seed)
     model = _make_model(torch, len(chars), ctx=ctx)
     dtype = torch.float32 if dtype_name == "float32" else torch.bfloat16

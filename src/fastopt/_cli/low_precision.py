@@ -40,6 +40,7 @@ The fastopt configurations that this build lacks (an Adam without ``state_dtype`
 rivals that are not installed or fail on this machine are left out, with the reason.
 """
 import argparse
+import importlib
 import json
 import os
 import re
@@ -50,8 +51,8 @@ import time
 
 import numpy as np
 
-__all__ = ["CONFIGS", "TARGETS", "run", "summarize", "state_nbytes", "check_targets",
-           "format_table", "cpu_info"]
+__all__ = ["CONFIGS", "TARGETS", "check_targets", "cpu_info", "format_table", "run",
+           "state_nbytes", "summarize"]
 
 #: the configurations in table order: name -> description
 CONFIGS = {
@@ -148,12 +149,12 @@ def build(config, n, seed=0):
     t.grad = torch.from_numpy(grad)
     if config == "torch":
         opt = torch.optim.Adam([t], lr=LR, fused=True)
-    elif config == "bnb":
-        import bitsandbytes as bnb
+    elif config == "bnb":  # optional rivals, imported by name (neither ships types)
+        bnb = importlib.import_module("bitsandbytes")
         opt = bnb.optim.Adam8bit([t], lr=LR)
     elif config == "torchao":
-        from torchao.optim import AdamW8bit
-        opt = AdamW8bit([t], lr=LR, weight_decay=0.0)
+        adamw8bit = importlib.import_module("torchao.optim").AdamW8bit
+        opt = adamw8bit([t], lr=LR, weight_decay=0.0)
     else:
         raise ValueError(f"unknown configuration {config!r}")
     return opt.step, lambda: opt.state[t]
@@ -482,17 +483,17 @@ def cpu_info():
     model, flags = None, ""
     try:
         text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        m = re.search(r"^Model name:\s*(.+)$", text, re.M)
+        m = re.search(r"^Model name:\s*(.+)$", text, re.MULTILINE)
         model = m.group(1).strip() if m else None
-        m = re.search(r"^Flags:\s*(.+)$", text, re.M)
+        m = re.search(r"^Flags:\s*(.+)$", text, re.MULTILINE)
         flags = m.group(1) if m else ""
     except (OSError, subprocess.CalledProcessError):
         try:
             with open("/proc/cpuinfo") as f:
                 text = f.read()
-            m = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+            m = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
             model = m.group(1).strip() if m else None
-            m = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
+            m = re.search(r"^flags\s*:\s*(.+)$", text, re.MULTILINE)
             flags = m.group(1) if m else ""
         except OSError:
             pass
