@@ -87,11 +87,14 @@ _REPLY = "fastopt-lp-reply "
 # ---- the worker: one configuration, in a process of its own ----------------------------------
 
 def fastopt_has_state_dtype():
-    """Whether fastopt.Adam takes ``state_dtype`` (compressed state)."""
-    import inspect
-
+    """Whether fastopt.Adam takes ``state_dtype`` (compressed state): tried on a tiny
+    parameter, since a wrapped constructor's signature need not list it."""
     import fastopt
-    return "state_dtype" in inspect.signature(fastopt.Adam.__init__).parameters
+    try:
+        fastopt.Adam([fastopt.Parameter(np.zeros(4, np.float32))], state_dtype="int8")
+    except TypeError:
+        return False
+    return True
 
 
 def state_nbytes(state):
