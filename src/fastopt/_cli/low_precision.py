@@ -18,9 +18,9 @@ alive for a size and asks them in turn, round after round, to time a few steps w
 and with all threads, so that the noise of a shared machine hits them alike. A round's time
 is the median of its single steps; the table gives the median over the rounds and the
 ratio to fastopt's float32 state in the same round (median and min..max over the rounds).
-bitsandbytes and torchao are slow on the CPU: they run fewer rounds of one step, and a size
-whose step they would take longer than ``SLOW_LIMIT_S`` for (predicted from the size before)
-is skipped for them, saying so.
+bitsandbytes and torchao are slow on the CPU: they run fewer rounds (3) of at most 5 steps
+(one where a step takes over 0.2 s), and a size whose step they would take longer than
+``SLOW_LIMIT_S`` for (predicted from the size before) is skipped for them, saying so.
 
 Columns:
 
@@ -63,7 +63,7 @@ CONFIGS = {
     "bnb": "bnb Adam8bit",
     "torchao": "torchao AdamW8bit",
 }
-#: the configurations that are timed with fewer rounds of one step
+#: the configurations that are timed with fewer and shorter rounds
 SLOW = ("bnb", "torchao")
 #: a size is skipped for a slow configuration whose step there is predicted to take longer
 SLOW_LIMIT_S = 30.0
