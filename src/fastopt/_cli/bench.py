@@ -6,6 +6,7 @@ and the table reports medians and ratios.
 """
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -204,8 +205,36 @@ def configure(ap):
                          "and update times; default sizes 1e6,1e7 (1e5,1e6 with --quick)")
     ap.add_argument("--ranks", type=_rank_counts, default=[1, 2, 3],
                     help="with --distributed: comma-separated process counts (default 1,2,3)")
+    ap.add_argument("--low-precision", action="store_true",
+                    help="instead: Adam with float32, bfloat16 and 8-bit state (and torch, "
+                         "bitsandbytes, torchao) at 1e6, 1e7, 1e8 elements (1e5, 1e6 with "
+                         "--quick), 1 thread and all threads (or 1 and --threads)")
+    ap.add_argument("--configs", type=_low_precision_configs, default=None,
+                    help="with --low-precision: a comma-separated subset of "
+                         "fp32,bf16,int8,torch,bnb,torchao (default all)")
     ap.set_defaults(run=run)
     return ap
+
+
+def _low_precision_configs(text):
+    from fastopt._cli import low_precision
+    return low_precision.parse_configs(text)
+
+
+def run_low_precision(args):
+    """``--low-precision``: the table of fastopt._cli.low_precision."""
+    from fastopt._cli import low_precision
+    sizes = args.sizes or _sizes(",".join(low_precision.QUICK_SIZES if args.quick
+                                          else low_precision.DEFAULT_SIZES))
+    if any(len(shape) != 1 for _, shape in sizes):
+        print("--low-precision times one tensor per size: give N, not COUNTxN",
+              file=sys.stderr)
+        return 2
+    counts = sorted({1, args.threads if args.threads > 1 else (os.cpu_count() or 1)})
+    return low_precision.main([(label, shape[0]) for label, shape in sizes], args.configs,
+                              counts, args.rounds or (3 if args.quick else 5), args.quick,
+                              args.json, log=lambda text: print(text, file=sys.stderr,
+                                                                flush=True))
 
 
 def run_thread_sweep(args):
@@ -247,6 +276,8 @@ def run(args):
         distributed.run(sizes, args.ranks, args.rounds or (3 if args.quick else 7),
                         json_path=args.json)
         return 0
+    if args.low_precision:
+        return run_low_precision(args)
     names = list(CASES) if args.optimizers is None else args.optimizers
     sizes = args.sizes or _sizes(",".join(QUICK_SIZES if args.quick else DEFAULT_SIZES))
     rounds = args.rounds or (3 if args.quick else 5)
