@@ -33,6 +33,7 @@ from typing import Any, Dict
 import numpy as np
 
 from fastopt.optimizer import Optimizer, kernel_optimizers, other_optimizers
+from fastopt.parameter import _is_bfloat16
 
 __all__ = [
     "SHARED_OPTIMIZERS",
@@ -100,6 +101,10 @@ def _import_torch_if_loaded():
 
 def _to_tensor(value, torch):
     if isinstance(value, np.ndarray):
+        if _is_bfloat16(value.dtype):
+            # torch.from_numpy knows no ml_dtypes.bfloat16: the same bits, as int16
+            bits = np.array(value, copy=True, order="C").view(np.int16)
+            return torch.from_numpy(bits).view(torch.bfloat16)
         # np.array(copy) also turns read-only or non-contiguous arrays into plain ones
         return torch.from_numpy(np.array(value, copy=True, order="C"))
     if isinstance(value, np.generic):
@@ -113,14 +118,26 @@ def _to_tensor(value, torch):
     return copy.deepcopy(value)
 
 
+def _ml_bfloat16():
+    """``ml_dtypes.bfloat16``, or None when ml_dtypes is not installed."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        return None
+    return ml_dtypes.bfloat16
+
+
 def _tensor_to_array(t, torch):
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
     if t.is_sparse or t.layout is not torch.strided:
         t = t.to_dense()
-    if t.dtype in (torch.bfloat16,):
-        t = t.float()
+    if t.dtype is torch.bfloat16:
+        bf16 = _ml_bfloat16()
+        if bf16 is not None:  # the same bits (tensor.numpy() refuses bfloat16)
+            return np.array(t.contiguous().view(torch.int16).numpy(), copy=True).view(bf16)
+        t = t.float()  # exact: every bfloat16 value is a float32 value
     t = t.resolve_conj().resolve_neg()
     return np.array(t.numpy(), copy=True)
 
@@ -180,8 +197,10 @@ def state_dict_from_torch(state_dict: Dict[str, Any]) -> Dict[str, Any]:
     """A ``torch.optim`` optimizer's ``state_dict()`` with NumPy arrays instead of tensors.
 
     Tensors become NumPy copies of the same dtype and shape (a 0-d float32 ``step`` stays a
-    0-d float32 array; tensors on another device are copied to the CPU first; bfloat16 is
-    widened to float32). A tensor ``lr`` becomes an array of the same shape. The result
+    0-d float32 array; tensors on another device are copied to the CPU first). bfloat16
+    tensors become ``ml_dtypes.bfloat16`` arrays of the same bits when ml_dtypes is
+    installed, and are widened to float32 (exactly) when it is not; either loads into a
+    fastopt optimizer of bfloat16 or float32 parameters. A tensor ``lr`` becomes an array of the same shape. The result
     does not need torch to be loaded, pickled or inspected; load it with a fastopt
     optimizer's ``load_state_dict``.
     """
@@ -228,7 +247,8 @@ def to_torch(optimizer: Optimizer) -> Any:
         One of :data:`SHARED_OPTIMIZERS`. Its parameters are used as they are when they are
         torch tensors; ``fastopt.Parameter`` arrays are wrapped with ``torch.from_numpy`` (the
         tensor shares the array's memory and has ``requires_grad=True``; give it gradients
-        through autograd or by setting ``.grad``).
+        through autograd or by setting ``.grad``), ``ml_dtypes.bfloat16`` ones as
+        ``torch.bfloat16`` tensors on the same memory.
 
     Returns
     -------
@@ -242,7 +262,10 @@ def to_torch(optimizer: Optimizer) -> Any:
     def convert(p):
         if isinstance(p, torch.Tensor):
             return p
-        t = torch.from_numpy(np.asarray(p))
+        arr = np.asarray(p)
+        if _is_bfloat16(arr.dtype):  # a bfloat16 tensor on the same memory
+            return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16).requires_grad_(True)
+        t = torch.from_numpy(arr)
         return t.requires_grad_(True)
 
     new = cls(_group_specs(optimizer, convert))
