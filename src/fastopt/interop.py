@@ -135,7 +135,7 @@ def _tensor_to_array(t, torch):
         t = t.to_dense()
     if t.dtype is torch.bfloat16:
         bf16 = _ml_bfloat16()
-        if bf16 is not None:  # the same bits (tensor.numpy() refuses bfloat16)
+        if bf16 is not None and t.dim():  # the same bits (tensor.numpy() refuses bfloat16)
             return np.array(t.contiguous().view(torch.int16).numpy(), copy=True).view(bf16)
         t = t.float()  # exact: every bfloat16 value is a float32 value
     t = t.resolve_conj().resolve_neg()
@@ -181,7 +181,14 @@ def state_dict_to_torch(state_dict: Dict[str, Any]) -> Dict[str, Any]:
         dtype and shape holding a copy of the data (``step`` becomes a 0-d float32 tensor,
         as torch keeps it) and NumPy scalars by Python numbers. Everything else (ids,
         hyperparameters, scheduler keys such as ``initial_lr``) is copied as is. Load it
-        with ``torch_optimizer.load_state_dict``.
+        with ``torch_optimizer.load_state_dict``. ``ml_dtypes.bfloat16`` arrays become
+        ``torch.bfloat16`` tensors of the same bits.
+
+    Notes
+    -----
+    ``torch.optim``'s ``load_state_dict`` casts every floating-point state tensor except
+    ``step`` to its parameter's dtype, 0-d ones included: for 16-bit parameters NAdam's
+    ``mu_product`` is rounded to float16 or bfloat16 there (torch's behaviour, kept).
     """
     _check_layout(state_dict, "state_dict")
     torch = _import_torch()
@@ -200,7 +207,9 @@ def state_dict_from_torch(state_dict: Dict[str, Any]) -> Dict[str, Any]:
     0-d float32 array; tensors on another device are copied to the CPU first). bfloat16
     tensors become ``ml_dtypes.bfloat16`` arrays of the same bits when ml_dtypes is
     installed, and are widened to float32 (exactly) when it is not; either loads into a
-    fastopt optimizer of bfloat16 or float32 parameters. A tensor ``lr`` becomes an array of the same shape. The result
+    fastopt optimizer of bfloat16 or float32 parameters. A 0-d bfloat16 tensor (torch's
+    ``load_state_dict`` casts NAdam's ``mu_product`` to the parameter's dtype) becomes a 0-d
+    float32 array, the dtype of fastopt's 0-d state. A tensor ``lr`` becomes an array of the same shape. The result
     does not need torch to be loaded, pickled or inspected; load it with a fastopt
     optimizer's ``load_state_dict``.
     """
