@@ -596,3 +596,87 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+# ---- compressed state as full-precision state -------------------------------------------------
+
+@pytest.mark.parametrize("key", ["bf16", "fp16"])
+def test_full_precision_state_dict_widens_16bit_state(key):
+    """16-bit state arrays become float32 (or the dtype asked for) of the same values;
+    step is kept; the input is not changed; torch.optim on float32 parameters loads the
+    result and holds those values."""
+    p = fastopt.Parameter(_start(key))
+    opt = fastopt.NAdam([p], lr=1e-2)
+    for step in range(3):
+        p.grad = _grad(key, step)
+        opt.step()
+    sd = opt.state_dict()
+    before = {k: v.copy() for k, v in sd["state"][0].items()}
+    out = interop.full_precision_state_dict(sd)
+    for k, v in before.items():
+        assert sd["state"][0][k] is opt.state[p][k]
+        np.testing.assert_array_equal(_bits(sd["state"][0][k]) if v.ndim else v,
+                                      _bits(v) if v.ndim else v)
+    st = out["state"][0]
+    assert st.keys() == before.keys()
+    for k in ("exp_avg", "exp_avg_sq"):
+        assert st[k].dtype == np.float32
+        np.testing.assert_array_equal(st[k], before[k].astype(np.float32))
+    assert st["step"].dtype == np.float32 and st["step"] == 3
+    assert st["mu_product"] == before["mu_product"]
+    f64 = interop.full_precision_state_dict(sd, dtype=np.float64)["state"][0]
+    assert f64["exp_avg"].dtype == np.float64
+    np.testing.assert_array_equal(f64["exp_avg"], before["exp_avg"].astype(np.float64))
+    t = torch.from_numpy(np.asarray(p).astype(np.float32)).requires_grad_()
+    topt = torch.optim.NAdam([t], lr=1e-2)
+    topt.load_state_dict(interop.state_dict_to_torch(out))
+    for k in ("exp_avg", "exp_avg_sq"):
+        assert topt.state[t][k].dtype is torch.float32
+        np.testing.assert_array_equal(topt.state[t][k].numpy(), st[k])
+
+
+def test_full_precision_state_dict_drops_master_weights_and_resets_the_group():
+    """master_param goes (torch has no such state), float32 state is kept as it is, and the
+    compression keys of the groups get the values of state as torch keeps it."""
+    sd = {"state": {0: {"step": np.array(2.0, np.float32),
+                        "exp_avg": np.arange(3, dtype=np.float32),
+                        "exp_avg_sq": np.ones(3, BF16),
+                        "master_param": np.full(3, 0.5, np.float32)}},
+          "param_groups": [{"lr": 0.1, "state_dtype": "bfloat16", "master_weights": True,
+                            "stochastic_rounding": True, "params": [0]}]}
+    out = interop.full_precision_state_dict(sd)
+    assert set(out["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert out["state"][0]["exp_avg"] is not sd["state"][0]["exp_avg"]
+    np.testing.assert_array_equal(out["state"][0]["exp_avg"], np.arange(3))
+    assert out["state"][0]["exp_avg_sq"].dtype == np.float32
+    group = out["param_groups"][0]
+    assert group["state_dtype"] is None and group["master_weights"] is False
+    assert group["stochastic_rounding"] is False and group["lr"] == 0.1
+    assert group["params"] == [0]
+    assert sd["param_groups"][0]["state_dtype"] == "bfloat16"  # the input is untouched
+    assert "master_param" in sd["state"][0]
+
+
+def test_full_precision_state_dict_of_fastopt_torch_tensors():
+    """A fastopt.torch state dict (bfloat16 tensors) converts as the NumPy one."""
+    t = _tensor(_start("bf16")).requires_grad_()
+    opt = ft.Adam([t], lr=1e-2)
+    t.grad = _tensor(_grad("bf16", 0))
+    opt.step()
+    out = interop.full_precision_state_dict(opt.state_dict())
+    for k in ("exp_avg", "exp_avg_sq"):
+        assert out["state"][0][k].dtype == np.float32
+        np.testing.assert_array_equal(out["state"][0][k], opt.state[t][k].float().numpy())
+
+
+def test_full_precision_state_dict_refuses_bad_input():
+    sd = {"state": {3: {"exp_avg_absmax": np.ones(1, np.float32)}}, "param_groups": []}
+    with pytest.raises(KeyError, match=r"state\[3\]\['exp_avg_absmax'\].*'exp_avg'"):
+        interop.full_precision_state_dict(sd)
+    good = {"state": {}, "param_groups": []}
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        interop.full_precision_state_dict(good, dtype="int8")
+    with pytest.raises(TypeError, match="must be a dict"):
+        interop.full_precision_state_dict([])
+    with pytest.raises(KeyError, match="'state'"):
+        interop.full_precision_state_dict({"param_groups": []})

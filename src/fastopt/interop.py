@@ -18,6 +18,11 @@ can keep running side by side. Values are converted exactly (same dtype, same bi
 converted state loaded into the same library continues with identical numbers. Across
 libraries the continuation agrees to rounding (torch's CPU ``sqrt`` is not IEEE-rounded).
 
+16-bit state converts with its bits: ``ml_dtypes.bfloat16`` arrays become ``torch.bfloat16``
+tensors and back (``tensor.numpy()`` refuses bfloat16), float16 stays float16. Compressed
+state (8-bit block-wise state, bfloat16 state of float32 parameters, master weights) is
+fastopt's own: ``full_precision_state_dict`` decodes it into the state torch.optim keeps.
+
 Scheduler state dicts are plain Python values; ``scheduler_state_to_torch`` and
 ``scheduler_state_from_torch`` translate the few keys that differ.
 
@@ -38,6 +43,7 @@ from fastopt.parameter import _is_bfloat16
 __all__ = [
     "SHARED_OPTIMIZERS",
     "from_torch",
+    "full_precision_state_dict",
     "scheduler_state_from_torch",
     "scheduler_state_to_torch",
     "state_dict_from_torch",
@@ -224,6 +230,151 @@ def state_dict_from_torch(state_dict: Dict[str, Any]) -> Dict[str, Any]:
         groups.append(g)
     out["param_groups"] = groups
     return out
+
+
+# ------------------------------------------------------------------------ compressed state
+
+# the state keys of non-negative moments, held in the unsigned 8-bit code; every other
+# 8-bit state key (first moments, momentum) holds the signed one
+_UNSIGNED_STATE_KEYS = frozenset({
+    "exp_avg_sq", "max_exp_avg_sq", "square_avg", "acc_delta", "sum", "exp_inf"})
+
+# group keys of compressed state, and the values that mean "state as torch keeps it"
+_COMPRESSION_DEFAULTS = {"state_dtype": None, "master_weights": False,
+                         "stochastic_rounding": False}
+
+_FULL_DTYPES = ("float32", "float64", "float16", "bfloat16")
+
+
+def _full_dtype(dtype):
+    name = dtype if isinstance(dtype, str) else getattr(np.dtype(dtype), "name", None)
+    if name not in _FULL_DTYPES:
+        raise ValueError(f"dtype must be one of {list(_FULL_DTYPES)}, got {dtype!r}")
+    if name == "bfloat16":
+        bf16 = _ml_bfloat16()
+        if bf16 is None:
+            raise ImportError("dtype='bfloat16' needs ml_dtypes (pip install ml_dtypes)")
+        return np.dtype(bf16)
+    return np.dtype(name)
+
+
+def _is_16bit(array):
+    return array.dtype == np.float16 or _is_bfloat16(array.dtype)
+
+
+def full_precision_state_dict(state_dict: Dict[str, Any],
+                              dtype: Any = "float32") -> Dict[str, Any]:
+    """A state dict of compressed optimizer state as full-precision state that
+    ``torch.optim`` (and a fastopt optimizer without ``state_dtype``) loads.
+
+    Compressed state is what fastopt's ``state_dtype`` and ``master_weights`` options make:
+    8-bit block-wise state (per moment key ``K`` a uint8 array ``state[K]`` of codes and a
+    float32 array ``state[K + "_absmax"]`` of block scales), bfloat16 or float16 state
+    arrays, and float32 master copies of 16-bit parameters (``state["master_param"]``).
+
+    Parameters
+    ----------
+    state_dict : dict
+        ``optimizer.state_dict()`` of a fastopt optimizer (NumPy arrays) or of a
+        ``fastopt.torch`` one (tensors). It is not changed.
+    dtype : {"float32", "float64", "float16", "bfloat16"} or NumPy dtype, default "float32"
+        The dtype of the decoded state arrays. ``torch.optim``'s ``load_state_dict`` casts
+        state to each parameter's dtype in any case; float32 keeps what the codes hold.
+
+    Returns
+    -------
+    dict
+        A new state dict with NumPy arrays (pass it to :func:`state_dict_to_torch` for
+        ``torch.optim``), in which:
+
+        * each 8-bit pair ``K``, ``K + "_absmax"`` becomes one array ``K`` of ``dtype``
+          and of the codes' shape, decoded with :func:`fastopt.dequantize_blockwise`
+          (signed for first moments and momentum, unsigned for ``exp_avg_sq``,
+          ``max_exp_avg_sq``, ``square_avg``, ``acc_delta``, ``sum`` and ``exp_inf``);
+        * every other float16 or bfloat16 state array with at least one dimension becomes
+          an array of ``dtype`` of the same values; float32 and float64 arrays, ``step``
+          and other 0-d state are copied as they are;
+        * ``master_param`` is dropped: torch.optim has no such state, and the parameters
+          hold those weights rounded to their dtype. (For a float32 model on the torch
+          side, copy ``state[i]["master_param"]`` into the parameters first.)
+        * in ``param_groups``, the keys ``state_dtype``, ``master_weights`` and
+          ``stochastic_rounding``, where present, get their defaults (None, False, False),
+          so that a fastopt optimizer loading the result keeps state as torch keeps it.
+
+    Raises
+    ------
+    KeyError
+        A ``K + "_absmax"`` entry without its codes ``K`` (the message names
+        ``state[i]['K_absmax']``).
+    TypeError, ValueError
+        Codes that are not uint8, or scales that are not a float32 1-D array of
+        ``ceil(numel / 256)`` entries (naming the key), or an unknown ``dtype``.
+
+    Examples
+    --------
+    >>> opt = fastopt.Adam(params, state_dtype="int8")            # doctest: +SKIP
+    >>> sd = interop.full_precision_state_dict(opt.state_dict())
+    >>> torch_opt.load_state_dict(interop.state_dict_to_torch(sd))
+    """
+    _check_layout(state_dict, "state_dict")
+    out_dtype = _full_dtype(dtype)
+    sd = state_dict_from_torch(state_dict)  # copies; tensors become arrays
+    dequantize = None
+    state = {}
+    for pid, entry in sd["state"].items():
+        if not isinstance(entry, dict):
+            state[pid] = entry
+            continue
+        new = {}
+        for key, value in entry.items():
+            where = f"state[{pid!r}][{key!r}]"
+            if key == "master_param":
+                continue
+            if isinstance(key, str) and key.endswith("_absmax"):
+                if key[:-len("_absmax")] not in entry:
+                    raise KeyError(f"{where}: block scales without their codes "
+                                   f"{key[:-len('_absmax')]!r}")
+                continue
+            absmax = entry.get(f"{key}_absmax") if isinstance(key, str) else None
+            if absmax is not None:
+                if dequantize is None:
+                    dequantize = _dequantize_function()
+                new[key] = _decoded(dequantize, value, absmax, key, where,
+                                    f"state[{pid!r}][{key + '_absmax'!r}]", out_dtype)
+            elif isinstance(value, np.ndarray) and value.ndim and _is_16bit(value):
+                new[key] = value.astype(out_dtype)
+            else:
+                new[key] = value
+        state[pid] = new
+    sd["state"] = state
+    for group in sd["param_groups"]:
+        for k, v in _COMPRESSION_DEFAULTS.items():
+            if k in group:
+                group[k] = v
+    return sd
+
+
+def _dequantize_function():
+    import fastopt
+    fn = getattr(fastopt, "dequantize_blockwise", None)
+    if fn is None:  # pragma: no cover - a fastopt without 8-bit state
+        raise ImportError("this fastopt has no dequantize_blockwise to decode 8-bit state")
+    return fn
+
+
+def _decoded(dequantize, codes, absmax, key, where, where_absmax, dtype):
+    if not (isinstance(codes, np.ndarray) and codes.dtype == np.uint8):
+        raise TypeError(f"{where}: 8-bit state codes must be a uint8 array, got "
+                        f"{getattr(codes, 'dtype', type(codes).__name__)}")
+    blocks = -(-codes.size // 256)
+    if not (isinstance(absmax, np.ndarray) and absmax.dtype == np.float32
+            and absmax.shape == (blocks,)):
+        raise ValueError(f"{where_absmax}: the block scales of {codes.size} codes must be a "
+                         f"float32 array of shape ({blocks},), got "
+                         f"{getattr(absmax, 'dtype', type(absmax).__name__)} "
+                         f"{getattr(absmax, 'shape', '')}")
+    values = dequantize(codes, absmax, key not in _UNSIGNED_STATE_KEYS)
+    return np.asarray(values).reshape(codes.shape).astype(dtype)
 
 
 # ------------------------------------------------------------------------ optimizers
