@@ -407,9 +407,10 @@ class Transformation:
         return f"transformation({self.optimizer.__name__!r}{', ' if args else ''}{args})"
 
     def init(self, params):
-        """The state of parameters ``params`` (a pytree of float32/float64 arrays) before
-        their first update: a :class:`TransformationState`, made as the class makes it
-        (zeros; Adagrad's ``initial_accumulator_value``, Rprop's ``lr``, ...)."""
+        """The state of parameters ``params`` (a pytree of float32, float64, float16 or
+        bfloat16 arrays) before their first update: a :class:`TransformationState`, made
+        as the class makes it (zeros; Adagrad's ``initial_accumulator_value``, Rprop's
+        ``lr``, ...), its arrays of each parameter's dtype."""
         paths, leaves, treedef = _pytree.flatten_with_paths(params)
         opt = self._template
         group = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
