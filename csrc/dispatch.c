@@ -8,6 +8,7 @@
 #include <strings.h>
 #include <sched.h>
 #include "fastopt.h"
+#include "fo_internal.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -144,6 +145,13 @@ int fo_get_num_threads(void)
 #include <signal.h>
 #include <time.h>
 
+/* The first block edge of an 8-bit state at or after element i of a tensor of n elements. */
+static inline int64_t fo_block_edge(int64_t i, int64_t n)
+{
+    int64_t up = (i + FO_Q8_BLOCK - 1) / FO_Q8_BLOCK * FO_Q8_BLOCK;
+    return up < n ? up : n;
+}
+
 /* A position in the concatenation of a tensor list: tensor k starts at element off. */
 typedef struct fo_cursor {
     int64_t k, off;
@@ -160,6 +168,12 @@ static void fo_run_range(fo_kernel_fn fn, const double *hyper, const fo_tensor *
         int64_t n = ts[k].numel;
         int64_t b = lo > off ? lo - off : 0;
         int64_t e = hi < off + n ? hi - off : n;
+        if (ts[k].storage & FO_STORAGE_Q8) {
+            /* 8-bit state: cut at block edges, so that every block is encoded by one call
+             * (consecutive ranges move their common edge to the same place) */
+            b = fo_block_edge(b, n);
+            e = fo_block_edge(e, n);
+        }
         if (b < e) fn(hyper, &ts[k], b, e);
     }
 }
@@ -466,6 +480,7 @@ static void fo_prepare_group(const fo_kernel *k, const fo_group *g)
     double prev = 0.0;
     for (int64_t i = 0; i < g->nt; i++) {
         fo_tensor *t = &g->ts[i];
+        if (t->storage & FO_STORAGE_SR) t->rkey = fo_round_key(t->seed, g->round_key);
         double step = 0.0;
         if (t->step != NULL) {
             *t->step = *t->step + 1.0f;
@@ -479,6 +494,18 @@ static void fo_prepare_group(const fo_kernel *k, const fo_group *g)
         }
         prev = step;
     }
+}
+
+float fo_q8_encode(int fmt, const float *x, uint8_t *codes, int64_t n)
+{
+    float s = fo_q8_scale(fmt, x, n);
+    fo_q8_encode_block(fmt, x, codes, n, s);
+    return s;
+}
+
+void fo_q8_decode(int fmt, const uint8_t *codes, float scale, float *x, int64_t n)
+{
+    fo_q8_decode_block(fmt, codes, scale, x, n);
 }
 
 void fo_step(const fo_group *gs, int64_t ng)

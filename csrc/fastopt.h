@@ -21,7 +21,8 @@ extern "C" {
 /* One tensor of an optimizer step: parameter, gradient, state buffers (their meaning is
  * per kernel, listed at each kernel's hyperparameter struct), its float32 step counter
  * (NULL when the optimizer keeps none), 0-d float32 state entries that prepare reads and
- * updates (aux), and the per-tensor scalars prepare computes for the loop. */
+ * updates (aux), and the per-tensor scalars prepare computes for the loop. `storage` says how
+ * each array is stored (below); the fields after it serve the compressed formats only. */
 typedef struct fo_tensor {
     void *param;
     const void *grad;
@@ -31,16 +32,39 @@ typedef struct fo_tensor {
     int64_t numel;
     double scalar[4];
     int64_t flags;
-    int64_t storage; /* FO_STORAGE_*: how param, grad and state are stored (float32 loops) */
+    int64_t storage;  /* FO_STORAGE(...): how param, grad and state are stored */
+    float *scale[3];  /* FO_FMT_Q8*: state[k]'s block scales, one per FO_Q8_BLOCK elements */
+    void *copy;       /* master weights: the 16-bit parameter written from param (float32) */
+    uint64_t seed;    /* stochastic rounding: this tensor's stream (its position) */
+    uint64_t rkey;    /* and this step's key, set by fo_step from seed and the group's key */
 } fo_tensor;
 
-/* fo_tensor.storage: the element type of the parameter, its gradient and its state arrays in
- * a group of float32 loops (fo_group.f64 == 0). A 16-bit tensor is updated as float32: each
- * element is loaded exactly as a float, the kernel's float32 loop computes it, and the results
- * are stored rounded to nearest, ties to even. */
-#define FO_STORAGE_NATIVE 0 /* float32 (or float64 in a float64 group) */
-#define FO_STORAGE_F16 1    /* IEEE binary16 */
-#define FO_STORAGE_BF16 2   /* bfloat16: the upper half of a float32 */
+/* fo_tensor.storage, for a group of float32 loops (fo_group.f64 == 0): a format per array, 4
+ * bits each, plus flags. FO_STORAGE_NATIVE (0) is float32 throughout (float64 in a float64
+ * group, which takes no other storage). Every other tensor is updated a block at a time: each
+ * array is loaded into float32 (16-bit widening is exact; 8-bit codes are decoded with their
+ * block's scale), the kernel's float32 loop computes the block, and the results are stored
+ * back: 16-bit rounded to nearest, ties to even (or stochastically, FO_STORAGE_SR, for
+ * bfloat16), 8-bit re-encoded with a new scale per block (see fo_internal.h). */
+#define FO_FMT_F32 0  /* float32 */
+#define FO_FMT_F16 1  /* IEEE binary16 */
+#define FO_FMT_BF16 2 /* bfloat16: the upper half of a float32 */
+#define FO_FMT_Q8S 3  /* 8-bit block-wise code of signed values (state only) */
+#define FO_FMT_Q8U 4  /* 8-bit block-wise code of non-negative values (state only) */
+#define FO_STORAGE(param, grad, s0, s1, s2) \
+    ((int64_t)(param) | (int64_t)(grad) << 4 | (int64_t)(s0) << 8 | (int64_t)(s1) << 12 | \
+     (int64_t)(s2) << 16)
+#define FO_STORAGE_NATIVE 0
+#define FO_STORAGE_SR ((int64_t)1 << 20) /* bfloat16 stores round stochastically (seed, rkey) */
+#define FO_STORAGE_COPY_SHIFT 24         /* FO_FMT_F16/BF16 of fo_tensor.copy, when set */
+#define FO_STORAGE_Q8 ((int64_t)1 << 28)  /* some state is 8-bit: ranges start at block edges */
+#define FO_FMT_OF(storage, shift) ((int)(((storage) >> (shift)) & 15))
+#define FO_Q8_BLOCK 256
+
+/* Encode n float32 values (n <= FO_Q8_BLOCK, one block) as 8-bit codes; returns the block's
+ * scale. Decode n codes with their block's scale. `fmt` is FO_FMT_Q8S or FO_FMT_Q8U. */
+float fo_q8_encode(int fmt, const float *x, uint8_t *codes, int64_t n);
+void fo_q8_decode(int fmt, const uint8_t *codes, float scale, float *x, int64_t n);
 
 /* fo_tensor.flags bits */
 #define FO_FIRST_STEP 1 /* SGD: the momentum buffer is new; it takes the gradient as is */
@@ -128,6 +152,7 @@ typedef struct fo_group {
     const double *hyper;  /* the kernel's nhyper doubles */
     fo_tensor *ts;
     int64_t nt;
+    uint64_t round_key;   /* stochastic rounding: this step's key (rounding seed and step) */
 } fo_group;
 
 /* One optimizer step over groups gs[0..ng), in order: for each group, add 1 to every step

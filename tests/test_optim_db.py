@@ -11,7 +11,7 @@ from helpers import P
 from optim_db import CONSTRUCTION, DB, OPTIM_DB, STEP
 
 #: boolean options that choose no update rule (torch's compile/autograd switches)
-NOT_FLAGS = {"capturable", "differentiable"}
+NOT_FLAGS = {"capturable", "differentiable", "master_weights", "stochastic_rounding"}
 
 
 def test_every_optimizer_has_one_entry():

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import fastopt
+from fastopt import _compressed
 from helpers import F32, bits, grads, import_torch, same_bits
 from optim_db import DB, WITH_TWIN, configs, names
 
@@ -94,8 +95,13 @@ def test_constructor_signature_matches_torch(name):
     """Same parameter names, order, kinds (positional / keyword-only) and defaults."""
     torch = import_torch(vector_kernels=False)
     info = DB[name]
-    ours = inspect.signature(info.cls.__init__).parameters
+    ours = dict(inspect.signature(info.cls.__init__).parameters)
     theirs = inspect.signature(info.torch_cls(torch).__init__).parameters
+    # then fastopt's own keyword-only options of compressed state, where they apply
+    own = [k for k in ours if k not in theirs]
+    assert own in ([], list(_compressed.OPTIONS))
+    for key in own:
+        assert ours.pop(key).kind is inspect.Parameter.KEYWORD_ONLY
     assert list(ours) == list(theirs)
     for key in ours:
         assert ours[key].kind == theirs[key].kind, key

@@ -31,6 +31,7 @@ from fastopt import interop
 from fastopt.checkpoint import save, load
 from fastopt._minimize import minimize
 from fastopt import functional
+from fastopt._compressed import dequantize_blockwise, quantize_blockwise
 
 __version__ = _version("fastopt")  # pyproject.toml's version
 
@@ -46,7 +47,8 @@ OTHER_OPTIMIZERS = other_optimizers()
 __all__ = ["Parameter", "Optimizer", *OPTIMIZERS, "SparseAdam", "SparseGrad", "LBFGS",
            "Adafactor", "Muon", "OTHER_OPTIMIZERS", "OPTIMIZERS", "show_config",
            "set_num_threads", "get_num_threads", "interop", "lr_scheduler", "schedules",
-           "swa_utils", "save", "load", "minimize", "functional"]
+           "swa_utils", "save", "load", "minimize", "functional", "quantize_blockwise",
+           "dequantize_blockwise"]
 
 
 def __getattr__(name: str) -> object:

@@ -18,7 +18,7 @@ from cpython.dict cimport PyDict_DelItem, PyDict_GetItem, PyDict_SetItem
 from cpython.long cimport PyLong_FromUnsignedLong, PyLong_FromVoidPtr
 from cpython.pythread cimport PyThread_get_thread_ident
 from cpython.object cimport PyObject
-from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t, uintptr_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc, qsort, realloc
 from libc.string cimport memcpy, memset
 
@@ -168,8 +168,11 @@ cdef inline bint _same_layout(cnp.ndarray a, cnp.ndarray b):
     cdef int k, nd = cnp.PyArray_NDIM(a)
     if not _same_shape(a, b):
         return False
+    cdef cnp.npy_intp ia = cnp.PyArray_ITEMSIZE(a), ib = cnp.PyArray_ITEMSIZE(b)
     for k in range(nd):
-        if cnp.PyArray_DIM(a, k) > 1 and cnp.PyArray_STRIDE(a, k) != cnp.PyArray_STRIDE(b, k):
+        # in elements: arrays of different item sizes (8-bit state of a float32 parameter)
+        if (cnp.PyArray_DIM(a, k) > 1
+                and cnp.PyArray_STRIDE(a, k) * ib != cnp.PyArray_STRIDE(b, k) * ia):
             return False
     return True
 
@@ -183,14 +186,98 @@ cdef int _bf16_typenum = -1
 
 
 cdef inline int _storage_of(int tn, bint foreign) noexcept:
-    """FO_STORAGE_* of arrays of type number tn, or -1 for a type the kernels do not step."""
+    """FO_FMT_* of arrays of type number tn (FO_FMT_F32 for float64 too), or -1 for a type
+    the kernels do not step."""
     if tn == cnp.NPY_FLOAT or tn == cnp.NPY_DOUBLE:
         return FO_STORAGE_NATIVE
     if tn == cnp.NPY_FLOAT16:
-        return FO_STORAGE_F16
+        return FO_FMT_F16
     if tn == _bf16_typenum or (foreign and tn == cnp.NPY_SHORT):
-        return FO_STORAGE_BF16
+        return FO_FMT_BF16
     return -1
+
+
+# ---- compressed state ------------------------------------------------------------------------
+# A group's state_dtype, master_weights and stochastic_rounding keys (see Optimizer) choose how
+# each state array of a float32 or 16-bit parameter is stored (fo_tensor.storage): a state
+# array of format FO_FMT_Q8* is a uint8 array of codes with a float32 array of block scales,
+# state[key + SCALE_SUFFIX]; master weights are state[MASTER_KEY].
+SCALE_SUFFIX = "_absmax"
+MASTER_KEY = "master_param"
+STATE_DTYPES = (None, "float32", "bfloat16", "int8")
+#: state arrays that hold non-negative values (the unsigned 8-bit code); the others are signed
+UNSIGNED_STATE = frozenset(("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "exp_inf",
+                            "acc_delta"))
+cdef enum:
+    _SD_NONE = 0
+    _SD_F32 = 1
+    _SD_BF16 = 2
+    _SD_INT8 = 3
+
+
+cdef tuple _no_policy = (0, False, False, 0, 0)
+
+
+cdef tuple _policy(dict group):
+    """(state dtype _SD_*, master weights, stochastic rounding, min_8bit_size, rounding
+    key) of ``group``; its keys are checked, and a group without them has the default."""
+    sd = group.get("state_dtype")
+    mw = group.get("master_weights", False)
+    sr = group.get("stochastic_rounding", False)
+    if sd is None and mw is False and sr is False:
+        return _no_policy
+    if sd not in STATE_DTYPES:
+        raise ValueError(f"state_dtype must be one of {STATE_DTYPES}, got {sd!r}")
+    if type(mw) is not bool:
+        raise TypeError(f"master_weights must be a bool, got {mw!r}")
+    if type(sr) is not bool:
+        raise TypeError(f"stochastic_rounding must be a bool, got {sr!r}")
+    if sr and mw:
+        raise ValueError("stochastic_rounding applies to bfloat16 values stored without "
+                         "master weights: set master_weights=False or stochastic_rounding=False")
+    min8 = group.get("min_8bit_size", 4096)
+    if isinstance(min8, bool) or not isinstance(min8, int) or min8 < 0:
+        raise ValueError(f"min_8bit_size must be an int >= 0, got {min8!r}")
+    cdef uint64_t key = 0
+    if sr:
+        seed = group.get("rounding_seed", 0)
+        count = group.get("rounding_step", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"rounding_seed must be an int, got {seed!r}")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"rounding_step must be an int >= 0, got {count!r}")
+        # the key of the step about to run (the count after it)
+        key = _mix64(_mix64(<uint64_t>(seed & 0xffffffffffffffff)) ^ <uint64_t>(count + 1))
+    return (STATE_DTYPES.index(sd), mw, sr, min8, key)
+
+
+cdef inline uint64_t _mix64(uint64_t x) noexcept:
+    x ^= x >> 30
+    x *= 0xbf58476d1ce4e5b9ULL
+    x ^= x >> 27
+    x *= 0x94d049bb133111ebULL
+    x ^= x >> 31
+    return x
+
+
+cdef inline int _itemsize_fmt(int fmt) noexcept:
+    return 1 if fmt == FO_FMT_Q8S or fmt == FO_FMT_Q8U else 4 if fmt == FO_FMT_F32 else 2
+
+
+cdef str _fmt_text(int fmt):
+    return ("float32", "float16", "bfloat16", "uint8 (8-bit codes)", "uint8 (8-bit codes)")[fmt]
+
+
+cdef bint _fmt_matches(int fmt, cnp.ndarray a, bint tensor) noexcept:
+    """Whether the state array ``a`` (the view of a tensor: ``tensor``) holds format fmt."""
+    cdef int tn = cnp.PyArray_TYPE(a)
+    if fmt == FO_FMT_F32:
+        return tn == cnp.NPY_FLOAT
+    if fmt == FO_FMT_F16:
+        return tn == cnp.NPY_FLOAT16
+    if fmt == FO_FMT_BF16:
+        return tn == cnp.NPY_SHORT if tensor else (tn == _bf16_typenum and tn >= 0)
+    return tn == cnp.NPY_UBYTE
 
 
 cdef inline int _itemsize_of(int tn) noexcept:
@@ -267,7 +354,12 @@ cdef cnp.ndarray _check_grad(cnp.ndarray p, object g, Py_ssize_t gi, Py_ssize_t 
         raise TypeError(f"{_where(gi, pi)}: .grad must be a numpy.ndarray or None, "
                         f"got {type(g).__name__}")
     cdef cnp.ndarray ga = <cnp.ndarray>g
-    if cnp.PyArray_TYPE(ga) != cnp.PyArray_TYPE(p) or not cnp.PyArray_ISNOTSWAPPED(ga):
+    cdef int tn = cnp.PyArray_TYPE(p)
+    if ((cnp.PyArray_TYPE(ga) != tn and not (
+            # a 16-bit parameter takes float32 gradients too
+            cnp.PyArray_TYPE(ga) == cnp.NPY_FLOAT and tn != cnp.NPY_DOUBLE
+            and _storage_of(tn, True) > FO_STORAGE_NATIVE))
+            or not cnp.PyArray_ISNOTSWAPPED(ga)):
         raise TypeError(f"{_where(gi, pi)}: .grad has dtype {ga.dtype}, the parameter "
                         f"{_dtype_text(p)}")
     if not _same_shape(p, ga):
@@ -279,7 +371,7 @@ cdef cnp.ndarray _check_grad(cnp.ndarray p, object g, Py_ssize_t gi, Py_ssize_t 
     elif not (_same_layout(ga, p) and cnp.PyArray_ISALIGNED(ga)):
         # a dense parameter in another axis order (channels_last): a copy of the gradient
         # in the parameter's layout, so that both memory blocks match element for element
-        out = np.empty_like(p)
+        out = np.empty_like(p, dtype=ga.dtype)
         np.copyto(out, ga)
         ga = out
     return ga
@@ -324,7 +416,9 @@ cdef enum:
     _ROLE_STATE = 2   # 2, 3, 4: the state arrays, in the kernel's order
     _ROLE_STEP = 5
     _ROLE_AUX = 6     # 6, 7: the 0-d scalar state entries
-    _ROLE_BITS = 3    # _sinfo.tag = plan index << _ROLE_BITS | role
+    _ROLE_SCALE = 8   # 8, 9, 10: the block scales of 8-bit state arrays
+    _ROLE_MASTER = 11  # the float32 master weights
+    _ROLE_BITS = 4    # _sinfo.tag = plan index << _ROLE_BITS | role
     _SORT_SMALL = 32  # below this many spans, insertion sort
 
 
@@ -519,6 +613,10 @@ cdef str _span_name(_Spans sp, Py_ssize_t i, bint lead):
         return where + ".grad"
     if role == _ROLE_STEP:
         key = "step"
+    elif role == _ROLE_MASTER:
+        key = MASTER_KEY
+    elif role >= _ROLE_SCALE:
+        key = plan.keys[role - _ROLE_SCALE] + SCALE_SUFFIX
     elif role >= _ROLE_AUX:
         key = plan.scalars[role - _ROLE_AUX]
     else:
@@ -882,7 +980,7 @@ cdef bint _plain_tensor_type(object cls):
 cdef enum:
     _KIND_ARRAY = 0   # a fastopt.Parameter (an ndarray)
     _KIND_TENSOR = 1  # a contiguous real torch tensor, read through its cached view
-    _MAX_ENTRIES = 6  # 3 state arrays, the step counter, 2 scalar entries
+    _MAX_ENTRIES = 10  # 3 state arrays, their 3 scales, master weights, step, 2 scalars
     _NEED_FLAGS = (cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_ALIGNED | cnp.NPY_ARRAY_WRITEABLE)
 
 ctypedef struct _trec:
@@ -891,8 +989,15 @@ ctypedef struct _trec:
     PyObject *st              # the parameter's state dict (NULL: the group keeps no state)
     PyObject *shape           # a tensor's shape (torch.Size), and its dtype
     PyObject *dtype
-    PyObject *entry[6]        # the state entries read, in the group's lookup order
-    uintptr_t eptr[6]         # their data pointers
+    PyObject *entry[10]       # the state entries read, in the order _bind reads them
+    PyObject *ekey[10]        # their keys (kept by the cache: refs)
+    uintptr_t eptr[10]        # their data pointers
+    int32_t etype[10]         # an array's type number and size, and what it must be: 0 an
+    int64_t esize[10]         # array of the parameter's shape, 1 a vector (block scales),
+    int32_t ekind[10]         # 2 a 0-d float32 array
+    PyObject *gdtype          # a tensor's gradient's dtype
+    int32_t gtypenum          # the gradient's type number and item size
+    int64_t gitemsize
     fo_tensor *t              # the parameter's slot in its plan (NULL: it has no gradient)
     uintptr_t pdata           # the parameter's memory
     int64_t numel
@@ -927,6 +1032,12 @@ cdef class Plan:
     cdef int sid     # index in the step's _Spans.plans, -1 outside update
     cdef Py_ssize_t gi  # the group's index
     cdef int serial  # 1: run on one thread (set by _check_spans), -1: not known yet
+    # the group's compressed-state policy (see _policy) and the stochastic rounding key
+    cdef int sdtype
+    cdef bint master, sr
+    cdef int64_t min8
+    cdef uint64_t round_key
+    cdef tuple unsigned_  # per state slot: the values are non-negative
 
     def __cinit__(self, int typenum, int storage=FO_STORAGE_NATIVE):
         self.typenum = typenum
@@ -942,9 +1053,54 @@ cdef class Plan:
         self.keys = ()
         self.scalars = ()
         self.has_step = False
+        self.sdtype = _SD_NONE
+        self.master = False
+        self.sr = False
+        self.min8 = 0
+        self.round_key = 0
+        self.unsigned_ = ()
 
     def __dealloc__(self):
         free(self.ts)
+
+    cdef int fmts(self, Py_ssize_t slot, int *out) noexcept:
+        """The formats of slot's state arrays in out[0..3); returns 1 when the slot keeps
+        float32 master weights."""
+        cdef int pf = self.storage
+        cdef int master = self.master and pf != FO_FMT_F32
+        cdef int j, f
+        cdef int64_t n = self.ts[slot].numel
+        for j in range(3):
+            if self.sdtype == _SD_NONE:
+                f = FO_FMT_F32 if master else pf
+            elif self.sdtype == _SD_F32:
+                f = FO_FMT_F32
+            elif self.sdtype == _SD_BF16:
+                f = FO_FMT_BF16
+            elif n >= self.min8:
+                f = FO_FMT_Q8U if j < len(self.unsigned_) and self.unsigned_[j] else FO_FMT_Q8S
+            else:
+                f = FO_FMT_F32
+            out[j] = f
+        return master
+
+    def formats(self, Py_ssize_t slot):
+        """(master weights?, {state key: format name}) of slot's state: the format names are
+        "float32", "float16", "bfloat16", "int8-signed" and "int8-unsigned"; (False, None)
+        when the state has the parameter's dtype (the group's state_dtype is None and it
+        keeps no master weights)."""
+        cdef int f[3]
+        if not 0 <= slot < self.n:
+            raise IndexError(f"slot {slot} out of range for a plan of {self.n} tensors")
+        master = self.fmts(slot, f) != 0
+        if self.sdtype == _SD_NONE and not master:
+            return False, None
+        names = ("float32", "float16", "bfloat16", "int8-signed", "int8-unsigned")
+        out = {}
+        for j in range(len(self.keys)):
+            if self.keys[j] is not None:
+                out[self.keys[j]] = names[f[j]]
+        return master, out
 
     cdef Py_ssize_t _add(self, cnp.ndarray p, cnp.ndarray g) except -1:
         cdef Py_ssize_t cap
@@ -971,7 +1127,15 @@ cdef class Plan:
         t.scalar[2] = 0.0
         t.scalar[3] = 0.0
         t.flags = 0
-        t.storage = self.storage
+        t.storage = FO_STORAGE(self.storage, _storage_of(cnp.PyArray_TYPE(g), True)
+                               if cnp.PyArray_TYPE(g) != cnp.PyArray_TYPE(p) else self.storage,
+                               0, 0, 0)
+        t.scale[0] = NULL
+        t.scale[1] = NULL
+        t.scale[2] = NULL
+        t.copy = NULL
+        t.seed = 0
+        t.rkey = 0
         self.keep.append(p)
         self.gkeep.append(g)
         self.n += 1
@@ -984,37 +1148,85 @@ cdef class Plan:
         cdef PyObject *item
         cdef cnp.ndarray a
         cdef Py_ssize_t j
-        cdef uintptr_t los[3]
-        cdef uintptr_t his[3]
+        cdef uintptr_t los[8]
+        cdef uintptr_t his[8]
         cdef uintptr_t lo, hi
         cdef int k, nb = 0  # memory spans of the state arrays bound so far
         cdef tuple keys = self.keys
-        # every state array has the parameter's dtype and shape (checked below)
-        cdef uintptr_t nbytes = <uintptr_t>self.ts[slot].numel * <uintptr_t>self.itemsize
+        cdef fo_tensor *t = &self.ts[slot]
+        cdef int fmt[3]
+        cdef int master = self.fmts(slot, fmt)
+        cdef int64_t storage = t.storage & 0xff  # the parameter's and the gradient's formats
+        cdef int64_t nblocks = (t.numel + FO_Q8_BLOCK - 1) // FO_Q8_BLOCK
+        cdef bint tensor
+        cdef int role
+        cdef uintptr_t nbytes = <uintptr_t>t.numel * <uintptr_t>self.itemsize
         cdef uintptr_t p0 = <uintptr_t>cnp.PyArray_DATA(p)
         if not isinstance(st, dict):
             raise TypeError(f"{_where(gi, pi)}: optimizer.state entry must be a dict, "
                             f"got {type(st).__name__}")
-        for j in range(len(keys)):
-            key = keys[j]
-            if key is None:
-                continue
+        for j in range(len(keys) + 4):
+            # the state arrays in the kernel's order, then the block scales of the 8-bit ones,
+            # then the master weights
+            if j < len(keys):
+                key = keys[j]
+                if key is None:
+                    continue
+            elif j < len(keys) + 3:
+                k = <int>(j - len(keys))
+                if k >= len(keys) or keys[k] is None or (fmt[k] != FO_FMT_Q8S
+                                                         and fmt[k] != FO_FMT_Q8U):
+                    continue
+                key = keys[k] + SCALE_SUFFIX
+            else:
+                if not master:
+                    continue
+                key = MASTER_KEY
             item = PyDict_GetItem(st, key)
             if item == NULL or (<object>item) is None:
-                raise KeyError(f"{_where(gi, pi)}: state has no {key!r} (was a flag such as "
-                               f"amsgrad, momentum or centered switched on after the first "
-                               f"step?)")
+                if j < len(keys):
+                    raise KeyError(f"{_where(gi, pi)}: state has no {key!r} (was a flag such "
+                                   f"as amsgrad, momentum or centered switched on after the "
+                                   f"first step?)")
+                raise KeyError(f"{_where(gi, pi)}: state has no {key!r} (was state_dtype or "
+                               f"master_weights changed after the first step?)")
             obj = _state_array(<object>item, gi, pi, key)
             if obj is None:
                 raise TypeError(f"{_where(gi, pi)}: state[{key!r}] must be a numpy.ndarray, "
                                 f"got {type(<object>item).__name__}")
             a = <cnp.ndarray>obj
-            if cnp.PyArray_TYPE(a) != cnp.PyArray_TYPE(p) or not _same_shape(a, p):
-                raise ValueError(f"{_where(gi, pi)}: state[{key!r}] has dtype {a.dtype} and "
-                                 f"shape {(<object>a).shape}; the parameter has "
-                                 f"{_dtype_text(p)} "
-                                 f"{(<object>p).shape}")
-            if not (_usable(a) and cnp.PyArray_IS_C_CONTIGUOUS(p)):
+            tensor = not cnp.PyArray_Check(<object>item)
+            if j < len(keys) and self.sdtype == _SD_NONE and not master:
+                # state in the parameter's dtype, as torch keeps it
+                if cnp.PyArray_TYPE(a) != cnp.PyArray_TYPE(p) or not _same_shape(a, p):
+                    raise ValueError(f"{_where(gi, pi)}: state[{key!r}] has dtype {a.dtype} "
+                                     f"and shape {(<object>a).shape}; the parameter has "
+                                     f"{_dtype_text(p)} "
+                                     f"{(<object>p).shape}")
+                lo = nbytes
+            elif j < len(keys) or j == len(keys) + 3:
+                k = fmt[j] if j < len(keys) else FO_FMT_F32
+                if k == FO_FMT_BF16 and not tensor and _bf16_typenum < 0:
+                    _learn_bf16(a)
+                if not _fmt_matches(k, a, tensor) or not _same_shape(a, p):
+                    raise ValueError(f"{_where(gi, pi)}: state[{key!r}] has dtype {a.dtype} "
+                                     f"and shape {(<object>a).shape}; the group's "
+                                     f"state_dtype and master_weights make it {_fmt_text(k)} "
+                                     f"of the parameter's shape {(<object>p).shape}")
+                lo = <uintptr_t>t.numel * <uintptr_t>_itemsize_fmt(k)
+            else:
+                if (cnp.PyArray_TYPE(a) != cnp.NPY_FLOAT or cnp.PyArray_NDIM(a) != 1
+                        or cnp.PyArray_SIZE(a) != nblocks):
+                    raise ValueError(f"{_where(gi, pi)}: state[{key!r}] has dtype {a.dtype} "
+                                     f"and shape {(<object>a).shape}; the block scales of "
+                                     f"{t.numel} elements are float32 of shape ({nblocks},)")
+                lo = <uintptr_t>nblocks * 4
+            hi = lo  # the array's size in bytes
+            if j >= len(keys) and j < len(keys) + 3:
+                if not _usable(a):
+                    raise ValueError(f"{_where(gi, pi)}: state[{key!r}] must be a writable, "
+                                     f"aligned, C-contiguous array")
+            elif not (_usable(a) and cnp.PyArray_IS_C_CONTIGUOUS(p)):
                 if not (cnp.PyArray_ISALIGNED(a) and cnp.PyArray_ISWRITEABLE(a)
                         and _same_layout(a, p)):
                     raise ValueError(f"{_where(gi, pi)}: state[{key!r}] must be a writable, "
@@ -1022,7 +1234,7 @@ cdef class Plan:
                                      f"(strides {(<object>a).strides}, the parameter's "
                                      f"{(<object>p).strides})")
             lo = <uintptr_t>cnp.PyArray_DATA(a)
-            hi = lo + nbytes
+            hi = lo + hi
             if lo < hi and lo < p0 + nbytes and p0 < hi:
                 raise ValueError(f"{_where(gi, pi)}: state[{key!r}] shares memory with the "
                                  f"parameter")
@@ -1030,17 +1242,39 @@ cdef class Plan:
                 if lo < his[k] and los[k] < hi:
                     raise ValueError(f"{_where(gi, pi)}: state[{key!r}] shares memory with "
                                      f"another state array of the parameter")
-            if lo < hi and nb < 3:
+            if lo < hi and nb < 8:
                 los[nb] = lo
                 his[nb] = hi
                 nb += 1
-            self.ts[slot].state[j] = cnp.PyArray_DATA(a)
+            if j < len(keys):
+                t.state[j] = cnp.PyArray_DATA(a)
+                role = _ROLE_STATE + <int>j
+            elif j < len(keys) + 3:
+                t.scale[j - len(keys)] = <float *>cnp.PyArray_DATA(a)
+                role = _ROLE_SCALE + <int>(j - len(keys))
+            else:
+                role = _ROLE_MASTER
             self.keep.append(a)
             if rec is not None:
-                rec.entry(item, a)
+                rec.entry(item, a, key, 0 if j < len(keys) or j == len(keys) + 3 else 1)
             if sp is not None:
-                _push(sp, cnp.PyArray_DATA(a), nbytes, owner, pi, self.sid,
-                      _ROLE_STATE + <int>j)
+                _push(sp, cnp.PyArray_DATA(a), hi - lo, owner, pi, self.sid, <int>role)
+        if master:
+            t.param = cnp.PyArray_DATA(<cnp.ndarray>self.keep[len(self.keep) - 1])
+            t.copy = cnp.PyArray_DATA(p)
+            storage = FO_STORAGE(FO_FMT_F32, (storage >> 4) & 15, 0, 0, 0) | (
+                <int64_t>self.storage << FO_STORAGE_COPY_SHIFT)
+        for j in range(len(keys)):
+            if keys[j] is not None and not (self.sdtype == _SD_NONE and not master):
+                storage |= <int64_t>fmt[j] << (8 + 4 * j)
+                if fmt[j] == FO_FMT_Q8S or fmt[j] == FO_FMT_Q8U:
+                    storage |= FO_STORAGE_Q8
+            elif keys[j] is not None:
+                storage |= <int64_t>self.storage << (8 + 4 * j)
+        if self.sr and storage != FO_STORAGE_NATIVE:
+            storage |= FO_STORAGE_SR
+            t.seed = (<uint64_t>gi << 32) | <uint64_t>pi
+        t.storage = storage
         if self.has_step:
             item = PyDict_GetItem(st, "step")
             if item == NULL:
@@ -1054,7 +1288,7 @@ cdef class Plan:
             self.ts[slot].step = <float *>cnp.PyArray_DATA(<cnp.ndarray>obj)
             self.keep.append(obj)
             if rec is not None:
-                rec.entry(item, <cnp.ndarray>obj)
+                rec.entry(item, <cnp.ndarray>obj, "step", 2)
             if sp is not None:
                 _push(sp, self.ts[slot].step, 4, owner, pi, self.sid, _ROLE_STEP)
         for j in range(len(self.scalars)):
@@ -1065,7 +1299,7 @@ cdef class Plan:
             self.ts[slot].aux[j] = <float *>cnp.PyArray_DATA(<cnp.ndarray>obj)
             self.keep.append(obj)
             if rec is not None:
-                rec.entry(item, <cnp.ndarray>obj)
+                rec.entry(item, <cnp.ndarray>obj, key, 2)
             if sp is not None:
                 _push(sp, self.ts[slot].aux[j], 4, owner, pi, self.sid, _ROLE_AUX + <int>j)
         return 0
@@ -1116,9 +1350,16 @@ cdef class Plan:
 
 
 cdef Plan _new_plan(int typenum, Spec spec, tuple keys, _Spans sp, Py_ssize_t gi,
-                    int storage=FO_STORAGE_NATIVE):
+                    int storage=FO_STORAGE_NATIVE, tuple policy=_no_policy):
     cdef Plan plan = Plan.__new__(Plan, typenum, storage)
     plan.gi = gi
+    plan.sdtype = <int>policy[0]
+    plan.master = <bint>policy[1]
+    plan.sr = <bint>policy[2]
+    plan.min8 = <int64_t>policy[3]
+    plan.round_key = <uint64_t>policy[4]
+    if plan.sdtype == _SD_INT8:
+        plan.unsigned_ = tuple([k in UNSIGNED_STATE for k in keys])
     plan.keys = keys
     plan.has_step = spec.step_counter
     plan.scalars = spec.scalars
@@ -1129,7 +1370,8 @@ cdef Plan _new_plan(int typenum, Spec spec, tuple keys, _Spans sp, Py_ssize_t gi
 
 
 cdef tuple _collect(Py_ssize_t gi, list params, state, Spec spec, tuple keys, int init_mode,
-                    list missing, _Spans sp, list foreign, list sparse, _StepCache rec):
+                    list missing, _Spans sp, list foreign, list sparse, _StepCache rec,
+                    tuple policy=_no_policy):
     """Check group ``gi`` and return the plans of the parameters that have a gradient, one
     per dtype (float32, float64, then the 16-bit ones in the order met). Parameters that
     need new state (see Spec.init_mode) are appended to ``missing`` as (plan, slot, param,
@@ -1204,9 +1446,14 @@ cdef tuple _collect(Py_ssize_t gi, list params, state, Spec spec, tuple keys, in
                              f"(torch: 'some elements refer to a single memory location')")
         if cnp.PyArray_TYPE(arr) == cnp.NPY_FLOAT:
             if p32 is None:
-                p32 = _new_plan(cnp.NPY_FLOAT, spec, keys, sp, gi)
+                p32 = _new_plan(cnp.NPY_FLOAT, spec, keys, sp, gi, FO_STORAGE_NATIVE, policy)
             plan = p32
         elif cnp.PyArray_TYPE(arr) == cnp.NPY_DOUBLE:
+            if policy[0] != _SD_NONE:
+                raise TypeError(f"{_where(gi, i)}: state_dtype={STATE_DTYPES[policy[0]]!r} "
+                                f"applies to float32, float16 and bfloat16 parameters; this "
+                                f"one is float64 (its state stays float64 with state_dtype "
+                                f"None)")
             if p64 is None:
                 p64 = _new_plan(cnp.NPY_DOUBLE, spec, keys, sp, gi)
             plan = p64
@@ -1219,29 +1466,37 @@ cdef tuple _collect(Py_ssize_t gi, list params, state, Spec spec, tuple keys, in
                     plan = <Plan>x
             if plan is None:
                 storage = _storage_of(cnp.PyArray_TYPE(arr), kind != _KIND_ARRAY)
-                plan = _new_plan(cnp.PyArray_TYPE(arr), spec, keys, sp, gi, storage)
+                plan = _new_plan(cnp.PyArray_TYPE(arr), spec, keys, sp, gi, storage, policy)
                 low.append(plan)
         slot = plan._add(arr, g)
+        if plan.sr and plan.storage == FO_FMT_BF16:
+            # stochastic rounding of the parameter (and of bfloat16 state: see _bind)
+            plan.ts[slot].storage |= FO_STORAGE_SR
+            plan.ts[slot].seed = (<uint64_t>gi << 32) | <uint64_t>i
         nbytes = <uintptr_t>plan.ts[slot].numel * <uintptr_t>plan.itemsize
         _push(sp, cnp.PyArray_DATA(arr), nbytes, obj, i, plan.sid, _ROLE_PARAM)
         # a gradient that is the parameter itself (allowed above) is covered by the
         # parameter's span; a contiguous copy made by _check_grad shares nothing
         if g is gobj and cnp.PyArray_DATA(g) != cnp.PyArray_DATA(arr):
-            _push(sp, cnp.PyArray_DATA(g), nbytes, obj, i, plan.sid, _ROLE_GRAD)
+            _push(sp, cnp.PyArray_DATA(g), <uintptr_t>plan.ts[slot].numel
+                  * <uintptr_t>cnp.PyArray_ITEMSIZE(g), obj, i, plan.sid, _ROLE_GRAD)
         if rec is not None:
             if kind < 0 or g is not gobj:
                 rec.ok = False  # the adapter's path, or a gradient copied for the kernel
             else:
                 rec.param(gi, i, obj, kind, plan, slot, arr)
-                rec.grad(g)
-        if init_mode == 2:
+                rec.grad(g, obj.grad.dtype if kind == _KIND_TENSOR else None)
+        # master weights are state even where the optimizer keeps none (SGD without momentum)
+        master = plan.master and plan.storage != FO_FMT_F32
+        if init_mode == 2 and not master:
             continue
         item = PyDict_GetItem(state, obj)
         if init_mode == 0:
             need = item == NULL or len(<object>item) == 0
         else:
             need = (item == NULL or not isinstance(<object>item, dict)
-                    or (<object>item).get(keys[0]) is None)
+                    or (init_mode == 1 and (<object>item).get(keys[0]) is None)
+                    or (master and (<object>item).get(MASTER_KEY) is None))
         if need:
             missing.append((plan, slot, obj, arr, gi, i))
             if rec is not None:
@@ -1359,12 +1614,18 @@ cdef class _StepCache:
             r.typenum = plan.typenum
         return 0
 
-    cdef int grad(self, cnp.ndarray g) except -1:
+    cdef int grad(self, cnp.ndarray g, object gdtype) except -1:
+        """Record the gradient ``g`` of the last parameter (``gdtype``: a tensor's dtype)."""
         if not self.ok:
             return 0
         cdef _trec *r = &self.recs[self.n - 1]
+        r.gtypenum = cnp.PyArray_TYPE(g)
+        r.gitemsize = cnp.PyArray_ITEMSIZE(g)
+        if gdtype is not None:
+            self.refs.append(gdtype)
+            r.gdtype = <PyObject *>gdtype
         r.glo = <uintptr_t>cnp.PyArray_DATA(g)
-        r.ghi = r.glo + <uintptr_t>(r.numel * r.itemsize)
+        r.ghi = r.glo + <uintptr_t>(r.numel * r.gitemsize)
         return 0
 
     cdef int state_dict(self, object st) except -1:
@@ -1376,9 +1637,10 @@ cdef class _StepCache:
         r.hash = PyObject_Hash(<object>r.param)
         return 0
 
-    cdef int entry(self, PyObject *item, cnp.ndarray a) except -1:
-        """Record the next state entry ``item`` read for the last parameter; ``a`` is its
-        array (the entry itself, or the view of a tensor)."""
+    cdef int entry(self, PyObject *item, cnp.ndarray a, object key, int kind) except -1:
+        """Record the next state entry ``item``, ``state[key]``, read for the last
+        parameter; ``a`` is its array (the entry itself, or the view of a tensor), and kind
+        what the full path checked it to be (see _trec.ekind)."""
         if not self.ok:
             return 0
         cdef _trec *r = &self.recs[self.n - 1]
@@ -1389,6 +1651,11 @@ cdef class _StepCache:
             return 0
         r.entry[k] = item
         self.refs.append(obj)
+        self.refs.append(key)
+        r.ekey[k] = <PyObject *>key
+        r.ekind[k] = kind
+        r.etype[k] = cnp.PyArray_TYPE(a)
+        r.esize[k] = cnp.PyArray_SIZE(a)
         if cnp.PyArray_Check(obj):
             r.eptr[k] = <uintptr_t>cnp.PyArray_DATA(<cnp.ndarray>obj)
         else:
@@ -1473,8 +1740,8 @@ cdef class _StepCache:
         cdef PyObject *item
         cdef cnp.ndarray ga
         cdef uintptr_t gp, ghi
-        cdef int n0d
         cdef list gkeep
+        cdef list rounding = None
         cdef list params
         groups = opt.param_groups
         if (groups is not self.groups_list or len(groups) != ng
@@ -1499,8 +1766,19 @@ cdef class _StepCache:
                 return 0
             if group["params"] is not ge[1] or PyList_GET_SIZE(ge[1]) != ge[2]:
                 return 0
+            try:
+                policy = _policy(group)
+            except (ValueError, TypeError) as e:
+                raise type(e)(f"param_groups[{gi}]: {e}") from None
+            if policy[:4] != ge[7]:
+                return 0
+            if policy[2]:
+                if rounding is None:
+                    rounding = []
+                rounding.append(group)
             for plan in ge[5]:
                 memcpy((<Plan>plan).hyper, hyper, MAX_HYPER * sizeof(double))
+                (<Plan>plan).round_key = <uint64_t>policy[4]
         gkeep = []
         tensor_type = self.tensor_type
         for i in range(self.n):
@@ -1526,7 +1804,7 @@ cdef class _StepCache:
                 if r.t == NULL or not cnp.PyArray_Check(g):
                     return 0
                 ga = <cnp.ndarray>g
-                if (cnp.PyArray_TYPE(ga) != r.typenum or not cnp.PyArray_ISNOTSWAPPED(ga)
+                if (cnp.PyArray_TYPE(ga) != r.gtypenum or not cnp.PyArray_ISNOTSWAPPED(ga)
                         or not cnp.PyArray_IS_C_CONTIGUOUS(ga) or not cnp.PyArray_ISALIGNED(ga)
                         or not _same_shape(<cnp.ndarray>obj, ga)):
                     return 0
@@ -1548,7 +1826,7 @@ cdef class _StepCache:
                 # parameter's dtype and shape, not a lazily negated view
                 try:
                     if (PyObject_CallOneArg(_T_IS_CONTIGUOUS, g) is not True
-                            or fo_descr_get(_T_DTYPE, g) is not <object>r.dtype
+                            or fo_descr_get(_T_DTYPE, g) is not <object>r.gdtype
                             or fo_descr_get(_T_SHAPE, g) != <object>r.shape
                             or PyObject_CallOneArg(_T_IS_NEG, g) is not False):
                         return 0
@@ -1556,7 +1834,7 @@ cdef class _StepCache:
                 except Exception:
                     return 0
             gkeep.append(g)
-            ghi = gp + <uintptr_t>(r.numel * r.itemsize)
+            ghi = gp + <uintptr_t>(r.numel * r.gitemsize)
             if gp != r.glo or ghi != r.ghi:
                 # the parameter itself is fine, as in the full path; any other array the
                 # step writes is not
@@ -1570,10 +1848,8 @@ cdef class _StepCache:
                     if item == NULL:
                         PyErr_Clear()
                     return 0
-                lookup = <tuple>ge[4]
-                n0d = <int>ge[6]
                 for k in range(r.nentry):
-                    item = PyDict_GetItem(<object>r.st, (<tuple>lookup)[k])
+                    item = PyDict_GetItem(<object>r.st, <object>r.ekey[k])
                     if item != r.entry[k]:
                         return 0
                     if r.tensors & (1 << k):
@@ -1584,15 +1860,19 @@ cdef class _StepCache:
                           or (cnp.PyArray_FLAGS(<cnp.ndarray>item) & _NEED_FLAGS) != _NEED_FLAGS
                           or not cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>item)):
                         return 0
-                    elif k < r.nentry - n0d:  # an array of the parameter's dtype and shape
-                        if (cnp.PyArray_TYPE(<cnp.ndarray>item) != r.typenum
-                                or not _same_shape(<cnp.ndarray>item, <cnp.ndarray>r.arr)):
+                    elif cnp.PyArray_TYPE(<cnp.ndarray>item) != r.etype[k]:
+                        return 0
+                    elif r.ekind[k] == 0:  # an array of the parameter's shape
+                        if not _same_shape(<cnp.ndarray>item, <cnp.ndarray>r.arr):
                             return 0
-                    elif (cnp.PyArray_TYPE(<cnp.ndarray>item) != cnp.NPY_FLOAT
-                          or cnp.PyArray_SIZE(<cnp.ndarray>item) != 1):
+                    elif (cnp.PyArray_SIZE(<cnp.ndarray>item) != r.esize[k]
+                          or (r.ekind[k] == 1 and cnp.PyArray_NDIM(<cnp.ndarray>item) != 1)):
                         return 0
             r.t.grad = <void *>gp
             r.t.flags = 0
+        if rounding is not None:
+            for group in rounding:
+                group["rounding_step"] = group.get("rounding_step", 0) + 1
         _run(self.plans, spec.kernel)
         if self.foreign:
             _foreign_updated(self.foreign)
@@ -1645,6 +1925,7 @@ cdef int _run(list plans, int kernel) except -1:
         gs[ng].hyper = plan.hyper
         gs[ng].ts = plan.ts
         gs[ng].nt = plan.n
+        gs[ng].round_key = plan.round_key
         ng += 1
     with nogil:
         fo_step(gs, ng)
@@ -1661,7 +1942,7 @@ def update(opt, tuple kinds, Spec spec):
     the parameters with sparse gradients are handed to ``opt._sparse_step(items, work)``
     after the checks, which checks them and returns a function that updates them; it is
     called after the C call."""
-    cdef list missing = [], work = [], plans = [], foreign = []
+    cdef list missing = [], work = [], plans = [], foreign = [], rounding = []
     cdef list sparse = [] if spec.sparse_ok else None
     cdef Py_ssize_t gi = 0
     cdef tuple numeric = kinds[0], flags = kinds[1], pairs = kinds[2]
@@ -1692,6 +1973,12 @@ def update(opt, tuple kinds, Spec spec):
             spec.pack(frozen, hyper)
         except (ValueError, TypeError, OverflowError, ZeroDivisionError) as e:
             raise type(e)(f"param_groups[{gi}]: {e}") from None
+        try:
+            policy = _policy(group)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"param_groups[{gi}]: {e}") from None
+        if policy[2]:
+            rounding.append(group)
         params = group["params"]
         if type(params) is not list:
             params = list(params)
@@ -1699,7 +1986,7 @@ def update(opt, tuple kinds, Spec spec):
         keys = spec.layout(frozen)
         mode = spec.init_mode(keys)
         gplans = _collect(gi, params, state, spec, keys, mode, missing, sp, foreign, sparse,
-                          rec)
+                          rec, policy)
         for plan in gplans:
             memcpy((<Plan>plan).hyper, hyper, MAX_HYPER * sizeof(double))
             plans.append(plan)
@@ -1711,7 +1998,7 @@ def update(opt, tuple kinds, Spec spec):
                 lookup += ("step",)
             lookup += spec.scalars
             rec.groups.append((group, params, len(params), keys, lookup,
-                               gplans, n0d))
+                               gplans, n0d, policy[:4]))
         gi += 1
     _check_spans(sp)
     commit = None
@@ -1722,6 +2009,8 @@ def update(opt, tuple kinds, Spec spec):
         opt._create_state(missing, work)
     if rec is not None and rec.ok and not missing and not sparse:
         rec.finish(opt, plans, foreign, sp, kinds, spec)
+    for group in rounding:
+        group["rounding_step"] = group.get("rounding_step", 0) + 1
     _run(plans, spec.kernel)
     if rec is not None and rec.ok:
         for plan in plans:
@@ -1730,6 +2019,56 @@ def update(opt, tuple kinds, Spec spec):
         commit()
     if foreign:
         _foreign_updated(foreign)
+
+
+def quantize_blockwise(x, bint signed):
+    """The 8-bit block-wise code of ``x`` (any real array, read in C order as float32):
+    (codes, scales), uint8 codes of x's shape and float32 scales of shape
+    (ceil(x.size / 256),). See fastopt.quantize_blockwise."""
+    cdef cnp.ndarray a = np.ascontiguousarray(np.asarray(x), dtype=np.float32)
+    cdef cnp.ndarray codes = np.empty((<object>a).shape, dtype=np.uint8)
+    cdef int64_t n = cnp.PyArray_SIZE(a), k, m
+    cdef int64_t nb = (n + FO_Q8_BLOCK - 1) // FO_Q8_BLOCK
+    cdef cnp.ndarray scales = np.empty(nb, dtype=np.float32)
+    cdef const float *src = <const float *>cnp.PyArray_DATA(a)
+    cdef uint8_t *dst = <uint8_t *>cnp.PyArray_DATA(codes)
+    cdef float *sc = <float *>cnp.PyArray_DATA(scales)
+    cdef int fmt = FO_FMT_Q8S if signed else FO_FMT_Q8U
+    with nogil:
+        for k in range(nb):
+            m = n - k * FO_Q8_BLOCK
+            if m > FO_Q8_BLOCK:
+                m = FO_Q8_BLOCK
+            sc[k] = fo_q8_encode(fmt, src + k * FO_Q8_BLOCK, dst + k * FO_Q8_BLOCK, m)
+    return codes, scales
+
+
+def dequantize_blockwise(codes, scales, bint signed):
+    """The float32 values of 8-bit block-wise ``codes`` (uint8, any shape, read in C order)
+    with their block ``scales``. See fastopt.dequantize_blockwise."""
+    cdef cnp.ndarray q = np.asarray(codes)
+    if q.dtype != np.uint8:
+        raise TypeError(f"codes must be a uint8 array, got dtype {q.dtype}")
+    q = np.ascontiguousarray(q)
+    cdef int64_t n = cnp.PyArray_SIZE(q), k, m
+    cdef int64_t nb = (n + FO_Q8_BLOCK - 1) // FO_Q8_BLOCK
+    cdef object sc_obj = np.asarray(scales)
+    if sc_obj.dtype != np.float32 or sc_obj.ndim != 1 or sc_obj.shape[0] != nb:
+        raise ValueError(f"scales must be a float32 vector of {nb} block scales for "
+                         f"{n} codes, got dtype {sc_obj.dtype} shape {sc_obj.shape}")
+    cdef cnp.ndarray sc = np.ascontiguousarray(sc_obj)
+    cdef cnp.ndarray out = np.empty((<object>q).shape, dtype=np.float32)
+    cdef const uint8_t *src = <const uint8_t *>cnp.PyArray_DATA(q)
+    cdef const float *s = <const float *>cnp.PyArray_DATA(sc)
+    cdef float *dst = <float *>cnp.PyArray_DATA(out)
+    cdef int fmt = FO_FMT_Q8S if signed else FO_FMT_Q8U
+    with nogil:
+        for k in range(nb):
+            m = n - k * FO_Q8_BLOCK
+            if m > FO_Q8_BLOCK:
+                m = FO_Q8_BLOCK
+            fo_q8_decode(fmt, src + k * FO_Q8_BLOCK, s[k], dst + k * FO_Q8_BLOCK, m)
+    return out
 
 
 cdef int _average_kernel = _kernel_id("average")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from fastopt import _compressed
 from fastopt._typing import ParamsT
 from fastopt.optimizer import Optimizer, _check_nonneg
 
@@ -35,6 +36,10 @@ class Adadelta(Optimizer):
         Maximize the objective instead of minimizing it.
     foreach, capturable, differentiable : optional
         Accepted and ignored, as in :class:`~fastopt.optimizer.Optimizer`.
+    state_dtype, master_weights, stochastic_rounding, rounding_seed, min_8bit_size : optional
+        Keyword-only, fastopt's own: how the state and 16-bit parameters are stored
+        (bfloat16 or 8-bit block-wise state, float32 master weights, stochastic rounding);
+        see :ref:`compressed-state`. At their defaults the state is torch's.
 
     Notes
     -----
@@ -50,12 +55,18 @@ class Adadelta(Optimizer):
     def __init__(self, params: ParamsT, lr: float = 1.0, rho: float = 0.9, eps: float = 1e-6,
                  weight_decay: float = 0, foreach: Optional[bool] = None, *,
                  capturable: bool = False, maximize: bool = False,
-                 differentiable: bool = False) -> None:
+                 differentiable: bool = False,
+                 state_dtype: Optional[str] = None, master_weights: bool = False,
+                 stochastic_rounding: bool = False, rounding_seed: int = 0,
+                 min_8bit_size: int = 4096) -> None:
         defaults = dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay,
                         maximize=maximize, capturable=capturable, foreach=foreach,
                         differentiable=differentiable)
         self._check_group(defaults)
         super().__init__(params, defaults)
+        _compressed.set_options(self, state_dtype=state_dtype, master_weights=master_weights,
+                                stochastic_rounding=stochastic_rounding,
+                                rounding_seed=rounding_seed, min_8bit_size=min_8bit_size)
 
     def _check_group(self, group):
         _check_nonneg(group, "lr")

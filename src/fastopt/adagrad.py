@@ -6,6 +6,7 @@ from typing import Optional
 import numpy as np
 
 from fastopt._adapters import _foreign_arrays
+from fastopt import _compressed
 from fastopt._typing import ParamsT
 from fastopt.optimizer import Optimizer, _check_impl_flags, _check_nonneg
 
@@ -39,6 +40,10 @@ class Adagrad(Optimizer):
         Maximize the objective instead of minimizing it.
     foreach, differentiable, fused : optional
         Accepted and ignored, as in :class:`~fastopt.optimizer.Optimizer`.
+    state_dtype, master_weights, stochastic_rounding, rounding_seed, min_8bit_size : optional
+        Keyword-only, fastopt's own: how the state and 16-bit parameters are stored
+        (bfloat16 or 8-bit block-wise state, float32 master weights, stochastic rounding);
+        see :ref:`compressed-state`. At their defaults the state is torch's.
 
     Notes
     -----
@@ -61,7 +66,10 @@ class Adagrad(Optimizer):
     def __init__(self, params: ParamsT, lr: float = 1e-2, lr_decay: float = 0,
                  weight_decay: float = 0, initial_accumulator_value: float = 0, eps: float = 1e-10,
                  foreach: Optional[bool] = None, *, maximize: bool = False,
-                 differentiable: bool = False, fused: Optional[bool] = None) -> None:
+                 differentiable: bool = False, fused: Optional[bool] = None,
+                 state_dtype: Optional[str] = None, master_weights: bool = False,
+                 stochastic_rounding: bool = False, rounding_seed: int = 0,
+                 min_8bit_size: int = 4096) -> None:
         defaults = dict(lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
                         initial_accumulator_value=initial_accumulator_value, foreach=foreach,
                         maximize=maximize, differentiable=differentiable, fused=fused)
@@ -70,6 +78,9 @@ class Adagrad(Optimizer):
         super().__init__(params, defaults)
         self._constructing = False
         _check_impl_flags(defaults)
+        _compressed.set_options(self, state_dtype=state_dtype, master_weights=master_weights,
+                                stochastic_rounding=stochastic_rounding,
+                                rounding_seed=rounding_seed, min_8bit_size=min_8bit_size)
 
     def _check_group(self, group):
         _check_nonneg(group, "lr", "lr_decay", "weight_decay", "initial_accumulator_value",

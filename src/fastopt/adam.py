@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
+from fastopt import _compressed
 from fastopt._typing import ParamsT
 from fastopt.optimizer import Optimizer, _check_betas, _check_impl_flags, _check_nonneg
 
@@ -40,6 +41,10 @@ class Adam(Optimizer):
         Decay the weights directly (AdamW) instead of adding an L2 term to the gradient.
     foreach, capturable, differentiable, fused : optional
         Accepted and ignored, as in :class:`~fastopt.optimizer.Optimizer`.
+    state_dtype, master_weights, stochastic_rounding, rounding_seed, min_8bit_size : optional
+        Keyword-only, fastopt's own: how the state and 16-bit parameters are stored
+        (bfloat16 or 8-bit block-wise state, float32 master weights, stochastic rounding);
+        see :ref:`compressed-state`. At their defaults the state is torch's.
 
     Notes
     -----
@@ -70,7 +75,10 @@ class Adam(Optimizer):
                  eps: float = 1e-8, weight_decay: float = 0, amsgrad: bool = False, *,
                  foreach: Optional[bool] = None, maximize: bool = False, capturable: bool = False,
                  differentiable: bool = False, fused: Optional[bool] = None,
-                 decoupled_weight_decay: bool = False) -> None:
+                 decoupled_weight_decay: bool = False,
+                 state_dtype: Optional[str] = None, master_weights: bool = False,
+                 stochastic_rounding: bool = False, rounding_seed: int = 0,
+                 min_8bit_size: int = 4096) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         amsgrad=amsgrad, maximize=maximize, foreach=foreach,
                         capturable=capturable, differentiable=differentiable, fused=fused,
@@ -81,6 +89,9 @@ class Adam(Optimizer):
         defaults["betas"] = tuple(betas)
         super().__init__(params, defaults)
         _check_impl_flags(defaults)
+        _compressed.set_options(self, state_dtype=state_dtype, master_weights=master_weights,
+                                stochastic_rounding=stochastic_rounding,
+                                rounding_seed=rounding_seed, min_8bit_size=min_8bit_size)
 
     def _check_group(self, group):
         _check_nonneg(group, "lr", "eps")
@@ -95,16 +106,24 @@ class AdamW(Adam):
 
     Same parameters as :class:`Adam` with ``weight_decay=1e-2`` by default and
     ``decoupled_weight_decay`` always True (also after ``load_state_dict``).
+    The compressed-state options too (``state_dtype`` and the others): see
+    :ref:`compressed-state`.
     """
 
     def __init__(self, params: ParamsT, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
                  maximize: bool = False, foreach: Optional[bool] = None, capturable: bool = False,
-                 differentiable: bool = False, fused: Optional[bool] = None) -> None:
+                 differentiable: bool = False, fused: Optional[bool] = None,
+                 state_dtype: Optional[str] = None, master_weights: bool = False,
+                 stochastic_rounding: bool = False, rounding_seed: int = 0,
+                 min_8bit_size: int = 4096) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable,
                          differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=True)
+        _compressed.set_options(self, state_dtype=state_dtype, master_weights=master_weights,
+                                stochastic_rounding=stochastic_rounding,
+                                rounding_seed=rounding_seed, min_8bit_size=min_8bit_size)
 
     def _backfill(self, groups):
         super()._backfill(groups)

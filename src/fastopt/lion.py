@@ -1,8 +1,9 @@
 """Lion (EvoLved Sign Momentum), which torch.optim does not have."""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
+from fastopt import _compressed
 from fastopt._typing import ParamsT
 from fastopt.optimizer import Optimizer, _check_betas, _check_nonneg
 
@@ -30,6 +31,10 @@ class Lion(Optimizer):
         Decoupled weight decay :math:`\lambda` (the paper suggests 3-10x larger than AdamW's).
     maximize : bool, default False
         Maximize the objective instead of minimizing it.
+    state_dtype, master_weights, stochastic_rounding, rounding_seed, min_8bit_size : optional
+        Keyword-only, fastopt's own: how the state and 16-bit parameters are stored
+        (bfloat16 or 8-bit block-wise state, float32 master weights, stochastic rounding);
+        see :ref:`compressed-state`. At their defaults the state is torch's.
 
     Notes
     -----
@@ -50,10 +55,16 @@ class Lion(Optimizer):
     _flag_defaults = {"maximize": False}
 
     def __init__(self, params: ParamsT, lr: float = 1e-4, betas: Tuple[float, float] = (0.9, 0.99),
-                 weight_decay: float = 0.0, *, maximize: bool = False) -> None:
+                 weight_decay: float = 0.0, *, maximize: bool = False,
+                 state_dtype: Optional[str] = None, master_weights: bool = False,
+                 stochastic_rounding: bool = False, rounding_seed: int = 0,
+                 min_8bit_size: int = 4096) -> None:
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
         self._check_group(defaults)
         super().__init__(params, defaults)
+        _compressed.set_options(self, state_dtype=state_dtype, master_weights=master_weights,
+                                stochastic_rounding=stochastic_rounding,
+                                rounding_seed=rounding_seed, min_8bit_size=min_8bit_size)
 
     def _check_group(self, group):
         _check_nonneg(group, "lr")

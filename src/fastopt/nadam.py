@@ -5,6 +5,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from fastopt import _compressed
 from fastopt._typing import ParamsT
 from fastopt.optimizer import Optimizer, _check_betas, _check_nonneg
 
@@ -44,6 +45,10 @@ class NAdam(Optimizer):
         Maximize the objective instead of minimizing it.
     foreach, capturable, differentiable : optional
         Accepted and ignored, as in :class:`~fastopt.optimizer.Optimizer`.
+    state_dtype, master_weights, stochastic_rounding, rounding_seed, min_8bit_size : optional
+        Keyword-only, fastopt's own: how the state and 16-bit parameters are stored
+        (bfloat16 or 8-bit block-wise state, float32 master weights, stochastic rounding);
+        see :ref:`compressed-state`. At their defaults the state is torch's.
 
     Notes
     -----
@@ -66,13 +71,19 @@ class NAdam(Optimizer):
                  eps: float = 1e-8, weight_decay: float = 0, momentum_decay: float = 4e-3,
                  decoupled_weight_decay: bool = False, *, foreach: Optional[bool] = None,
                  maximize: bool = False, capturable: bool = False,
-                 differentiable: bool = False) -> None:
+                 differentiable: bool = False,
+                 state_dtype: Optional[str] = None, master_weights: bool = False,
+                 stochastic_rounding: bool = False, rounding_seed: int = 0,
+                 min_8bit_size: int = 4096) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         momentum_decay=momentum_decay,
                         decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
                         foreach=foreach, capturable=capturable, differentiable=differentiable)
         self._check_group(defaults)
         super().__init__(params, defaults)
+        _compressed.set_options(self, state_dtype=state_dtype, master_weights=master_weights,
+                                stochastic_rounding=stochastic_rounding,
+                                rounding_seed=rounding_seed, min_8bit_size=min_8bit_size)
 
     def _check_group(self, group):
         _check_nonneg(group, "lr", "eps")

@@ -20,7 +20,7 @@ from typing import Any, Dict, Optional, Tuple, Type
 
 import numpy as np
 
-from fastopt import _kernels, _pytree
+from fastopt import _compressed, _kernels, _pytree
 from fastopt._adapters import (TORCH_ADAPTER, _adapter_for, _foreign_arrays, _foreign_param,
                                _foreign_updated)
 from fastopt._kernels import guarded_step, update
@@ -222,6 +222,7 @@ class Optimizer:
     #: name of the C kernel (a line of csrc/kernels.def); None for an optimizer that writes
     #: its own ``step``
     _kernel: Optional[str] = None
+    _spec: Any  # the kernel's _kernels.Spec, made by __init_subclass__ when _kernel is set
     #: group keys in the order of the kernel's hyperparameter struct (tuples such as betas
     #: give one double per entry, flags 0 or 1)
     _hyperparameters: Tuple[str, ...] = ()
@@ -265,6 +266,8 @@ class Optimizer:
         if kinds is None:
             numeric, flags, pairs = [], [], []
             for key, default in self.defaults.items():
+                if key in _compressed.GROUP_KEYS:
+                    continue  # how the state is stored: read by the step itself
                 # a flag given as None or 0 is still a flag (torch tests its truth)
                 if isinstance(default, bool) or isinstance(self._flag_defaults.get(key), bool):
                     flags.append(key)
@@ -507,12 +510,18 @@ class Optimizer:
                 base = array.view(np.ndarray)  # state arrays are plain arrays
                 old = self.state.get(obj)
                 fresh = dict(old) if isinstance(old, dict) else {}
+                before = set(fresh)
                 if mode == 1:
                     # SGD: the buffer takes the gradient as is on this step (torch clones it)
                     if fresh.get(keys[0]) is None:
                         fresh[keys[0]] = self._state_value(obj, base, np.zeros_like(base))
                 elif len(fresh) == 0:
                     self._fresh_state(fresh, obj, base, frozen)
+                master, formats = plan.formats(slot)
+                if formats is not None:
+                    # the group's state_dtype and master_weights: the new arrays as stored
+                    self._store_state(fresh, obj, base, master,
+                                      {k: f for k, f in formats.items() if k not in before})
                 entry = made[id(obj)] = (obj, fresh)
             plan.bind(slot, entry[1], mode == 1, array, gi, pi)
         for obj, fresh in made.values():
@@ -521,6 +530,18 @@ class Optimizer:
                 current.update(fresh)
             else:
                 self.state[obj] = fresh
+
+    def _store_state(self, state, param, array, master, formats):
+        """Store the new state arrays of ``formats`` ({key: format name}) in their formats
+        (see ``_compressed``), and add the master weights if ``master`` and missing."""
+        for key, fmt in formats.items():
+            value = state[key]
+            if value.dtype == _FORMAT_DTYPES.get(fmt):
+                continue
+            state.update(_compressed.stored(value, fmt, key))
+        if master and state.get(_compressed.MASTER_KEY) is None:
+            state[_compressed.MASTER_KEY] = np.array(
+                param if array is None else array, dtype=np.float32)
 
     def _state_value(self, param, array, value):
         """A new state array ``value`` for ``param`` (whose data is ``array``) as the state
@@ -633,6 +654,42 @@ class Optimizer:
             return out
         return value
 
+    def _load_stored(self, param, array, saved, group, stored, where):
+        """The saved state ``saved`` of ``param`` converted to the formats ``stored``
+        ((master weights?, {key: format}) of ``_compressed.formats``; None formats: the
+        parameter's dtype), from any of them: 8-bit codes are decoded, bfloat16 and float16
+        widened, master weights kept (or made from the parameter)."""
+        master, fmts = stored
+        plain, saved_master = _compressed.decoded(saved, tuple(param.shape), where)
+        if fmts is None:
+            cast = self._cast_state(param, array, plain, None, where)
+            if cast:
+                self._check_loaded_state(cast, array, group, where)
+            return cast
+        cast = self._cast_state(param, array, {k: v for k, v in plain.items()
+                                               if k not in fmts}, None, where)
+        layout = self._spec.layout(group)
+        for key in fmts:
+            value = plain.get(key)
+            if value is None:
+                if self._lazy_state and layout[0] == key:
+                    continue  # SGD's momentum buffer is created by the next step
+                raise KeyError(f"{where}: state has no {key!r}, which the loaded group's "
+                               f"settings need")
+            cast[key] = self._state_value(param, array,
+                                          _compressed.as_float32(value, array, key, where))
+        if master:
+            src = param if saved_master is None else saved_master
+            cast[_compressed.MASTER_KEY] = self._state_value(
+                param, array, _compressed.as_float32(src, array, _compressed.MASTER_KEY,
+                                                     where))
+        self._store_state(cast, param, array, False, {k: f for k, f in fmts.items()
+                                                      if k in cast})
+        for key in (("step",) if self._step_counter else ()) + tuple(self._scalars):
+            if key not in cast:
+                raise KeyError(f"{where}: state has no {key!r}")
+        return cast
+
     def _check_loaded_state(self, state, array, group, where):
         """Raise TypeError, ValueError or KeyError (the message starting with ``where``)
         unless the cast, non-empty ``state`` of a parameter whose data is ``array`` is what
@@ -741,7 +798,15 @@ class Optimizer:
                 saved["param_names"] = group["param_names"]
             new_groups.append(saved)
         self._backfill(new_groups)
-        frozen_of = {}
+        for group, saved in zip(groups, new_groups):
+            # how the state is stored is this optimizer's choice: the loaded state is
+            # converted to it (the saved rounding_step continues)
+            for key in _compressed.OPTIONS:
+                if key in group:
+                    saved[key] = group[key]
+                else:
+                    saved.pop(key, None)
+        frozen_of, group_of = {}, {}
         numeric, _, pairs = self.__dict__.get("_kinds") or self._hyper_kinds()
         kinds = numeric + tuple(key for key, _ in pairs)
         for gi, group in enumerate(new_groups):
@@ -757,6 +822,7 @@ class Optimizer:
             _check_no_nan(frozen, gi, kinds)
             for p in group["params"]:
                 frozen_of.setdefault(id(p), frozen)
+                group_of.setdefault(id(p), group)
 
         state = defaultdict(dict)
         seen = {}
@@ -789,9 +855,19 @@ class Optimizer:
             if "step" in v:
                 _check_saved_step(v["step"], f"{path}['step'] ({where_of[id(param)]})")
             try:
-                cast = self._cast_state(param, array, v, None, where)
-                if cast:
-                    self._check_loaded_state(cast, array, frozen_of[id(param)], where)
+                stored = (False, None)
+                if self._kernel is not None:
+                    stored = _compressed.formats(
+                        group_of[id(param)], _compressed.param_format(param),
+                        int(np.prod(param.shape)),
+                        self._spec.layout(frozen_of[id(param)]))
+                if stored[1] is not None or _compressed.is_stored(v):
+                    cast = self._load_stored(param, array, v, frozen_of[id(param)], stored,
+                                             where)
+                else:
+                    cast = self._cast_state(param, array, v, None, where)
+                    if cast:
+                        self._check_loaded_state(cast, array, frozen_of[id(param)], where)
             except (TypeError, ValueError, KeyError, OverflowError, AttributeError,
                     IndexError) as e:
                 raise _located(e, where) from e
@@ -833,6 +909,9 @@ Optimizer.step = _with_step_hooks(Optimizer.step)
 
 
 # Parameters given as pytrees --------------------------------------------------------------
+
+_FORMAT_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
+
 
 def _is_container(obj):
     return isinstance(obj, (list, tuple, Mapping))

@@ -91,6 +91,7 @@ raises the same error before anything changes; a ``betas[1]`` outside [0, 1) is 
 Importing this module imports torch; ``import fastopt`` alone never does.
 """
 import functools
+import inspect
 import math
 
 import numpy as np
@@ -99,7 +100,7 @@ import torch.optim.optimizer as _torch_optimizer_module
 from torch.optim import Optimizer as _TorchOptimizer
 
 import fastopt
-from fastopt import _kernels, _numpy_step
+from fastopt import _compressed, _kernels, _numpy_step
 from fastopt._adapters import TORCH_ADAPTER, _foreign_param, _numpy_of, _where
 from fastopt.muon import _check_ns_dtype
 from fastopt.optimizer import Optimizer as _Optimizer, _run_step_hooks
@@ -173,6 +174,7 @@ class _KernelStep:
     _freeze = _Optimizer._freeze
     _backfill = _Optimizer._backfill
     _loaded_groups = staticmethod(_Optimizer._loaded_groups)
+    _load_stored = _Optimizer._load_stored
     _check_loaded_state = None  # set per class (see __init_subclass__)
 
     def __init_subclass__(cls, **kwargs):
@@ -199,6 +201,9 @@ class _KernelStep:
             def __init__(self, *args, **kw):
                 torch_init(self, *args, **kw)
                 self._after_init()
+            if "state_dtype" in inspect.signature(base.__init__).parameters:
+                # fastopt's compressed-state options, keyword-only after torch's arguments
+                __init__ = _compressed.with_options(__init__)
             cls.__init__ = __init__
 
     def _after_init(self):
@@ -271,6 +276,22 @@ class _KernelStep:
 
     def _state_value(self, param, array, value):
         return _state_tensor(param, array, value)
+
+    def _store_state(self, state, param, array, master, formats):
+        # the new state tensors in the formats of the group's state_dtype (see
+        # fastopt._compressed), in the parameter's layout; master weights as a float32 copy
+        dtypes = {"float32": torch.float32, "float16": torch.float16,
+                  "bfloat16": torch.bfloat16}
+        for key, fmt in formats.items():
+            value = state[key]
+            if fmt in dtypes:
+                if value.dtype is not dtypes[fmt]:
+                    state[key] = value.to(dtypes[fmt])
+                continue
+            made = _compressed.stored(value.detach().to(torch.float32).numpy(), fmt, key)
+            state.update({k: torch.from_numpy(v) for k, v in made.items()})
+        if master and state.get(_compressed.MASTER_KEY) is None:
+            state[_compressed.MASTER_KEY] = param.detach().to(torch.float32, copy=True)
 
     def _fresh_state(self, state, param, array, frozen):
         arrays = {}
@@ -458,6 +479,7 @@ class Lion(_KernelStep, _TorchOptimizer):
 
     _fastopt = fastopt.Lion
 
+    @_compressed.with_options
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *,
                  maximize=False):
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
@@ -561,6 +583,7 @@ class _NumpyStep:
     _check_step = _Optimizer._check_step
     _backfill = _Optimizer._backfill
     _loaded_groups = staticmethod(_Optimizer._loaded_groups)
+    _load_stored = _Optimizer._load_stored
     _check_loaded_state = _check_loaded_tensors(_Optimizer._check_loaded_state)
     load_state_dict = _KernelStep.load_state_dict
 
@@ -1036,6 +1059,7 @@ class SparseAdam(torch.optim.SparseAdam):
     _check_step = _Optimizer._check_step
     _backfill = _Optimizer._backfill
     _loaded_groups = staticmethod(_Optimizer._loaded_groups)
+    _load_stored = _Optimizer._load_stored
     _check_loaded_state = _check_loaded_tensors(_Optimizer._check_loaded_state)
     _check_existing_state = fastopt.SparseAdam._check_existing_state
     _check_state = staticmethod(fastopt.SparseAdam._check_state)
