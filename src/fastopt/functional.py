@@ -20,9 +20,10 @@ Arrays are NumPy arrays (torch CPU tensors are taken through ``tensor.numpy()``,
 memory; bfloat16 tensors as ``ml_dtypes.bfloat16`` views of their memory) of float32,
 float64, float16 or bfloat16 (``ml_dtypes.bfloat16``): 16-bit parameters, gradients and
 state (all of one dtype, as torch's functions need) step in float32 arithmetic with each
-stored result rounded to the dtype, as the classes step them. Bad input (lists of other lengths, a missing or None state entry, wrong shapes or
-dtypes, an ``out`` buffer that does not fit) raises naming the argument and index
-(``exp_avgs[2]``, ``out['w']``), and nothing has changed.
+stored result rounded to the dtype, as the classes step them. Bad input (lists of other
+lengths, a missing or None state entry, wrong shapes or dtypes, an ``out`` buffer that does
+not fit) raises naming the argument and index (``exp_avgs[2]``, ``out['w']``), and nothing
+has changed.
 """
 import re
 

@@ -215,7 +215,8 @@ def state_dict_from_torch(state_dict: Dict[str, Any]) -> Dict[str, Any]:
     installed, and are widened to float32 (exactly) when it is not; either loads into a
     fastopt optimizer of bfloat16 or float32 parameters. A 0-d bfloat16 tensor (torch's
     ``load_state_dict`` casts NAdam's ``mu_product`` to the parameter's dtype) becomes a 0-d
-    float32 array, the dtype of fastopt's 0-d state. A tensor ``lr`` becomes an array of the same shape. The result
+    float32 array, the dtype of fastopt's 0-d state. A tensor ``lr`` becomes an array of
+    the same shape. The result
     does not need torch to be loaded, pickled or inspected; load it with a fastopt
     optimizer's ``load_state_dict``.
     """
