@@ -637,7 +637,7 @@ def test_full_precision_state_dict_widens_16bit_state(key):
 
 def test_full_precision_state_dict_drops_master_weights_and_resets_the_group():
     """master_param goes (torch has no such state), float32 state is kept as it is, and the
-    compression keys of the groups get the values of state as torch keeps it."""
+    groups lose the keys of the compressed-state options (torch's groups have none)."""
     sd = {"state": {0: {"step": np.array(2.0, np.float32),
                         "exp_avg": np.arange(3, dtype=np.float32),
                         "exp_avg_sq": np.ones(3, BF16),
@@ -649,10 +649,7 @@ def test_full_precision_state_dict_drops_master_weights_and_resets_the_group():
     assert out["state"][0]["exp_avg"] is not sd["state"][0]["exp_avg"]
     np.testing.assert_array_equal(out["state"][0]["exp_avg"], np.arange(3))
     assert out["state"][0]["exp_avg_sq"].dtype == np.float32
-    group = out["param_groups"][0]
-    assert group["state_dtype"] is None and group["master_weights"] is False
-    assert group["stochastic_rounding"] is False and group["lr"] == 0.1
-    assert group["params"] == [0]
+    assert out["param_groups"] == [{"lr": 0.1, "params": [0]}]
     assert sd["param_groups"][0]["state_dtype"] == "bfloat16"  # the input is untouched
     assert "master_param" in sd["state"][0]
 
@@ -680,3 +677,140 @@ def test_full_precision_state_dict_refuses_bad_input():
         interop.full_precision_state_dict([])
     with pytest.raises(KeyError, match="'state'"):
         interop.full_precision_state_dict({"param_groups": []})
+
+
+@pytest.mark.parametrize("name,kwargs", [c for c in INTEROP if c.values[0] in ("Adam", "SGD", "RMSprop", "Adagrad")])
+def test_full_precision_state_dict_decodes_8bit_state_for_torch(name, kwargs):
+    """8-bit state (codes and block scales) becomes float32 arrays of the decoded values
+    (fastopt.dequantize_blockwise, signed for first moments, unsigned for second moments),
+    which torch.optim loads and continues from."""
+    from test_quantize import reference_dequantize
+    if name == "SGD" and not kwargs.get("momentum"):
+        kwargs = dict(kwargs, momentum=0.9)
+    shape = (40, 30)  # 1200 elements: 5 blocks, the last one partial
+    p = fastopt.Parameter(np.random.default_rng(0).standard_normal(shape).astype(np.float32))
+    opt = getattr(fastopt, name)([p], state_dtype="int8", min_8bit_size=0, **kwargs)
+    for step in range(3):
+        p.grad = np.random.default_rng(step).standard_normal(shape).astype(np.float32)
+        opt.step()
+    st = opt.state[p]
+    eight = [k for k in st if f"{k}_absmax" in st]
+    assert eight, st.keys()
+    out = interop.full_precision_state_dict(opt.state_dict())
+    new = out["state"][0]
+    assert not any(k.endswith("_absmax") for k in new)
+    for k in eight:
+        assert st[k].dtype == np.uint8 and new[k].dtype == np.float32 and new[k].shape == shape
+        signed = k not in ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum")
+        expected = reference_dequantize(st[k], st[f"{k}_absmax"], signed)
+        np.testing.assert_array_equal(new[k], expected)
+        np.testing.assert_array_equal(new[k], fastopt.dequantize_blockwise(
+            st[k], st[f"{k}_absmax"], signed).reshape(shape))
+    t = torch.from_numpy(np.array(p)).requires_grad_()
+    topt = getattr(torch.optim, DB[name].torch_name)([t], **kwargs)
+    topt.load_state_dict(interop.state_dict_to_torch(out))
+    for k in eight:
+        np.testing.assert_array_equal(topt.state[t][k].numpy(), new[k])
+    t.grad = torch.ones(shape)
+    topt.step()
+    assert torch.isfinite(t).all()
+    # and a fastopt optimizer with state as torch keeps it loads it too
+    q = fastopt.Parameter(np.array(p))
+    plain = getattr(fastopt, name)([q], **kwargs)
+    plain.load_state_dict(out)
+    for k in eight:
+        np.testing.assert_array_equal(plain.state[q][k], new[k])
+
+
+# ---- compressed state through checkpoints -----------------------------------------------------
+
+COMPRESSING = ("Adam", "AdamW", "SGD", "Lion", "RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam",
+               "Adadelta")
+FIRST_CONFIGS = [c for c in configs() if c.values[0] in COMPRESSING and c.id.endswith("-0")]
+STATE_OPTIONS = {
+    "int8": ("fp32", dict(state_dtype="int8", min_8bit_size=0)),
+    "bf16-state": ("fp32", dict(state_dtype="bfloat16")),
+    "bf16-sr": ("bf16", dict(stochastic_rounding=True, rounding_seed=7)),
+    "master": ("bf16", dict(master_weights=True)),
+    "master-int8": ("fp16", dict(master_weights=True, state_dtype="int8", min_8bit_size=0)),
+}
+
+
+@pytest.mark.parametrize("option", list(STATE_OPTIONS))
+@pytest.mark.parametrize("name,kwargs", FIRST_CONFIGS)
+def test_checkpoint_of_compressed_state_round_trips_bit_for_bit(tmp_path, name, kwargs, option):
+    """8-bit codes (U8) and their block scales (F32), bfloat16 state (BF16), master weights
+    and the rounding counter save and load with their bits, and the loaded run continues
+    exactly as the saved one."""
+    key, options = STATE_OPTIONS[option]
+    if name == "SGD":
+        kwargs = dict(kwargs, momentum=0.9)
+    shape = (37, 29)  # 1073 elements: 5 blocks of 256, the last one partial
+    dt = np.float32 if key == "fp32" else NUMPY_DTYPES[key]
+    start = np.random.default_rng(3).standard_normal(shape).astype(np.float32).astype(dt)
+    a = fastopt.Parameter(start.copy())
+    opt_a = getattr(fastopt, name)([a], **kwargs, **options)
+
+    def grad(step):
+        return _grad("bf16", step, shape).astype(np.float32).astype(dt)
+
+    for step in range(3):
+        a.grad = grad(step)
+        opt_a.step()
+    path = tmp_path / "run.safetensors"
+    fastopt.save(path, opt_a)
+    header = _header(path)
+    state = opt_a.state[a]
+    for k, v in state.items():
+        info = header[f"optimizer.state.0.{k}"]
+        expected = {"uint8": "U8", "float32": "F32", "float16": "F16"}.get(
+            v.dtype.name, "BF16" if v.dtype == BF16 else None)
+        assert info["dtype"] == expected, k
+    if "int8" in option:  # every state array is 8-bit: codes and their scales
+        arrays = [k for k, v in state.items() if v.shape == shape and k != "master_param"]
+        assert arrays and all(state[k].dtype == np.uint8 and f"{k}_absmax" in state
+                              for k in arrays), state.keys()
+    b = fastopt.Parameter(np.array(a))
+    opt_b = getattr(fastopt, name)([b], **kwargs, **options)
+    fastopt.load(path, opt_b)
+    assert opt_b.param_groups[0] == {**opt_a.param_groups[0], "params": [b]}
+    _assert_same_state(opt_a.state_dict()["state"], opt_b.state_dict()["state"], name)
+    for step in range(3, 6):
+        a.grad = grad(step)
+        b.grad = grad(step)
+        opt_a.step()
+        opt_b.step()
+    np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+    _assert_same_state(opt_a.state_dict()["state"], opt_b.state_dict()["state"], name)
+
+
+@pytest.mark.parametrize("option", ["int8", "master", "bf16-sr"])
+def test_checkpoint_of_compressed_torch_state_round_trips_bit_for_bit(tmp_path, option):
+    """The same for fastopt.torch: uint8 code tensors, float32 scales and master weights,
+    bfloat16 tensors."""
+    key, options = STATE_OPTIONS[option]
+    dt = torch.float32 if key == "fp32" else TORCH_DTYPES[key]
+    shape = (37, 29)
+    a = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(dt)
+    a.requires_grad_()
+    opt_a = ft.Adam([a], lr=1e-2, **options)
+
+    def grad(step):
+        return torch.from_numpy(_grad("bf16", step, shape).astype(np.float32)).to(dt)
+
+    for step in range(3):
+        a.grad = grad(step)
+        opt_a.step()
+    path = tmp_path / "run.safetensors"
+    fastopt.save(path, opt_a)
+    b = a.detach().clone().requires_grad_()
+    opt_b = ft.Adam([b], lr=1e-2, **options)
+    fastopt.load(path, opt_b)
+    _assert_same_state(opt_a.state_dict()["state"], opt_b.state_dict()["state"], option)
+    for step in range(3, 6):
+        a.grad = grad(step)
+        b.grad = grad(step)
+        opt_a.step()
+        opt_b.step()
+    assert torch.equal(a.detach().view(torch.int16 if key != "fp32" else torch.int32),
+                       b.detach().view(torch.int16 if key != "fp32" else torch.int32))

@@ -5,7 +5,8 @@ code's stated error bounds.
 
 The code. Blocks of 256 flat elements (C order); a block's scale ``absmax`` is the largest
 ``|x|`` over its finite elements, stored as 0 (every finite element then gets magnitude
-code 0, a signed one keeping its sign bit) when it is below ``2**-126``. With ``E = 15`` (signed) or ``31`` (unsigned) a magnitude code ``c``
+code 0, a signed one keeping its sign bit) when it is below ``2**-126``. With ``E = 15``
+(signed) or ``31`` (unsigned) a magnitude code ``c``
 stands for 0 (``c == 0``), ``c/8 * 2**(1-E)`` (``c`` in 1..7) or ``(1 + f/8) * 2**(e-E)``
 (``c = 8 e + f``, ``e >= 1``); the largest, ``8 E``, is 1.0. A finite element is encoded from
 ``y = |x| * (1.0f / absmax)`` in float32: below ``2**(1-E)`` as ``c = rint(y * 2**(E+2))``,

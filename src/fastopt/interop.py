@@ -37,6 +37,7 @@ from typing import Any, Dict
 
 import numpy as np
 
+from fastopt import _compressed
 from fastopt.optimizer import Optimizer, kernel_optimizers, other_optimizers
 from fastopt.parameter import _is_bfloat16
 
@@ -235,14 +236,13 @@ def state_dict_from_torch(state_dict: Dict[str, Any]) -> Dict[str, Any]:
 
 # ------------------------------------------------------------------------ compressed state
 
-# the state keys of non-negative moments, held in the unsigned 8-bit code; every other
-# 8-bit state key (first moments, momentum) holds the signed one
-_UNSIGNED_STATE_KEYS = frozenset({
-    "exp_avg_sq", "max_exp_avg_sq", "square_avg", "acc_delta", "sum", "exp_inf"})
-
-# group keys of compressed state, and the values that mean "state as torch keeps it"
-_COMPRESSION_DEFAULTS = {"state_dtype": None, "master_weights": False,
-                         "stochastic_rounding": False}
+# the state keys of non-negative moments, held in the unsigned 8-bit code (every other
+# 8-bit state key, first moments and momentum, holds the signed one), the suffix of the block
+# scales' key, the master weights' key and the group keys of the compressed-state options
+_UNSIGNED_STATE_KEYS = _compressed.UNSIGNED_STATE
+_SCALES = _compressed.SCALE_SUFFIX
+_MASTER = _compressed.MASTER_KEY
+_OPTION_KEYS = _compressed.GROUP_KEYS
 
 _FULL_DTYPES = ("float32", "float64", "float16", "bfloat16")
 
@@ -290,17 +290,19 @@ def full_precision_state_dict(state_dict: Dict[str, Any],
 
         * each 8-bit pair ``K``, ``K + "_absmax"`` becomes one array ``K`` of ``dtype``
           and of the codes' shape, decoded with :func:`fastopt.dequantize_blockwise`
-          (signed for first moments and momentum, unsigned for ``exp_avg_sq``,
-          ``max_exp_avg_sq``, ``square_avg``, ``acc_delta``, ``sum`` and ``exp_inf``);
+          (signed for first moments and momentum, unsigned for the non-negative state
+          ``exp_avg_sq``, ``max_exp_avg_sq``, ``square_avg``, ``acc_delta``, ``sum`` and
+          ``exp_inf``);
         * every other float16 or bfloat16 state array with at least one dimension becomes
           an array of ``dtype`` of the same values; float32 and float64 arrays, ``step``
           and other 0-d state are copied as they are;
         * ``master_param`` is dropped: torch.optim has no such state, and the parameters
           hold those weights rounded to their dtype. (For a float32 model on the torch
           side, copy ``state[i]["master_param"]`` into the parameters first.)
-        * in ``param_groups``, the keys ``state_dtype``, ``master_weights`` and
-          ``stochastic_rounding``, where present, get their defaults (None, False, False),
-          so that a fastopt optimizer loading the result keeps state as torch keeps it.
+        * ``param_groups`` lose the keys of the compressed-state options
+          (``state_dtype``, ``master_weights``, ``stochastic_rounding``, ``rounding_seed``,
+          ``min_8bit_size``, ``rounding_step``), as groups at their defaults have none: a
+          fastopt optimizer loading the result keeps its state as torch keeps it.
 
     Raises
     ------
@@ -320,7 +322,6 @@ def full_precision_state_dict(state_dict: Dict[str, Any],
     _check_layout(state_dict, "state_dict")
     out_dtype = _full_dtype(dtype)
     sd = state_dict_from_torch(state_dict)  # copies; tensors become arrays
-    dequantize = None
     state = {}
     for pid, entry in sd["state"].items():
         if not isinstance(entry, dict):
@@ -329,19 +330,17 @@ def full_precision_state_dict(state_dict: Dict[str, Any],
         new = {}
         for key, value in entry.items():
             where = f"state[{pid!r}][{key!r}]"
-            if key == "master_param":
+            if key == _MASTER:
                 continue
-            if isinstance(key, str) and key.endswith("_absmax"):
-                if key[:-len("_absmax")] not in entry:
+            if isinstance(key, str) and key.endswith(_SCALES):
+                if key[:-len(_SCALES)] not in entry:
                     raise KeyError(f"{where}: block scales without their codes "
-                                   f"{key[:-len('_absmax')]!r}")
+                                   f"{key[:-len(_SCALES)]!r}")
                 continue
-            absmax = entry.get(f"{key}_absmax") if isinstance(key, str) else None
+            absmax = entry.get(key + _SCALES) if isinstance(key, str) else None
             if absmax is not None:
-                if dequantize is None:
-                    dequantize = _dequantize_function()
-                new[key] = _decoded(dequantize, value, absmax, key, where,
-                                    f"state[{pid!r}][{key + '_absmax'!r}]", out_dtype)
+                new[key] = _decoded(value, absmax, key, where,
+                                    f"state[{pid!r}][{key + _SCALES!r}]", out_dtype)
             elif isinstance(value, np.ndarray) and value.ndim and _is_16bit(value):
                 new[key] = value.astype(out_dtype)
             else:
@@ -349,21 +348,12 @@ def full_precision_state_dict(state_dict: Dict[str, Any],
         state[pid] = new
     sd["state"] = state
     for group in sd["param_groups"]:
-        for k, v in _COMPRESSION_DEFAULTS.items():
-            if k in group:
-                group[k] = v
+        for k in _OPTION_KEYS:
+            group.pop(k, None)
     return sd
 
 
-def _dequantize_function():
-    import fastopt
-    fn = getattr(fastopt, "dequantize_blockwise", None)
-    if fn is None:  # pragma: no cover - a fastopt without 8-bit state
-        raise ImportError("this fastopt has no dequantize_blockwise to decode 8-bit state")
-    return fn
-
-
-def _decoded(dequantize, codes, absmax, key, where, where_absmax, dtype):
+def _decoded(codes, absmax, key, where, where_absmax, dtype):
     if not (isinstance(codes, np.ndarray) and codes.dtype == np.uint8):
         raise TypeError(f"{where}: 8-bit state codes must be a uint8 array, got "
                         f"{getattr(codes, 'dtype', type(codes).__name__)}")
@@ -374,7 +364,7 @@ def _decoded(dequantize, codes, absmax, key, where, where_absmax, dtype):
                          f"float32 array of shape ({blocks},), got "
                          f"{getattr(absmax, 'dtype', type(absmax).__name__)} "
                          f"{getattr(absmax, 'shape', '')}")
-    values = dequantize(codes, absmax, key not in _UNSIGNED_STATE_KEYS)
+    values = _compressed.dequantize_blockwise(codes, absmax, key not in _UNSIGNED_STATE_KEYS)
     return np.asarray(values).reshape(codes.shape).astype(dtype)
 
 
