@@ -393,29 +393,37 @@ def test_transformation_updates_16bit_as_the_class(name, kwargs, key):
                                           np.ascontiguousarray(w).view(np.uint8))
 
 
-def test_functions_refuse_mixed_dtypes_as_torch_does():
-    """A float32 gradient of a bfloat16 parameter: torch's function fails inside its
-    arithmetic (lerp of tensors of two dtypes); fastopt's refuses it before any change,
-    naming the argument."""
+def test_functions_take_float32_gradients_and_refuse_other_mixes():
+    """A float32 gradient of a bfloat16 parameter, which torch's function refuses (lerp of
+    tensors of two dtypes), is taken as the classes take it (the same bits); a float64
+    gradient or float32 state of a bfloat16 parameter (with torch's state layout) is refused
+    before any change, naming the argument."""
     p = _start("bf16")
-    before = p.copy()
+    q = fastopt.Parameter(p.copy())
     exp_avg, exp_avg_sq = np.zeros_like(p), np.zeros_like(p)
     step = np.array(0.0, np.float32)
     hyper = dict(amsgrad=False, beta1=0.9, beta2=0.999, lr=1e-2, weight_decay=0.0, eps=1e-8,
                  maximize=False)
-    with pytest.raises(TypeError, match=r"grads\[0\]"):
-        F.adam([p], [np.ones(p.shape, np.float32)], [exp_avg], [exp_avg_sq], [], [step],
-               **hyper)
-    with pytest.raises(ValueError, match=r"exp_avgs\[0\]"):
-        F.adam([p], [np.ones(p.shape, BF16)], [np.zeros(p.shape, np.float32)], [exp_avg_sq],
-               [], [step], **hyper)
-    np.testing.assert_array_equal(_bits(p), _bits(before))
-    assert step == 0 and not exp_avg_sq.any()
+    g = np.linspace(-1, 1, p.size, dtype=np.float32).reshape(p.shape)
     tp = _tensor(p)
     with pytest.raises(RuntimeError):
         importlib.import_module("torch.optim.adam").adam(
-            [tp], [torch.ones(p.shape)], [_tensor(exp_avg)],
-            [_tensor(exp_avg_sq)], [], [torch.tensor(0.0)], **hyper)
+            [tp], [torch.from_numpy(g)], [_tensor(exp_avg)], [_tensor(exp_avg_sq)], [],
+            [torch.tensor(0.0)], **hyper)
+    F.adam([p], [g], [exp_avg], [exp_avg_sq], [], [step], **hyper)
+    opt = fastopt.Adam([q], lr=1e-2)
+    q.grad = g
+    opt.step()
+    np.testing.assert_array_equal(_bits(p), _bits(q))
+    np.testing.assert_array_equal(_bits(exp_avg), _bits(opt.state[q]["exp_avg"]))
+    before = p.copy(), exp_avg.copy(), exp_avg_sq.copy()
+    with pytest.raises(TypeError, match=r"grads\[0\]"):
+        F.adam([p], [g.astype(np.float64)], [exp_avg], [exp_avg_sq], [], [step], **hyper)
+    with pytest.raises(ValueError, match=r"exp_avgs\[0\]"):
+        F.adam([p], [g], [np.zeros(p.shape, np.float32)], [exp_avg_sq], [], [step], **hyper)
+    for x, y in zip((p, exp_avg, exp_avg_sq), before):
+        np.testing.assert_array_equal(_bits(x), _bits(y))
+    assert step == 1
 
 
 # ---- fastopt.interop --------------------------------------------------------------------------
