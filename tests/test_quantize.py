@@ -148,11 +148,6 @@ def test_the_reference_picks_the_nearest_code(signed):
 
 # ---- fastopt against the reference ----------------------------------------------------------
 
-#: the tests of fastopt's functions, which exist once fastopt has 8-bit state
-needs_8bit = pytest.mark.skipif(not hasattr(fastopt, "dequantize_blockwise"),
-                                reason="this fastopt has no quantize_blockwise")
-
-
 def _fastopt():
     return fastopt.quantize_blockwise, fastopt.dequantize_blockwise
 
@@ -186,7 +181,6 @@ def _check(x, signed):
 SCALES = [2.0 ** k for k in (-125, -100, -60, -30, -10, -3, 0, 1, 7, 30, 60, 100, 126)]
 
 
-@needs_8bit
 @pytest.mark.parametrize("signed", [True, False])
 @pytest.mark.parametrize("scale", SCALES)
 def test_random_data_of_many_scales(scale, signed):
@@ -201,7 +195,6 @@ def test_random_data_of_many_scales(scale, signed):
     _check(x, signed)
 
 
-@needs_8bit
 @pytest.mark.parametrize("signed", [True, False])
 def test_every_code_boundary(signed):
     """y at, just below and just above each midpoint between adjacent codes and at every
@@ -216,7 +209,6 @@ def test_every_code_boundary(signed):
         _check(part.astype(np.float32), signed)
 
 
-@needs_8bit
 @pytest.mark.parametrize("signed", [True, False])
 @pytest.mark.parametrize("n", SIZES)
 def test_block_and_vector_tails(n, signed):
@@ -234,7 +226,6 @@ def test_block_and_vector_tails(n, signed):
         _same_bits(absmax2, absmax, "2-d absmax")
 
 
-@needs_8bit
 @pytest.mark.parametrize("signed", [True, False])
 def test_all_zero_and_tiny_blocks(signed):
     """A block of zeros and a block whose largest magnitude is below 2**-126 (subnormal
@@ -261,7 +252,6 @@ def test_all_zero_and_tiny_blocks(signed):
     assert absmax[3] == tiny and values[3 * BLOCK + 5] == tiny
 
 
-@needs_8bit
 def test_nan_and_infinities_signed():
     x = np.linspace(-3, 2, 300).astype(np.float32)
     x[[0, 10]] = np.inf
@@ -284,7 +274,6 @@ def test_nan_and_infinities_signed():
                                                  np.ones(1, np.float32), True)).all()
 
 
-@needs_8bit
 def test_nan_and_infinity_unsigned():
     x = np.linspace(0, 2, 300).astype(np.float32)
     x[[0, 20]] = np.inf
@@ -297,7 +286,6 @@ def test_nan_and_infinity_unsigned():
     assert np.isposinf(values[[0, 20]]).all() and np.isnan(values[[1, 270]]).all()
 
 
-@needs_8bit
 def test_a_block_of_only_nan_and_inf():
     x = np.full(BLOCK + 3, np.nan, np.float32)
     x[::2] = np.inf
@@ -306,7 +294,6 @@ def test_a_block_of_only_nan_and_inf():
     assert np.isposinf(values[::2]).all() and np.isnan(values[1::2]).all()
 
 
-@needs_8bit
 @pytest.mark.parametrize("signed", [True, False])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
 def test_other_input_dtypes(dtype, signed):
@@ -327,7 +314,6 @@ def test_other_input_dtypes(dtype, signed):
     _same_bits(absmax, a32, "absmax vs float32 input")
 
 
-@needs_8bit
 @pytest.mark.parametrize("signed", [True, False])
 @pytest.mark.parametrize("scale", [2.0 ** -120, 1e-3, 1.0, 3e5, 2.0 ** 120])
 def test_round_trip_error_bounds(scale, signed):
