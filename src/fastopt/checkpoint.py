@@ -28,6 +28,13 @@ of arrays, such as LBFGS's history, get indices: ``optimizer.state.0.old_dirs.3`
 shape ``[]`` and load as 0-d arrays of their dtype. NumPy scalars (``np.float32(0.5)``) are
 0-d tensors too and load as NumPy scalars of their type.
 
+16-bit floating point arrays are stored in the safetensors dtypes that mean them, so that
+other safetensors readers load them too: float16 as ``F16``, bfloat16 (``ml_dtypes.bfloat16``
+arrays, ``torch.bfloat16`` tensors) as ``BF16``, the same bits. A ``BF16`` tensor loads as an
+``ml_dtypes.bfloat16`` array, so reading one needs ml_dtypes (NumPy has no bfloat16 of its
+own): without it :func:`load` and :func:`read` raise ImportError naming the tensor, before
+anything changes. Writing one does not need it.
+
 ``__metadata__`` holds four entries:
 
 ``fastopt.format``
@@ -82,6 +89,8 @@ from collections import Counter, OrderedDict
 from typing import TYPE_CHECKING, Any, Dict, Mapping, Sequence, Union
 
 import numpy as np
+
+from fastopt.parameter import _is_bfloat16
 
 if TYPE_CHECKING:
     from fastopt.lr_scheduler import LRScheduler
@@ -161,9 +170,14 @@ class _Encoder:
 
     def __init__(self):
         self.tensors = {}  # name -> little-endian C-contiguous array
+        self.codes = {}  # name -> safetensors dtype ("BF16" arrays are held as uint16 bits)
 
-    def _add(self, array, path, where):
-        code = _CODE_OF.get(array.dtype.newbyteorder("=").str)
+    def _add(self, array, path, where, code=None):
+        """Name and hold ``array`` (``code`` given: the uint16 bits of a BF16 tensor)."""
+        if code is None and _is_bfloat16(array.dtype):
+            code, array = "BF16", array.view(np.uint16)  # stored as its bits
+        elif code is None:
+            code = _CODE_OF.get(array.dtype.newbyteorder("=").str)
         if code is None:
             raise TypeError(f"{where}: cannot store an array of dtype {array.dtype} in a "
                             "checkpoint (floating point, integer and bool arrays only)")
@@ -173,6 +187,7 @@ class _Encoder:
             name, n = f"{base}~{n}", n + 1
         # np.asarray, not np.ascontiguousarray, which makes 0-d arrays 1-d
         self.tensors[name] = np.asarray(array, dtype=array.dtype.newbyteorder("<"), order="C")
+        self.codes[name] = code
         return name
 
     def encode(self, value, path, where):
@@ -189,7 +204,14 @@ class _Encoder:
             return value if math.isfinite(value) else {"float": repr(value)}
         if _is_torch_tensor(value):
             try:
-                array = value.detach().cpu().numpy()
+                t = value.detach().cpu()
+                if str(t.dtype) == "torch.bfloat16":
+                    # NumPy has no bfloat16: its bits, stored as BF16 (and loaded as an
+                    # ml_dtypes.bfloat16 array)
+                    import torch
+                    bits = t.contiguous().view(torch.int16).numpy().view(np.uint16)
+                    return {"tensor": self._add(bits, path, where, "BF16")}
+                array = t.numpy()
             except (TypeError, RuntimeError) as e:
                 raise TypeError(f"{where}: cannot store this tensor in a checkpoint: {e}"
                                 ) from None
@@ -356,7 +378,7 @@ def save(path: Union[str, os.PathLike[str]], optimizer: Optimizer,
         _KEY_VERSION: str(VERSION),
         _KEY_CONTENT: json.dumps(content, separators=(",", ":"), allow_nan=False),
     }
-    tensors = {name: (_CODE_OF[a.dtype.newbyteorder("=").str], a.shape, _raw(a))
+    tensors = {name: (encoder.codes[name], a.shape, _raw(a))
                for name, a in encoder.tensors.items()}
     metadata[_KEY_SHA] = _digest(metadata, tensors)
 
@@ -523,6 +545,9 @@ def read(path: Union[str, os.PathLike[str]]) -> Dict[str, Any]:
     ------
     TruncatedCheckpointError, CorruptCheckpointError, NotACheckpointError
         See the module docstring.
+    ImportError
+        The file holds a ``BF16`` tensor (named in the message) and ml_dtypes is not
+        installed.
     """
     out = _read(os.fspath(path))
     out["scheduler"] = _public_scheduler(out["scheduler"])
@@ -564,6 +589,9 @@ def _read(path):
                       f"to {VERSION}")
     arrays = {}
     for name, (code, shape, view) in raw.items():
+        if code == "BF16":
+            arrays[name] = _bfloat16_array(path, name, view, shape)
+            continue
         if code not in _NUMPY_OF:
             raise foreign(f"tensor {name!r} has dtype {code}, which fastopt does not write")
         dtype = np.dtype(_NUMPY_OF[code])
@@ -596,6 +624,17 @@ def _read(path):
     except (ValueError, _Malformed) as e:
         raise foreign(f"its content is malformed: {e}") from None
     return out
+
+
+def _bfloat16_array(path, name, view, shape):
+    """The ml_dtypes.bfloat16 array of a BF16 tensor's little-endian bytes."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise ImportError(f"{path}: tensor {name!r} has dtype BF16, which NumPy reads only "
+                          "with ml_dtypes (pip install ml_dtypes)") from None
+    bits = np.frombuffer(view, dtype="<u2").reshape(shape).astype(np.uint16, copy=True)
+    return bits.view(ml_dtypes.bfloat16)
 
 
 class _Saved:
@@ -699,6 +738,9 @@ def load(path: Union[str, os.PathLike[str]], optimizer: Optimizer,
     CheckpointMismatchError
         A checkpoint of another optimizer class, other groups or shapes, other schedulers, or
         state that ``load_state_dict`` refuses.
+    ImportError
+        The file holds a ``BF16`` tensor (named in the message) and ml_dtypes is not
+        installed.
     OSError
         The file cannot be read.
     """

@@ -17,9 +17,13 @@ Two forms, both stepping through the same generic path as the optimizer classes
   in the order of ``fastopt._pytree``).
 
 Arrays are NumPy arrays (torch CPU tensors are taken through ``tensor.numpy()``, sharing
-memory). Bad input (lists of other lengths, a missing or None state entry, wrong shapes or
-dtypes, an ``out`` buffer that does not fit) raises naming the argument and index
-(``exp_avgs[2]``, ``out['w']``), and nothing has changed.
+memory; bfloat16 tensors as ``ml_dtypes.bfloat16`` views of their memory) of float32,
+float64, float16 or bfloat16 (``ml_dtypes.bfloat16``): 16-bit parameters, gradients and
+state (all of one dtype, as torch's functions need) step in float32 arithmetic with each
+stored result rounded to the dtype, as the classes step them. Bad input (lists of other
+lengths, a missing or None state entry, wrong shapes or dtypes, an ``out`` buffer that does
+not fit) raises naming the argument and index (``exp_avgs[2]``, ``out['w']``), and nothing
+has changed.
 """
 import re
 
@@ -65,10 +69,26 @@ def _as_array(x, where):
         return x
     if type(x).__module__.startswith("torch") and hasattr(x, "detach"):
         try:
-            return x.detach().numpy()
+            t = x.detach()
+            if str(t.dtype) == "torch.bfloat16":
+                return _bfloat16_view(t, where)
+            return t.numpy()
         except (TypeError, RuntimeError) as e:
             raise TypeError(f"{where}: {e}") from None
     raise TypeError(f"{where} must be a numpy.ndarray, got {type(x).__name__}")
+
+
+def _bfloat16_view(t, where):
+    """The ``ml_dtypes.bfloat16`` array on the memory of the bfloat16 CPU tensor ``t``
+    (``tensor.numpy()`` refuses bfloat16; its bits are viewed instead)."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise TypeError(f"{where}: a bfloat16 tensor is taken as an ml_dtypes.bfloat16 "
+                        f"array, and ml_dtypes is not installed (pip install ml_dtypes)"
+                        ) from None
+    import torch
+    return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
 
 
 def _wrap(x, where):
@@ -388,9 +408,10 @@ class Transformation:
         return f"transformation({self.optimizer.__name__!r}{', ' if args else ''}{args})"
 
     def init(self, params):
-        """The state of parameters ``params`` (a pytree of float32/float64 arrays) before
-        their first update: a :class:`TransformationState`, made as the class makes it
-        (zeros; Adagrad's ``initial_accumulator_value``, Rprop's ``lr``, ...)."""
+        """The state of parameters ``params`` (a pytree of float32, float64, float16 or
+        bfloat16 arrays) before their first update: a :class:`TransformationState`, made
+        as the class makes it (zeros; Adagrad's ``initial_accumulator_value``, Rprop's
+        ``lr``, ...), its arrays of each parameter's dtype."""
         paths, leaves, treedef = _pytree.flatten_with_paths(params)
         opt = self._template
         group = {k: v for k, v in opt.param_groups[0].items() if k != "params"}

@@ -18,6 +18,11 @@ can keep running side by side. Values are converted exactly (same dtype, same bi
 converted state loaded into the same library continues with identical numbers. Across
 libraries the continuation agrees to rounding (torch's CPU ``sqrt`` is not IEEE-rounded).
 
+16-bit state converts with its bits: ``ml_dtypes.bfloat16`` arrays become ``torch.bfloat16``
+tensors and back (``tensor.numpy()`` refuses bfloat16), float16 stays float16. Compressed
+state (8-bit block-wise state, bfloat16 state of float32 parameters, master weights) is
+fastopt's own: ``full_precision_state_dict`` decodes it into the state torch.optim keeps.
+
 Scheduler state dicts are plain Python values; ``scheduler_state_to_torch`` and
 ``scheduler_state_from_torch`` translate the few keys that differ.
 
@@ -32,11 +37,14 @@ from typing import Any, Dict
 
 import numpy as np
 
+from fastopt import _compressed
 from fastopt.optimizer import Optimizer, kernel_optimizers, other_optimizers
+from fastopt.parameter import _is_bfloat16
 
 __all__ = [
     "SHARED_OPTIMIZERS",
     "from_torch",
+    "full_precision_state_dict",
     "scheduler_state_from_torch",
     "scheduler_state_to_torch",
     "state_dict_from_torch",
@@ -100,6 +108,10 @@ def _import_torch_if_loaded():
 
 def _to_tensor(value, torch):
     if isinstance(value, np.ndarray):
+        if _is_bfloat16(value.dtype):
+            # torch.from_numpy knows no ml_dtypes.bfloat16: the same bits, as int16
+            bits = np.array(value, copy=True, order="C").view(np.int16)
+            return torch.from_numpy(bits).view(torch.bfloat16)
         # np.array(copy) also turns read-only or non-contiguous arrays into plain ones
         return torch.from_numpy(np.array(value, copy=True, order="C"))
     if isinstance(value, np.generic):
@@ -113,14 +125,26 @@ def _to_tensor(value, torch):
     return copy.deepcopy(value)
 
 
+def _ml_bfloat16():
+    """``ml_dtypes.bfloat16``, or None when ml_dtypes is not installed."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        return None
+    return ml_dtypes.bfloat16
+
+
 def _tensor_to_array(t, torch):
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
     if t.is_sparse or t.layout is not torch.strided:
         t = t.to_dense()
-    if t.dtype in (torch.bfloat16,):
-        t = t.float()
+    if t.dtype is torch.bfloat16:
+        bf16 = _ml_bfloat16()
+        if bf16 is not None and t.dim():  # the same bits (tensor.numpy() refuses bfloat16)
+            return np.array(t.contiguous().view(torch.int16).numpy(), copy=True).view(bf16)
+        t = t.float()  # exact: every bfloat16 value is a float32 value
     t = t.resolve_conj().resolve_neg()
     return np.array(t.numpy(), copy=True)
 
@@ -164,7 +188,14 @@ def state_dict_to_torch(state_dict: Dict[str, Any]) -> Dict[str, Any]:
         dtype and shape holding a copy of the data (``step`` becomes a 0-d float32 tensor,
         as torch keeps it) and NumPy scalars by Python numbers. Everything else (ids,
         hyperparameters, scheduler keys such as ``initial_lr``) is copied as is. Load it
-        with ``torch_optimizer.load_state_dict``.
+        with ``torch_optimizer.load_state_dict``. ``ml_dtypes.bfloat16`` arrays become
+        ``torch.bfloat16`` tensors of the same bits.
+
+    Notes
+    -----
+    ``torch.optim``'s ``load_state_dict`` casts every floating-point state tensor except
+    ``step`` to its parameter's dtype, 0-d ones included: for 16-bit parameters NAdam's
+    ``mu_product`` is rounded to float16 or bfloat16 there (torch's behaviour, kept).
     """
     _check_layout(state_dict, "state_dict")
     torch = _import_torch()
@@ -180,8 +211,13 @@ def state_dict_from_torch(state_dict: Dict[str, Any]) -> Dict[str, Any]:
     """A ``torch.optim`` optimizer's ``state_dict()`` with NumPy arrays instead of tensors.
 
     Tensors become NumPy copies of the same dtype and shape (a 0-d float32 ``step`` stays a
-    0-d float32 array; tensors on another device are copied to the CPU first; bfloat16 is
-    widened to float32). A tensor ``lr`` becomes an array of the same shape. The result
+    0-d float32 array; tensors on another device are copied to the CPU first). bfloat16
+    tensors become ``ml_dtypes.bfloat16`` arrays of the same bits when ml_dtypes is
+    installed, and are widened to float32 (exactly) when it is not; either loads into a
+    fastopt optimizer of bfloat16 or float32 parameters. A 0-d bfloat16 tensor (torch's
+    ``load_state_dict`` casts NAdam's ``mu_product`` to the parameter's dtype) becomes a 0-d
+    float32 array, the dtype of fastopt's 0-d state. A tensor ``lr`` becomes an array of
+    the same shape. The result
     does not need torch to be loaded, pickled or inspected; load it with a fastopt
     optimizer's ``load_state_dict``.
     """
@@ -196,6 +232,140 @@ def state_dict_from_torch(state_dict: Dict[str, Any]) -> Dict[str, Any]:
         groups.append(g)
     out["param_groups"] = groups
     return out
+
+
+# ------------------------------------------------------------------------ compressed state
+
+# the state keys of non-negative moments, held in the unsigned 8-bit code (every other
+# 8-bit state key, first moments and momentum, holds the signed one), the suffix of the block
+# scales' key, the master weights' key and the group keys of the compressed-state options
+_UNSIGNED_STATE_KEYS = _compressed.UNSIGNED_STATE
+_SCALES = _compressed.SCALE_SUFFIX
+_MASTER = _compressed.MASTER_KEY
+_OPTION_KEYS = _compressed.GROUP_KEYS
+
+_FULL_DTYPES = ("float32", "float64", "float16", "bfloat16")
+
+
+def _full_dtype(dtype):
+    name = dtype if isinstance(dtype, str) else getattr(np.dtype(dtype), "name", None)
+    if name not in _FULL_DTYPES:
+        raise ValueError(f"dtype must be one of {list(_FULL_DTYPES)}, got {dtype!r}")
+    if name == "bfloat16":
+        bf16 = _ml_bfloat16()
+        if bf16 is None:
+            raise ImportError("dtype='bfloat16' needs ml_dtypes (pip install ml_dtypes)")
+        return np.dtype(bf16)
+    return np.dtype(name)
+
+
+def _is_16bit(array):
+    return array.dtype == np.float16 or _is_bfloat16(array.dtype)
+
+
+def full_precision_state_dict(state_dict: Dict[str, Any],
+                              dtype: Any = "float32") -> Dict[str, Any]:
+    """A state dict of compressed optimizer state as full-precision state that
+    ``torch.optim`` (and a fastopt optimizer without ``state_dtype``) loads.
+
+    Compressed state is what fastopt's ``state_dtype`` and ``master_weights`` options make:
+    8-bit block-wise state (per moment key ``K`` a uint8 array ``state[K]`` of codes and a
+    float32 array ``state[K + "_absmax"]`` of block scales), bfloat16 or float16 state
+    arrays, and float32 master copies of 16-bit parameters (``state["master_param"]``).
+
+    Parameters
+    ----------
+    state_dict : dict
+        ``optimizer.state_dict()`` of a fastopt optimizer (NumPy arrays) or of a
+        ``fastopt.torch`` one (tensors). It is not changed.
+    dtype : {"float32", "float64", "float16", "bfloat16"} or NumPy dtype, default "float32"
+        The dtype of the decoded state arrays. ``torch.optim``'s ``load_state_dict`` casts
+        state to each parameter's dtype in any case; float32 keeps what the codes hold.
+
+    Returns
+    -------
+    dict
+        A new state dict with NumPy arrays (pass it to :func:`state_dict_to_torch` for
+        ``torch.optim``), in which:
+
+        * each 8-bit pair ``K``, ``K + "_absmax"`` becomes one array ``K`` of ``dtype``
+          and of the codes' shape, decoded with :func:`fastopt.dequantize_blockwise`
+          (signed for first moments and momentum, unsigned for the non-negative state
+          ``exp_avg_sq``, ``max_exp_avg_sq``, ``square_avg``, ``acc_delta``, ``sum`` and
+          ``exp_inf``);
+        * every other float16 or bfloat16 state array with at least one dimension becomes
+          an array of ``dtype`` of the same values; float32 and float64 arrays, ``step``
+          and other 0-d state are copied as they are;
+        * ``master_param`` is dropped: torch.optim has no such state, and the parameters
+          hold those weights rounded to their dtype. (For a float32 model on the torch
+          side, copy ``state[i]["master_param"]`` into the parameters first.)
+        * ``param_groups`` lose the keys of the compressed-state options
+          (``state_dtype``, ``master_weights``, ``stochastic_rounding``, ``rounding_seed``,
+          ``min_8bit_size``, ``rounding_step``), as groups at their defaults have none: a
+          fastopt optimizer loading the result keeps its state as torch keeps it.
+
+    Raises
+    ------
+    KeyError
+        A ``K + "_absmax"`` entry without its codes ``K`` (the message names
+        ``state[i]['K_absmax']``).
+    TypeError, ValueError
+        Codes that are not uint8, or scales that are not a float32 1-D array of
+        ``ceil(numel / 256)`` entries (naming the key), or an unknown ``dtype``.
+
+    Examples
+    --------
+    >>> opt = fastopt.Adam(params, state_dtype="int8")            # doctest: +SKIP
+    >>> sd = interop.full_precision_state_dict(opt.state_dict())
+    >>> torch_opt.load_state_dict(interop.state_dict_to_torch(sd))
+    """
+    _check_layout(state_dict, "state_dict")
+    out_dtype = _full_dtype(dtype)
+    sd = state_dict_from_torch(state_dict)  # copies; tensors become arrays
+    state = {}
+    for pid, entry in sd["state"].items():
+        if not isinstance(entry, dict):
+            state[pid] = entry
+            continue
+        new = {}
+        for key, value in entry.items():
+            where = f"state[{pid!r}][{key!r}]"
+            if key == _MASTER:
+                continue
+            if isinstance(key, str) and key.endswith(_SCALES):
+                if key[:-len(_SCALES)] not in entry:
+                    raise KeyError(f"{where}: block scales without their codes "
+                                   f"{key[:-len(_SCALES)]!r}")
+                continue
+            absmax = entry.get(key + _SCALES) if isinstance(key, str) else None
+            if absmax is not None:
+                new[key] = _decoded(value, absmax, key, where,
+                                    f"state[{pid!r}][{key + _SCALES!r}]", out_dtype)
+            elif isinstance(value, np.ndarray) and value.ndim and _is_16bit(value):
+                new[key] = value.astype(out_dtype)
+            else:
+                new[key] = value
+        state[pid] = new
+    sd["state"] = state
+    for group in sd["param_groups"]:
+        for k in _OPTION_KEYS:
+            group.pop(k, None)
+    return sd
+
+
+def _decoded(codes, absmax, key, where, where_absmax, dtype):
+    if not (isinstance(codes, np.ndarray) and codes.dtype == np.uint8):
+        raise TypeError(f"{where}: 8-bit state codes must be a uint8 array, got "
+                        f"{getattr(codes, 'dtype', type(codes).__name__)}")
+    blocks = -(-codes.size // 256)
+    if not (isinstance(absmax, np.ndarray) and absmax.dtype == np.float32
+            and absmax.shape == (blocks,)):
+        raise ValueError(f"{where_absmax}: the block scales of {codes.size} codes must be a "
+                         f"float32 array of shape ({blocks},), got "
+                         f"{getattr(absmax, 'dtype', type(absmax).__name__)} "
+                         f"{getattr(absmax, 'shape', '')}")
+    values = _compressed.dequantize_blockwise(codes, absmax, key not in _UNSIGNED_STATE_KEYS)
+    return np.asarray(values).reshape(codes.shape).astype(dtype)
 
 
 # ------------------------------------------------------------------------ optimizers
@@ -228,7 +398,8 @@ def to_torch(optimizer: Optimizer) -> Any:
         One of :data:`SHARED_OPTIMIZERS`. Its parameters are used as they are when they are
         torch tensors; ``fastopt.Parameter`` arrays are wrapped with ``torch.from_numpy`` (the
         tensor shares the array's memory and has ``requires_grad=True``; give it gradients
-        through autograd or by setting ``.grad``).
+        through autograd or by setting ``.grad``), ``ml_dtypes.bfloat16`` ones as
+        ``torch.bfloat16`` tensors on the same memory.
 
     Returns
     -------
@@ -242,7 +413,10 @@ def to_torch(optimizer: Optimizer) -> Any:
     def convert(p):
         if isinstance(p, torch.Tensor):
             return p
-        t = torch.from_numpy(np.asarray(p))
+        arr = np.asarray(p)
+        if _is_bfloat16(arr.dtype):  # a bfloat16 tensor on the same memory
+            return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16).requires_grad_(True)
+        t = torch.from_numpy(arr)
         return t.requires_grad_(True)
 
     new = cls(_group_specs(optimizer, convert))
