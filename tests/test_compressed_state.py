@@ -569,3 +569,26 @@ def test_nan_and_inf_gradients_stay_in_their_elements(state_dtype):
         st = oq.state[q]
         assert np.isnan(fastopt.dequantize_blockwise(st["exp_avg"], st["exp_avg_absmax"])[5])
         assert np.all(np.isfinite(st["exp_avg_absmax"]))
+
+
+@pytest.mark.parametrize("name", ["Adam", "NAdam", "SGD"])
+def test_numpy_classes_load_a_torch_state_dict_of_bfloat16_tensors(name):
+    """torch.optim's state dict of a bfloat16 model (bfloat16 moments, NAdam's 0-d bfloat16
+    mu_product) loads into fastopt's NumPy class over ml_dtypes.bfloat16 arrays, bit for bit."""
+    torch = pytest.importorskip("torch")
+    kw = {"momentum": 0.9} if name == "SGD" else {}
+    t = torch.nn.Parameter(torch.randn(300).to(torch.bfloat16))
+    topt = getattr(torch.optim, name)([t], lr=1e-2, **kw)
+    for _ in range(3):
+        t.grad = torch.randn(300).to(torch.bfloat16)
+        topt.step()
+    p = fastopt.Parameter(t.detach().view(torch.int16).numpy().view(BF16).copy())
+    opt = getattr(fastopt, name)([p], lr=1e-2, **kw)
+    opt.load_state_dict(topt.state_dict())
+    for k, v in topt.state[t].items():
+        got = opt.state[p][k]
+        if v.dtype is torch.bfloat16 and v.ndim:
+            assert got.dtype == BF16
+            assert got.view(np.uint16).tobytes() == v.view(torch.int16).numpy().tobytes(), k
+        else:
+            assert float(got) == float(v), k

@@ -997,8 +997,19 @@ def _located(e, where):
 
 
 def _from_torch(value):
+    """A torch tensor as a NumPy array; a bfloat16 one (NumPy has no bfloat16 of its own) as
+    an ml_dtypes.bfloat16 array of its bits, or widened to float32 (exactly) without
+    ml_dtypes."""
     if type(value).__module__.startswith("torch") and hasattr(value, "detach"):
-        return value.detach().cpu().numpy()
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":
+            try:
+                import ml_dtypes
+            except ImportError:
+                return value.float().numpy()
+            import torch
+            return value.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return value.numpy()
     return value
 
 
@@ -1008,6 +1019,8 @@ def _as_number_array(value):
             value, (np.ndarray, np.generic, int, float)):
         return None
     arr = np.asarray(value)
+    if _is_bfloat16(arr.dtype):
+        return arr.astype(np.float32)  # a 0-d bfloat16 tensor's value (exact)
     return arr if arr.dtype.kind in "iuf" else None
 
 
