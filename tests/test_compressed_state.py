@@ -592,3 +592,26 @@ def test_numpy_classes_load_a_torch_state_dict_of_bfloat16_tensors(name):
             assert got.view(np.uint16).tobytes() == v.view(torch.int16).numpy().tobytes(), k
         else:
             assert float(got) == float(v), k
+
+
+def test_full_precision_state_dict_of_channels_last_8bit_state():
+    """The 8-bit state of a channels_last tensor is coded in its memory order: the full
+    precision state dict decodes it in that order (the values torch.optim then loads)."""
+    torch = pytest.importorskip("torch")
+    import fastopt.torch as ft
+    from fastopt import interop
+    p = torch.nn.Parameter(torch.randn(2, 5, 21, 13).to(memory_format=torch.channels_last))
+    opt = ft.Adam([p], lr=1e-2, state_dtype="int8", min_8bit_size=0)
+    q = torch.nn.Parameter(p.detach().clone())
+    ref = ft.Adam([q], lr=1e-2, state_dtype="float32")
+    for _ in range(1):  # one coding: within the code's error of the float32 value
+        g = torch.randn(2, 5, 21, 13).to(memory_format=torch.channels_last)
+        p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+    full = interop.full_precision_state_dict(opt.state_dict())
+    got = torch.as_tensor(np.asarray(full["state"][0]["exp_avg"]))
+    want = ref.state[q]["exp_avg"]
+    # decoded 8-bit values are within the code's 1/16 relative error of the float32 ones
+    # (an absolute error in the bottom range of each block)
+    assert torch.allclose(got.float(), want, rtol=1 / 16, atol=1e-5 * float(want.abs().max()))

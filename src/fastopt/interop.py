@@ -364,8 +364,13 @@ def _decoded(codes, absmax, key, where, where_absmax, dtype):
                          f"float32 array of shape ({blocks},), got "
                          f"{getattr(absmax, 'dtype', type(absmax).__name__)} "
                          f"{getattr(absmax, 'shape', '')}")
-    values = _compressed.dequantize_blockwise(codes, absmax, key not in _UNSIGNED_STATE_KEYS)
-    return np.asarray(values).reshape(codes.shape).astype(dtype)
+    # the codes and their blocks follow the parameter's memory order (a channels_last
+    # tensor's too), and so do the values
+    flat = _compressed.dequantize_blockwise(_compressed.memory_flat(codes), absmax,
+                                            key not in _UNSIGNED_STATE_KEYS)
+    values = np.empty_like(codes, dtype=np.float32)
+    _compressed.memory_flat(values)[...] = flat
+    return values.astype(dtype)
 
 
 # ------------------------------------------------------------------------ optimizers
