@@ -235,6 +235,33 @@ def is_stored(saved: Any) -> bool:
         for k in saved)
 
 
+def decode_codes(codes: Any, scales: Any, key: str, where: str, where_scales: str,
+                 shape: Any = None) -> np.ndarray:
+    """The float32 values of the saved 8-bit codes of state array ``key`` (arrays or
+    tensors), in the codes' layout: the codes and their blocks follow the parameter's memory
+    order (a channels_last tensor's too). ``where`` and ``where_scales`` name the two entries
+    in errors; ``shape``, when given, is the parameter's shape the codes must have."""
+    codes, scales = _numpy(codes), _numpy(scales)
+    if not (isinstance(codes, np.ndarray) and codes.dtype == np.uint8
+            and (shape is None or codes.shape == tuple(shape))):
+        raise ValueError(f"{where} holds 8-bit codes (it has block scales): it must be a "
+                         f"uint8 array" + ("" if shape is None else
+                                           f" of the parameter's shape {tuple(shape)}")
+                         + f", got {getattr(codes, 'dtype', type(codes).__name__)} "
+                         f"{getattr(codes, 'shape', '')}")
+    nb = -(-codes.size // BLOCK)
+    if not (isinstance(scales, np.ndarray) and scales.dtype == np.float32
+            and scales.shape == (nb,)):
+        raise ValueError(f"{where_scales} must be the float32 block scales of {codes.size} "
+                         f"codes, of shape ({nb},), got "
+                         f"{getattr(scales, 'dtype', type(scales).__name__)} "
+                         f"{getattr(scales, 'shape', '')}")
+    flat = _kernels.dequantize_blockwise(memory_flat(codes), scales, key not in UNSIGNED_STATE)
+    values = np.empty_like(codes, dtype=np.float32)
+    memory_flat(values)[...] = flat
+    return values
+
+
 def decoded(saved: Dict[Any, Any], shape: Tuple[int, ...], where: str):
     """(state, master): the saved state with its 8-bit arrays decoded to float32 (their
     block scales dropped) and its master weights taken out (None when it has none)."""
@@ -245,25 +272,8 @@ def decoded(saved: Dict[Any, Any], shape: Tuple[int, ...], where: str):
         if k == MASTER_KEY:
             continue
         if isinstance(k, str) and k + SCALE_SUFFIX in saved:
-            codes, scales = _numpy(v), _numpy(saved[k + SCALE_SUFFIX])
-            if not (isinstance(codes, np.ndarray) and codes.dtype == np.uint8
-                    and codes.shape == shape):
-                raise ValueError(f"{where}: state[{k!r}] holds 8-bit codes (it has "
-                                 f"{k + SCALE_SUFFIX!r}): it must be a uint8 array of the "
-                                 f"parameter's shape {shape}, got {getattr(codes, 'dtype', '')} "
-                                 f"{getattr(codes, 'shape', type(codes).__name__)}")
-            nb = -(-codes.size // BLOCK)
-            if not (isinstance(scales, np.ndarray) and scales.dtype == np.float32
-                    and scales.shape == (nb,)):
-                raise ValueError(f"{where}: state[{k + SCALE_SUFFIX!r}] must be the float32 "
-                                 f"block scales of shape ({nb},), got "
-                                 f"{getattr(scales, 'dtype', type(scales).__name__)} "
-                                 f"{getattr(scales, 'shape', '')}")
-            flat = _kernels.dequantize_blockwise(memory_flat(codes), scales,
-                                                 k not in UNSIGNED_STATE)
-            values = np.empty_like(codes, dtype=np.float32)
-            memory_flat(values)[...] = flat
-            out[k] = values
+            out[k] = decode_codes(v, saved[k + SCALE_SUFFIX], k, f"{where}: state[{k!r}]",
+                                  f"{where}: state[{k + SCALE_SUFFIX!r}]", shape)
         else:
             out[k] = v
     return out, saved.get(MASTER_KEY)

@@ -1601,7 +1601,7 @@ cdef class _StepCache:
     cdef Py_ssize_t n, cap
     cdef public bint ok       # False once a parameter took a path the cached step cannot
     cdef list refs            # references to everything the records point at
-    cdef list groups          # per group: (group, params, len, keys, lookup keys, plans)
+    cdef list groups          # per group: (group, params, len, keys, plans, policy)
     cdef list plans
     cdef list foreign
     cdef object groups_list, state, spec, kinds, owner, tensor_type
@@ -1873,13 +1873,13 @@ cdef class _StepCache:
                 policy = _policy(group)
             except (ValueError, TypeError) as e:
                 raise type(e)(f"param_groups[{gi}]: {e}") from None
-            if policy[:4] != ge[7]:
+            if policy[:4] != ge[5]:
                 return 0
             if policy[2]:
                 if rounding is None:
                     rounding = []
                 rounding.append(group)
-            for plan in ge[5]:
+            for plan in ge[4]:
                 memcpy((<Plan>plan).hyper, hyper, MAX_HYPER * sizeof(double))
                 (<Plan>plan).round_key = <uint64_t>policy[4]
         gkeep = <PyObject **>malloc((self.n + 1) * sizeof(PyObject *))
@@ -2128,13 +2128,7 @@ def update(opt, tuple kinds, Spec spec):
             plans.append(plan)
         work.append((frozen, keys, mode))
         if rec is not None:
-            lookup = tuple([k for k in keys if k is not None])
-            n0d = (1 if spec.step_counter else 0) + len(spec.scalars)
-            if spec.step_counter:
-                lookup += ("step",)
-            lookup += spec.scalars
-            rec.groups.append((group, params, len(params), keys, lookup,
-                               gplans, n0d, policy[:4]))
+            rec.groups.append((group, params, len(params), keys, gplans, policy[:4]))
         gi += 1
     _check_spans(sp)
     commit = None

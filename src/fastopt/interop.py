@@ -236,10 +236,8 @@ def state_dict_from_torch(state_dict: Dict[str, Any]) -> Dict[str, Any]:
 
 # ------------------------------------------------------------------------ compressed state
 
-# the state keys of non-negative moments, held in the unsigned 8-bit code (every other
-# 8-bit state key, first moments and momentum, holds the signed one), the suffix of the block
-# scales' key, the master weights' key and the group keys of the compressed-state options
-_UNSIGNED_STATE_KEYS = _compressed.UNSIGNED_STATE
+# the suffix of the block scales' key, the master weights' key and the group keys of the
+# compressed-state options
 _SCALES = _compressed.SCALE_SUFFIX
 _MASTER = _compressed.MASTER_KEY
 _OPTION_KEYS = _compressed.GROUP_KEYS
@@ -339,8 +337,9 @@ def full_precision_state_dict(state_dict: Dict[str, Any],
                 continue
             absmax = entry.get(key + _SCALES) if isinstance(key, str) else None
             if absmax is not None:
-                new[key] = _decoded(value, absmax, key, where,
-                                    f"state[{pid!r}][{key + _SCALES!r}]", out_dtype)
+                new[key] = _compressed.decode_codes(
+                    value, absmax, key, where, f"state[{pid!r}][{key + _SCALES!r}]"
+                ).astype(out_dtype)
             elif isinstance(value, np.ndarray) and value.ndim and _is_16bit(value):
                 new[key] = value.astype(out_dtype)
             else:
@@ -353,24 +352,6 @@ def full_precision_state_dict(state_dict: Dict[str, Any],
     return sd
 
 
-def _decoded(codes, absmax, key, where, where_absmax, dtype):
-    if not (isinstance(codes, np.ndarray) and codes.dtype == np.uint8):
-        raise TypeError(f"{where}: 8-bit state codes must be a uint8 array, got "
-                        f"{getattr(codes, 'dtype', type(codes).__name__)}")
-    blocks = -(-codes.size // 256)
-    if not (isinstance(absmax, np.ndarray) and absmax.dtype == np.float32
-            and absmax.shape == (blocks,)):
-        raise ValueError(f"{where_absmax}: the block scales of {codes.size} codes must be a "
-                         f"float32 array of shape ({blocks},), got "
-                         f"{getattr(absmax, 'dtype', type(absmax).__name__)} "
-                         f"{getattr(absmax, 'shape', '')}")
-    # the codes and their blocks follow the parameter's memory order (a channels_last
-    # tensor's too), and so do the values
-    flat = _compressed.dequantize_blockwise(_compressed.memory_flat(codes), absmax,
-                                            key not in _UNSIGNED_STATE_KEYS)
-    values = np.empty_like(codes, dtype=np.float32)
-    _compressed.memory_flat(values)[...] = flat
-    return values.astype(dtype)
 
 
 # ------------------------------------------------------------------------ optimizers
