@@ -41,9 +41,23 @@ def worker(sizes, steps, out):
     import fastopt.torch
 
     dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     torch.set_num_threads(1)
     fastopt.set_num_threads(1)
+    # the optimizers and tensors are freed (measure returns) before the group is destroyed:
+    # gloo's group destroyed by the last ZeroRedundancyOptimizer holding it can hang (it joins
+    # its worker threads holding the GIL, which a thread releasing a tensor may wait for)
+    rows = measure(torch, dist, ZeroRedundancyOptimizer, sizes, steps)
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(rows, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def measure(torch, dist, ZeroRedundancyOptimizer, sizes, steps):
+    import fastopt.torch
+
+    rank, world = dist.get_rank(), dist.get_world_size()
     rows = []
 
     def median_time(fn):
@@ -77,10 +91,7 @@ def worker(sizes, steps, out):
                      "adam_s": t_adam, "zero_s": t_zero, "zero_update_s": t_zero_update,
                      "adam_state_bytes": state_bytes(adam),
                      "zero_state_bytes": state_bytes(zero.optim)})
-    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump(rows, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    return rows
 
 
 def main(argv=None):

@@ -33,14 +33,7 @@ def load_data(seed=0):
     return [torch.from_numpy(a) for a in ((Xtr - mean) / std, ytr, (Xte - mean) / std, yte)]
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=int, default=8)
-    ap.add_argument("--batch", type=int, default=32, help="per process")
-    ap.add_argument("--zero", action="store_true", help="shard the Adam state (ZeRO-1)")
-    args = ap.parse_args(argv)
-
-    dist.init_process_group("gloo")
+def train(args):
     rank = dist.get_rank()
     Xtr, ytr, Xte, yte = load_data()
     torch.manual_seed(0)  # the same initial parameters on every process
@@ -68,7 +61,24 @@ def main(argv=None):
         if rank == 0:
             print(f"epoch {epoch + 1}: loss {total / count:.4f}  test accuracy {acc:.4f}",
                   flush=True)
-    if rank == 0:
+    return acc
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=32, help="per process")
+    ap.add_argument("--zero", action="store_true", help="shard the Adam state (ZeRO-1)")
+    args = ap.parse_args(argv)
+
+    dist.init_process_group("gloo")
+    # The model and the optimizer live in train, so they are freed before the group is
+    # destroyed. The other order (the group destroyed first, then freed with the last DDP
+    # model or ZeroRedundancyOptimizer that holds it, as at exit) can hang: gloo's group joins
+    # its worker threads in its destructor, holding the GIL, while one of them may still be
+    # releasing the tensors of a finished collective, which needs the GIL.
+    acc = train(args)
+    if dist.get_rank() == 0:
         print(f"test accuracy {acc:.4f}", flush=True)
     # every process arrives before any leaves: the first to tear down its group (rank 0 also
     # holds the rendezvous store) must not leave another one waiting on it

@@ -7,8 +7,11 @@ Every launch has a timeout, so that a hang fails the test instead of stalling th
 """
 import json
 import os
+import resource
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -21,22 +24,77 @@ ROOT = os.path.dirname(HERE)
 TIMEOUT = 240
 
 
-def torchrun(nproc, *args):
+def _descendants(pid):
+    """The processes below ``pid``, children first (torchrun starts its workers in sessions of
+    their own, so a signal to its process group does not reach them)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def _signal(pids, sig):
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _no_core_dumps():
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def torchrun(nproc, *args, logs):
+    """Run ``torchrun --standalone --nproc-per-node nproc args``, its output to files in
+    ``logs``. A run still going after TIMEOUT fails the test with every process's Python
+    stacks: its processes get SIGABRT, which faulthandler (PYTHONFAULTHANDLER) answers by
+    printing them, then SIGKILL."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env,
-                              cwd=ROOT, check=False)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"torchrun did not finish in {TIMEOUT} s (a hang?); its output:\n"
-                    f"{e.stdout}\n{e.stderr}")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
+    paths = [os.path.join(logs, "torchrun.out"), os.path.join(logs, "torchrun.err")]
+    with open(paths[0], "w") as out, open(paths[1], "w") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env, cwd=ROOT,
+                                preexec_fn=_no_core_dumps)
+        try:
+            proc.wait(timeout=TIMEOUT)
+            hung = False
+        except subprocess.TimeoutExpired:
+            hung = True
+            below = _descendants(proc.pid)
+            _signal(below, signal.SIGABRT)
+            time.sleep(2)
+            _signal([proc.pid], signal.SIGABRT)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+            _signal([proc.pid, *below], signal.SIGKILL)
+            proc.wait()
+    stdout, stderr = (open(p).read() for p in paths)
+    if hung:
+        pytest.fail(f"torchrun did not finish in {TIMEOUT} s (a hang); the Python stacks of "
+                    f"its processes, and its output:\n{stdout[-4000:]}\n{stderr[-12000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 @pytest.mark.parametrize("nproc", [2, 3])
 @pytest.mark.parametrize("mode", ["ddp", "zero"])
 def test_data_parallel_runs_match_torch_optim_on_every_rank(tmp_path, mode, nproc):
-    res = torchrun(nproc, os.path.join(HERE, "torch_dist_worker.py"), mode, str(tmp_path))
+    res = torchrun(nproc, os.path.join(HERE, "torch_dist_worker.py"), mode, str(tmp_path),
+                   logs=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(nproc)]
     for r, rep in enumerate(reports):
@@ -54,10 +112,10 @@ def test_data_parallel_runs_match_torch_optim_on_every_rank(tmp_path, mode, npro
 
 
 @pytest.mark.parametrize("zero", [False, True])
-def test_the_ddp_digits_example_learns(zero):
+def test_the_ddp_digits_example_learns(tmp_path, zero):
     pytest.importorskip("sklearn", reason="the example trains on scikit-learn's digits")
     args = [os.path.join(ROOT, "examples", "digits_ddp.py"), "--epochs", "4"]
-    res = torchrun(2, *args, *(["--zero"] if zero else []))
+    res = torchrun(2, *args, *(["--zero"] if zero else []), logs=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     last = res.stdout.strip().splitlines()[-1]
     assert last.startswith("test accuracy")

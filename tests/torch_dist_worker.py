@@ -46,9 +46,7 @@ def train(cls, rank, zero):
     return net, opt
 
 
-def main():
-    mode, out = sys.argv[1], sys.argv[2]
-    dist.init_process_group("gloo")
+def compare(mode, out):
     rank, world = dist.get_rank(), dist.get_world_size()
     zero = mode == "zero"
     ours, o1 = train(fastopt.torch.Adam, rank, zero)
@@ -87,6 +85,16 @@ def main():
             report["loaded_into_one_process"] = True
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)
+
+
+def main():
+    dist.init_process_group("gloo")
+    # The models, optimizers and tensors of the runs are freed when compare returns, while the
+    # group is still registered; the group itself goes at destroy_process_group. Freed the
+    # other way round (the last DDP or ZeroRedundancyOptimizer holding the group, freed at
+    # exit), gloo's group can hang in its destructor: it joins its worker threads holding the
+    # GIL while one of them may be releasing a finished collective's tensor, which needs it.
+    compare(sys.argv[1], sys.argv[2])
     dist.barrier()
     dist.destroy_process_group()
 
