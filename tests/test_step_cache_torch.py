@@ -141,6 +141,19 @@ def _set_data_shape(opt, p, k):
         v.data = torch.zeros(3)
 
 
+def _state_transposed_in_place(opt, p, k):
+    v = opt.state[p][k]
+    if isinstance(v, torch.Tensor) and v.dim() == 2:
+        v.t_()  # its data pointer stays
+
+
+def _state_relaid_in_place(opt, p, k):
+    v = opt.state[p][k]
+    if isinstance(v, torch.Tensor) and v.dim() == 2:
+        v.as_strided_(v.shape, (1, v.shape[0]))  # the same shape and memory, transposed
+        assert not v.is_contiguous()
+
+
 def _set_to_a_copy(opt, model):
     p = _first(model)
     with torch.no_grad():
@@ -239,6 +252,8 @@ CHANGES = {
         if isinstance(opt.state[p][k], torch.Tensor) else None),
     "a state tensor re-pointed": _with_entry(_set_data),
     "a state tensor re-pointed to another shape": _with_entry(_set_data_shape),
+    "a state tensor transposed in place": _with_entry(_state_transposed_in_place),
+    "a state tensor laid out anew in place": _with_entry(_state_relaid_in_place),
     "a state tensor changed in place": _with_entry(
         lambda opt, p, k: opt.state[p][k].__imul__(0.5)),
     "the step counter advanced": lambda opt, m: (
@@ -275,6 +290,9 @@ def test_a_change_gives_the_full_paths_outcome(maker, what):
     if what == "a gradient that is a state tensor" and maker.startswith("fastopt.torch"):
         assert got[0] is ValueError and "shares memory" in got[1]
     if what in ("a gradient re-pointed to the transposed shape",):
+        assert got != "stepped"
+    if (what in ("a state tensor transposed in place", "a state tensor laid out anew in place")
+            and maker.startswith("fastopt.torch")):
         assert got != "stepped"
     if what == "p laid out transposed over its memory" and maker.startswith("fastopt.torch"):
         # the state keeps the old layout (the full path's refusal)

@@ -961,14 +961,15 @@ cdef extern from *:
 # is a C call without a name lookup: those of _TENSOR_ATTR_NAMES, or () when torch's tensor
 # type does not define them all itself (then the cached step does not serve tensors)
 cdef tuple _TENSOR_ATTR_NAMES = ("grad", "dtype", "shape", "data_ptr", "is_contiguous",
-                                 "is_neg", "stride")
+                                 "is_neg", "stride", "_version")
 cdef tuple _tensor_attrs = None
 cdef object _T_GRAD, _T_DTYPE, _T_SHAPE, _T_DATA_PTR, _T_IS_CONTIGUOUS, _T_IS_NEG, _T_STRIDE
+cdef object _T_VERSION
 
 
 cdef int _find_tensor_attrs(object torch) except -1:
     global _tensor_attrs, _T_GRAD, _T_DTYPE, _T_SHAPE, _T_DATA_PTR, _T_IS_CONTIGUOUS, _T_IS_NEG
-    global _T_STRIDE
+    global _T_STRIDE, _T_VERSION
     names = _TENSOR_ATTR_NAMES
     base = getattr(getattr(torch, "_C", None), "TensorBase", None)
     found = tuple([None if base is None else base.__dict__.get(n) for n in names])
@@ -985,14 +986,16 @@ cdef int _find_tensor_attrs(object torch) except -1:
               and PyObject_CallOneArg(found[4], probe) is True
               and PyObject_CallOneArg(found[5], probe) is False
               and _same_size(PyObject_CallOneArg(found[6], probe), probe.stride())
-              and _same_size(fo_descr_get(found[2], probe), probe.shape))
+              and _same_size(fo_descr_get(found[2], probe), probe.shape)
+              and fo_descr_get(found[7], probe) == probe._version)
     except Exception:
         ok = False
     if not ok:
         _tensor_attrs = ()
         return 0
     _tensor_attrs = found
-    _T_GRAD, _T_DTYPE, _T_SHAPE, _T_DATA_PTR, _T_IS_CONTIGUOUS, _T_IS_NEG, _T_STRIDE = found
+    (_T_GRAD, _T_DTYPE, _T_SHAPE, _T_DATA_PTR, _T_IS_CONTIGUOUS, _T_IS_NEG, _T_STRIDE,
+     _T_VERSION) = found
     return 0
 
 
@@ -1042,6 +1045,9 @@ ctypedef struct _trec:
     PyObject *entry[10]       # the state entries read, in the order _bind reads them
     PyObject *ekey[10]        # their keys (kept by the cache: refs)
     uintptr_t eptr[10]        # their data pointers
+    int64_t ever[10]          # a tensor entry's version counter: torch's in-place ops that
+                              # re-lay a tensor out (t_, as_strided_, resize_, set_) keep its
+                              # data pointer but move its version
     int32_t etype[10]         # an array's type number and size, and what it must be: 0 an
     int64_t esize[10]         # array of the parameter's shape, 1 a vector (block scales),
     int32_t ekind[10]         # 2 a 0-d float32 array
@@ -1762,6 +1768,7 @@ cdef class _StepCache:
             if type(obj) is not self.tensor_type:
                 self.ok = False  # a tensor subclass, or a tensor of a NumPy parameter
             r.eptr[k] = <uintptr_t>obj.data_ptr()
+            r.ever[k] = <int64_t>fo_descr_get(_T_VERSION, obj)
             r.tensors |= 1 << k
             if r.eptr[k] != <uintptr_t>cnp.PyArray_DATA(a):
                 self.ok = False
@@ -1990,7 +1997,9 @@ cdef class _StepCache:
                         return 0
                     if r.tensors & (1 << k):
                         if (<uintptr_t>PyObject_CallOneArg(_T_DATA_PTR, <object>item)
-                                != r.eptr[k]):
+                                != r.eptr[k]
+                                or <int64_t>fo_descr_get(_T_VERSION, <object>item)
+                                != r.ever[k]):
                             return 0
                     elif (<uintptr_t>cnp.PyArray_DATA(<cnp.ndarray>item) != r.eptr[k]
                           or (cnp.PyArray_FLAGS(<cnp.ndarray>item) & _NEED_FLAGS) != _NEED_FLAGS
