@@ -154,6 +154,13 @@ def _state_relaid_in_place(opt, p, k):
         assert not v.is_contiguous()
 
 
+def _inference_state(opt, p, k):
+    v = opt.state[p][k]
+    if isinstance(v, torch.Tensor):
+        with torch.inference_mode():
+            opt.state[p][k] = v.clone()
+
+
 def _set_to_a_copy(opt, model):
     p = _first(model)
     with torch.no_grad():
@@ -252,6 +259,7 @@ CHANGES = {
         if isinstance(opt.state[p][k], torch.Tensor) else None),
     "a state tensor re-pointed": _with_entry(_set_data),
     "a state tensor re-pointed to another shape": _with_entry(_set_data_shape),
+    "a state tensor replaced by an inference tensor": _with_entry(_inference_state),
     "a state tensor transposed in place": _with_entry(_state_transposed_in_place),
     "a state tensor laid out anew in place": _with_entry(_state_relaid_in_place),
     "a state tensor changed in place": _with_entry(
@@ -294,6 +302,10 @@ def test_a_change_gives_the_full_paths_outcome(maker, what):
     if (what in ("a state tensor transposed in place", "a state tensor laid out anew in place")
             and maker.startswith("fastopt.torch")):
         assert got != "stepped"
+    if (what == "a state tensor replaced by an inference tensor"
+            and maker.startswith("fastopt.torch")):
+        # as torch.optim, which cannot update an inference tensor in place
+        assert got[0] is TypeError and "inference tensor" in got[1]
     if what == "p laid out transposed over its memory" and maker.startswith("fastopt.torch"):
         # the state keeps the old layout (the full path's refusal)
         assert got[0] is ValueError and "memory layout" in got[1]

@@ -349,6 +349,12 @@ class TorchAdapter:
                 or obj.is_neg()):
             raise TypeError(f"expected a dense CPU tensor, got one with layout {obj.layout} "
                             f"on {obj.device}")
+        if obj.is_inference():
+            # as torch.optim: an inference tensor takes no in-place update outside
+            # torch.inference_mode (and it has no version counter)
+            raise TypeError("expected a tensor that can be updated in place, got an inference "
+                            "tensor (made under torch.inference_mode); clone it outside "
+                            "inference mode")
         view = torch.view_as_real(obj.detach()) if obj.is_complex() else obj.detach()
         arr = _numpy_of(view)
         if obj.dtype is torch.int16:
