@@ -69,7 +69,7 @@ static void adam_prepare(const double *hyper, fo_tensor *t, double step)
 
 #define FO_BODY "adam.c"
 #include "fo_expand.h"
-FO_DEFINE_KERNEL(adam, fo_adam_hyper, adam_prepare, 1);
+FO_DEFINE_KERNEL_FUSED(adam, fo_adam_hyper, adam_prepare, 1, FO_CAT3(fo_adam_packed, f32, FO_ISA));
 #else
 
 /* The lerp weight 1 - beta1 and 1 - beta2: torch computes them in double from number betas;
@@ -94,10 +94,22 @@ FO_FN(div_by_const)(FO_T s, FO_T c, FO_T rh, FO_T rl)
     return q1 > s ? q1 : s;
 }
 
+/* Compressed exp_avg and exp_avg_sq read (and written) by the loop itself, which lets their
+ * decoding overlap the square root and the division, with fo_lowp_run's bits:
+ *   FO_ADAM_Q8: read from the 8-bit codes qm and qv (block scales sm and sv); state[0] and
+ *     state[1] take the new values, for the caller to encode;
+ *   FO_ADAM_BF16: read from and written to the bfloat16 arrays hm and hv (rounded to
+ *     nearest); state[0] and state[1] are not used. */
+#ifndef FO_ADAM_Q8
+#define FO_ADAM_Q8 1
+#define FO_ADAM_BF16 2
+#endif
 static inline __attribute__((always_inline)) void
 FO_FN(adam_loop)(const fo_adam_hyper *h, const fo_tensor *t, int64_t begin, int64_t end,
                  const int l2, const int decoupled, const int amsgrad, const int small,
-                 const int by_recip, const int maximize)
+                 const int by_recip, const int maximize, const int packed,
+                 const uint8_t *restrict qm, const uint8_t *restrict qv, float sm, float sv,
+                 uint16_t *restrict hm, uint16_t *restrict hv)
 {
     FO_T *restrict p = (FO_T *)t->param;
     const FO_T *restrict g = (const FO_T *)t->grad;
@@ -120,10 +132,19 @@ FO_FN(adam_loop)(const fo_adam_hyper *h, const fo_tensor *t, int64_t begin, int6
         FO_T pi = p[i];
         if (decoupled) pi = pi * decay;
         if (l2) gi = FO_FMA(pi, wd, gi);
-        FO_T mi = FO_LERP(m[i], gi, w, wm1, small);
-        m[i] = mi;
-        FO_T vi = FO_FMA(one_m_beta2 * gi, gi, v[i] * beta2);
-        v[i] = vi;
+        FO_T m0 = packed == FO_ADAM_Q8 ? (FO_T)fo_q8_decode1(FO_FMT_Q8S, qm[i], sm)
+                  : packed == FO_ADAM_BF16 ? (FO_T)fo_bf16_to_f32(hm[i]) : m[i];
+        FO_T v0 = packed == FO_ADAM_Q8 ? (FO_T)fo_q8_decode1(FO_FMT_Q8U, qv[i], sv)
+                  : packed == FO_ADAM_BF16 ? (FO_T)fo_bf16_to_f32(hv[i]) : v[i];
+        FO_T mi = FO_LERP(m0, gi, w, wm1, small);
+        FO_T vi = FO_FMA(one_m_beta2 * gi, gi, v0 * beta2);
+        if (packed == FO_ADAM_BF16) {
+            hm[i] = fo_f32_to_bf16((float)mi);
+            hv[i] = fo_f32_to_bf16((float)vi);
+        } else {
+            m[i] = mi;
+            v[i] = vi;
+        }
         if (amsgrad) {
             vi = FO_MAXIMUM(vmax[i], vi);
             vmax[i] = vi;
@@ -135,27 +156,84 @@ FO_FN(adam_loop)(const fo_adam_hyper *h, const fo_tensor *t, int64_t begin, int6
 }
 
 /* The flags are passed as constants so that each combination gets its own vector loop. */
-void FO_FN(adam)(const double *hyper, const fo_tensor *t, int64_t begin, int64_t end)
+static inline __attribute__((always_inline)) void
+FO_FN(adam_cases)(const fo_adam_hyper *h, const fo_tensor *t, int64_t begin, int64_t end,
+                  const int packed, const uint8_t *qm, const uint8_t *qv, float sm, float sv,
+                  uint16_t *hm, uint16_t *hv)
 {
-    const fo_adam_hyper *h = (const fo_adam_hyper *)hyper;
     const int has_wd = h->weight_decay != 0.0;
     const int l2 = has_wd && !FO_FLAG(h->decoupled), dec = has_wd && FO_FLAG(h->decoupled);
     const int ams = FO_FLAG(h->amsgrad);
     const int small = fabs((double)FO_FN(adam_w)(h)) < 0.5;
     const int by_recip = FO_DIV_BY_CONST_OK((FO_T)t->scalar[1]);
     const int maximize = FO_FLAG(h->maximize);
+#define FO_LOOP(L, D, A, S, R, M) \
+    FO_FN(adam_loop)(h, t, begin, end, L, D, A, S, R, M, packed, qm, qv, sm, sv, hm, hv)
 #define FO_CASE(L, D, A, S) \
     if (l2 == L && dec == D && ams == A && small == S) { \
-        if (by_recip && !maximize) FO_FN(adam_loop)(h, t, begin, end, L, D, A, S, 1, 0); \
-        else if (by_recip) FO_FN(adam_loop)(h, t, begin, end, L, D, A, S, 1, 1); \
-        else if (!maximize) FO_FN(adam_loop)(h, t, begin, end, L, D, A, S, 0, 0); \
-        else FO_FN(adam_loop)(h, t, begin, end, L, D, A, S, 0, 1); \
+        if (by_recip && !maximize) FO_LOOP(L, D, A, S, 1, 0); \
+        else if (by_recip) FO_LOOP(L, D, A, S, 1, 1); \
+        else if (!maximize) FO_LOOP(L, D, A, S, 0, 0); \
+        else FO_LOOP(L, D, A, S, 0, 1); \
         return; }
-    FO_CASE(0, 0, 0, 1) FO_CASE(0, 0, 1, 1) FO_CASE(1, 0, 0, 1) FO_CASE(1, 0, 1, 1)
-    FO_CASE(0, 1, 0, 1) FO_CASE(0, 1, 1, 1)
-    FO_CASE(0, 0, 0, 0) FO_CASE(0, 0, 1, 0) FO_CASE(1, 0, 0, 0) FO_CASE(1, 0, 1, 0)
-    FO_CASE(0, 1, 0, 0) FO_CASE(0, 1, 1, 0)
+    if (!packed) {
+        FO_CASE(0, 0, 1, 1) FO_CASE(1, 0, 1, 1) FO_CASE(0, 1, 1, 1)
+        FO_CASE(0, 0, 1, 0) FO_CASE(1, 0, 1, 0) FO_CASE(0, 1, 1, 0)
+    }
+    FO_CASE(0, 0, 0, 1) FO_CASE(1, 0, 0, 1) FO_CASE(0, 1, 0, 1)
+    FO_CASE(0, 0, 0, 0) FO_CASE(1, 0, 0, 0) FO_CASE(0, 1, 0, 0)
 #undef FO_CASE
+#undef FO_LOOP
 }
+
+void FO_FN(adam)(const double *hyper, const fo_tensor *t, int64_t begin, int64_t end)
+{
+    FO_FN(adam_cases)((const fo_adam_hyper *)hyper, t, begin, end, 0, NULL, NULL, 0.0f, 0.0f,
+                      NULL, NULL);
+}
+
+#if FO_F32
+/* float32 parameters and gradients with 8-bit or bfloat16 exp_avg and exp_avg_sq (no
+ * amsgrad; bfloat16 rounded to nearest): the loop above reads the compressed state itself.
+ * 8-bit blocks of FO_Q8_BLOCK elements are updated into two float buffers, which are then
+ * encoded with their new scales, as fo_lowp_run does. */
+static int FO_FN(adam_packed)(const double *hyper, const fo_tensor *t, int64_t begin,
+                              int64_t end)
+{
+    const fo_adam_hyper *h = (const fo_adam_hyper *)hyper;
+    const int64_t st = t->storage;
+    const int f0 = FO_FMT_OF(st, 8), f1 = FO_FMT_OF(st, 12);
+    if (FO_FMT_OF(st, 0) != FO_FMT_F32 || FO_FMT_OF(st, 4) != FO_FMT_F32
+        || t->state[2] != NULL || t->copy != NULL || FO_FLAG(h->amsgrad))
+        return 0;
+    fo_tensor b = *t;
+    b.storage = FO_STORAGE_NATIVE;
+    if (f0 == FO_FMT_BF16 && f1 == FO_FMT_BF16 && !(st & FO_STORAGE_SR)) {
+        FO_FN(adam_cases)(h, &b, begin, end, FO_ADAM_BF16, NULL, NULL, 0.0f, 0.0f,
+                          (uint16_t *)t->state[0], (uint16_t *)t->state[1]);
+        return 1;
+    }
+    if (f0 != FO_FMT_Q8S || f1 != FO_FMT_Q8U)
+        return 0;
+    float mb[FO_Q8_BLOCK], vb[FO_Q8_BLOCK];
+    uint8_t *qm = (uint8_t *)t->state[0], *qv = (uint8_t *)t->state[1];
+    b.state[0] = mb;
+    b.state[1] = vb;
+    for (int64_t lo = begin; lo < end; lo += FO_Q8_BLOCK) {
+        const int64_t n = end - lo < FO_Q8_BLOCK ? end - lo : FO_Q8_BLOCK, k = lo / FO_Q8_BLOCK;
+        b.param = (float *)t->param + lo;
+        b.grad = (const float *)t->grad + lo;
+        FO_FN(adam_cases)(h, &b, 0, n, FO_ADAM_Q8, qm + lo, qv + lo, t->scale[0][k],
+                          t->scale[1][k], NULL, NULL);
+        float s = fo_q8_scale(FO_FMT_Q8S, mb, n);
+        t->scale[0][k] = s;
+        fo_q8_encode_block(FO_FMT_Q8S, mb, qm + lo, n, s);
+        s = fo_q8_scale(FO_FMT_Q8U, vb, n);
+        t->scale[1][k] = s;
+        fo_q8_encode_block(FO_FMT_Q8U, vb, qv + lo, n, s);
+    }
+    return 1;
+}
+#endif
 
 #endif

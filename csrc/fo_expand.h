@@ -6,18 +6,22 @@
 #define FO_SFX f32
 #define FO_FMA fmaf
 #define FO_SQRT sqrtf
+#define FO_F32 1
 #include FO_BODY
 #undef FO_T
 #undef FO_SFX
 #undef FO_FMA
 #undef FO_SQRT
+#undef FO_F32
 
 #define FO_T double
 #define FO_SFX f64
 #define FO_FMA fma
 #define FO_SQRT sqrt
+#define FO_F32 0
 #include FO_BODY
 #undef FO_T
 #undef FO_SFX
 #undef FO_FMA
 #undef FO_SQRT
+#undef FO_F32

@@ -183,24 +183,28 @@ static inline void fo_q8_encode_scalar(int fmt, const float *restrict x, uint8_t
     }
 }
 
-static inline void fo_q8_decode_scalar(int fmt, const uint8_t *restrict q, float scale,
-                                       float *restrict x, int64_t n)
+/* The value of one code b of format fmt in a block of scale `scale`. */
+static inline __attribute__((always_inline)) float fo_q8_decode1(int fmt, uint32_t b,
+                                                                 float scale)
 {
     const int e = fmt == FO_FMT_Q8S ? FO_Q8S_E : FO_Q8U_E;
     const uint32_t rebias = (uint32_t)(127 - e) << 3;
     const float sub_step = fo_bits_f32((uint32_t)(127 - 2 - e) << 23); /* 2^(-2-E) */
     const uint32_t mag = fmt == FO_FMT_Q8S ? 0x7fu : 0xffu;
     const uint32_t inf_code = fmt == FO_FMT_Q8S ? 0x7eu : 0xfeu;
-    for (int64_t i = 0; i < n; i++) {
-        uint32_t b = q[i];
-        uint32_t c = b & mag;
-        uint32_t sign = fmt == FO_FMT_Q8S ? (b & 0x80u) << 24 : 0u;
-        float v = c < 8u ? (float)(int32_t)c * sub_step : fo_bits_f32((c + rebias) << 20);
-        uint32_t r = fo_f32_bits(v * scale);
-        r = c == inf_code ? 0x7f800000u : r;
-        r = c == mag ? 0x7fc00000u : r | sign;
-        x[i] = fo_bits_f32(r);
-    }
+    uint32_t c = b & mag;
+    uint32_t sign = fmt == FO_FMT_Q8S ? (b & 0x80u) << 24 : 0u;
+    float v = c < 8u ? (float)(int32_t)c * sub_step : fo_bits_f32((c + rebias) << 20);
+    uint32_t r = fo_f32_bits(v * scale);
+    r = c == inf_code ? 0x7f800000u : r;
+    r = c == mag ? 0x7fc00000u : r | sign;
+    return fo_bits_f32(r);
+}
+
+static inline void fo_q8_decode_scalar(int fmt, const uint8_t *restrict q, float scale,
+                                       float *restrict x, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++) x[i] = fo_q8_decode1(fmt, q[i], scale);
 }
 
 /* The same three loops with AVX2 (the avx2 and avx512 levels), 8 elements at a time and the
@@ -517,13 +521,21 @@ static inline void fo_lowp_run(fo_kernel_fn f32, const double *hyper, const fo_t
  * its prepare function or NULL, pure 1 when prepare reads only hyper and the step. */
 /* Its float32 entry runs the float32 loop directly on float32 tensors and through
  * fo_lowp_run on 16-bit ones (fo_tensor.storage). */
-#define FO_DEFINE_KERNEL(name, hyper, prepare, pure)                                     \
+#define FO_DEFINE_KERNEL(name, hyper, prepare, pure) \
+    FO_DEFINE_KERNEL_FUSED(name, hyper, prepare, pure, NULL)
+
+/* The same, with `fused` (or NULL): a function of the float32 entry's arguments that runs
+ * some storages itself, in one pass, and returns 1, or returns 0 (fo_lowp_run runs them). It
+ * must give fo_lowp_run's bits. */
+#define FO_DEFINE_KERNEL_FUSED(name, hyper, prepare, pure, fused)                         \
     _Static_assert(sizeof(hyper) % sizeof(double) == 0, #hyper " must hold doubles only"); \
     static void FO_CAT3(fo_##name, f32s, FO_ISA)(const double *h_, const fo_tensor *t_,    \
                                                  int64_t b_, int64_t e_)                  \
     {                                                                                     \
+        int (*fused_)(const double *, const fo_tensor *, int64_t, int64_t) = fused;       \
         if (t_->storage == FO_STORAGE_NATIVE) FO_CAT3(fo_##name, f32, FO_ISA)(h_, t_, b_, e_); \
-        else fo_lowp_run(FO_CAT3(fo_##name, f32, FO_ISA), h_, t_, b_, e_);                \
+        else if (fused_ == NULL || !fused_(h_, t_, b_, e_))                               \
+            fo_lowp_run(FO_CAT3(fo_##name, f32, FO_ISA), h_, t_, b_, e_);                 \
     }                                                                                     \
     const fo_kernel FO_CAT3(fo_kernel, name, FO_ISA) = {                                  \
         #name, FO_CAT3(fo_##name, f32s, FO_ISA), FO_CAT3(fo_##name, f64, FO_ISA), prepare, \
