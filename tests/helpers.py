@@ -110,3 +110,21 @@ def torch_batch(dtype=None):
     g = torch.Generator().manual_seed(1)
     return (torch.randn(32, 6, generator=g, dtype=dtype),
             torch.randn(32, 3, generator=g, dtype=dtype))
+
+
+#: fastopt.functional, per function: the state key of each list argument after ``grads``,
+#: in order
+LISTS = {
+    "sgd": ("momentum_buffer",),
+    "adagrad": ("sum", "step"),
+    "rmsprop": ("square_avg", "grad_avg", "momentum_buffer", "step"),
+    "adam": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"),
+    "adamw": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"),
+    "adadelta": ("square_avg", "acc_delta", "step"),
+    "adamax": ("exp_avg", "exp_inf", "step"),
+    "nadam": ("exp_avg", "exp_avg_sq", "mu_product", "step"),
+    "radam": ("exp_avg", "exp_avg_sq", "step"),
+    "asgd": ("ax", "mu", "eta", "step"),
+    "rprop": ("prev", "step_size", "step"),
+    "lion": ("exp_avg",),
+}

@@ -9,24 +9,9 @@ import pytest
 
 import fastopt
 import fastopt.functional as F
-from helpers import F32, assert_bits, grads, import_torch
+from helpers import F32, LISTS, assert_bits, grads, import_torch
 from optim_db import DB, configs
 
-#: per function: the state key of each list argument after ``grads``, in order
-LISTS = {
-    "sgd": ("momentum_buffer",),
-    "adagrad": ("sum", "step"),
-    "rmsprop": ("square_avg", "grad_avg", "momentum_buffer", "step"),
-    "adam": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"),
-    "adamw": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"),
-    "adadelta": ("square_avg", "acc_delta", "step"),
-    "adamax": ("exp_avg", "exp_inf", "step"),
-    "nadam": ("exp_avg", "exp_avg_sq", "mu_product", "step"),
-    "radam": ("exp_avg", "exp_avg_sq", "step"),
-    "asgd": ("ax", "mu", "eta", "step"),
-    "rprop": ("prev", "step_size", "step"),
-    "lion": ("exp_avg",),
-}
 TORCH_FUNCTIONS = [name for name in LISTS if name != "lion"]
 SHAPES = [((3,), np.float32), ((2, 4), np.float64), ((5,), np.float32)]
 

@@ -20,6 +20,7 @@ import pytest
 import fastopt
 import fastopt.functional as F
 from fastopt import interop
+from helpers import LISTS
 from optim_db import DB, configs
 
 torch = pytest.importorskip("torch")
@@ -255,23 +256,6 @@ assert "ml_dtypes" not in [m for m in sys.modules if sys.modules[m] is not None]
 
 
 # ---- fastopt.functional -----------------------------------------------------------------------
-
-#: per function: the state key of each list argument after ``grads``, in order
-LISTS = {
-    "sgd": ("momentum_buffer",),
-    "adagrad": ("sum", "step"),
-    "rmsprop": ("square_avg", "grad_avg", "momentum_buffer", "step"),
-    "adam": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"),
-    "adamw": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"),
-    "adadelta": ("square_avg", "acc_delta", "step"),
-    "adamax": ("exp_avg", "exp_inf", "step"),
-    "nadam": ("exp_avg", "exp_avg_sq", "mu_product", "step"),
-    "radam": ("exp_avg", "exp_avg_sq", "step"),
-    "asgd": ("ax", "mu", "eta", "step"),
-    "rprop": ("prev", "step_size", "step"),
-    "lion": ("exp_avg",),
-}
-
 
 def _hyper(fn, group):
     import inspect
@@ -509,6 +493,20 @@ def test_torch_16bit_state_dict_continues_in_fastopt_numpy(name, kwargs, key):
     _lockstep(key, name, kwargs, mine, fopt, tparams, topt, 10, 3)
 
 
+def _stepped_16bit(key, name, kwargs):
+    """(kwargs, params, optimizer): fastopt's NumPy class ``name`` on 16-bit arrays of
+    SHAPES after 3 steps (SGD with momentum, so that it keeps state)."""
+    if name == "SGD" and not kwargs.get("momentum"):
+        kwargs = dict(kwargs, momentum=0.9)
+    params = [fastopt.Parameter(_start(key, 99 + i, s)) for i, s in enumerate(SHAPES)]
+    opt = getattr(fastopt, name)(params, **kwargs)
+    for step in range(3):
+        for i, p in enumerate(params):
+            p.grad = _grad(key, step * 10 + i, p.shape)
+        opt.step()
+    return kwargs, params, opt
+
+
 @pytest.mark.parametrize("key", ["bf16", "fp16"])
 @pytest.mark.parametrize("name,kwargs", INTEROP)
 def test_fastopt_16bit_state_dict_continues_in_torch(name, kwargs, key):
@@ -516,14 +514,7 @@ def test_fastopt_16bit_state_dict_continues_in_torch(name, kwargs, key):
     ``state_dict_to_torch`` (16-bit tensors of the same bits) into torch.optim on a copy,
     then both run on in lockstep; and ``to_torch`` gives the same optimizer on tensors
     sharing the arrays' memory."""
-    if name == "SGD" and not kwargs.get("momentum"):
-        kwargs = dict(kwargs, momentum=0.9)
-    mine = [fastopt.Parameter(_start(key, 99 + i, s)) for i, s in enumerate(SHAPES)]
-    fopt = getattr(fastopt, name)(mine, **kwargs)
-    for step in range(3):
-        for i, p in enumerate(mine):
-            p.grad = _grad(key, step * 10 + i, p.shape)
-        fopt.step()
+    kwargs, mine, fopt = _stepped_16bit(key, name, kwargs)
     tsd = interop.state_dict_to_torch(fopt.state_dict())
     for i, st in tsd["state"].items():
         for k, v in st.items():
@@ -547,14 +538,7 @@ def test_16bit_state_through_torch_and_back_continues_bit_for_bit(name, kwargs, 
     """fastopt -> torch.optim (load_state_dict, state_dict) -> fastopt: the state comes back
     with its bits (0-d state other than ``step`` rounded to the dtype, as torch casts it),
     and the run continues exactly as the uninterrupted one."""
-    if name == "SGD" and not kwargs.get("momentum"):
-        kwargs = dict(kwargs, momentum=0.9)
-    a = [fastopt.Parameter(_start(key, 99 + i, s)) for i, s in enumerate(SHAPES)]
-    opt_a = getattr(fastopt, name)(a, **kwargs)
-    for step in range(3):
-        for i, p in enumerate(a):
-            p.grad = _grad(key, step * 10 + i, p.shape)
-        opt_a.step()
+    kwargs, a, opt_a = _stepped_16bit(key, name, kwargs)
     tparams = [_tensor(np.array(p)).requires_grad_() for p in a]
     topt = getattr(torch.optim, DB[name].torch_name)(tparams, **kwargs)
     topt.load_state_dict(interop.state_dict_to_torch(opt_a.state_dict()))

@@ -675,6 +675,23 @@ def _public_scheduler(saved):
 
 # ---- loading ----------------------------------------------------------------------------------
 
+def _checked_schedulers(path, given, saved):
+    """The (scheduler, state dict, where) triples of ``given`` and the checkpoint's
+    ``saved`` schedulers, each state dict checked by its scheduler's ``_check_state_dict``
+    (when it has one) before anything is loaded; CheckpointMismatchError naming the
+    scheduler otherwise."""
+    pairs: list = []
+    _pair_schedulers(path, given, saved, "scheduler", pairs)
+    for sched, sd, where in pairs:
+        check = getattr(sched, "_check_state_dict", None)
+        if check is not None:
+            try:
+                check(sd)
+            except (ValueError, TypeError, KeyError) as e:
+                raise CheckpointMismatchError(f"{path}: wrong schedulers: {where}: {e}") from None
+    return pairs
+
+
 def _pair_schedulers(path, given, saved, where, out):
     """Match the given scheduler structure with the saved one, collecting (scheduler, state
     dict, where) triples; CheckpointMismatchError where they differ."""
@@ -766,15 +783,7 @@ def load(path: Union[str, os.PathLike[str]], optimizer: Optimizer,
             if tuple(shape) != tuple(p.shape):
                 raise mismatch(f"param_groups[{gi}]['params'][{pi}] has shape {tuple(shape)} "
                                f"in the checkpoint, {tuple(p.shape)} in the optimizer")
-    pairs: list = []
-    _pair_schedulers(path, scheduler, content["scheduler"], "scheduler", pairs)
-    for sched, sd, where in pairs:
-        check = getattr(sched, "_check_state_dict", None)
-        if check is not None:
-            try:
-                check(sd)
-            except (ValueError, TypeError, KeyError) as e:
-                raise CheckpointMismatchError(f"{path}: wrong schedulers: {where}: {e}") from None
+    pairs = _checked_schedulers(path, scheduler, content["scheduler"])
 
     before = optimizer.state, optimizer.param_groups
     try:

@@ -1179,7 +1179,7 @@ def load(checkpoint_dir: Union[str, "os.PathLike[str]"], optimizer: Any,
     FileNotFoundError, OSError
         The directory or a file cannot be read.
     """
-    from fastopt.checkpoint import _pair_schedulers
+    from fastopt.checkpoint import _checked_schedulers
 
     layout = _Layout(optimizer)
     comm, rank, size = layout.comm, layout.rank, layout.size
@@ -1197,16 +1197,7 @@ def load(checkpoint_dir: Union[str, "os.PathLike[str]"], optimizer: Any,
             content, states = _read_shard(paths[k], k, world, layout)
             read[k] = (content, states)
             facts[k] = _facts(content, states, layout.scalars)
-        pairs: list = []
-        _pair_schedulers(paths[0], scheduler, read[0][0]["scheduler"], "scheduler", pairs)
-        for sched, sd, where in pairs:
-            check = getattr(sched, "_check_state_dict", None)
-            if check is not None:
-                try:
-                    check(sd)
-                except (ValueError, TypeError, KeyError) as e:
-                    raise CheckpointMismatchError(f"{paths[0]}: wrong schedulers: {where}: "
-                                                  f"{e}") from None
+        pairs = _checked_schedulers(paths[0], scheduler, read[0][0]["scheduler"])
         prepared = (world, paths, read, pairs)
     except (CheckpointError, OSError) as e:
         error = _as_error(e)
