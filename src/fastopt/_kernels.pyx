@@ -951,8 +951,21 @@ cdef extern from *:
         (void)a;
     #endif
     }
+    /* the same hint for the n bytes at p, line by line */
+    static inline void fo_prefetch_span(const void *p, size_t n)
+    {
+    #if defined(__GNUC__) || defined(__clang__)
+        const char *c = (const char *)((uintptr_t)p & ~(uintptr_t)63);
+        const char *end = (const char *)p + n;
+        for (; c < end; c += 64)
+            __builtin_prefetch(c);
+    #else
+        (void)p; (void)n;
+    #endif
+    }
     """
     void fo_prefetch_lines(uintptr_t a) noexcept nogil
+    void fo_prefetch_span(const void *p, size_t n) noexcept nogil
     PyObject *fo_dict_get_hashed(object d, object key, Py_hash_t h)
     object fo_descr_get(object d, object obj)
     object PyObject_CallOneArg(object f, object arg)
@@ -1033,7 +1046,8 @@ cdef enum:
     _KIND_TENSOR = 1  # a dense real torch tensor, read through its cached view
     _MAX_ENTRIES = 10  # 3 state arrays, their 3 scales, master weights, step, 2 scalars
     _MAX_PF = 24      # prefetched spans per record: 3 per tensor, 2 for its state dict
-    _PF_AHEAD = 2     # records prefetched ahead of the one checked
+    _PF_AHEAD = 2     # records whose objects are prefetched ahead of the one checked
+    _REC_AHEAD = 5    # records prefetched ahead (their spans are read _PF_AHEAD ahead)
     _NEED_FLAGS = (cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_ALIGNED | cnp.NPY_ARRAY_WRITEABLE)
 
 ctypedef struct _trec:
@@ -1915,6 +1929,8 @@ cdef class _StepCache:
         tensor_type = self.tensor_type
         for i in range(self.n):
             r = &self.recs[i]
+            if i + _REC_AHEAD < self.n:  # the record itself, further ahead
+                fo_prefetch_span(&self.recs[i + _REC_AHEAD], sizeof(_trec))
             if i + _PF_AHEAD < self.n:
                 rn = &self.recs[i + _PF_AHEAD]
                 for k in range(rn.npf):
