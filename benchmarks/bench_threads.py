@@ -40,9 +40,12 @@ A ratio near ``1 thread/bare`` in such a run measures the scheduler, not fastopt
 the smallest jobs (SGD at 1e5 elements: 4 microseconds on two threads) show it first.
 ``bare`` counts the threads of other processes that run or wait for a core around each row
 and flags the rows where they and its own threads exceed the cores by more than half a
-thread. On the 2-core development machine rows with none of them gave 1.16 for SGD at 1e5
-elements and 0.92 to 1.04 for RMSprop from 1e5 to 1e7 and Adam at 1e7; loaded rows gave up
-to the one-thread ratio. No OpenMP parallel region runs in this comparison (fastopt's
+thread. On the 2-core development machine rows with none of them gave 1.13 for SGD at 1e5
+elements and 0.94 to 1.04 for every other row from 1e5 to 1e8; loaded rows gave up to the
+one-thread ratio. (Before fastopt woke its workers away from the calling thread's CPU, see
+csrc/dispatch.c, an idle machine gave the one-thread ratio too in most rows of SGD at 1e5:
+the rows after the bare loop's two busy threads, when Linux woke the worker on the caller's
+CPU.) No OpenMP parallel region runs in this comparison (fastopt's
 workers and the bare helpers are plain pthreads; libgomp starts no thread), so
 ``GOMP_SPINCOUNT`` does not enter it; ``OMP_WAIT_POLICY=passive`` only turns fastopt's own
 spin off.

@@ -3,10 +3,17 @@
  * fastopt's worker threads, and fo_step, a whole optimizer step. Compiled once, for the
  * baseline ISA.
  */
+#if defined(__linux__) && !defined(_GNU_SOURCE)
+#define _GNU_SOURCE /* sched_getcpu, sched_setaffinity and cpu_set_t */
+#endif
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 #include <sched.h>
+#ifdef __linux__
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #include "fastopt.h"
 #include "fo_internal.h"
 #ifdef _OPENMP
@@ -237,6 +244,20 @@ static int64_t fo_job_work(fo_job *j, int home)
  * libgomp's own wait policy, which its environment variables set when it loads, is left as
  * the user (or torch, which shares the library) has it.
  *
+ * Sharing the master's CPU: Linux wakes a sleeping thread on an idle CPU only when it looks
+ * for one, and on a busy machine (both CPUs of a 2-CPU machine busy a moment before) it may
+ * not look and queue the worker on the CPU of the master that woke it. The worker then waits
+ * there for the master's time slice (milliseconds: the whole job runs on the master alone)
+ * while the other CPU idles, and once awake the two take turns on one CPU. So the master,
+ * before it wakes the sleeping workers, takes its own CPU out of their affinity masks, so
+ * that the kernel wakes them elsewhere, and each puts its mask back as it was once awake (a
+ * thread stays where it runs when its mask grows). And a spinning worker that finds itself on
+ * the CPU the master posted its last job from moves off it the same way (taking the CPU out of
+ * its own mask makes the kernel move it at once), at most once per spin window. Neither
+ * happens where a mask allows no other CPU. On a machine whose other CPUs are busy with other
+ * processes the worker competes there, as any thread does, and the back-off below keeps the
+ * master from waiting for it.
+ *
  * The protocol: the master, holding `lock`, fills `job`, sets `active` and bumps `gen`; a
  * worker that sees a new `gen` adds itself to `inflight`, and only then reads `active` and,
  * if set, the job. The master, once every chunk is taken, clears `active` and waits until
@@ -258,10 +279,11 @@ static struct {
     int inflight;           /* atomic: workers between joining and leaving a job */
     uint64_t gen;           /* atomic: one more per job */
     long spin_ns;
+    int master_cpu;         /* atomic: the CPU the master posted the last job from, or -1 */
     int backoff, skip;      /* under `lock`; see fo_pool_run */
     fo_job job;
 } fo_pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .sleep = PTHREAD_MUTEX_INITIALIZER,
-             .wake = PTHREAD_COND_INITIALIZER};
+             .wake = PTHREAD_COND_INITIALIZER, .master_cpu = -1};
 static int64_t fo_last_ns; /* atomic: when the last fo_run that wanted threads ended */
 
 static int64_t fo_now_ns(void)
@@ -280,11 +302,106 @@ static inline void fo_pause(void)
 #endif
 }
 
+/* The CPU the calling thread runs on, or -1 where the system does not say. */
+static inline int fo_cpu(void)
+{
+#ifdef __linux__
+    return sched_getcpu();
+#else
+    return -1;
+#endif
+}
+
+/* Affinity masks: the calling thread's mask; `mask` less `cpu` (0 where `mask` allows no
+ * other CPU); the mask of thread `tid` (0: the calling thread) set; a new thread's mask set in
+ * its attributes. Each returns 1 when done, 0 where it cannot be (or the system does not
+ * have affinity masks). */
+#ifdef __linux__
+typedef cpu_set_t fo_mask;
+static int fo_get_mask(fo_mask *mask)
+{
+    return sched_getaffinity(0, sizeof *mask, mask) == 0;
+}
+static int fo_mask_without(const fo_mask *mask, int cpu, fo_mask *out)
+{
+    if (cpu < 0 || cpu >= CPU_SETSIZE || !CPU_ISSET(cpu, mask) || CPU_COUNT(mask) < 2)
+        return 0;
+    *out = *mask;
+    CPU_CLR(cpu, out);
+    return 1;
+}
+static int fo_set_mask(pid_t tid, const fo_mask *mask)
+{
+    return sched_setaffinity(tid, sizeof *mask, mask) == 0;
+}
+static int fo_attr_mask(pthread_attr_t *attr, const fo_mask *mask)
+{
+    return pthread_attr_setaffinity_np(attr, sizeof *mask, mask) == 0;
+}
+static pid_t fo_tid(void)
+{
+    return (pid_t)syscall(SYS_gettid);
+}
+#else
+typedef int fo_mask;
+static int fo_get_mask(fo_mask *mask)
+{
+    *mask = 0;
+    return 0;
+}
+static int fo_mask_without(const fo_mask *mask, int cpu, fo_mask *out)
+{
+    (void)cpu;
+    *out = *mask;
+    return 0;
+}
+static int fo_set_mask(pid_t tid, const fo_mask *mask)
+{
+    (void)tid;
+    (void)mask;
+    return 0;
+}
+static int fo_attr_mask(pthread_attr_t *attr, const fo_mask *mask)
+{
+    (void)attr;
+    (void)mask;
+    return 0;
+}
+static pid_t fo_tid(void)
+{
+    return 0;
+}
+#endif
+
+/* What the master knows of a worker, under `sleep`: its thread id, and while it sleeps (or
+ * until it starts) its affinity mask (when it could be read) and whether the master
+ * narrowed it. */
+typedef struct fo_slot {
+    pid_t tid;
+    int asleep, mask_ok, moved;
+    fo_mask mask;
+} fo_slot;
+#define FO_MAX_SLOTS 256 /* workers beyond are woken as they are */
+static fo_slot fo_slots[FO_MAX_SLOTS];
+
+/* A spinning worker on the master's CPU moves off it, at most once every spin window
+ * (`*last`: when it last did). */
+static void fo_leave_master_cpu(int64_t now, int64_t *last)
+{
+    int cpu = fo_cpu();
+    if (cpu < 0 || cpu != __atomic_load_n(&fo_pool.master_cpu, __ATOMIC_RELAXED)) return;
+    if (*last != 0 && now - *last < fo_pool.spin_ns) return;
+    *last = now;
+    fo_mask mask, other;
+    if (fo_get_mask(&mask) && fo_mask_without(&mask, cpu, &other) && fo_set_mask(0, &other))
+        fo_set_mask(0, &mask);
+}
+
 /* Wait until gen differs from seen: spin for spin_ns, then sleep. Returns the new gen. The
  * spin is polite: after a few microseconds of pause instructions (the groups of one step come
  * that close) it yields the core at every turn, so a thread that shares the core (the master,
  * another process) runs first, and the spin only uses time nobody else wants. */
-static uint64_t fo_worker_wait(uint64_t seen)
+static uint64_t fo_worker_wait(uint64_t seen, fo_slot *me, int64_t *left)
 {
     uint64_t g;
     int64_t until = 0;
@@ -295,16 +412,27 @@ static uint64_t fo_worker_wait(uint64_t seen)
             int64_t t = fo_now_ns();
             if (until == 0) until = t + fo_pool.spin_ns;
             else if (t >= until) break;
+            fo_leave_master_cpu(t, left);
         }
         if (i < 64) fo_pause();
         else sched_yield();
     }
     pthread_mutex_lock(&fo_pool.sleep);
+    if (me) { /* its mask, for the master to take its CPU out of (see above) */
+        me->mask_ok = fo_get_mask(&me->mask);
+        me->asleep = 1;
+    }
     __atomic_add_fetch(&fo_pool.sleepers, 1, __ATOMIC_SEQ_CST);
     while ((g = __atomic_load_n(&fo_pool.gen, __ATOMIC_SEQ_CST)) == seen)
         pthread_cond_wait(&fo_pool.wake, &fo_pool.sleep);
     __atomic_sub_fetch(&fo_pool.sleepers, 1, __ATOMIC_SEQ_CST);
+    int moved = 0;
+    if (me) {
+        moved = me->moved;
+        me->asleep = me->moved = 0;
+    }
     pthread_mutex_unlock(&fo_pool.sleep);
+    if (moved) fo_set_mask(0, &me->mask);
     return g;
 }
 
@@ -312,8 +440,21 @@ static void *fo_worker(void *arg)
 {
     int index = (int)(intptr_t)arg; /* 1, 2, ...: the master is 0 */
     uint64_t seen = __atomic_load_n(&fo_pool.gen, __ATOMIC_SEQ_CST);
+    fo_slot *me = index <= FO_MAX_SLOTS ? &fo_slots[index - 1] : NULL;
+    int64_t left = 0; /* when it last left the master's CPU */
+#ifdef __linux__
+    pthread_setname_np(pthread_self(), "fastopt-worker"); /* as top and /proc show it */
+#endif
+    if (me) { /* started off the master's CPU (see fo_pool_grow): the mask back */
+        pthread_mutex_lock(&fo_pool.sleep);
+        me->tid = fo_tid();
+        int moved = me->moved;
+        me->moved = 0;
+        pthread_mutex_unlock(&fo_pool.sleep);
+        if (moved) fo_set_mask(0, &me->mask);
+    }
     for (;;) {
-        seen = fo_worker_wait(seen);
+        seen = fo_worker_wait(seen, me, &left);
         __atomic_add_fetch(&fo_pool.inflight, 1, __ATOMIC_SEQ_CST);
         if (__atomic_load_n(&fo_pool.active, __ATOMIC_SEQ_CST) && index < fo_pool.job.nthr)
             fo_job_work(&fo_pool.job, index % fo_pool.job.nsh);
@@ -329,6 +470,8 @@ static void fo_pool_after_fork(void)
     pthread_cond_init(&fo_pool.wake, NULL);
     fo_pool.nworkers = fo_pool.sleepers = fo_pool.active = fo_pool.inflight = 0;
     fo_pool.backoff = fo_pool.skip = 0;
+    fo_pool.master_cpu = -1;
+    memset(fo_slots, 0, sizeof fo_slots);
 }
 
 /* Start workers until there are `want`; under `lock`. Returns how many there are. */
@@ -348,8 +491,23 @@ static int fo_pool_grow(int want)
     pthread_attr_t attr;
     pthread_attr_init(&attr);
     pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    /* the workers start away from the master's CPU, for the reason they are woken away from
+     * it (see "Sharing the master's CPU"), and take the master's mask when they start */
+    fo_mask mask, other;
+    int away = fo_get_mask(&mask) && fo_mask_without(&mask, fo_cpu(), &other) &&
+               fo_attr_mask(&attr, &other);
     while (fo_pool.nworkers < want) {
         pthread_t t;
+        if (fo_pool.nworkers == FO_MAX_SLOTS && away) { /* no slot to take the mask back */
+            if (!fo_attr_mask(&attr, &mask)) break;
+            away = 0;
+        }
+        if (fo_pool.nworkers < FO_MAX_SLOTS) {
+            pthread_mutex_lock(&fo_pool.sleep);
+            fo_slots[fo_pool.nworkers].mask = mask;
+            fo_slots[fo_pool.nworkers].moved = away;
+            pthread_mutex_unlock(&fo_pool.sleep);
+        }
         if (pthread_create(&t, &attr, fo_worker, (void *)(intptr_t)(fo_pool.nworkers + 1)))
             break;
         fo_pool.nworkers++;
@@ -396,10 +554,18 @@ static int fo_pool_run(fo_kernel_fn fn, const double *hyper, const fo_tensor *ts
         job->sh[s].hi = s == job->nsh - 1 ? total : (total * (s + 1) / job->nsh) & ~(int64_t)15;
         job->sh[s].next = 0;
     }
+    __atomic_store_n(&fo_pool.master_cpu, fo_cpu(), __ATOMIC_RELAXED);
     __atomic_store_n(&fo_pool.active, 1, __ATOMIC_SEQ_CST);
     __atomic_add_fetch(&fo_pool.gen, 1, __ATOMIC_SEQ_CST);
     if (wake) {
+        int cpu = fo_cpu();
         pthread_mutex_lock(&fo_pool.sleep);
+        for (int w = 0; w < fo_pool.nworkers && w < FO_MAX_SLOTS; w++) {
+            fo_slot *s = &fo_slots[w];
+            fo_mask other;
+            if (s->asleep && s->mask_ok && !s->moved && fo_mask_without(&s->mask, cpu, &other))
+                s->moved = fo_set_mask(s->tid, &other);
+        }
         pthread_cond_broadcast(&fo_pool.wake);
         pthread_mutex_unlock(&fo_pool.sleep);
     }

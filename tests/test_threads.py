@@ -9,6 +9,7 @@ ctypes on the runtime fastopt is linked to) and OMP_NUM_THREADS change it, and
 fastopt.set_num_threads sets it. No test times anything.
 """
 import ctypes
+import json
 import os
 import select
 import subprocess
@@ -305,3 +306,50 @@ def test_bench_thread_sweep_prints_one_row_per_case(load, capsys, threads):
         lo, hi = map(float, r[5].split(".."))
         assert one > 0 and two > 0 and lo <= ratio <= hi
     assert fastopt.get_num_threads() == 1  # restored
+
+
+# ---- affinity: workers are woken away from the calling thread's CPU, and left as they were ----
+
+_AFFINITY_CHILD = """
+import json, os, time, numpy as np, fastopt
+if {pin}:
+    os.sched_setaffinity(0, {{min(os.sched_getaffinity(0))}})
+mask = sorted(os.sched_getaffinity(0))
+fastopt.set_num_threads(2)
+p = fastopt.Parameter(np.zeros({n}, np.float32))
+p.grad = np.ones({n}, np.float32)
+opt = fastopt.SGD([p], lr=0.5)
+for k in range(30):
+    opt.step()
+    if k % 2:
+        time.sleep(0.002)  # the workers fall asleep; the next step wakes them
+time.sleep(0.01)
+def name(t):
+    with open(f"/proc/self/task/{{t}}/comm") as f:
+        return f.read().strip()
+masks = {{t: sorted(os.sched_getaffinity(int(t))) for t in os.listdir("/proc/self/task")
+         if t == str(os.getpid()) or name(t) == "fastopt-worker"}}
+print(json.dumps({{"mask": mask, "masks": masks, "p": float(np.asarray(p)[0])}}))
+"""
+
+
+@needs_openmp
+@pytest.mark.skipif(not sys.platform.startswith("linux") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs Linux and two CPUs")
+@pytest.mark.parametrize("pin", [False, True], ids=["free", "pinned-to-one-cpu"])
+def test_the_workers_affinity_is_left_as_it_was(pin):
+    """The master takes its CPU out of a sleeping worker's mask before waking it, a worker
+    starts with that CPU out of its mask, and a worker on the master's CPU moves off it: each
+    puts the mask back once on its way. After steps that wake sleeping workers every thread
+    of fastopt (the main one and its workers, named ``fastopt-worker``) has the mask it
+    started with, the whole of it (or the one CPU a user pinned the process to, which fastopt
+    never leaves)."""
+    n = 1 << 21  # large enough to wake sleeping workers
+    res = subprocess.run([sys.executable, "-c", _AFFINITY_CHILD.format(pin=pin, n=n)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.splitlines()[-1])
+    assert out["p"] == -15.0  # 30 steps of lr 0.5 on a gradient of 1
+    assert len(out["mask"]) == (1 if pin else len(os.sched_getaffinity(0)))
+    assert len(out["masks"]) == 2  # the main thread and its worker
+    assert {t: m for t, m in out["masks"].items() if m != out["mask"]} == {}
