@@ -98,11 +98,13 @@ FO_FN(div_by_const)(FO_T s, FO_T c, FO_T rh, FO_T rl)
  * decoding overlap the square root and the division, with fo_lowp_run's bits:
  *   FO_ADAM_Q8: read from the 8-bit codes qm and qv (block scales sm and sv); state[0] and
  *     state[1] take the new values, for the caller to encode;
+ *   FO_ADAM_Q8F: the same for blocks without non-finite codes (the decoding skips them);
  *   FO_ADAM_BF16: read from and written to the bfloat16 arrays hm and hv (rounded to
  *     nearest); state[0] and state[1] are not used. */
 #ifndef FO_ADAM_Q8
 #define FO_ADAM_Q8 1
 #define FO_ADAM_BF16 2
+#define FO_ADAM_Q8F 3
 #endif
 static inline __attribute__((always_inline)) void
 FO_FN(adam_loop)(const fo_adam_hyper *h, const fo_tensor *t, int64_t begin, int64_t end,
@@ -133,8 +135,10 @@ FO_FN(adam_loop)(const fo_adam_hyper *h, const fo_tensor *t, int64_t begin, int6
         if (decoupled) pi = pi * decay;
         if (l2) gi = FO_FMA(pi, wd, gi);
         FO_T m0 = packed == FO_ADAM_Q8 ? (FO_T)fo_q8_decode1(FO_FMT_Q8S, qm[i], sm)
+                  : packed == FO_ADAM_Q8F ? (FO_T)fo_q8_decode1_finite(FO_FMT_Q8S, qm[i], sm)
                   : packed == FO_ADAM_BF16 ? (FO_T)fo_bf16_to_f32(hm[i]) : m[i];
         FO_T v0 = packed == FO_ADAM_Q8 ? (FO_T)fo_q8_decode1(FO_FMT_Q8U, qv[i], sv)
+                  : packed == FO_ADAM_Q8F ? (FO_T)fo_q8_decode1_finite(FO_FMT_Q8U, qv[i], sv)
                   : packed == FO_ADAM_BF16 ? (FO_T)fo_bf16_to_f32(hv[i]) : v[i];
         FO_T mi = FO_LERP(m0, gi, w, wm1, small);
         FO_T vi = FO_FMA(one_m_beta2 * gi, gi, v0 * beta2);
@@ -196,7 +200,8 @@ void FO_FN(adam)(const double *hyper, const fo_tensor *t, int64_t begin, int64_t
 /* float32 parameters and gradients with 8-bit or bfloat16 exp_avg and exp_avg_sq (no
  * amsgrad; bfloat16 rounded to nearest): the loop above reads the compressed state itself.
  * 8-bit blocks of FO_Q8_BLOCK elements are updated into two float buffers, which are then
- * encoded with their new scales, as fo_lowp_run does. */
+ * encoded with their new scales, as fo_lowp_run does; a block whose codes are all finite
+ * (every block of finite state) is decoded without the checks for the non-finite codes. */
 static int FO_FN(adam_packed)(const double *hyper, const fo_tensor *t, int64_t begin,
                               int64_t end)
 {
@@ -223,14 +228,15 @@ static int FO_FN(adam_packed)(const double *hyper, const fo_tensor *t, int64_t b
         const int64_t n = end - lo < FO_Q8_BLOCK ? end - lo : FO_Q8_BLOCK, k = lo / FO_Q8_BLOCK;
         b.param = (float *)t->param + lo;
         b.grad = (const float *)t->grad + lo;
-        FO_FN(adam_cases)(h, &b, 0, n, FO_ADAM_Q8, qm + lo, qv + lo, t->scale[0][k],
-                          t->scale[1][k], NULL, NULL);
-        float s = fo_q8_scale(FO_FMT_Q8S, mb, n);
-        t->scale[0][k] = s;
-        fo_q8_encode_block(FO_FMT_Q8S, mb, qm + lo, n, s);
-        s = fo_q8_scale(FO_FMT_Q8U, vb, n);
-        t->scale[1][k] = s;
-        fo_q8_encode_block(FO_FMT_Q8U, vb, qv + lo, n, s);
+        if (fo_q8_codes_finite(FO_FMT_Q8S, qm + lo, n)
+            && fo_q8_codes_finite(FO_FMT_Q8U, qv + lo, n))
+            FO_FN(adam_cases)(h, &b, 0, n, FO_ADAM_Q8F, qm + lo, qv + lo, t->scale[0][k],
+                              t->scale[1][k], NULL, NULL);
+        else
+            FO_FN(adam_cases)(h, &b, 0, n, FO_ADAM_Q8, qm + lo, qv + lo, t->scale[0][k],
+                              t->scale[1][k], NULL, NULL);
+        t->scale[0][k] = fo_q8_store(FO_FMT_Q8S, mb, qm + lo, n);
+        t->scale[1][k] = fo_q8_store(FO_FMT_Q8U, vb, qv + lo, n);
     }
     return 1;
 }

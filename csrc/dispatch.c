@@ -231,10 +231,11 @@ static int64_t fo_job_work(fo_job *j, int home)
  * barrier that waits for every thread of the team to arrive, and on a machine where another
  * process keeps a core busy the last thread to be woken can wait for that process's time
  * slice, milliseconds, at every step (with a region and chunks taken from a counter, 2 threads
- * were 13 to 210 times slower than 1 for Adam at 1e6 to 1e5 elements, medians). Here the thread that calls fo_run (the master) starts on its share at once,
- * the workers join as they wake, and the master waits only for chunks that a worker has
- * taken: a worker that wakes late finds nothing left and leaves, and one descheduled while it
- * works delays only its chunk. The thread count is still OpenMP's setting (fo_get_num_threads).
+ * were 13 to 210 times slower than 1 for Adam at 1e6 to 1e5 elements, medians). Here the
+ * thread that calls fo_run (the master) starts on its share at once, the workers join as
+ * they wake, and the master waits only for chunks that a worker has taken: a worker that
+ * wakes late finds nothing left and leaves, and one descheduled while it works delays only
+ * its chunk. The thread count is still OpenMP's setting (fo_get_num_threads).
  *
  * Waiting: after a job a worker spins for FO_SPIN_NS (so that back-to-back steps, and the
  * groups of one step, find it awake), yielding the core to anyone who wants it, and then
@@ -664,9 +665,7 @@ static void fo_prepare_group(const fo_kernel *k, const fo_group *g)
 
 float fo_q8_encode(int fmt, const float *x, uint8_t *codes, int64_t n)
 {
-    float s = fo_q8_scale(fmt, x, n);
-    fo_q8_encode_block(fmt, x, codes, n, s);
-    return s;
+    return fo_q8_store(fmt, x, codes, n);
 }
 
 void fo_q8_decode(int fmt, const uint8_t *codes, float scale, float *x, int64_t n)

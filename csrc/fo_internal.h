@@ -183,22 +183,43 @@ static inline void fo_q8_encode_scalar(int fmt, const float *restrict x, uint8_t
     }
 }
 
-/* The value of one code b of format fmt in a block of scale `scale`. */
-static inline __attribute__((always_inline)) float fo_q8_decode1(int fmt, uint32_t b,
-                                                                 float scale)
+/* The value of one code b of format fmt in a block of scale `scale`, for a code known not
+ * to be one of the non-finite codes. */
+static inline __attribute__((always_inline)) float fo_q8_decode1_finite(int fmt, uint32_t b,
+                                                                        float scale)
 {
     const int e = fmt == FO_FMT_Q8S ? FO_Q8S_E : FO_Q8U_E;
     const uint32_t rebias = (uint32_t)(127 - e) << 3;
     const float sub_step = fo_bits_f32((uint32_t)(127 - 2 - e) << 23); /* 2^(-2-E) */
-    const uint32_t mag = fmt == FO_FMT_Q8S ? 0x7fu : 0xffu;
-    const uint32_t inf_code = fmt == FO_FMT_Q8S ? 0x7eu : 0xfeu;
-    uint32_t c = b & mag;
+    uint32_t c = b & (fmt == FO_FMT_Q8S ? 0x7fu : 0xffu);
     uint32_t sign = fmt == FO_FMT_Q8S ? (b & 0x80u) << 24 : 0u;
     float v = c < 8u ? (float)(int32_t)c * sub_step : fo_bits_f32((c + rebias) << 20);
-    uint32_t r = fo_f32_bits(v * scale);
-    r = c == inf_code ? 0x7f800000u : r;
-    r = c == mag ? 0x7fc00000u : r | sign;
+    return fo_bits_f32(fo_f32_bits(v * scale) | sign);
+}
+
+/* The value of any code b. */
+static inline __attribute__((always_inline)) float fo_q8_decode1(int fmt, uint32_t b,
+                                                                 float scale)
+{
+    const uint32_t mag = fmt == FO_FMT_Q8S ? 0x7fu : 0xffu;
+    const uint32_t c = b & mag;
+    const uint32_t sign = fmt == FO_FMT_Q8S ? (b & 0x80u) << 24 : 0u;
+    uint32_t r = fo_f32_bits(fo_q8_decode1_finite(fmt, b, scale));
+    r = c == mag - 1 ? 0x7f800000u | sign : r; /* +-inf */
+    r = c == mag ? 0x7fc00000u : r;             /* NaN */
     return fo_bits_f32(r);
+}
+
+/* Whether none of the n codes q[0..n) is a non-finite code (+-inf or NaN). */
+static inline int fo_q8_codes_finite(int fmt, const uint8_t *restrict q, int64_t n)
+{
+    const uint8_t mask = fmt == FO_FMT_Q8S ? 0x7f : 0xff; /* the non-finite: mask - 1, mask */
+    uint8_t mx = 0;
+    for (int64_t i = 0; i < n; i++) {
+        uint8_t c = q[i] & mask;
+        mx = c > mx ? c : mx;
+    }
+    return mx < mask - 1;
 }
 
 static inline void fo_q8_decode_scalar(int fmt, const uint8_t *restrict q, float scale,
@@ -298,6 +319,62 @@ static inline void fo_q8_decode_block(int fmt, const uint8_t *restrict q, float 
         _mm512_storeu_si512((void *)(x + i), r);
     }
     fo_q8_decode_scalar(fmt, q + i, scale, x + i, n - i);
+}
+
+/* A block without NaN, infinities or (in unsigned state) negative values, which is every
+ * block the kernels write from finite state: its scale is the largest bits, and the encoding
+ * needs neither the clamp nor the special codes. *clean says whether x is such a block (its
+ * scale is then returned; else fo_q8_scale's). The clean encoding gives the same bytes as
+ * fo_q8_encode_block for such a block: the same integer operations, and y * 2^(E+2) + 2^23
+ * in one fma, exact as the two operations are (y * 2^(E+2) is exact). */
+static inline float fo_q8_scale_clean(int fmt, const float *restrict x, int64_t n, int *clean)
+{
+    const __m512i mask = _mm512_set1_epi32(fmt == FO_FMT_Q8S ? 0x7fffffff : -1);
+    __m512i mx = _mm512_setzero_si512();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        mx = _mm512_max_epu32(mx, _mm512_and_si512(_mm512_loadu_si512((const void *)(x + i)),
+                                                   mask));
+    uint32_t best = (uint32_t)_mm512_reduce_max_epu32(mx);
+    const uint32_t m = fmt == FO_FMT_Q8S ? 0x7fffffffu : 0xffffffffu;
+    for (; i < n; i++) {
+        uint32_t a = fo_f32_bits(x[i]) & m;
+        best = a > best ? a : best;
+    }
+    *clean = best < 0x7f800000u;
+    if (!*clean) return fo_q8_scale(fmt, x, n);
+    return best < 0x00800000u ? 0.0f : fo_bits_f32(best);
+}
+
+static inline void fo_q8_encode_clean(int fmt, const float *restrict x, uint8_t *restrict q,
+                                      int64_t n, float scale)
+{
+    const int e = fmt == FO_FMT_Q8S ? FO_Q8S_E : FO_Q8U_E;
+    const __m512 inv = _mm512_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f);
+    const __m512 sub_mul = _mm512_set1_ps(fo_bits_f32((uint32_t)(127 + e + 2) << 23));
+    const __m512 sub_max = _mm512_set1_ps(fo_bits_f32((uint32_t)(127 + 1 - e) << 23));
+    const __m512 magic = _mm512_set1_ps(0x1p23f);
+    const __m512i magic_bits = _mm512_set1_epi32(0x4b000000);
+    const __m512i rebias = _mm512_set1_epi32((int32_t)((uint32_t)(127 - e) << 23) - 0x7ffff);
+    const __m512i one = _mm512_set1_epi32(1);
+    const __m512i absm = _mm512_set1_epi32(fmt == FO_FMT_Q8S ? 0x7fffffff : -1);
+    const __m512i sbit = _mm512_set1_epi32(0x80);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512i u = _mm512_loadu_si512((const void *)(x + i));
+        __m512 y = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(u, absm)), inv);
+        __m512i yb = _mm512_castps_si512(y);
+        __m512i c = _mm512_srli_epi32(
+            _mm512_add_epi32(_mm512_sub_epi32(yb, rebias),
+                             _mm512_and_si512(_mm512_srli_epi32(yb, 20), one)), 20);
+        c = _mm512_mask_sub_epi32(c, _mm512_cmp_ps_mask(y, sub_max, _CMP_LT_OQ),
+                                  _mm512_castps_si512(_mm512_fmadd_ps(y, sub_mul, magic)),
+                                  magic_bits);
+        if (fmt == FO_FMT_Q8S) /* c | ((u >> 24) & 0x80) */
+            c = _mm512_ternarylogic_epi32(c, _mm512_srli_epi32(u, 24), sbit, 0xf8);
+        _mm_storeu_si128((__m128i *)(q + i), _mm512_cvtepi32_epi8(c));
+    }
+    fo_q8_encode_scalar(fmt, x + i, q + i, n - i, scale);
 }
 #elif defined(__AVX2__)
 #include <immintrin.h>
@@ -400,11 +477,90 @@ static inline void fo_q8_decode_block(int fmt, const uint8_t *restrict q, float 
     }
     fo_q8_decode_scalar(fmt, q + i, scale, x + i, n - i);
 }
+
+/* The clean block (see the AVX-512 versions above), 8 elements at a time. */
+static inline float fo_q8_scale_clean(int fmt, const float *restrict x, int64_t n, int *clean)
+{
+    const __m256i mask = _mm256_set1_epi32(fmt == FO_FMT_Q8S ? 0x7fffffff : -1);
+    __m256i mx = _mm256_setzero_si256();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        mx = _mm256_max_epu32(mx, _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(x + i)),
+                                                   mask));
+    __m128i m4 = _mm_max_epu32(_mm256_castsi256_si128(mx), _mm256_extracti128_si256(mx, 1));
+    m4 = _mm_max_epu32(m4, _mm_shuffle_epi32(m4, 0x4e));
+    m4 = _mm_max_epu32(m4, _mm_shuffle_epi32(m4, 0xb1));
+    uint32_t best = (uint32_t)_mm_cvtsi128_si32(m4);
+    const uint32_t m = fmt == FO_FMT_Q8S ? 0x7fffffffu : 0xffffffffu;
+    for (; i < n; i++) {
+        uint32_t a = fo_f32_bits(x[i]) & m;
+        best = a > best ? a : best;
+    }
+    *clean = best < 0x7f800000u;
+    if (!*clean) return fo_q8_scale(fmt, x, n);
+    return best < 0x00800000u ? 0.0f : fo_bits_f32(best);
+}
+
+static inline void fo_q8_encode_clean(int fmt, const float *restrict x, uint8_t *restrict q,
+                                      int64_t n, float scale)
+{
+    const int e = fmt == FO_FMT_Q8S ? FO_Q8S_E : FO_Q8U_E;
+    const __m256 inv = _mm256_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f);
+    const __m256 sub_mul = _mm256_set1_ps(fo_bits_f32((uint32_t)(127 + e + 2) << 23));
+    const __m256 sub_max = _mm256_set1_ps(fo_bits_f32((uint32_t)(127 + 1 - e) << 23));
+    const __m256 magic = _mm256_set1_ps(0x1p23f);
+    const __m256i magic_bits = _mm256_set1_epi32(0x4b000000);
+    const __m256i rebias = _mm256_set1_epi32((int32_t)((uint32_t)(127 - e) << 23) - 0x7ffff);
+    const __m256i one = _mm256_set1_epi32(1);
+    const __m256i absm = _mm256_set1_epi32(fmt == FO_FMT_Q8S ? 0x7fffffff : -1);
+    const __m256i sbit = _mm256_set1_epi32(0x80);
+    const __m256i pick = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                          -1, -1, 0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1,
+                                          -1, -1, -1, -1);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256i u = _mm256_loadu_si256((const __m256i *)(x + i));
+        __m256 y = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_and_si256(u, absm)), inv);
+        __m256i yb = _mm256_castps_si256(y);
+        __m256i c_sub = _mm256_sub_epi32(
+            _mm256_castps_si256(_mm256_fmadd_ps(y, sub_mul, magic)), magic_bits);
+        __m256i c_norm = _mm256_srli_epi32(
+            _mm256_add_epi32(_mm256_sub_epi32(yb, rebias),
+                             _mm256_and_si256(_mm256_srli_epi32(yb, 20), one)), 20);
+        __m256i c = _mm256_blendv_epi8(c_norm, c_sub,
+                                       _mm256_castps_si256(_mm256_cmp_ps(y, sub_max, _CMP_LT_OQ)));
+        if (fmt == FO_FMT_Q8S)
+            c = _mm256_or_si256(c, _mm256_and_si256(_mm256_srli_epi32(u, 24), sbit));
+        __m256i t = _mm256_shuffle_epi8(c, pick);
+        __m128i lo = _mm256_castsi256_si128(t), hi = _mm256_extracti128_si256(t, 1);
+        _mm_storel_epi64((__m128i *)(q + i), _mm_unpacklo_epi32(lo, hi));
+    }
+    fo_q8_encode_scalar(fmt, x + i, q + i, n - i, scale);
+}
 #else
 #define fo_q8_scale fo_q8_scale_scalar
 #define fo_q8_encode_block fo_q8_encode_scalar
 #define fo_q8_decode_block fo_q8_decode_scalar
+static inline float fo_q8_scale_clean(int fmt, const float *restrict x, int64_t n, int *clean)
+{
+    *clean = 0;
+    return fo_q8_scale_scalar(fmt, x, n);
+}
+#define fo_q8_encode_clean fo_q8_encode_scalar
 #endif
+
+/* A block of n <= FO_Q8_BLOCK float32 values encoded into q: returns its scale. */
+static inline float fo_q8_store(int fmt, const float *restrict x, uint8_t *restrict q,
+                                int64_t n)
+{
+    int clean;
+    float s = fo_q8_scale_clean(fmt, x, n, &clean);
+    if (clean)
+        fo_q8_encode_clean(fmt, x, q, n, s);
+    else
+        fo_q8_encode_block(fmt, x, q, n, s);
+    return s;
+}
 
 /* ---- stored formats: loading into float32 and storing back ------------------------------ */
 static inline void fo_fmt_load(float *restrict dst, const void *src, int64_t lo, int64_t n,
@@ -446,9 +602,7 @@ static inline void fo_fmt_store(void *dst, const float *restrict src, int64_t lo
         uint8_t *q = (uint8_t *)dst + lo;
         for (int64_t k = 0; k < n; k += FO_Q8_BLOCK) {
             int64_t m = n - k < FO_Q8_BLOCK ? n - k : FO_Q8_BLOCK;
-            float s = fo_q8_scale(fmt, src + k, m);
-            scale[(lo + k) / FO_Q8_BLOCK] = s;
-            fo_q8_encode_block(fmt, src + k, q + k, m, s);
+            scale[(lo + k) / FO_Q8_BLOCK] = fo_q8_store(fmt, src + k, q + k, m);
         }
     }
 }

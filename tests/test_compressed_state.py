@@ -615,3 +615,38 @@ def test_full_precision_state_dict_of_channels_last_8bit_state():
     # decoded 8-bit values are within the code's 1/16 relative error of the float32 ones
     # (an absolute error in the bottom range of each block)
     assert torch.allclose(got.float(), want, rtol=1 / 16, atol=1e-5 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("name", ["Adam", "SGD"])
+def test_8bit_state_of_a_wide_range_is_the_same_for_every_isa(name):
+    """Blocks whose values span 40 decades (many in the code's bottom, linear range) and
+    blocks holding an infinity or a NaN: the vector encodings, which take a shorter path for
+    blocks without such values, give the bytes of the scalar one."""
+    kw = {"momentum": 0.9} if name == "SGD" else {}
+    n = 64 * 256 + 77
+    rng = np.random.default_rng(11)
+    start = rng.standard_normal(n).astype(np.float32)
+    grads = []
+    for k in range(3):
+        g = (rng.choice([-1.0, 1.0], n) * 10.0 ** rng.uniform(-35, 5, n)).astype(np.float32)
+        g[rng.integers(0, n, 3)] = [np.inf, -np.inf, np.nan][k]  # a few blocks go non-finite
+        grads.append(g)
+
+    def run(isa):
+        before = _kernels.get_isa()
+        try:
+            _kernels.set_isa(isa)
+            p = fastopt.Parameter(start.copy())
+            opt = getattr(fastopt, name)([p], lr=1e-3, state_dtype="int8", **kw)
+            with np.errstate(all="ignore"):
+                for g in grads:
+                    p.grad = g
+                    opt.step()
+            return [np.asarray(p).tobytes()] + [
+                (k, np.asarray(v).tobytes()) for k, v in sorted(opt.state[p].items())]
+        finally:
+            _kernels.set_isa(before)
+
+    base = run("baseline")
+    for level in [lv for lv in _kernels.isa_levels() if _kernels.isa_supported(lv)]:
+        assert run(level) == base, level
