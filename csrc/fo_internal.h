@@ -228,6 +228,19 @@ static inline void fo_q8_decode_scalar(int fmt, const uint8_t *restrict q, float
     for (int64_t i = 0; i < n; i++) x[i] = fo_q8_decode1(fmt, q[i], scale);
 }
 
+/* The largest of `best` and the bits of x[0..n) as unsigned ints (of |x| for the signed
+ * code): at least 0x7f800000 when one is NaN, infinite or (unsigned code) negative. */
+static inline uint32_t fo_q8_max_bits(int fmt, const float *restrict x, int64_t n,
+                                      uint32_t best)
+{
+    const uint32_t m = fmt == FO_FMT_Q8S ? 0x7fffffffu : 0xffffffffu;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t a = fo_f32_bits(x[i]) & m;
+        best = a > best ? a : best;
+    }
+    return best;
+}
+
 /* The same three loops with AVX2 (the avx2 and avx512 levels), 8 elements at a time and the
  * scalar loops for the tail: the same integer operations and float32 multiplies, so the same
  * bits. */
@@ -336,11 +349,7 @@ static inline float fo_q8_scale_clean(int fmt, const float *restrict x, int64_t 
         mx = _mm512_max_epu32(mx, _mm512_and_si512(_mm512_loadu_si512((const void *)(x + i)),
                                                    mask));
     uint32_t best = (uint32_t)_mm512_reduce_max_epu32(mx);
-    const uint32_t m = fmt == FO_FMT_Q8S ? 0x7fffffffu : 0xffffffffu;
-    for (; i < n; i++) {
-        uint32_t a = fo_f32_bits(x[i]) & m;
-        best = a > best ? a : best;
-    }
+    best = fo_q8_max_bits(fmt, x + i, n - i, best);
     *clean = best < 0x7f800000u;
     if (!*clean) return fo_q8_scale(fmt, x, n);
     return best < 0x00800000u ? 0.0f : fo_bits_f32(best);
@@ -491,11 +500,7 @@ static inline float fo_q8_scale_clean(int fmt, const float *restrict x, int64_t 
     m4 = _mm_max_epu32(m4, _mm_shuffle_epi32(m4, 0x4e));
     m4 = _mm_max_epu32(m4, _mm_shuffle_epi32(m4, 0xb1));
     uint32_t best = (uint32_t)_mm_cvtsi128_si32(m4);
-    const uint32_t m = fmt == FO_FMT_Q8S ? 0x7fffffffu : 0xffffffffu;
-    for (; i < n; i++) {
-        uint32_t a = fo_f32_bits(x[i]) & m;
-        best = a > best ? a : best;
-    }
+    best = fo_q8_max_bits(fmt, x + i, n - i, best);
     *clean = best < 0x7f800000u;
     if (!*clean) return fo_q8_scale(fmt, x, n);
     return best < 0x00800000u ? 0.0f : fo_bits_f32(best);

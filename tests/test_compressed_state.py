@@ -114,6 +114,30 @@ def test_small_tensors_keep_float32_state(name):
     assert fastopt.Adam([big], state_dtype="int8").defaults["min_8bit_size"] == 4096
 
 
+def _levels():
+    return [lv for lv in _kernels.isa_levels() if _kernels.isa_supported(lv)]
+
+
+def _stepped(isa, threads, name, start, grads, kw):
+    """The bytes of the parameter and of its state after one step per gradient of
+    ``grads``, from ``start``, at ISA level ``isa`` on ``threads`` threads."""
+    before_isa, before_thr = _kernels.get_isa(), fastopt.get_num_threads()
+    try:
+        _kernels.set_isa(isa)
+        fastopt.set_num_threads(threads)
+        p = fastopt.Parameter(start.copy())
+        opt = getattr(fastopt, name)([p], **kw)
+        with np.errstate(all="ignore"):
+            for g in grads:
+                p.grad = g
+                opt.step()
+        return [np.asarray(p).tobytes()] + [
+            (k, np.asarray(v).tobytes()) for k, v in sorted(opt.state[p].items())]
+    finally:
+        _kernels.set_isa(before_isa)
+        fastopt.set_num_threads(before_thr)
+
+
 @pytest.mark.parametrize("nthreads", [1, 2])
 @pytest.mark.parametrize("state_dtype", ["bfloat16", "int8"])
 @pytest.mark.parametrize("name", ["Adam", "SGD", "RMSprop"])
@@ -126,27 +150,10 @@ def test_compressed_state_is_the_same_for_every_thread_count_and_isa(name, state
     start = rng.standard_normal(n).astype(np.float32)
     grads = [rng.standard_normal(n).astype(np.float32) for _ in range(3)]
 
-    def run(isa, threads):
-        before_isa, before_thr = _kernels.get_isa(), fastopt.get_num_threads()
-        try:
-            _kernels.set_isa(isa)
-            fastopt.set_num_threads(threads)
-            p = fastopt.Parameter(start.copy())
-            opt = getattr(fastopt, name)([p], lr=1e-2, state_dtype=state_dtype,
-                                         stochastic_rounding=True, **kw)
-            for g in grads:
-                p.grad = g
-                opt.step()
-            return [np.asarray(p).tobytes()] + [
-                (k, np.asarray(v).tobytes()) for k, v in sorted(opt.state[p].items())]
-        finally:
-            _kernels.set_isa(before_isa)
-            fastopt.set_num_threads(before_thr)
-
-    levels = [lv for lv in _kernels.isa_levels() if _kernels.isa_supported(lv)]
-    base = run("baseline", 1)
-    for level in levels:
-        assert run(level, nthreads) == base, level
+    kw.update(lr=1e-2, state_dtype=state_dtype, stochastic_rounding=True)
+    base = _stepped("baseline", 1, name, start, grads, kw)
+    for level in _levels():
+        assert _stepped(level, nthreads, name, start, grads, kw) == base, level
 
 
 @pytest.mark.parametrize("name,kwargs", _configs())
@@ -632,21 +639,7 @@ def test_8bit_state_of_a_wide_range_is_the_same_for_every_isa(name):
         g[rng.integers(0, n, 3)] = [np.inf, -np.inf, np.nan][k]  # a few blocks go non-finite
         grads.append(g)
 
-    def run(isa):
-        before = _kernels.get_isa()
-        try:
-            _kernels.set_isa(isa)
-            p = fastopt.Parameter(start.copy())
-            opt = getattr(fastopt, name)([p], lr=1e-3, state_dtype="int8", **kw)
-            with np.errstate(all="ignore"):
-                for g in grads:
-                    p.grad = g
-                    opt.step()
-            return [np.asarray(p).tobytes()] + [
-                (k, np.asarray(v).tobytes()) for k, v in sorted(opt.state[p].items())]
-        finally:
-            _kernels.set_isa(before)
-
-    base = run("baseline")
-    for level in [lv for lv in _kernels.isa_levels() if _kernels.isa_supported(lv)]:
-        assert run(level) == base, level
+    kw.update(lr=1e-3, state_dtype="int8")
+    base = _stepped("baseline", 1, name, start, grads, kw)
+    for level in _levels():
+        assert _stepped(level, 1, name, start, grads, kw) == base, level
