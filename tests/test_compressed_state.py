@@ -120,7 +120,10 @@ def _levels():
 
 def _stepped(isa, threads, name, start, grads, kw):
     """The bytes of the parameter and of its state after one step per gradient of
-    ``grads``, from ``start``, at ISA level ``isa`` on ``threads`` threads."""
+    ``grads``, from ``start``, at ISA level ``isa`` on ``threads`` threads. A parameter
+    element that is NaN counts as the one NaN: which NaN an operation on NaNs returns (its
+    sign and payload) is the hardware's, and a build that orders the operands otherwise (the
+    sanitizers' one) gets another."""
     before_isa, before_thr = _kernels.get_isa(), fastopt.get_num_threads()
     try:
         _kernels.set_isa(isa)
@@ -131,7 +134,8 @@ def _stepped(isa, threads, name, start, grads, kw):
             for g in grads:
                 p.grad = g
                 opt.step()
-        return [np.asarray(p).tobytes()] + [
+        a = np.asarray(p)
+        return [np.where(np.isnan(a), np.float32(np.nan), a).tobytes()] + [
             (k, np.asarray(v).tobytes()) for k, v in sorted(opt.state[p].items())]
     finally:
         _kernels.set_isa(before_isa)
