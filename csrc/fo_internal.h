@@ -263,8 +263,12 @@ static inline float fo_q8_scale(int fmt, const float *restrict x, int64_t n)
     return best < 0x00800000 ? 0.0f : fo_bits_f32((uint32_t)best);
 }
 
-static inline void fo_q8_encode_block(int fmt, const float *restrict x, uint8_t *restrict q,
-                                      int64_t n, float scale)
+/* `clean`: x is a block without NaN, infinities or (unsigned code) negative values, which
+ * needs neither the clamp nor the special codes (see fo_q8_scale_clean). y * 2^(E+2) + 2^23
+ * is one fma, exact as the two operations are (y * 2^(E+2) is exact). */
+static inline __attribute__((always_inline)) void
+fo_q8_encode_block(int fmt, const float *restrict x, uint8_t *restrict q, int64_t n,
+                   float scale, const int clean)
 {
     const int e = fmt == FO_FMT_Q8S ? FO_Q8S_E : FO_Q8U_E;
     const __m512 inv = _mm512_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f);
@@ -286,19 +290,22 @@ static inline void fo_q8_encode_block(int fmt, const float *restrict x, uint8_t 
         __m512i a = _mm512_and_si512(u, absm);
         __m512 y = _mm512_mul_ps(_mm512_castsi512_ps(a), inv);
         __m512i yb = _mm512_castps_si512(y);
-        __m512i c_sub = _mm512_sub_epi32(
-            _mm512_castps_si512(_mm512_add_ps(_mm512_mul_ps(y, sub_mul), magic)), magic_bits);
         __m512i c = _mm512_srli_epi32(
             _mm512_add_epi32(_mm512_sub_epi32(yb, rebias),
                              _mm512_and_si512(_mm512_srli_epi32(yb, 20), one)), 20);
-        c = _mm512_mask_mov_epi32(c, _mm512_cmp_ps_mask(y, sub_max, _CMP_LT_OQ), c_sub);
-        c = _mm512_min_epu32(c, cmax);
-        c = _mm512_mask_mov_epi32(c, _mm512_cmpeq_epi32_mask(a, inf), inf_code);
-        if (fmt == FO_FMT_Q8S)
-            c = _mm512_or_si512(c, _mm512_and_si512(_mm512_srli_epi32(u, 24), sbit));
-        else
+        c = _mm512_mask_sub_epi32(c, _mm512_cmp_ps_mask(y, sub_max, _CMP_LT_OQ),
+                                  _mm512_castps_si512(_mm512_fmadd_ps(y, sub_mul, magic)),
+                                  magic_bits);
+        if (!clean) {
+            c = _mm512_min_epu32(c, cmax);
+            c = _mm512_mask_mov_epi32(c, _mm512_cmpeq_epi32_mask(a, inf), inf_code);
+        }
+        if (fmt == FO_FMT_Q8S) /* c | ((u >> 24) & 0x80) */
+            c = _mm512_ternarylogic_epi32(c, _mm512_srli_epi32(u, 24), sbit, 0xf8);
+        else if (!clean)
             c = _mm512_maskz_mov_epi32(_mm512_cmpge_epi32_mask(u, _mm512_setzero_si512()), c);
-        c = _mm512_mask_mov_epi32(c, _mm512_cmpgt_epi32_mask(a, inf), nan_code);
+        if (!clean)
+            c = _mm512_mask_mov_epi32(c, _mm512_cmpgt_epi32_mask(a, inf), nan_code);
         _mm_storeu_si128((__m128i *)(q + i), _mm512_cvtepi32_epi8(c));
     }
     fo_q8_encode_scalar(fmt, x + i, q + i, n - i, scale);
@@ -337,9 +344,7 @@ static inline void fo_q8_decode_block(int fmt, const uint8_t *restrict q, float 
 /* A block without NaN, infinities or (in unsigned state) negative values, which is every
  * block the kernels write from finite state: its scale is the largest bits, and the encoding
  * needs neither the clamp nor the special codes. *clean says whether x is such a block (its
- * scale is then returned; else fo_q8_scale's). The clean encoding gives the same bytes as
- * fo_q8_encode_block for such a block: the same integer operations, and y * 2^(E+2) + 2^23
- * in one fma, exact as the two operations are (y * 2^(E+2) is exact). */
+ * scale is then returned; else fo_q8_scale's). */
 static inline float fo_q8_scale_clean(int fmt, const float *restrict x, int64_t n, int *clean)
 {
     const __m512i mask = _mm512_set1_epi32(fmt == FO_FMT_Q8S ? 0x7fffffff : -1);
@@ -355,36 +360,6 @@ static inline float fo_q8_scale_clean(int fmt, const float *restrict x, int64_t 
     return best < 0x00800000u ? 0.0f : fo_bits_f32(best);
 }
 
-static inline void fo_q8_encode_clean(int fmt, const float *restrict x, uint8_t *restrict q,
-                                      int64_t n, float scale)
-{
-    const int e = fmt == FO_FMT_Q8S ? FO_Q8S_E : FO_Q8U_E;
-    const __m512 inv = _mm512_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f);
-    const __m512 sub_mul = _mm512_set1_ps(fo_bits_f32((uint32_t)(127 + e + 2) << 23));
-    const __m512 sub_max = _mm512_set1_ps(fo_bits_f32((uint32_t)(127 + 1 - e) << 23));
-    const __m512 magic = _mm512_set1_ps(0x1p23f);
-    const __m512i magic_bits = _mm512_set1_epi32(0x4b000000);
-    const __m512i rebias = _mm512_set1_epi32((int32_t)((uint32_t)(127 - e) << 23) - 0x7ffff);
-    const __m512i one = _mm512_set1_epi32(1);
-    const __m512i absm = _mm512_set1_epi32(fmt == FO_FMT_Q8S ? 0x7fffffff : -1);
-    const __m512i sbit = _mm512_set1_epi32(0x80);
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        __m512i u = _mm512_loadu_si512((const void *)(x + i));
-        __m512 y = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(u, absm)), inv);
-        __m512i yb = _mm512_castps_si512(y);
-        __m512i c = _mm512_srli_epi32(
-            _mm512_add_epi32(_mm512_sub_epi32(yb, rebias),
-                             _mm512_and_si512(_mm512_srli_epi32(yb, 20), one)), 20);
-        c = _mm512_mask_sub_epi32(c, _mm512_cmp_ps_mask(y, sub_max, _CMP_LT_OQ),
-                                  _mm512_castps_si512(_mm512_fmadd_ps(y, sub_mul, magic)),
-                                  magic_bits);
-        if (fmt == FO_FMT_Q8S) /* c | ((u >> 24) & 0x80) */
-            c = _mm512_ternarylogic_epi32(c, _mm512_srli_epi32(u, 24), sbit, 0xf8);
-        _mm_storeu_si128((__m128i *)(q + i), _mm512_cvtepi32_epi8(c));
-    }
-    fo_q8_encode_scalar(fmt, x + i, q + i, n - i, scale);
-}
 #elif defined(__AVX2__)
 #include <immintrin.h>
 
@@ -410,8 +385,9 @@ static inline float fo_q8_scale(int fmt, const float *restrict x, int64_t n)
     return best < 0x00800000 ? 0.0f : fo_bits_f32((uint32_t)best);
 }
 
-static inline void fo_q8_encode_block(int fmt, const float *restrict x, uint8_t *restrict q,
-                                      int64_t n, float scale)
+static inline __attribute__((always_inline)) void
+fo_q8_encode_block(int fmt, const float *restrict x, uint8_t *restrict q, int64_t n,
+                   float scale, const int clean)
 {
     const int e = fmt == FO_FMT_Q8S ? FO_Q8S_E : FO_Q8U_E;
     const __m256 inv = _mm256_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f);
@@ -437,19 +413,22 @@ static inline void fo_q8_encode_block(int fmt, const float *restrict x, uint8_t 
         __m256 y = _mm256_mul_ps(_mm256_castsi256_ps(a), inv);
         __m256i yb = _mm256_castps_si256(y);
         __m256i c_sub = _mm256_sub_epi32(
-            _mm256_castps_si256(_mm256_add_ps(_mm256_mul_ps(y, sub_mul), magic)), magic_bits);
+            _mm256_castps_si256(_mm256_fmadd_ps(y, sub_mul, magic)), magic_bits);
         __m256i c_norm = _mm256_srli_epi32(
             _mm256_add_epi32(_mm256_sub_epi32(yb, rebias),
                              _mm256_and_si256(_mm256_srli_epi32(yb, 20), one)), 20);
         __m256i c = _mm256_blendv_epi8(c_norm, c_sub,
                                        _mm256_castps_si256(_mm256_cmp_ps(y, sub_max, _CMP_LT_OQ)));
-        c = _mm256_min_epu32(c, cmax);
-        c = _mm256_blendv_epi8(c, inf_code, _mm256_cmpeq_epi32(a, inf));
+        if (!clean) {
+            c = _mm256_min_epu32(c, cmax);
+            c = _mm256_blendv_epi8(c, inf_code, _mm256_cmpeq_epi32(a, inf));
+        }
         if (fmt == FO_FMT_Q8S)
             c = _mm256_or_si256(c, _mm256_and_si256(_mm256_srli_epi32(u, 24), sbit));
-        else
+        else if (!clean)
             c = _mm256_andnot_si256(_mm256_srai_epi32(u, 31), c);
-        c = _mm256_blendv_epi8(c, nan_code, _mm256_cmpgt_epi32(a, inf));
+        if (!clean)
+            c = _mm256_blendv_epi8(c, nan_code, _mm256_cmpgt_epi32(a, inf));
         __m256i t = _mm256_shuffle_epi8(c, pick);
         __m128i lo = _mm256_castsi256_si128(t), hi = _mm256_extracti128_si256(t, 1);
         _mm_storel_epi64((__m128i *)(q + i), _mm_unpacklo_epi32(lo, hi));
@@ -487,7 +466,7 @@ static inline void fo_q8_decode_block(int fmt, const uint8_t *restrict q, float 
     fo_q8_decode_scalar(fmt, q + i, scale, x + i, n - i);
 }
 
-/* The clean block (see the AVX-512 versions above), 8 elements at a time. */
+/* The clean block (see the AVX-512 version above), 8 elements at a time. */
 static inline float fo_q8_scale_clean(int fmt, const float *restrict x, int64_t n, int *clean)
 {
     const __m256i mask = _mm256_set1_epi32(fmt == FO_FMT_Q8S ? 0x7fffffff : -1);
@@ -505,53 +484,15 @@ static inline float fo_q8_scale_clean(int fmt, const float *restrict x, int64_t 
     if (!*clean) return fo_q8_scale(fmt, x, n);
     return best < 0x00800000u ? 0.0f : fo_bits_f32(best);
 }
-
-static inline void fo_q8_encode_clean(int fmt, const float *restrict x, uint8_t *restrict q,
-                                      int64_t n, float scale)
-{
-    const int e = fmt == FO_FMT_Q8S ? FO_Q8S_E : FO_Q8U_E;
-    const __m256 inv = _mm256_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f);
-    const __m256 sub_mul = _mm256_set1_ps(fo_bits_f32((uint32_t)(127 + e + 2) << 23));
-    const __m256 sub_max = _mm256_set1_ps(fo_bits_f32((uint32_t)(127 + 1 - e) << 23));
-    const __m256 magic = _mm256_set1_ps(0x1p23f);
-    const __m256i magic_bits = _mm256_set1_epi32(0x4b000000);
-    const __m256i rebias = _mm256_set1_epi32((int32_t)((uint32_t)(127 - e) << 23) - 0x7ffff);
-    const __m256i one = _mm256_set1_epi32(1);
-    const __m256i absm = _mm256_set1_epi32(fmt == FO_FMT_Q8S ? 0x7fffffff : -1);
-    const __m256i sbit = _mm256_set1_epi32(0x80);
-    const __m256i pick = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
-                                          -1, -1, 0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1,
-                                          -1, -1, -1, -1);
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        __m256i u = _mm256_loadu_si256((const __m256i *)(x + i));
-        __m256 y = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_and_si256(u, absm)), inv);
-        __m256i yb = _mm256_castps_si256(y);
-        __m256i c_sub = _mm256_sub_epi32(
-            _mm256_castps_si256(_mm256_fmadd_ps(y, sub_mul, magic)), magic_bits);
-        __m256i c_norm = _mm256_srli_epi32(
-            _mm256_add_epi32(_mm256_sub_epi32(yb, rebias),
-                             _mm256_and_si256(_mm256_srli_epi32(yb, 20), one)), 20);
-        __m256i c = _mm256_blendv_epi8(c_norm, c_sub,
-                                       _mm256_castps_si256(_mm256_cmp_ps(y, sub_max, _CMP_LT_OQ)));
-        if (fmt == FO_FMT_Q8S)
-            c = _mm256_or_si256(c, _mm256_and_si256(_mm256_srli_epi32(u, 24), sbit));
-        __m256i t = _mm256_shuffle_epi8(c, pick);
-        __m128i lo = _mm256_castsi256_si128(t), hi = _mm256_extracti128_si256(t, 1);
-        _mm_storel_epi64((__m128i *)(q + i), _mm_unpacklo_epi32(lo, hi));
-    }
-    fo_q8_encode_scalar(fmt, x + i, q + i, n - i, scale);
-}
 #else
 #define fo_q8_scale fo_q8_scale_scalar
-#define fo_q8_encode_block fo_q8_encode_scalar
+#define fo_q8_encode_block(fmt, x, q, n, scale, clean) fo_q8_encode_scalar(fmt, x, q, n, scale)
 #define fo_q8_decode_block fo_q8_decode_scalar
 static inline float fo_q8_scale_clean(int fmt, const float *restrict x, int64_t n, int *clean)
 {
     *clean = 0;
     return fo_q8_scale_scalar(fmt, x, n);
 }
-#define fo_q8_encode_clean fo_q8_encode_scalar
 #endif
 
 /* A block of n <= FO_Q8_BLOCK float32 values encoded into q: returns its scale. */
@@ -561,9 +502,9 @@ static inline float fo_q8_store(int fmt, const float *restrict x, uint8_t *restr
     int clean;
     float s = fo_q8_scale_clean(fmt, x, n, &clean);
     if (clean)
-        fo_q8_encode_clean(fmt, x, q, n, s);
+        fo_q8_encode_block(fmt, x, q, n, s, 1);
     else
-        fo_q8_encode_block(fmt, x, q, n, s);
+        fo_q8_encode_block(fmt, x, q, n, s, 0);
     return s;
 }
 
