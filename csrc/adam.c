@@ -197,6 +197,275 @@ void FO_FN(adam)(const double *hyper, const fo_tensor *t, int64_t begin, int64_t
 }
 
 #if FO_F32
+#if defined(__AVX512F__) && defined(__AVX512BW__) && FO_FAST_FMA
+#define FO_ADAM_Q8_FAST 1
+/* Whole 8-bit blocks at the avx512 level: one loop updates the parameters and writes the new
+ * state of a block into two float buffers, tracking the largest and smallest magnitudes (the
+ * new scales, and whether any value falls in the codes' linear range), and a second one
+ * encodes the buffers. The operations are those of adam_loop and of fo_q8_decode1_finite and
+ * fo_q8_encode_block for clean blocks, so the bytes are the same, with three shortcuts:
+ *   signed codes are decoded as half-precision numbers: a code byte s|e|f (1, 4 and 3 bits)
+ *     is the top byte of the half s|0e|f|0000000 (the linear range, e = 0, is the half's
+ *     subnormals), which the hardware widens exactly; (sign-extended byte << 7) & 0xbfff;
+ *   unsigned codes below 8 are decoded as 2 * v - 2^(1-E), for v the value the normal
+ *     formula gives them (exact), and only in blocks that hold such a code;
+ *   a block without values below 2^(1-E) of its scale (the smallest y decides: rounding is
+ *     monotonic) is encoded without the linear range's operations.
+ * The loop prefetches the arrays FO_Q8_AHEAD elements ahead: on one thread the hardware's
+ * prefetching alone leaves it waiting for memory. */
+#define FO_Q8_AHEAD 512
+
+typedef struct adam_q8_k {
+    __m512 neg_step, bc2_sqrt, rh, rl, w, wm1, beta2, omb2, eps, wd, decay;
+} adam_q8_k;
+
+static inline __attribute__((always_inline)) void adam_q8_dec_s32(const uint8_t *q, __m512 sc,
+                                                                   __m512 *lo, __m512 *hi)
+{
+    const __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)q));
+    const __m512i h = _mm512_and_si512(_mm512_slli_epi16(w, 7),
+                                       _mm512_set1_epi16((short)0xbfff));
+    *lo = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(h)), sc);
+    *hi = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1)), sc);
+}
+
+static inline __attribute__((always_inline)) __m512 adam_q8_dec_u(const uint8_t *q, __m512 sc,
+                                                                  const int low)
+{
+    const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q));
+    __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_add_epi32(c, _mm512_set1_epi32((127 - FO_Q8U_E) << 3)), 20));
+    if (low)
+        v = _mm512_mask_fmsub_ps(
+            v, _mm512_cmplt_epi32_mask(c, _mm512_set1_epi32(8)), _mm512_set1_ps(2.0f),
+            _mm512_set1_ps(fo_bits_f32((uint32_t)(127 + 1 - FO_Q8U_E) << 23)));
+    return _mm512_mul_ps(v, sc);
+}
+
+/* The code of y = |x| / scale (finite, in [0, 1]), without the sign, as an int32; `low`:
+ * some y may be in the linear range. */
+static inline __attribute__((always_inline)) __m512i adam_q8_code(__m512 y, const int e,
+                                                                 const int low)
+{
+    const __m512i yb = _mm512_castps_si512(y);
+    const __m512i c = _mm512_srli_epi32(
+        _mm512_sub_epi32(yb, _mm512_set1_epi32((int32_t)((uint32_t)(127 - e) << 23) - 0x80000)),
+        20);
+    if (!low) return c;
+    const __m512 sub_max = _mm512_set1_ps(fo_bits_f32((uint32_t)(127 + 1 - e) << 23));
+    const __m512 sub_mul = _mm512_set1_ps(fo_bits_f32((uint32_t)(127 + e + 2) << 23));
+    return _mm512_mask_sub_epi32(
+        c, _mm512_cmp_ps_mask(y, sub_max, _CMP_LT_OQ),
+        _mm512_castps_si512(_mm512_fmadd_ps(y, sub_mul, _mm512_set1_ps(0x1p23f))),
+        _mm512_set1_epi32(0x4b000000));
+}
+
+/* 64 codes in the bytes of four int32 vectors (each in 0..255) stored in order: two
+ * saturating packs interleave the four vectors by 4 elements within each 128-bit lane,
+ * which one permutation of 32-bit groups undoes. */
+static inline __attribute__((always_inline)) void adam_q8_put64(uint8_t *q, __m512i c0,
+                                                                __m512i c1, __m512i c2,
+                                                                __m512i c3)
+{
+    const __m512i b = _mm512_packus_epi16(_mm512_packus_epi32(c0, c1),
+                                          _mm512_packus_epi32(c2, c3));
+    const __m512i idx = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+    _mm512_storeu_si512((void *)q, _mm512_permutexvar_epi32(idx, b));
+}
+
+static inline __attribute__((always_inline)) __m512i adam_q8_code_s(const float *x, __m512 inv,
+                                                                   const int low)
+{
+    const __m512i u = _mm512_loadu_si512((const void *)x);
+    const __m512 y = _mm512_mul_ps(
+        _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff))), inv);
+    return _mm512_ternarylogic_epi32(adam_q8_code(y, FO_Q8S_E, low), _mm512_srli_epi32(u, 24),
+                                     _mm512_set1_epi32(0x80), 0xf8);
+}
+
+static inline __attribute__((always_inline)) __m512i adam_q8_code_u(const float *x, __m512 inv,
+                                                                   const int low)
+{
+    return adam_q8_code(_mm512_mul_ps(_mm512_loadu_ps(x), inv), FO_Q8U_E, low);
+}
+
+static inline __attribute__((always_inline)) void
+adam_q8_encode_as(const float *mb, const float *vb, uint8_t *qm, uint8_t *qv, __m512 im,
+                  __m512 iv, const int mlow, const int vlow)
+{
+    for (int j = 0; j < FO_Q8_BLOCK; j += 64) {
+        adam_q8_put64(qm + j, adam_q8_code_s(mb + j, im, mlow),
+                      adam_q8_code_s(mb + j + 16, im, mlow),
+                      adam_q8_code_s(mb + j + 32, im, mlow),
+                      adam_q8_code_s(mb + j + 48, im, mlow));
+        adam_q8_put64(qv + j, adam_q8_code_u(vb + j, iv, vlow),
+                      adam_q8_code_u(vb + j + 16, iv, vlow),
+                      adam_q8_code_u(vb + j + 32, iv, vlow),
+                      adam_q8_code_u(vb + j + 48, iv, vlow));
+    }
+}
+
+/* The new state of a clean block (mb, vb: FO_Q8_BLOCK values) encoded with scales sm and sv;
+ * nm and nv are the smallest |m| and v. */
+static void adam_q8_encode(const float *mb, const float *vb, uint8_t *qm, uint8_t *qv,
+                           float sm, float sv, float nm, float nv)
+{
+    const float im = sm > 0.0f ? 1.0f / sm : 0.0f, iv = sv > 0.0f ? 1.0f / sv : 0.0f;
+    const int mlow = !(nm * im >= fo_bits_f32((uint32_t)(127 + 1 - FO_Q8S_E) << 23));
+    const int vlow = !(nv * iv >= fo_bits_f32((uint32_t)(127 + 1 - FO_Q8U_E) << 23));
+    const __m512 imv = _mm512_set1_ps(im), ivv = _mm512_set1_ps(iv);
+    if (mlow && vlow) adam_q8_encode_as(mb, vb, qm, qv, imv, ivv, 1, 1);
+    else if (mlow) adam_q8_encode_as(mb, vb, qm, qv, imv, ivv, 1, 0);
+    else if (vlow) adam_q8_encode_as(mb, vb, qm, qv, imv, ivv, 0, 1);
+    else adam_q8_encode_as(mb, vb, qm, qv, imv, ivv, 0, 0);
+}
+
+/* A block's codes: 0 if one is non-finite (a signed code's magnitude 0x7e or 0x7f, an
+ * unsigned code 0xfe or 0xff: with the signed codes' sign bits set, both at least 0xfe), else
+ * 1, or 2 when some unsigned code is below 8 (the linear range). */
+static inline __attribute__((always_inline)) int adam_q8_codes_scan(const uint8_t *qm,
+                                                                   const uint8_t *qv)
+{
+    const __m512i sbit = _mm512_set1_epi8((char)0x80);
+    __m512i mx = _mm512_setzero_si512(), mn = _mm512_set1_epi8((char)0xff);
+    for (int j = 0; j < FO_Q8_BLOCK; j += 64) {
+        const __m512i b = _mm512_loadu_si512((const void *)(qv + j));
+        mx = _mm512_max_epu8(mx, _mm512_max_epu8(
+            _mm512_or_si512(_mm512_loadu_si512((const void *)(qm + j)), sbit), b));
+        mn = _mm512_min_epu8(mn, b);
+    }
+    if (_mm512_cmpge_epu8_mask(mx, _mm512_set1_epi8((char)0xfe)))
+        return 0;
+    return _mm512_cmplt_epu8_mask(mn, _mm512_set1_epi8(8)) ? 2 : 1;
+}
+
+/* One block: p and g at its start, its codes qm and qv with scales sm and sv; writes the new
+ * state to mb and vb and, in r, the bits of the largest |m| and v and of the smallest. */
+static inline __attribute__((always_inline)) void
+adam_q8_update(const adam_q8_k *K, float *restrict p, const float *restrict g,
+               const uint8_t *qm, const uint8_t *qv, float sm_s, float sv_s,
+               float *restrict mb, float *restrict vb, uint32_t r[4], const int l2,
+               const int dec, const int small, const int maximize, const int vlow)
+{
+    const __m512 sm = _mm512_set1_ps(sm_s), sv = _mm512_set1_ps(sv_s);
+    __m512 mxm = _mm512_setzero_ps(), mnm = _mm512_set1_ps(INFINITY);
+    __m512i mxv = _mm512_setzero_si512(), mnv = _mm512_set1_epi32(-1);
+    for (int j = 0; j < FO_Q8_BLOCK; j += 32) {
+        _mm_prefetch((const char *)(g + j + FO_Q8_AHEAD), _MM_HINT_T0);
+        _mm_prefetch((const char *)(g + j + FO_Q8_AHEAD + 16), _MM_HINT_T0);
+        _mm_prefetch((const char *)(p + j + FO_Q8_AHEAD), _MM_HINT_T0);
+        _mm_prefetch((const char *)(p + j + FO_Q8_AHEAD + 16), _MM_HINT_T0);
+        if ((j & 63) == 0) {
+            _mm_prefetch((const char *)(qm + j + FO_Q8_AHEAD), _MM_HINT_T0);
+            _mm_prefetch((const char *)(qv + j + FO_Q8_AHEAD), _MM_HINT_T0);
+        }
+        __m512 mdec[2];
+        adam_q8_dec_s32(qm + j, sm, &mdec[0], &mdec[1]);
+        for (int half = 0; half < 2; half++) {
+            const int i = j + 16 * half;
+            __m512 gi = _mm512_loadu_ps(g + i);
+            if (maximize)
+                gi = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(gi),
+                                                          _mm512_set1_epi32(INT32_MIN)));
+            __m512 pi = _mm512_loadu_ps(p + i);
+            if (dec) pi = _mm512_mul_ps(pi, K->decay);
+            if (l2) gi = _mm512_fmadd_ps(pi, K->wd, gi);
+            const __m512 m0 = mdec[half];
+            const __m512 v0 = adam_q8_dec_u(qv + i, sv, vlow);
+            const __m512 d = _mm512_sub_ps(gi, m0);
+            const __m512 mi = small ? _mm512_fmadd_ps(K->w, d, m0)
+                                    : _mm512_fmadd_ps(K->wm1, d, gi);
+            const __m512 vi = _mm512_fmadd_ps(_mm512_mul_ps(K->omb2, gi), gi,
+                                              _mm512_mul_ps(v0, K->beta2));
+            _mm512_store_ps(mb + i, mi);
+            _mm512_store_ps(vb + i, vi);
+            mxm = _mm512_range_ps(mxm, mi, 0x0b); /* the larger |.|, sign cleared */
+            mnm = _mm512_range_ps(mnm, mi, 0x0a); /* the smaller */
+            mxv = _mm512_max_epu32(mxv, _mm512_castps_si512(vi));
+            mnv = _mm512_min_epu32(mnv, _mm512_castps_si512(vi));
+            const __m512 s = _mm512_sqrt_ps(vi);
+            const __m512 q0 = _mm512_fmadd_ps(s, K->rh, _mm512_mul_ps(s, K->rl));
+            const __m512 q1 = _mm512_fmadd_ps(_mm512_fnmadd_ps(q0, K->bc2_sqrt, s), K->rh, q0);
+            const __m512 den = _mm512_add_ps(_mm512_max_ps(q1, s), K->eps);
+            _mm512_storeu_ps(p + i, _mm512_add_ps(
+                pi, _mm512_div_ps(_mm512_mul_ps(K->neg_step, mi), den)));
+        }
+    }
+    r[0] = (uint32_t)_mm512_reduce_max_epu32(_mm512_castps_si512(mxm));
+    r[1] = (uint32_t)_mm512_reduce_max_epu32(mxv);
+    r[2] = (uint32_t)_mm512_reduce_min_epu32(_mm512_castps_si512(mnm));
+    r[3] = (uint32_t)_mm512_reduce_min_epu32(mnv);
+}
+
+/* Blocks [lo, hi) of FO_Q8_BLOCK elements each; returns where it stopped: hi, or the first
+ * block with a non-finite code, which it leaves to the general loop. A block whose new state
+ * is not clean is encoded by fo_q8_store. */
+static inline __attribute__((always_inline)) int64_t
+adam_q8_avx512(const fo_adam_hyper *h, const fo_tensor *t, int64_t lo, int64_t hi,
+               const int l2, const int dec, const int small, const int maximize)
+{
+    float *p = (float *)t->param;
+    const float *g = (const float *)t->grad;
+    uint8_t *qm = (uint8_t *)t->state[0], *qv = (uint8_t *)t->state[1];
+    const float bc2_sqrt = (float)t->scalar[1];
+    float rh, rl;
+    FO_RECIP2(bc2_sqrt, rh, rl);
+    const float w = FO_FN(adam_w)(h);
+    const adam_q8_k K = {
+        _mm512_set1_ps((float)(-t->scalar[0])), _mm512_set1_ps(bc2_sqrt), _mm512_set1_ps(rh),
+        _mm512_set1_ps(rl), _mm512_set1_ps(w), _mm512_set1_ps(w - 1.0f),
+        _mm512_set1_ps((float)h->beta2), _mm512_set1_ps(FO_FN(adam_one_m_beta2)(h)),
+        _mm512_set1_ps((float)h->eps), _mm512_set1_ps((float)h->weight_decay),
+        _mm512_set1_ps((float)fo_lr_decay(h->lr, h->weight_decay, h->lr_tensor))};
+    __attribute__((aligned(64))) float mb[FO_Q8_BLOCK], vb[FO_Q8_BLOCK];
+    for (; lo < hi; lo += FO_Q8_BLOCK) {
+        const int64_t k = lo / FO_Q8_BLOCK;
+        const int scan = adam_q8_codes_scan(qm + lo, qv + lo);
+        if (scan == 0) break;
+        uint32_t r[4];
+        if (scan == 2)
+            adam_q8_update(&K, p + lo, g + lo, qm + lo, qv + lo, t->scale[0][k], t->scale[1][k],
+                           mb, vb, r, l2, dec, small, maximize, 1);
+        else
+            adam_q8_update(&K, p + lo, g + lo, qm + lo, qv + lo, t->scale[0][k], t->scale[1][k],
+                           mb, vb, r, l2, dec, small, maximize, 0);
+        if (r[0] < 0x7f800000u && r[1] < 0x7f800000u) {
+            const float scm = r[0] < 0x00800000u ? 0.0f : fo_bits_f32(r[0]);
+            const float scv = r[1] < 0x00800000u ? 0.0f : fo_bits_f32(r[1]);
+            t->scale[0][k] = scm;
+            t->scale[1][k] = scv;
+            adam_q8_encode(mb, vb, qm + lo, qv + lo, scm, scv, fo_bits_f32(r[2]),
+                           fo_bits_f32(r[3]));
+        } else {
+            t->scale[0][k] = fo_q8_store(FO_FMT_Q8S, mb, qm + lo, FO_Q8_BLOCK);
+            t->scale[1][k] = fo_q8_store(FO_FMT_Q8U, vb, qv + lo, FO_Q8_BLOCK);
+        }
+    }
+    return lo;
+}
+#endif
+
+#ifdef FO_ADAM_Q8_FAST
+/* adam_q8_avx512 with the flags as constants, as adam_cases does; lo when it does not apply */
+static int64_t adam_q8_fast(const fo_adam_hyper *h, const fo_tensor *t, int64_t lo, int64_t hi)
+{
+    if (!FO_DIV_BY_CONST_OK((float)t->scalar[1])) return lo;
+    const int has_wd = h->weight_decay != 0.0;
+    const int l2 = has_wd && !FO_FLAG(h->decoupled), dec = has_wd && FO_FLAG(h->decoupled);
+    const int small = fabs((double)FO_FN(adam_w)(h)) < 0.5;
+    const int mx = FO_FLAG(h->maximize);
+#define FO_CASE(L, D, S) \
+    if (l2 == L && dec == D && small == S) \
+        return mx ? adam_q8_avx512(h, t, lo, hi, L, D, S, 1) \
+                  : adam_q8_avx512(h, t, lo, hi, L, D, S, 0);
+    FO_CASE(0, 0, 1) FO_CASE(1, 0, 1) FO_CASE(0, 1, 1)
+    FO_CASE(0, 0, 0) FO_CASE(1, 0, 0) FO_CASE(0, 1, 0)
+#undef FO_CASE
+    return lo;
+}
+#endif
+
+
 /* float32 parameters and gradients with 8-bit or bfloat16 exp_avg and exp_avg_sq (no
  * amsgrad; bfloat16 rounded to nearest): the loop above reads the compressed state itself.
  * 8-bit blocks of FO_Q8_BLOCK elements are updated into two float buffers, which are then
@@ -224,7 +493,11 @@ static int FO_FN(adam_packed)(const double *hyper, const fo_tensor *t, int64_t b
     uint8_t *qm = (uint8_t *)t->state[0], *qv = (uint8_t *)t->state[1];
     b.state[0] = mb;
     b.state[1] = vb;
+    const int64_t full = begin + (end - begin) / FO_Q8_BLOCK * FO_Q8_BLOCK;
     for (int64_t lo = begin; lo < end; lo += FO_Q8_BLOCK) {
+#ifdef FO_ADAM_Q8_FAST
+        if (lo < full && (lo = adam_q8_fast(h, t, lo, full)) >= end) break;
+#endif
         const int64_t n = end - lo < FO_Q8_BLOCK ? end - lo : FO_Q8_BLOCK, k = lo / FO_Q8_BLOCK;
         b.param = (float *)t->param + lo;
         b.grad = (const float *)t->grad + lo;

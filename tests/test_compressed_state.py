@@ -647,3 +647,30 @@ def test_8bit_state_of_a_wide_range_is_the_same_for_every_isa(name):
     base = _stepped("baseline", 1, name, start, grads, kw)
     for level in _levels():
         assert _stepped(level, 1, name, start, grads, kw) == base, level
+
+
+@pytest.mark.parametrize("nthreads", [1, 2])
+@pytest.mark.parametrize("name, kw", [
+    ("Adam", {}), ("Adam", {"weight_decay": 0.1}), ("AdamW", {"weight_decay": 0.1}),
+    ("Adam", {"maximize": True}), ("Adam", {"betas": (0.3, 0.99)}),
+    ("AdamW", {"weight_decay": 0.05, "maximize": True, "betas": (0.2, 0.9)})])
+def test_8bit_adam_is_the_same_for_every_isa_with_non_finite_blocks(name, kw, nthreads):
+    """8-bit Adam and AdamW in each of their loop variants, on whole blocks and a tail, where
+    some blocks turn non-finite: a NaN gradient in one block, a gradient whose square
+    overflows in another (its second moment is infinite), then finite steps again that read
+    those blocks' special codes. Every ISA level and thread count gives the scalar bytes."""
+    n = 40 * 256 + 77
+    rng = np.random.default_rng(5)
+    start = rng.standard_normal(n).astype(np.float32)
+    grads = [rng.standard_normal(n).astype(np.float32) for _ in range(4)]
+    grads[1][5 * 256 + 3] = np.nan
+    grads[1][9 * 256 + 100] = 3e22
+    grads[2][20 * 256:21 * 256] *= np.float32(1e-30)  # a block of tiny moments
+    kw = dict(kw, lr=1e-2, state_dtype="int8")
+    base = _stepped("baseline", 1, name, start, grads, kw)
+    st = _stepped("baseline", 1, name, start, grads[:2], kw)
+    codes = dict(st[1:])["exp_avg_sq"]  # the blocks did turn non-finite
+    assert np.frombuffer(codes, np.uint8)[9 * 256 + 100] == 0xFE
+    assert np.frombuffer(dict(st[1:])["exp_avg"], np.uint8)[5 * 256 + 3] & 0x7F == 0x7F
+    for level in _levels():
+        assert _stepped(level, nthreads, name, start, grads, kw) == base, (level, nthreads)

@@ -10,8 +10,8 @@ code 0, a signed one keeping its sign bit) when it is below ``2**-126``. With ``
 stands for 0 (``c == 0``), ``c/8 * 2**(1-E)`` (``c`` in 1..7) or ``(1 + f/8) * 2**(e-E)``
 (``c = 8 e + f``, ``e >= 1``); the largest, ``8 E``, is 1.0. A finite element is encoded from
 ``y = |x| * (1.0f / absmax)`` in float32: below ``2**(1-E)`` as ``c = rint(y * 2**(E+2))``,
-otherwise as the code of ``y`` with its float32 mantissa rounded to 3 bits (ties to even,
-carry into the exponent), then ``c = min(c, 8 E)``. A signed byte is ``sign << 7 | c``, with
+otherwise as the code of ``y`` with its float32 mantissa rounded to 3 bits (half up, carry
+into the exponent), then ``c = min(c, 8 E)``. A signed byte is ``sign << 7 | c``, with
 ``0x7E | sign`` for infinities and ``0x7F`` for NaN (``0xFF`` reads as NaN too); an unsigned
 byte is ``c``, ``0xFE`` for +inf, ``0xFF`` for NaN, and a negative finite value is code 0.
 Decoding multiplies ``value(c)`` by ``absmax`` in float32, with the sign.
@@ -49,7 +49,7 @@ def _magnitude_codes(y, E):
     hi = ~low
     mant, ex = np.frexp(y[hi].astype(np.float64))  # y = mant * 2**ex, mant in [0.5, 1)
     k = ex.astype(np.int64) - 1                    # y = (2 mant) * 2**k, 2 mant in [1, 2)
-    f = np.rint((2 * mant - 1) * 8).astype(np.int64)  # exact products; ties to even
+    f = np.floor((2 * mant - 1) * 8 + 0.5).astype(np.int64)  # exact in float64; half up
     carry = f == 8
     k[carry] += 1
     f[carry] = 0
@@ -198,7 +198,8 @@ def test_random_data_of_many_scales(scale, signed):
 @pytest.mark.parametrize("signed", [True, False])
 def test_every_code_boundary(signed):
     """y at, just below and just above each midpoint between adjacent codes and at every
-    code (ties to even at the midpoints), in one block whose absmax is 1."""
+    code (at the midpoints: the even code in the linear range, the larger above it), in one
+    block whose absmax is 1."""
     v = code_values(signed)
     mids = ((v[:-1].astype(np.float64) + v[1:]) / 2).astype(np.float32)
     y = np.concatenate([v, mids, np.nextafter(mids, 0), np.nextafter(mids, 2)])

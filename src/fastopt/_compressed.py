@@ -81,9 +81,12 @@ def quantize_blockwise(x: Any, signed: bool = True) -> Tuple[np.ndarray, np.ndar
     Notes
     -----
     Each value is divided by its block's scale and the magnitude y in [0, 1] gets the code
-    c of a floating-point format with 3 mantissa bits, rounded to nearest, ties to even:
+    c of a floating-point format with 3 mantissa bits, rounded to nearest:
     c = 0 is 0, c in 1..7 is c/8 * 2**(1-E), and c = 8e + f (e >= 1) is
     (1 + f/8) * 2**(e-E), up to c = 8E, which is 1.0 (the block's largest value is exact).
+    A y halfway between two codes takes the even code below 2**(1-E) and the larger one
+    above (the mantissa rounds half up: one integer addition, where ties to even would cost
+    three operations more per element).
     Signed: E = 15 and the byte is ``sign << 7 | c``; unsigned: E = 31 and the byte is c.
     A value keeps a relative error of at most 1/16, or an absolute one of at most
     2**(-3-E) of the scale in the bottom range. Like bitsandbytes' dynamic code it is
