@@ -197,9 +197,19 @@ void FO_FN(adam)(const double *hyper, const fo_tensor *t, int64_t begin, int64_t
 }
 
 #if FO_F32
+#if defined(__AVX2__)
+/* A prefetch of the line `ahead` elements of `size` bytes past x, which may lie past the
+ * array's end (so the address is computed as an integer). */
+static inline __attribute__((always_inline)) void adam_q8_prefetch(const void *x, int64_t ahead,
+                                                                   int size)
+{
+    _mm_prefetch((const char *)((uintptr_t)x + (uintptr_t)(ahead * size)), _MM_HINT_T0);
+}
+#endif
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && FO_FAST_FMA
 #define FO_ADAM_Q8_FAST 1
-/* Whole 8-bit blocks at the avx512 level: one loop updates the parameters and writes the new
+/* Whole 8-bit blocks at the avx512 and avx2 levels: one loop updates the parameters and writes the new
  * state of a block into two float buffers, tracking the largest and smallest magnitudes (the
  * new scales, and whether any value falls in the codes' linear range), and a second one
  * encodes the buffers. The operations are those of adam_loop and of fo_q8_decode1_finite and
@@ -290,9 +300,10 @@ static inline __attribute__((always_inline)) __m512i adam_q8_code_u(const float 
 }
 
 static inline __attribute__((always_inline)) void
-adam_q8_encode_as(const float *mb, const float *vb, uint8_t *qm, uint8_t *qv, __m512 im,
-                  __m512 iv, const int mlow, const int vlow)
+adam_q8_encode_as(const float *mb, const float *vb, uint8_t *qm, uint8_t *qv, float ims,
+                  float ivs, const int mlow, const int vlow)
 {
+    const __m512 im = _mm512_set1_ps(ims), iv = _mm512_set1_ps(ivs);
     for (int j = 0; j < FO_Q8_BLOCK; j += 64) {
         adam_q8_put64(qm + j, adam_q8_code_s(mb + j, im, mlow),
                       adam_q8_code_s(mb + j + 16, im, mlow),
@@ -303,21 +314,6 @@ adam_q8_encode_as(const float *mb, const float *vb, uint8_t *qm, uint8_t *qv, __
                       adam_q8_code_u(vb + j + 32, iv, vlow),
                       adam_q8_code_u(vb + j + 48, iv, vlow));
     }
-}
-
-/* The new state of a clean block (mb, vb: FO_Q8_BLOCK values) encoded with scales sm and sv;
- * nm and nv are the smallest |m| and v. */
-static void adam_q8_encode(const float *mb, const float *vb, uint8_t *qm, uint8_t *qv,
-                           float sm, float sv, float nm, float nv)
-{
-    const float im = sm > 0.0f ? 1.0f / sm : 0.0f, iv = sv > 0.0f ? 1.0f / sv : 0.0f;
-    const int mlow = !(nm * im >= fo_bits_f32((uint32_t)(127 + 1 - FO_Q8S_E) << 23));
-    const int vlow = !(nv * iv >= fo_bits_f32((uint32_t)(127 + 1 - FO_Q8U_E) << 23));
-    const __m512 imv = _mm512_set1_ps(im), ivv = _mm512_set1_ps(iv);
-    if (mlow && vlow) adam_q8_encode_as(mb, vb, qm, qv, imv, ivv, 1, 1);
-    else if (mlow) adam_q8_encode_as(mb, vb, qm, qv, imv, ivv, 1, 0);
-    else if (vlow) adam_q8_encode_as(mb, vb, qm, qv, imv, ivv, 0, 1);
-    else adam_q8_encode_as(mb, vb, qm, qv, imv, ivv, 0, 0);
 }
 
 /* A block's codes: 0 if one is non-finite (a signed code's magnitude 0x7e or 0x7f, an
@@ -351,13 +347,13 @@ adam_q8_update(const adam_q8_k *K, float *restrict p, const float *restrict g,
     __m512 mxm = _mm512_setzero_ps(), mnm = _mm512_set1_ps(INFINITY);
     __m512i mxv = _mm512_setzero_si512(), mnv = _mm512_set1_epi32(-1);
     for (int j = 0; j < FO_Q8_BLOCK; j += 32) {
-        _mm_prefetch((const char *)(g + j + FO_Q8_AHEAD), _MM_HINT_T0);
-        _mm_prefetch((const char *)(g + j + FO_Q8_AHEAD + 16), _MM_HINT_T0);
-        _mm_prefetch((const char *)(p + j + FO_Q8_AHEAD), _MM_HINT_T0);
-        _mm_prefetch((const char *)(p + j + FO_Q8_AHEAD + 16), _MM_HINT_T0);
+        adam_q8_prefetch(g + j, FO_Q8_AHEAD, sizeof *g);
+        adam_q8_prefetch(g + j + 16, FO_Q8_AHEAD, sizeof *g);
+        adam_q8_prefetch(p + j, FO_Q8_AHEAD, sizeof *p);
+        adam_q8_prefetch(p + j + 16, FO_Q8_AHEAD, sizeof *p);
         if ((j & 63) == 0) {
-            _mm_prefetch((const char *)(qm + j + FO_Q8_AHEAD), _MM_HINT_T0);
-            _mm_prefetch((const char *)(qv + j + FO_Q8_AHEAD), _MM_HINT_T0);
+            adam_q8_prefetch(qm + j, FO_Q8_AHEAD, sizeof *qm);
+            adam_q8_prefetch(qv + j, FO_Q8_AHEAD, sizeof *qv);
         }
         __m512 mdec[2];
         adam_q8_dec_s32(qm + j, sm, &mdec[0], &mdec[1]);
@@ -397,11 +393,214 @@ adam_q8_update(const adam_q8_k *K, float *restrict p, const float *restrict g,
     r[3] = (uint32_t)_mm512_reduce_min_epu32(mnv);
 }
 
+#define FO_Q8_SET1 _mm512_set1_ps
+#elif defined(__AVX2__) && defined(__F16C__) && FO_FAST_FMA
+#define FO_ADAM_Q8_FAST 1
+/* The same at the avx2 level, 8 elements per vector: blends for the masks, integer max and
+ * min of the magnitudes' bits. */
+#define FO_Q8_AHEAD 512
+
+typedef struct adam_q8_k {
+    __m256 neg_step, bc2_sqrt, rh, rl, w, wm1, beta2, omb2, eps, wd, decay;
+} adam_q8_k;
+
+static inline __attribute__((always_inline)) void adam_q8_dec_s16(const uint8_t *q, __m256 sc,
+                                                                   __m256 *lo, __m256 *hi)
+{
+    const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)q));
+    const __m256i h = _mm256_and_si256(_mm256_slli_epi16(w, 7),
+                                       _mm256_set1_epi16((short)0xbfff));
+    *lo = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h)), sc);
+    *hi = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)), sc);
+}
+
+static inline __attribute__((always_inline)) __m256 adam_q8_dec_u(const uint8_t *q, __m256 sc,
+                                                                  const int low)
+{
+    const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)q));
+    __m256 v = _mm256_castsi256_ps(_mm256_slli_epi32(
+        _mm256_add_epi32(c, _mm256_set1_epi32((127 - FO_Q8U_E) << 3)), 20));
+    if (low)
+        v = _mm256_blendv_ps(
+            v, _mm256_fmsub_ps(v, _mm256_set1_ps(2.0f),
+                               _mm256_set1_ps(fo_bits_f32((uint32_t)(127 + 1 - FO_Q8U_E) << 23))),
+            _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(8), c)));
+    return _mm256_mul_ps(v, sc);
+}
+
+static inline __attribute__((always_inline)) __m256i adam_q8_code(__m256 y, const int e,
+                                                                 const int low)
+{
+    const __m256i c = _mm256_srli_epi32(
+        _mm256_sub_epi32(_mm256_castps_si256(y),
+                         _mm256_set1_epi32((int32_t)((uint32_t)(127 - e) << 23) - 0x80000)),
+        20);
+    if (!low) return c;
+    const __m256 sub_max = _mm256_set1_ps(fo_bits_f32((uint32_t)(127 + 1 - e) << 23));
+    const __m256 sub_mul = _mm256_set1_ps(fo_bits_f32((uint32_t)(127 + e + 2) << 23));
+    const __m256i c_sub = _mm256_sub_epi32(
+        _mm256_castps_si256(_mm256_fmadd_ps(y, sub_mul, _mm256_set1_ps(0x1p23f))),
+        _mm256_set1_epi32(0x4b000000));
+    return _mm256_blendv_epi8(c, c_sub, _mm256_castps_si256(_mm256_cmp_ps(y, sub_max,
+                                                                          _CMP_LT_OQ)));
+}
+
+/* 32 codes from four vectors: the packs interleave them by 4 within each 128-bit lane. */
+static inline __attribute__((always_inline)) void adam_q8_put32(uint8_t *q, __m256i c0,
+                                                                __m256i c1, __m256i c2,
+                                                                __m256i c3)
+{
+    const __m256i b = _mm256_packus_epi16(_mm256_packus_epi32(c0, c1),
+                                          _mm256_packus_epi32(c2, c3));
+    _mm256_storeu_si256((__m256i *)q, _mm256_permutevar8x32_epi32(
+        b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+}
+
+static inline __attribute__((always_inline)) __m256i adam_q8_code_s(const float *x, __m256 inv,
+                                                                   const int low)
+{
+    const __m256i u = _mm256_loadu_si256((const __m256i *)x);
+    const __m256 y = _mm256_mul_ps(
+        _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff))), inv);
+    return _mm256_or_si256(adam_q8_code(y, FO_Q8S_E, low),
+                           _mm256_and_si256(_mm256_srli_epi32(u, 24), _mm256_set1_epi32(0x80)));
+}
+
+static inline __attribute__((always_inline)) __m256i adam_q8_code_u(const float *x, __m256 inv,
+                                                                   const int low)
+{
+    return adam_q8_code(_mm256_mul_ps(_mm256_loadu_ps(x), inv), FO_Q8U_E, low);
+}
+
+static inline __attribute__((always_inline)) void
+adam_q8_encode_as(const float *mb, const float *vb, uint8_t *qm, uint8_t *qv, float im,
+                  float iv, const int mlow, const int vlow)
+{
+    const __m256 imv = _mm256_set1_ps(im), ivv = _mm256_set1_ps(iv);
+    for (int j = 0; j < FO_Q8_BLOCK; j += 32) {
+        adam_q8_put32(qm + j, adam_q8_code_s(mb + j, imv, mlow),
+                      adam_q8_code_s(mb + j + 8, imv, mlow),
+                      adam_q8_code_s(mb + j + 16, imv, mlow),
+                      adam_q8_code_s(mb + j + 24, imv, mlow));
+        adam_q8_put32(qv + j, adam_q8_code_u(vb + j, ivv, vlow),
+                      adam_q8_code_u(vb + j + 8, ivv, vlow),
+                      adam_q8_code_u(vb + j + 16, ivv, vlow),
+                      adam_q8_code_u(vb + j + 24, ivv, vlow));
+    }
+}
+
+static inline __attribute__((always_inline)) int adam_q8_codes_scan(const uint8_t *qm,
+                                                                   const uint8_t *qv)
+{
+    const __m256i sbit = _mm256_set1_epi8((char)0x80);
+    __m256i mx = _mm256_setzero_si256(), mn = _mm256_set1_epi8((char)0xff);
+    for (int j = 0; j < FO_Q8_BLOCK; j += 32) {
+        const __m256i b = _mm256_loadu_si256((const __m256i *)(qv + j));
+        mx = _mm256_max_epu8(mx, _mm256_max_epu8(
+            _mm256_or_si256(_mm256_loadu_si256((const __m256i *)(qm + j)), sbit), b));
+        mn = _mm256_min_epu8(mn, b);
+    }
+    /* some byte of mx at least 0xfe; some byte of mn at most 7 */
+    if (_mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_max_epu8(mx, _mm256_set1_epi8((char)0xfe)),
+                                               mx)))
+        return 0;
+    return _mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_min_epu8(mn, _mm256_set1_epi8(7)), mn))
+           ? 2 : 1;
+}
+
+static inline __attribute__((always_inline)) uint32_t adam_q8_hmax(__m256i x)
+{
+    __m128i m = _mm_max_epu32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
+    m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0x4e));
+    m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0xb1));
+    return (uint32_t)_mm_cvtsi128_si32(m);
+}
+
+static inline __attribute__((always_inline)) uint32_t adam_q8_hmin(__m256i x)
+{
+    __m128i m = _mm_min_epu32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
+    m = _mm_min_epu32(m, _mm_shuffle_epi32(m, 0x4e));
+    m = _mm_min_epu32(m, _mm_shuffle_epi32(m, 0xb1));
+    return (uint32_t)_mm_cvtsi128_si32(m);
+}
+
+static inline __attribute__((always_inline)) void
+adam_q8_update(const adam_q8_k *K, float *restrict p, const float *restrict g,
+               const uint8_t *qm, const uint8_t *qv, float sm_s, float sv_s,
+               float *restrict mb, float *restrict vb, uint32_t r[4], const int l2,
+               const int dec, const int small, const int maximize, const int vlow)
+{
+    const __m256 sm = _mm256_set1_ps(sm_s), sv = _mm256_set1_ps(sv_s);
+    const __m256i absm = _mm256_set1_epi32(0x7fffffff);
+    __m256i mxm = _mm256_setzero_si256(), mnm = _mm256_set1_epi32(-1);
+    __m256i mxv = _mm256_setzero_si256(), mnv = _mm256_set1_epi32(-1);
+    for (int j = 0; j < FO_Q8_BLOCK; j += 16) {
+        adam_q8_prefetch(g + j, FO_Q8_AHEAD, sizeof *g);
+        adam_q8_prefetch(p + j, FO_Q8_AHEAD, sizeof *p);
+        if ((j & 63) == 0) {
+            adam_q8_prefetch(qm + j, FO_Q8_AHEAD, sizeof *qm);
+            adam_q8_prefetch(qv + j, FO_Q8_AHEAD, sizeof *qv);
+        }
+        __m256 mdec[2];
+        adam_q8_dec_s16(qm + j, sm, &mdec[0], &mdec[1]);
+        for (int half = 0; half < 2; half++) {
+            const int i = j + 8 * half;
+            __m256 gi = _mm256_loadu_ps(g + i);
+            if (maximize)
+                gi = _mm256_xor_ps(gi, _mm256_set1_ps(-0.0f));
+            __m256 pi = _mm256_loadu_ps(p + i);
+            if (dec) pi = _mm256_mul_ps(pi, K->decay);
+            if (l2) gi = _mm256_fmadd_ps(pi, K->wd, gi);
+            const __m256 m0 = mdec[half];
+            const __m256 v0 = adam_q8_dec_u(qv + i, sv, vlow);
+            const __m256 d = _mm256_sub_ps(gi, m0);
+            const __m256 mi = small ? _mm256_fmadd_ps(K->w, d, m0)
+                                    : _mm256_fmadd_ps(K->wm1, d, gi);
+            const __m256 vi = _mm256_fmadd_ps(_mm256_mul_ps(K->omb2, gi), gi,
+                                              _mm256_mul_ps(v0, K->beta2));
+            _mm256_store_ps(mb + i, mi);
+            _mm256_store_ps(vb + i, vi);
+            const __m256i am = _mm256_and_si256(_mm256_castps_si256(mi), absm);
+            mxm = _mm256_max_epu32(mxm, am);
+            mnm = _mm256_min_epu32(mnm, am);
+            mxv = _mm256_max_epu32(mxv, _mm256_castps_si256(vi));
+            mnv = _mm256_min_epu32(mnv, _mm256_castps_si256(vi));
+            const __m256 s = _mm256_sqrt_ps(vi);
+            const __m256 q0 = _mm256_fmadd_ps(s, K->rh, _mm256_mul_ps(s, K->rl));
+            const __m256 q1 = _mm256_fmadd_ps(_mm256_fnmadd_ps(q0, K->bc2_sqrt, s), K->rh, q0);
+            const __m256 den = _mm256_add_ps(_mm256_max_ps(q1, s), K->eps);
+            _mm256_storeu_ps(p + i, _mm256_add_ps(
+                pi, _mm256_div_ps(_mm256_mul_ps(K->neg_step, mi), den)));
+        }
+    }
+    r[0] = adam_q8_hmax(mxm);
+    r[1] = adam_q8_hmax(mxv);
+    r[2] = adam_q8_hmin(mnm);
+    r[3] = adam_q8_hmin(mnv);
+}
+#define FO_Q8_SET1 _mm256_set1_ps
+#endif
+
+#ifdef FO_ADAM_Q8_FAST
+/* The new state of a clean block (mb, vb: FO_Q8_BLOCK values) encoded with scales sm and sv;
+ * nm and nv are the smallest |m| and v. */
+static void adam_q8_encode(const float *mb, const float *vb, uint8_t *qm, uint8_t *qv,
+                           float sm, float sv, float nm, float nv)
+{
+    const float im = sm > 0.0f ? 1.0f / sm : 0.0f, iv = sv > 0.0f ? 1.0f / sv : 0.0f;
+    const int mlow = !(nm * im >= fo_bits_f32((uint32_t)(127 + 1 - FO_Q8S_E) << 23));
+    const int vlow = !(nv * iv >= fo_bits_f32((uint32_t)(127 + 1 - FO_Q8U_E) << 23));
+    if (mlow && vlow) adam_q8_encode_as(mb, vb, qm, qv, im, iv, 1, 1);
+    else if (mlow) adam_q8_encode_as(mb, vb, qm, qv, im, iv, 1, 0);
+    else if (vlow) adam_q8_encode_as(mb, vb, qm, qv, im, iv, 0, 1);
+    else adam_q8_encode_as(mb, vb, qm, qv, im, iv, 0, 0);
+}
+
 /* Blocks [lo, hi) of FO_Q8_BLOCK elements each; returns where it stopped: hi, or the first
  * block with a non-finite code, which it leaves to the general loop. A block whose new state
  * is not clean is encoded by fo_q8_store. */
 static inline __attribute__((always_inline)) int64_t
-adam_q8_avx512(const fo_adam_hyper *h, const fo_tensor *t, int64_t lo, int64_t hi,
+adam_q8_blocks(const fo_adam_hyper *h, const fo_tensor *t, int64_t lo, int64_t hi,
                const int l2, const int dec, const int small, const int maximize)
 {
     float *p = (float *)t->param;
@@ -412,11 +611,11 @@ adam_q8_avx512(const fo_adam_hyper *h, const fo_tensor *t, int64_t lo, int64_t h
     FO_RECIP2(bc2_sqrt, rh, rl);
     const float w = FO_FN(adam_w)(h);
     const adam_q8_k K = {
-        _mm512_set1_ps((float)(-t->scalar[0])), _mm512_set1_ps(bc2_sqrt), _mm512_set1_ps(rh),
-        _mm512_set1_ps(rl), _mm512_set1_ps(w), _mm512_set1_ps(w - 1.0f),
-        _mm512_set1_ps((float)h->beta2), _mm512_set1_ps(FO_FN(adam_one_m_beta2)(h)),
-        _mm512_set1_ps((float)h->eps), _mm512_set1_ps((float)h->weight_decay),
-        _mm512_set1_ps((float)fo_lr_decay(h->lr, h->weight_decay, h->lr_tensor))};
+        FO_Q8_SET1((float)(-t->scalar[0])), FO_Q8_SET1(bc2_sqrt), FO_Q8_SET1(rh),
+        FO_Q8_SET1(rl), FO_Q8_SET1(w), FO_Q8_SET1(w - 1.0f),
+        FO_Q8_SET1((float)h->beta2), FO_Q8_SET1(FO_FN(adam_one_m_beta2)(h)),
+        FO_Q8_SET1((float)h->eps), FO_Q8_SET1((float)h->weight_decay),
+        FO_Q8_SET1((float)fo_lr_decay(h->lr, h->weight_decay, h->lr_tensor))};
     __attribute__((aligned(64))) float mb[FO_Q8_BLOCK], vb[FO_Q8_BLOCK];
     for (; lo < hi; lo += FO_Q8_BLOCK) {
         const int64_t k = lo / FO_Q8_BLOCK;
@@ -443,10 +642,8 @@ adam_q8_avx512(const fo_adam_hyper *h, const fo_tensor *t, int64_t lo, int64_t h
     }
     return lo;
 }
-#endif
 
-#ifdef FO_ADAM_Q8_FAST
-/* adam_q8_avx512 with the flags as constants, as adam_cases does; lo when it does not apply */
+/* adam_q8_blocks with the flags as constants, as adam_cases does; lo when it does not apply */
 static int64_t adam_q8_fast(const fo_adam_hyper *h, const fo_tensor *t, int64_t lo, int64_t hi)
 {
     if (!FO_DIV_BY_CONST_OK((float)t->scalar[1])) return lo;
@@ -456,15 +653,14 @@ static int64_t adam_q8_fast(const fo_adam_hyper *h, const fo_tensor *t, int64_t 
     const int mx = FO_FLAG(h->maximize);
 #define FO_CASE(L, D, S) \
     if (l2 == L && dec == D && small == S) \
-        return mx ? adam_q8_avx512(h, t, lo, hi, L, D, S, 1) \
-                  : adam_q8_avx512(h, t, lo, hi, L, D, S, 0);
+        return mx ? adam_q8_blocks(h, t, lo, hi, L, D, S, 1) \
+                  : adam_q8_blocks(h, t, lo, hi, L, D, S, 0);
     FO_CASE(0, 0, 1) FO_CASE(1, 0, 1) FO_CASE(0, 1, 1)
     FO_CASE(0, 0, 0) FO_CASE(1, 0, 0) FO_CASE(0, 1, 0)
 #undef FO_CASE
     return lo;
 }
 #endif
-
 
 /* float32 parameters and gradients with 8-bit or bfloat16 exp_avg and exp_avg_sq (no
  * amsgrad; bfloat16 rounded to nearest): the loop above reads the compressed state itself.
