@@ -209,11 +209,12 @@ static inline __attribute__((always_inline)) void adam_q8_prefetch(const void *x
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && FO_FAST_FMA
 #define FO_ADAM_Q8_FAST 1
-/* Whole 8-bit blocks at the avx512 and avx2 levels: one loop updates the parameters and writes the new
- * state of a block into two float buffers, tracking the largest and smallest magnitudes (the
- * new scales, and whether any value falls in the codes' linear range), and a second one
- * encodes the buffers. The operations are those of adam_loop and of fo_q8_decode1_finite and
- * fo_q8_encode_block for clean blocks, so the bytes are the same, with three shortcuts:
+/* Whole 8-bit blocks at the avx512 and avx2 levels: one loop updates the parameters and
+ * writes the new state of a block into two float buffers, tracking the largest and smallest
+ * magnitudes (the new scales, and whether any value falls in the codes' linear range), and a
+ * second one encodes the buffers. The operations are those of adam_loop and of
+ * fo_q8_decode1_finite and fo_q8_encode_block for clean blocks, so the bytes are the same,
+ * with three shortcuts:
  *   signed codes are decoded as half-precision numbers: a code byte s|e|f (1, 4 and 3 bits)
  *     is the top byte of the half s|0e|f|0000000 (the linear range, e = 0, is the half's
  *     subnormals), which the hardware widens exactly; (sign-extended byte << 7) & 0xbfff;
