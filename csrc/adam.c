@@ -690,7 +690,9 @@ static int FO_FN(adam_packed)(const double *hyper, const fo_tensor *t, int64_t b
     uint8_t *qm = (uint8_t *)t->state[0], *qv = (uint8_t *)t->state[1];
     b.state[0] = mb;
     b.state[1] = vb;
+#ifdef FO_ADAM_Q8_FAST
     const int64_t full = begin + (end - begin) / FO_Q8_BLOCK * FO_Q8_BLOCK;
+#endif
     for (int64_t lo = begin; lo < end; lo += FO_Q8_BLOCK) {
 #ifdef FO_ADAM_Q8_FAST
         if (lo < full && (lo = adam_q8_fast(h, t, lo, full)) >= end) break;
