@@ -10,6 +10,11 @@ over a convolution in channels_last, whose dense but not contiguous tensors step
 too.
 """
 import gc
+import json
+import os
+import platform
+import subprocess
+import sys
 import weakref
 
 import numpy as np
@@ -233,6 +238,33 @@ def _contiguous_grad(opt, model):
     assert not p.grad.is_contiguous(memory_format=torch.channels_last)
 
 
+def _grad_storage_freed(opt, model):
+    _first(model).grad.untyped_storage().resize_(0)  # as FSDP frees memory between uses
+
+
+def _grad_storage_shrunk(opt, model):
+    _first(model).grad.untyped_storage().resize_(8)
+
+
+def _grad_at_an_offset(opt, model):
+    # a view into a flat buffer (as DDP's gradient buckets), at an element offset
+    p = _first(model)
+    flat = torch.zeros(p.numel() + 7)
+    flat[7:] = p.grad.reshape(-1)
+    p.grad = flat[7:].view_as(p)
+
+
+def _grad_lazily_cloned(opt, model):
+    p = _first(model)
+    p.grad = torch._lazy_clone(p.grad)  # copy-on-write storage
+
+
+def _state_requires_grad(opt, p, k):
+    v = opt.state[p][k]
+    if isinstance(v, torch.Tensor) and v.is_floating_point():
+        v.requires_grad_()
+
+
 def _listed_twice(opt, model):
     opt.param_groups[0]["params"].append(model[2].bias)
 
@@ -253,6 +285,10 @@ CHANGES = {
     "a gradient that requires grad": _grad_requires_grad,
     "a gradient that is a state tensor": _grad_over_state,
     "no gradient": lambda opt, m: setattr(_first(m), "grad", None),
+    "a gradient whose storage is freed": _grad_storage_freed,
+    "a gradient whose storage is shrunk": _grad_storage_shrunk,
+    "a gradient at an offset of a flat buffer": _grad_at_an_offset,
+    "a gradient of copy-on-write storage": _grad_lazily_cloned,
     "a parameter listed twice": _listed_twice,
     "a state entry replaced": _with_entry(
         lambda opt, p, k: opt.state[p].__setitem__(k, torch.full_like(p, 0.25))
@@ -262,6 +298,7 @@ CHANGES = {
     "a state tensor replaced by an inference tensor": _with_entry(_inference_state),
     "a state tensor transposed in place": _with_entry(_state_transposed_in_place),
     "a state tensor laid out anew in place": _with_entry(_state_relaid_in_place),
+    "a state tensor made to require grad": _with_entry(_state_requires_grad),
     "a state tensor changed in place": _with_entry(
         lambda opt, p, k: opt.state[p][k].__imul__(0.5)),
     "the step counter advanced": lambda opt, m: (
@@ -293,6 +330,11 @@ def test_a_change_gives_the_full_paths_outcome(maker, what):
         assert got == "stepped"
     if what in ("a gradient re-pointed to float64", "a gradient re-pointed to another shape"):
         assert got != "stepped"
+    if what in ("a gradient whose storage is freed", "a gradient whose storage is shrunk"):
+        assert got[0] is RuntimeError and "storage holds" in got[1]
+    if what in ("a gradient at an offset of a flat buffer", "a gradient of copy-on-write storage",
+                "a state tensor made to require grad"):
+        assert got == "stepped"
     if what == "a sparse gradient" and "SGD" not in maker:  # SGD takes sparse gradients
         assert got[0] is RuntimeError and "sparse" in got[1]
     if what == "a gradient that is a state tensor" and maker.startswith("fastopt.torch"):
@@ -435,3 +477,102 @@ def test_loading_a_state_dict_lets_go_of_the_old_state():
     opt.load_state_dict(saved)
     gc.collect()
     assert old() is None
+
+
+_GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
+@pytest.mark.skipif(not _GLIBC, reason="the in-place reads of torch's tensors need glibc (its "
+                                       "malloc_usable_size bounds the layout probe's reads)")
+def test_torch_tensors_are_read_in_place_from_the_cache():
+    # every parameter, state tensor and autograd gradient is checked by reading torch's
+    # objects, every step after the first two runs from the cache, and the numbers are
+    # torch.optim's
+    model, ref = torch_mlp(), torch_mlp()
+    opt = fastopt.torch.Adam(model.parameters(), lr=0.01, weight_decay=0.1)
+    topt = torch.optim.Adam(ref.parameters(), lr=0.01, weight_decay=0.1)
+    for k in range(8):
+        for o, m in ((opt, model), (topt, ref)):
+            backward(o, m, 1.0 + k % 3)
+            o.step()
+        for p, q in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    layout = _kernels.torch_layout()
+    assert layout is not None
+    assert layout["max_dims"] == 5 and layout["end"] > layout["numel"] > layout["storage"]
+    n = len(list(model.parameters()))
+    info = _kernels.cache_info(opt)
+    assert info == {"served": 6, "fallbacks": 0, "records": n, "raw_params": n,
+                    "raw_state": 3 * n, "raw_grads": n}
+
+
+@pytest.mark.skipif(not _GLIBC, reason="the in-place reads of torch's tensors need glibc")
+def test_tensors_of_more_dimensions_than_kept_inline_are_checked_by_calls():
+    # sizes and strides of more than 5 dimensions live outside the TensorImpl: such a
+    # parameter (and its state and gradient) is checked by method calls, the others in place
+    def make():
+        torch.manual_seed(3)
+        return [torch.nn.Parameter(torch.randn(2, 1, 3, 1, 2, 2)),
+                torch.nn.Parameter(torch.randn(())), torch.nn.Parameter(torch.randn(4, 3))]
+
+    ps, qs = make(), make()
+    opt, twin = fastopt.torch.Adam(ps, lr=0.1), torch.optim.Adam(qs, lr=0.1)
+    for k in range(6):
+        for o, xs in ((opt, ps), (twin, qs)):
+            for x in xs:
+                x.grad = torch.cos(x.detach() * (k + 1))
+            o.step()
+        for p, q in zip(ps, qs):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    # a 6-d gradient re-pointed to another shape of the same size is still caught
+    ps[0].grad = torch.ones(2, 1, 3, 1, 2, 2)
+    ps[0].grad.data = torch.ones(2, 3, 1, 1, 2, 2)
+    before = ps[0].detach().clone()
+    with pytest.raises(ValueError, match="shape"):
+        opt.step()
+    assert torch.equal(ps[0], before)
+    info = _kernels.cache_info(opt)
+    assert info is None or (info["raw_params"] == 2 and info["raw_grads"] == 2)
+
+
+def test_a_lazy_clone_of_a_parameter_keeps_its_values():
+    # a copy-on-write clone shares the parameter's memory until one of them is written:
+    # the step must write the parameter's own copy, not the shared one
+    model = torch_mlp()
+    opt = fastopt.torch.Adam(model.parameters(), lr=0.1)
+    for _ in range(3):
+        backward(opt, model)
+        opt.step()
+    assert _kernels.cached(opt)
+    backward(opt, model)
+    p = _first(model)
+    clone = torch._lazy_clone(p.detach())
+    before = clone.clone()
+    opt.step()
+    assert torch.equal(clone, before)
+    assert not torch.equal(p.detach(), before)
+
+
+def test_the_in_place_reads_can_be_turned_off():
+    code = (
+        "import json, torch, fastopt.torch\n"
+        "from fastopt import _kernels\n"
+        "p = torch.nn.Parameter(torch.zeros(3, 2))\n"
+        "opt = fastopt.torch.Adam([p], lr=0.1)\n"
+        "for k in range(5):\n"
+        "    p.grad = torch.full((3, 2), 1.0 + k)\n"
+        "    opt.step()\n"
+        "print(json.dumps([_kernels.torch_layout(), _kernels.cache_info(opt),\n"
+        "                  p.detach().reshape(-1).tolist()]))\n")
+    outs = []
+    for value in ("0", "1"):
+        env = {**os.environ, "FASTOPT_TORCH_LAYOUT": value}
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, timeout=120, check=True)
+        outs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    (layout_off, info_off, p_off), (layout_on, info_on, p_on) = outs
+    assert layout_off is None
+    assert info_off["served"] == 3 and info_off["raw_params"] == 0 and info_off["raw_grads"] == 0
+    assert (layout_on is not None) == _GLIBC
+    assert info_on["served"] == 3
+    assert p_off == p_on

@@ -108,8 +108,12 @@ def _torch():
     return sys.modules.get("torch")
 
 
-def _numpy_of(t):
-    """The NumPy view of the detached tensor ``t``: of its int16 bits for bfloat16."""
+def _numpy_of(t, where="a tensor"):
+    """The NumPy view of the detached tensor ``t``: of its int16 bits for bfloat16. Raises
+    RuntimeError naming ``where`` when its storage lacks memory for its elements."""
+    from fastopt._kernels import check_held
+
+    check_held(t, where)
     if t.dtype is _torch().bfloat16:
         return t.view(_torch().int16).numpy()
     return t.numpy()
@@ -233,7 +237,7 @@ class TorchAdapter:
             plain = (obj.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
                      and obj.is_contiguous())
             arr = _numpy_of(torch.view_as_real(obj.detach()) if obj.is_complex()
-                            else obj.detach())
+                            else obj.detach(), _where(gi, pi))
             strides = None if plain else tuple(obj.stride())
         else:
             if (obj.layout is not torch.strided or obj.device.type != "cpu"
@@ -244,7 +248,7 @@ class TorchAdapter:
                     f"optimizer and is no longer a dense, contiguous float32, float64 or "
                     f"float16 CPU tensor (device {obj.device}, dtype {obj.dtype}, layout "
                     f"{obj.layout}, contiguous {obj.is_contiguous()})")
-            arr = obj.detach().numpy()
+            arr = _numpy_of(obj.detach(), _where(gi, pi))
             strides = None
         views = self._views
 
@@ -274,7 +278,7 @@ class TorchAdapter:
         if g is None:
             return arr, None
         try:
-            garr = g.numpy()
+            garr = _numpy_of(g, f"{_where(gi, pi)}.grad")
         except (RuntimeError, TypeError, AttributeError):
             garr = self._grad_array(obj, g, gi, pi)
         else:
@@ -316,8 +320,8 @@ class TorchAdapter:
         if g.dtype != obj.dtype:
             raise TypeError(f"{where}: .grad has dtype {g.dtype}, the parameter {obj.dtype}")
         if g.is_conj() or g.is_neg():
-            return _numpy_of(g.resolve_conj().resolve_neg().detach())
-        return _numpy_of(g.detach())
+            return _numpy_of(g.resolve_conj().resolve_neg().detach(), f"{where}.grad")
+        return _numpy_of(g.detach(), f"{where}.grad")
 
     def _complex_arrays(self, obj, arr, gi, pi, mark):
         """(real view, real view of the gradient or None) of a complex parameter."""
@@ -328,7 +332,7 @@ class TorchAdapter:
         if isinstance(g, torch.Tensor) and g.layout is torch.strided and g.dtype == obj.dtype:
             if g.is_conj() or g.is_neg():
                 g = g.resolve_conj().resolve_neg()
-            garr = torch.view_as_real(g.detach()).numpy()
+            garr = _numpy_of(torch.view_as_real(g.detach()), f"{_where(gi, pi)}.grad")
         elif isinstance(g, torch.Tensor) and g.layout is torch.sparse_coo:
             raise RuntimeError(f"{_where(gi, pi)}: fastopt does not support sparse gradients "
                                f"of complex parameters")
@@ -356,7 +360,7 @@ class TorchAdapter:
                             "tensor (made under torch.inference_mode); clone it outside "
                             "inference mode")
         view = torch.view_as_real(obj.detach()) if obj.is_complex() else obj.detach()
-        arr = _numpy_of(view)
+        arr = _numpy_of(view, "the state tensor")
         if obj.dtype is torch.int16:
             arr = arr.view(np.uint16)  # int16 bits stand for bfloat16 (see above)
         return arr, obj.data_ptr(), obj._version

@@ -24,6 +24,7 @@ from libc.stdlib cimport free, malloc, qsort, realloc
 from libc.string cimport memcpy, memset
 
 import functools as _functools
+import os as _os
 import sys
 import weakref as _weakref
 
@@ -966,6 +967,159 @@ cdef extern from *:
     """
     void fo_prefetch_lines(uintptr_t a) noexcept nogil
     void fo_prefetch_span(const void *p, size_t n) noexcept nogil
+
+cdef extern from *:
+    """
+    /* torch's tensor objects read in place. Where the layout probe below has found, for the
+       torch that is loaded, where a tensor object keeps its TensorImpl, and where a TensorImpl
+       and its StorageImpl keep the fields the checks of the cached step need, those checks
+       read the fields instead of calling the tensor's Python methods. A stable tensor (a
+       parameter, a state tensor) is compared byte for byte with a snapshot of its TensorImpl
+       and StorageImpl fields taken when the full path accepted it; a gradient (new at every
+       backward) has its sizes, strides, dtype, device, flags and dispatch keys compared with
+       those of the parameter and of the gradient the full path accepted, and its data pointer
+       computed as torch's data_ptr() does. A check that does not pass in place falls back to
+       the method calls (the bit fields of a TensorImpl share their bytes with bits no
+       constructor sets, so a gradient's flags are not compared: its dispatch keys, dtype and
+       device decide). Offsets are byte offsets. */
+    #if defined(__GLIBC__)
+    #include <malloc.h>
+    #define FO_USABLE(p) malloc_usable_size((void *)(p))
+    #else
+    #define FO_USABLE(p) ((size_t)0)
+    #endif
+    typedef struct {
+        int ok;
+        size_t po;                 /* tensor object: the TensorImpl pointer */
+        size_t storage, ndim, sizes, strides, offset, numel, end;  /* TensorImpl */
+        size_t sdata, snbytes, sflags, send;                       /* StorageImpl */
+        uintptr_t tmask[4];        /* the bits of the tail [numel + 8, end) compared */
+        int maxdim;                /* dimensions kept inline (sizes and strides) */
+        size_t snap;               /* bytes of one snapshot */
+    } fo_tlayout;
+    static fo_tlayout fo_tl;
+
+    static inline uintptr_t fo_word(uintptr_t a) { return *(const uintptr_t *)a; }
+    static inline size_t fo_usable(uintptr_t a) { return FO_USABLE(a); }
+    static inline size_t fo_tl_tail(void) { return fo_tl.end - fo_tl.numel - 8; }
+
+    /* A snapshot: the TensorImpl and StorageImpl pointers, then the TensorImpl bytes
+       [storage, end), then the StorageImpl bytes [sdata, send). */
+    static inline int fo_snap_take(PyObject *obj, unsigned char *s)
+    {
+        uintptr_t impl = fo_word((uintptr_t)obj + fo_tl.po), si;
+        size_t wt = fo_tl.end - fo_tl.storage;
+        if (impl == 0 || (si = fo_word(impl + fo_tl.storage)) == 0)
+            return 0;
+        memcpy(s, &impl, sizeof impl);
+        memcpy(s + 8, &si, sizeof si);
+        memcpy(s + 16, (const void *)(impl + fo_tl.storage), wt);
+        memcpy(s + 16 + wt, (const void *)(si + fo_tl.sdata), fo_tl.send - fo_tl.sdata);
+        return 1;
+    }
+    /* whether the tensor object obj still has the TensorImpl and the fields of snapshot s */
+    static inline int fo_snap_same(PyObject *obj, const unsigned char *s)
+    {
+        uintptr_t impl = fo_word((uintptr_t)obj + fo_tl.po), si;
+        size_t wt = fo_tl.end - fo_tl.storage;
+        memcpy(&si, s, sizeof si);
+        if (impl != si || memcmp((const void *)(impl + fo_tl.storage), s + 16, wt) != 0)
+            return 0;
+        memcpy(&si, s + 8, sizeof si);  /* the storage_ field, unchanged with the bytes */
+        return memcmp((const void *)(si + fo_tl.sdata), s + 16 + wt,
+                      fo_tl.send - fo_tl.sdata) == 0;
+    }
+    /* the data pointer of the tensor of snapshot s, as torch's data_ptr() computes it */
+    static inline uintptr_t fo_snap_data(const unsigned char *s, int64_t itemsize)
+    {
+        const unsigned char *t = s + 16 - fo_tl.storage;  /* TensorImpl offset k at t + k */
+        uintptr_t d;
+        int64_t off;
+        memcpy(&d, s + 16 + (fo_tl.end - fo_tl.storage), sizeof d);
+        memcpy(&off, t + fo_tl.offset, sizeof off);
+        return d + (uintptr_t)off * (uintptr_t)itemsize;
+    }
+    /* whether the storage of the tensor t, read in place, holds its numel elements of
+       itemsize bytes from its storage offset (a dense tensor: they fill one block) */
+    static inline int fo_storage_holds(PyObject *t, int64_t numel, int64_t itemsize)
+    {
+        uintptr_t impl = fo_word((uintptr_t)t + fo_tl.po), si;
+        int64_t off, nb;
+        if (impl == 0 || (si = fo_word(impl + fo_tl.storage)) == 0)
+            return 0;
+        if (numel == 0)
+            return 1;
+        memcpy(&off, (const void *)(impl + fo_tl.offset), sizeof off);
+        memcpy(&nb, (const void *)(si + fo_tl.snbytes), sizeof nb);
+        return fo_word(si + fo_tl.sdata) != 0 && off >= 0 && nb >= 0
+               && numel <= nb / itemsize && off <= nb / itemsize - numel;
+    }
+    /* The gradient tensor g read in place: 1 and its data pointer in *data when it has the
+       sizes and strides of the parameter's snapshot ps (ndim of them), numel elements of
+       itemsize bytes inside its storage, and the dtype, device and dispatch keys of the tail
+       gtail of the gradient the full path accepted; 0 otherwise. */
+    static inline int fo_grad_read(PyObject *g, const unsigned char *ps, int64_t ndim,
+                                   const unsigned char *gtail, int64_t numel,
+                                   int64_t itemsize, uintptr_t *data)
+    {
+        const unsigned char *pt = ps + 16 - fo_tl.storage;
+        uintptr_t gi = fo_word((uintptr_t)g + fo_tl.po), si, d, a, b;
+        int64_t v, off, nb;
+        size_t k;
+        if (gi == 0)
+            return 0;
+        memcpy(&v, (const void *)(gi + fo_tl.ndim), sizeof v);
+        if (v != ndim
+                || memcmp((const void *)(gi + fo_tl.sizes), pt + fo_tl.sizes,
+                          (size_t)ndim * 8) != 0
+                || memcmp((const void *)(gi + fo_tl.strides), pt + fo_tl.strides,
+                          (size_t)ndim * 8) != 0)
+            return 0;
+        memcpy(&v, (const void *)(gi + fo_tl.numel), sizeof v);
+        if (v != numel)
+            return 0;
+        for (k = 0; k < fo_tl_tail() / 8; k++) {
+            a = fo_word(gi + fo_tl.numel + 8 + 8 * k);
+            memcpy(&b, gtail + 8 * k, sizeof b);
+            if ((a ^ b) & fo_tl.tmask[k])
+                return 0;
+        }
+        si = fo_word(gi + fo_tl.storage);
+        if (si == 0)
+            return 0;
+        memcpy(&off, (const void *)(gi + fo_tl.offset), sizeof off);
+        memcpy(&nb, (const void *)(si + fo_tl.snbytes), sizeof nb);
+        d = fo_word(si + fo_tl.sdata);
+        if (numel == 0) {
+            *data = d;
+            return 1;
+        }
+        if (d == 0 || off < 0 || nb < 0 || numel > nb / itemsize
+                || off > nb / itemsize - numel)
+            return 0;
+        *data = d + (uintptr_t)off * (uintptr_t)itemsize;
+        return 1;
+    }
+    """
+    ctypedef struct fo_tlayout:
+        int ok
+        size_t po
+        size_t storage, ndim, sizes, strides, offset, numel, end
+        size_t sdata, snbytes, sflags, send
+        uintptr_t tmask[4]
+        int maxdim
+        size_t snap
+    fo_tlayout fo_tl
+    uintptr_t fo_word(uintptr_t a) noexcept nogil
+    size_t fo_usable(uintptr_t a) noexcept nogil
+    size_t fo_tl_tail() noexcept nogil
+    bint fo_snap_take(PyObject *obj, unsigned char *s) noexcept
+    bint fo_storage_holds(PyObject *t, int64_t numel, int64_t itemsize) noexcept
+    bint fo_snap_same(PyObject *obj, const unsigned char *s) noexcept
+    uintptr_t fo_snap_data(const unsigned char *s, int64_t itemsize) noexcept
+    bint fo_grad_read(PyObject *g, const unsigned char *ps, int64_t ndim,
+                      const unsigned char *gtail, int64_t numel, int64_t itemsize,
+                      uintptr_t *data) noexcept
     PyObject *fo_dict_get_hashed(object d, object key, Py_hash_t h)
     object fo_descr_get(object d, object obj)
     object PyObject_CallOneArg(object f, object arg)
@@ -976,6 +1130,7 @@ cdef extern from *:
 cdef tuple _TENSOR_ATTR_NAMES = ("grad", "dtype", "shape", "data_ptr", "is_contiguous",
                                  "is_neg", "stride", "_version")
 cdef tuple _tensor_attrs = None
+cdef object _torch_strided = None  # torch.strided
 cdef object _T_GRAD, _T_DTYPE, _T_SHAPE, _T_DATA_PTR, _T_IS_CONTIGUOUS, _T_IS_NEG, _T_STRIDE
 cdef object _T_VERSION
 
@@ -1009,7 +1164,188 @@ cdef int _find_tensor_attrs(object torch) except -1:
     _tensor_attrs = found
     (_T_GRAD, _T_DTYPE, _T_SHAPE, _T_DATA_PTR, _T_IS_CONTIGUOUS, _T_IS_NEG, _T_STRIDE,
      _T_VERSION) = found
+    fo_tl.ok = 0
+    if _RAW_ALLOWED:
+        try:
+            _probe_tensor_layout(torch)
+        except Exception:
+            fo_tl.ok = 0
     return 0
+
+
+# FASTOPT_TORCH_LAYOUT=0 turns the in-place reads of torch's tensor objects off (the cached
+# step then calls the tensors' methods)
+cdef bint _RAW_ALLOWED = _os.environ.get("FASTOPT_TORCH_LAYOUT", "1") != "0"
+
+
+cdef list _words(uintptr_t a, Py_ssize_t nbytes):
+    return [fo_word(a + 8 * <uintptr_t>k) for k in range(nbytes // 8)]
+
+
+cdef Py_ssize_t _the_offset(list tables, object want) except -2:
+    """The one byte offset 8 k for which want(j, tables[j], k) is true for every table j of
+    words, or -1 when there is none or more than one."""
+    cdef Py_ssize_t j, k, n = min([len(t) for t in tables]), found = -1
+    for k in range(n):
+        for j in range(len(tables)):
+            if not want(j, tables[j], k):
+                break
+        else:
+            if found >= 0:
+                return -1
+            found = k
+    return -1 if found < 0 else 8 * found
+
+
+cdef int _probe_tensor_layout(object torch) except -1:
+    """Find where the loaded torch keeps a CPU tensor's TensorImpl pointer, its storage,
+    sizes, strides, storage offset, element count, dtype-to-dispatch-key tail, and its
+    storage's data pointer, byte count and flags (see fo_tlayout), by reading tensors of
+    known layout: every field must be found at exactly one offset, the same for all of them,
+    in torch's order, inside the objects (their allocation's size bounds every read), and the
+    data pointers computed from the fields must be data_ptr()'s. Sets fo_tl.ok on success;
+    any doubt leaves the method calls in place."""
+    cdef Py_ssize_t k, po, storage, ndim, sizes, strides, offset, numel, keys, end
+    global _torch_strided
+    cdef Py_ssize_t sdata, snbytes, sflags
+    cdef uintptr_t si
+    _torch_strided = torch.strided
+    base = torch.zeros(160)
+    probes = [torch.zeros(2, 3, 5, 7, 11), base[7:7 + 143].view(11, 13),
+              torch.zeros(3, 5, dtype=torch.float64).t(), torch.zeros(()),
+              torch.from_numpy(np.zeros(17, np.float32)), torch.zeros(19, 23, 2)[:, 1:, :],
+              torch.zeros(4, 29)[1], torch.nn.Parameter(torch.zeros(3, 2))]
+    impls = [<uintptr_t>t._cdata for t in probes]
+    sis = [<uintptr_t>t.untyped_storage()._cdata for t in probes]
+    if any(fo_usable(a) < 64 for a in impls + sis):
+        return 0  # no allocation size to bound the reads (not glibc), or not a heap object
+    objs = [_words(<uintptr_t>id(t), type(t).__basicsize__) for t in probes]
+    po = _the_offset(objs, lambda j, w, k: k >= 2 and w[k] == impls[j])
+    tis = [_words(a, min(fo_usable(a), 1024)) for a in impls]
+    sts = [_words(a, min(fo_usable(a), 512)) for a in sis]
+    shapes = [tuple(t.shape) for t in probes]
+    strides_ = [tuple(t.stride()) for t in probes]
+
+    def run(w, k, vals):
+        return k + len(vals) <= len(w) and all(w[k + i] == v for i, v in enumerate(vals))
+
+    storage = _the_offset(tis, lambda j, w, k: w[k] == sis[j])
+    ndim = _the_offset(tis, lambda j, w, k: w[k] == len(shapes[j]))
+    sizes = _the_offset([w for j, w in enumerate(tis) if shapes[j]],
+                        lambda j, w, k: run(w, k, [s for s in shapes if s][j]))
+    strides = _the_offset([w for j, w in enumerate(tis) if shapes[j]],
+                          lambda j, w, k: run(w, k, [s for s in strides_ if s][j]))
+    offset = _the_offset(tis, lambda j, w, k: w[k] == probes[j].storage_offset())
+    numel = _the_offset(tis, lambda j, w, k: w[k] == probes[j].numel())
+    sdata = _the_offset(sts, lambda j, w, k: w[k] == probes[j].untyped_storage().data_ptr())
+    snbytes = _the_offset(sts, lambda j, w, k: w[k] == probes[j].untyped_storage().nbytes())
+    if min(po, storage, ndim, sizes, strides, offset, numel, sdata, snbytes) < 0:
+        return 0
+    if not (storage < ndim < sizes < strides < offset < numel and strides - sizes >= 40
+            and sdata < snbytes):
+        return 0
+    # the dispatch keys: the one word past numel where a negated view differs by one bit;
+    # nothing of the TensorImpl may follow them
+    plain = torch.zeros(6)
+    negated = torch._neg_view(plain)
+    a, b = [_words(<uintptr_t>t._cdata, min(fo_usable(<uintptr_t>t._cdata), 1024))
+            for t in (plain, negated)]
+    bits = [k for k in range(numel // 8 + 1, min(len(a), len(b)))
+            if a[k] != b[k] and bin(a[k] ^ b[k]).count("1") == 1]
+    if len(bits) != 1:
+        return 0
+    keys = 8 * bits[0]
+    end = keys + 8
+    # (an allocation may be larger than asked for, by less than 16 bytes when malloc made it
+    # for the size; the smallest of the probes' tells)
+    sizes_ti = [fo_usable(x) for x in impls]
+    sizes_ti += [fo_usable(<uintptr_t>t._cdata) for t in (plain, negated)]
+    if not end <= min(sizes_ti) < end + 16 or end - numel - 8 > 32:
+        return 0
+    # the storage's flags: the one word past its byte count that a flag of torch's changes
+    flagged = torch.zeros(5)
+    si = <uintptr_t>flagged.untyped_storage()._cdata
+    before = _words(si, min(fo_usable(si), 512))
+    torch._C._set_throw_on_mutable_data_ptr(flagged)
+    after = _words(si, min(fo_usable(si), 512))
+    changed = [8 * k for k in range(len(before)) if before[k] != after[k]]
+    if len(changed) != 1 or changed[0] <= snbytes:
+        return 0
+    sflags = changed[0]
+    if sflags + 8 > min([fo_usable(x) for x in sis]):
+        return 0
+    # the tail bits a gradient's check compares: the bytes in which every pair of tensors of
+    # two dtypes, and every pair on two devices, differs (the dtype is the first two bytes:
+    # they must be among them; bytes that differ in some pairs only are bits no constructor
+    # sets), and the dispatch keys
+    ntail = (end - numel - 8) // 8
+
+    def differing(pairs):
+        out = [0xffffffffffffffff] * ntail
+        for a, b in pairs:
+            for k in range(ntail):
+                x = (fo_word(<uintptr_t>a._cdata + numel + 8 + 8 * k)
+                     ^ fo_word(<uintptr_t>b._cdata + numel + 8 + 8 * k))
+                out[k] &= sum([0xff << (8 * j) for j in range(8) if (x >> (8 * j)) & 0xff])
+        return out
+
+    dtypes = differing([(torch.zeros(2), torch.zeros(2, dtype=d)) for d in
+                        (torch.float64, torch.int32, torch.bfloat16, torch.float16)])
+    devices = differing([(torch.zeros(n), torch.zeros(n, device="meta")) for n in (2, 3, 4, 5)])
+    if dtypes[0] & 0xff == 0:
+        return 0
+    mask = [dtypes[k] | devices[k] for k in range(ntail)]
+    mask[0] |= 0xffff
+    mask[(keys - numel - 8) // 8] = 0xffffffffffffffff
+    fo_tl.po, fo_tl.storage, fo_tl.ndim, fo_tl.sizes = po, storage, ndim, sizes
+    fo_tl.strides, fo_tl.offset, fo_tl.numel, fo_tl.end = strides, offset, numel, end
+    fo_tl.sdata, fo_tl.snbytes, fo_tl.sflags, fo_tl.send = sdata, snbytes, sflags, sflags + 8
+    for k in range(4):
+        fo_tl.tmask[k] = mask[k] if k < len(mask) else 0
+    fo_tl.maxdim = 5
+    fo_tl.snap = (16 + (end - storage) + (sflags + 8 - sdata) + 7) & ~7
+    # the data pointers and element counts, computed from the fields as the cached step will
+    for j, t in enumerate(probes):
+        w, sw = tis[j], sts[j]
+        if (w[storage // 8] != sis[j] or w[numel // 8] != t.numel()
+                or sw[sdata // 8] + w[offset // 8] * t.element_size() != t.data_ptr()):
+            return 0
+    fo_tl.ok = 1
+    return 0
+
+
+def storage_holds(t):
+    """Whether the storage of the torch tensor ``t`` holds all its elements. One freed with
+    ``untyped_storage().resize_(0)`` (as FSDP frees parameters between uses) or shrunk does
+    not, and ``t.numpy()`` does not look: it gives an array over memory the tensor lacks."""
+    if t.layout is not sys.modules["torch"].strided or t.numel() == 0:
+        return True  # (what is not strided is refused elsewhere)
+    extent = 1 + sum([(n - 1) * st for n, st in zip(t.shape, t.stride())])
+    return (t.storage_offset() + extent) * t.element_size() <= t.untyped_storage().nbytes()
+
+
+def check_held(t, where):
+    """Raise RuntimeError naming ``where`` unless the storage of ``t`` holds its elements
+    (see storage_holds)."""
+    if not storage_holds(t):
+        raise RuntimeError(f"{where}: the tensor's storage holds "
+                           f"{t.untyped_storage().nbytes()} bytes, fewer than its "
+                           f"{t.numel()} elements of {t.element_size()} bytes need (its memory "
+                           f"was freed or shrunk with untyped_storage().resize_()); give it "
+                           f"its memory back before the step")
+
+
+def torch_layout():
+    """The offsets the in-place reads of torch's tensors use (see fo_tlayout), or None when
+    they are off (FASTOPT_TORCH_LAYOUT=0, a torch whose layout the probe did not recognise,
+    or no tensor stepped yet)."""
+    if not fo_tl.ok:
+        return None
+    return {"tensor_impl": fo_tl.po, "storage": fo_tl.storage, "ndim": fo_tl.ndim,
+            "sizes": fo_tl.sizes, "strides": fo_tl.strides, "storage_offset": fo_tl.offset,
+            "numel": fo_tl.numel, "end": fo_tl.end, "storage_data": fo_tl.sdata,
+            "storage_nbytes": fo_tl.snbytes, "storage_flags": fo_tl.sflags,
+            "max_dims": fo_tl.maxdim, "snapshot_bytes": fo_tl.snap}
 
 
 cdef inline bint _same_size(object a, object b) except -1:
@@ -1086,6 +1422,16 @@ ctypedef struct _trec:
     uintptr_t pf[_MAX_PF]
     int32_t npf
     PyObject *strides         # a tensor dense in another axis order: its strides (a tuple)
+    # the in-place reads of torch's tensors (fo_tlayout): the snapshots of the parameter and
+    # of each tensor entry (indices in the cache's snapshots, -1: checked by method calls),
+    # and whether the gradient is read in place, with the tail (dtype to dispatch keys) of
+    # the gradient the full path accepted
+    int32_t psnap
+    int32_t esnap[10]
+    int32_t snap_lo, snap_hi  # the record's snapshots, in a row
+    int32_t graw
+    int64_t ndim
+    uint8_t gtail[32]
 
 
 cdef class _StepCache
@@ -1489,6 +1835,7 @@ cdef tuple _collect(Py_ssize_t gi, list params, state, Spec spec, tuple keys, in
                     continue
                 bf16 = False
                 try:
+                    check_held(gobj, f"{_where(gi, i)}.grad")
                     if (gobj.dtype is obj.dtype and str(gobj.dtype) == "torch.bfloat16"
                             and type(gobj) is type(obj.data)):
                         # the bits of a dense bfloat16 gradient, as the parameter's view
@@ -1571,7 +1918,7 @@ cdef tuple _collect(Py_ssize_t gi, list params, state, Spec spec, tuple keys, in
                 rec.ok = False  # the adapter's path, or a gradient copied for the kernel
             else:
                 rec.param(gi, i, obj, kind, plan, slot, arr)
-                rec.grad(g, obj.grad.dtype if kind == _KIND_TENSOR else None)
+                rec.grad(g, obj.grad if kind == _KIND_TENSOR else None)
         # master weights are state even where the optimizer keeps none (SGD without momentum)
         master = plan.master and plan.storage != FO_FMT_F32
         if init_mode == 2 and not master:
@@ -1628,6 +1975,10 @@ cdef class _StepCache:
     cdef uintptr_t *wlo       # the spans written by the step, sorted by start,
     cdef uintptr_t *whi       # and the greatest end among the first k of them
     cdef Py_ssize_t nw
+    cdef unsigned char *snaps  # the tensors' snapshots (fo_snap_take), fo_tl.snap bytes each
+    cdef Py_ssize_t nsnap, capsnap
+    cdef readonly Py_ssize_t served  # steps run from the cache
+    cdef readonly Py_ssize_t fallbacks  # tensors whose in-place check fell back to calls
 
     def __cinit__(self):
         self.recs = NULL
@@ -1639,8 +1990,14 @@ cdef class _StepCache:
         self.wlo = NULL
         self.whi = NULL
         self.nw = 0
+        self.snaps = NULL
+        self.nsnap = 0
+        self.capsnap = 0
+        self.served = 0
+        self.fallbacks = 0
 
     def __dealloc__(self):
+        free(self.snaps)
         free(self.recs)
         free(self.wlo)
         free(self.whi)
@@ -1651,7 +2008,7 @@ cdef class _StepCache:
         its array, None for a fastopt.Parameter without a gradient)."""
         cdef void *mem
         cdef _trec *r
-        cdef Py_ssize_t cap
+        cdef Py_ssize_t cap, k
         if not self.ok:
             return 0
         if self.n == self.cap:
@@ -1663,6 +2020,9 @@ cdef class _StepCache:
             self.cap = cap
         r = &self.recs[self.n]
         memset(r, 0, sizeof(_trec))
+        r.psnap = r.snap_lo = r.snap_hi = -1
+        for k in range(_MAX_ENTRIES):
+            r.esnap[k] = -1
         self.n += 1
         r.param = <PyObject *>obj
         self.refs.append(obj)
@@ -1694,6 +2054,10 @@ cdef class _StepCache:
                     self.ok = False
             if not _plain_tensor_type(type(obj)):
                 self.ok = False  # a subclass of its own attributes: the full path
+            elif plan is not None:
+                r.psnap = self.snapshot(obj, plan.itemsize, r.pdata)
+                if r.psnap >= 0:
+                    r.ndim = obj.dim()
         else:
             r.pdata = <uintptr_t>cnp.PyArray_DATA(<cnp.ndarray>obj)
         if plan is not None:
@@ -1704,6 +2068,51 @@ cdef class _StepCache:
             r.typenum = plan.typenum
         self.prefetched_object(r, obj)
         return 0
+
+    cdef int32_t snapshot(self, object obj, int64_t itemsize, uintptr_t data) except -2:
+        """Take a snapshot of the tensor ``obj`` of the last record (its data pointer is
+        ``data``, its elements ``itemsize`` bytes) for the in-place checks: its index in the
+        snapshots, or -1 when the tensor is checked by method calls."""
+        cdef void *mem
+        cdef Py_ssize_t cap
+        cdef unsigned char *sn
+        cdef _trec *r = &self.recs[self.n - 1]
+        if not fo_tl.ok:
+            return -1
+        try:
+            # a dense CPU tensor whose sizes and strides are kept inline, of the probed
+            # object layout (a subclass such as nn.Parameter adds its fields after it)
+            if (obj.layout is not _torch_strided or obj.device.type != "cpu" or obj.is_nested
+                    or obj.dim() > fo_tl.maxdim
+                    or fo_word(<uintptr_t><PyObject *>obj + fo_tl.po)
+                    != <uintptr_t>obj._cdata):
+                return -1
+        except Exception:
+            return -1
+        if self.nsnap == self.capsnap:
+            cap = 64 if self.capsnap == 0 else 2 * self.capsnap
+            mem = realloc(self.snaps, cap * fo_tl.snap)
+            if mem == NULL:
+                raise MemoryError()
+            self.snaps = <unsigned char *>mem
+            self.capsnap = cap
+        sn = self.snaps + self.nsnap * fo_tl.snap
+        if not fo_snap_take(<PyObject *>obj, sn) or fo_snap_data(sn, itemsize) != data:
+            return -1
+        self.nsnap += 1
+        if r.snap_lo < 0:
+            r.snap_lo = <int32_t>(self.nsnap - 1)
+        r.snap_hi = <int32_t>self.nsnap
+        return <int32_t>(self.nsnap - 1)
+
+    cdef int32_t resnap(self, int32_t idx, object obj, uintptr_t data) except -2:
+        """Take snapshot ``idx`` again, of the tensor ``obj`` that the method calls found
+        unchanged (its data pointer ``data``): ``idx``, or -1 when it cannot be read in
+        place any more."""
+        cdef unsigned char *sn = self.snaps + idx * fo_tl.snap
+        if not fo_snap_take(<PyObject *>obj, sn) or fo_snap_data(sn, obj.element_size()) != data:
+            return -1
+        return idx
 
     cdef void prefetched(self, _trec *r, uintptr_t lo, int lines) noexcept:
         """Add ``lines`` lines of 64 bytes from ``lo`` to the prefetched memory of ``r``."""
@@ -1731,18 +2140,35 @@ cdef class _StepCache:
         self.prefetched(r, storage, 2)
         return 0
 
-    cdef int grad(self, cnp.ndarray g, object gdtype) except -1:
-        """Record the gradient ``g`` of the last parameter (``gdtype``: a tensor's dtype)."""
+    cdef int grad(self, cnp.ndarray g, object gt) except -1:
+        """Record the gradient ``g`` of the last parameter (``gt``: the tensor it views)."""
         if not self.ok:
             return 0
         cdef _trec *r = &self.recs[self.n - 1]
+        cdef uintptr_t gimpl, d
         r.gtypenum = cnp.PyArray_TYPE(g)
         r.gitemsize = cnp.PyArray_ITEMSIZE(g)
-        if gdtype is not None:
+        if gt is not None:
+            gdtype = gt.dtype
             self.refs.append(gdtype)
             r.gdtype = <PyObject *>gdtype
         r.glo = <uintptr_t>cnp.PyArray_DATA(g)
         r.ghi = r.glo + <uintptr_t>(r.numel * r.gitemsize)
+        if r.psnap < 0 or type(gt) is not self.tensor_type:
+            return 0
+        try:
+            if (gt.layout is not _torch_strided or gt.device.type != "cpu" or gt.is_nested
+                    or fo_word(<uintptr_t><PyObject *>gt + fo_tl.po) != <uintptr_t>gt._cdata):
+                return 0
+        except Exception:
+            return 0
+        # read in place from the next step on when this gradient, read so, gives the data
+        # pointer the full path checked (its sizes and strides those of the parameter)
+        gimpl = fo_word(<uintptr_t><PyObject *>gt + fo_tl.po)
+        memcpy(r.gtail, <const void *>(gimpl + fo_tl.numel + 8), fo_tl_tail())
+        if (fo_grad_read(<PyObject *>gt, self.snaps + r.psnap * fo_tl.snap, r.ndim, r.gtail,
+                         r.numel, r.gitemsize, &d) and d == r.glo):
+            r.graw = 1
         return 0
 
     cdef int state_dict(self, object st) except -1:
@@ -1786,6 +2212,8 @@ cdef class _StepCache:
             r.tensors |= 1 << k
             if r.eptr[k] != <uintptr_t>cnp.PyArray_DATA(a):
                 self.ok = False
+            elif self.ok:
+                r.esnap[k] = self.snapshot(obj, cnp.PyArray_ITEMSIZE(a), r.eptr[k])
         r.nentry = k + 1
         return 0
 
@@ -1935,6 +2363,9 @@ cdef class _StepCache:
                 rn = &self.recs[i + _PF_AHEAD]
                 for k in range(rn.npf):
                     fo_prefetch_lines(rn.pf[k])
+                if rn.snap_lo >= 0:
+                    fo_prefetch_span(self.snaps + rn.snap_lo * fo_tl.snap,
+                                     (rn.snap_hi - rn.snap_lo) * fo_tl.snap)
             ge = <tuple>self.groups[r.gi]
             params = <list>ge[1]
             if PyList_GET_ITEM(params, r.pi) != r.param:
@@ -1965,12 +2396,18 @@ cdef class _StepCache:
                 # the memory and the layout of the cached view: ``.data =`` and ``set_`` move
                 # the memory, ``set_`` and ``as_strided_`` can lay it out anew in place; its
                 # shape is the gradient's, compared below
-                try:
-                    if (<uintptr_t>PyObject_CallOneArg(_T_DATA_PTR, obj) != r.pdata
-                            or not self.laid_out(r, obj)):
+                # its TensorImpl and storage fields as in the snapshot, or else its memory and
+                # layout by method calls (then a new snapshot)
+                if r.psnap < 0 or not fo_snap_same(r.param, self.snaps + r.psnap * fo_tl.snap):
+                    self.fallbacks += r.psnap >= 0
+                    try:
+                        if (<uintptr_t>PyObject_CallOneArg(_T_DATA_PTR, obj) != r.pdata
+                                or not self.laid_out(r, obj)):
+                            return 0
+                    except Exception:
                         return 0
-                except Exception:
-                    return 0
+                    if r.psnap >= 0:
+                        r.psnap = self.resnap(r.psnap, obj, r.pdata)
                 g = fo_descr_get(_T_GRAD, obj)
                 if g is None:
                     if r.t != NULL:
@@ -1980,16 +2417,27 @@ cdef class _StepCache:
                     return 0
                 # what .numpy() checks on the full path, without making an array: a dense
                 # tensor (a sparse, CSR or MKL-DNN one raises or is not contiguous) of the
-                # parameter's dtype, shape and layout, not a lazily negated view
-                try:
-                    if (not self.laid_out(r, g)
-                            or fo_descr_get(_T_DTYPE, g) is not <object>r.gdtype
-                            or not _same_size(fo_descr_get(_T_SHAPE, g), <object>r.shape)
-                            or PyObject_CallOneArg(_T_IS_NEG, g) is not False):
+                # parameter's dtype, shape and layout, not a lazily negated view; read in
+                # place, the same fields and dispatch keys as the gradient the full path
+                # accepted
+                if not (r.graw and r.psnap >= 0
+                        and fo_grad_read(<PyObject *>g, self.snaps + r.psnap * fo_tl.snap,
+                                         r.ndim, r.gtail, r.numel, r.gitemsize, &gp)):
+                    self.fallbacks += r.graw
+                    try:
+                        if (not self.laid_out(r, g)
+                                or fo_descr_get(_T_DTYPE, g) is not <object>r.gdtype
+                                or not _same_size(fo_descr_get(_T_SHAPE, g), <object>r.shape)
+                                or PyObject_CallOneArg(_T_IS_NEG, g) is not False):
+                            return 0
+                        gp = <uintptr_t>PyObject_CallOneArg(_T_DATA_PTR, g)
+                        # a storage freed or shrunk under the gradient (.numpy() does not
+                        # look)
+                        if not (fo_storage_holds(<PyObject *>g, r.numel, r.gitemsize)
+                                if fo_tl.ok else storage_holds(g)):
+                            return 0
+                    except Exception:
                         return 0
-                    gp = <uintptr_t>PyObject_CallOneArg(_T_DATA_PTR, g)
-                except Exception:
-                    return 0
             Py_INCREF(g)
             gkeep[nkeep[0]] = <PyObject *>g
             nkeep[0] += 1
@@ -2012,11 +2460,16 @@ cdef class _StepCache:
                     if item != r.entry[k]:
                         return 0
                     if r.tensors & (1 << k):
-                        if (<uintptr_t>PyObject_CallOneArg(_T_DATA_PTR, <object>item)
-                                != r.eptr[k]
-                                or <int64_t>fo_descr_get(_T_VERSION, <object>item)
-                                != r.ever[k]):
-                            return 0
+                        if (r.esnap[k] < 0
+                                or not fo_snap_same(item, self.snaps + r.esnap[k] * fo_tl.snap)):
+                            self.fallbacks += r.esnap[k] >= 0
+                            if (<uintptr_t>PyObject_CallOneArg(_T_DATA_PTR, <object>item)
+                                    != r.eptr[k]
+                                    or <int64_t>fo_descr_get(_T_VERSION, <object>item)
+                                    != r.ever[k]):
+                                return 0
+                            if r.esnap[k] >= 0:
+                                r.esnap[k] = self.resnap(r.esnap[k], <object>item, r.eptr[k])
                     elif (<uintptr_t>cnp.PyArray_DATA(<cnp.ndarray>item) != r.eptr[k]
                           or (cnp.PyArray_FLAGS(<cnp.ndarray>item) & _NEED_FLAGS) != _NEED_FLAGS
                           or not cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>item)):
@@ -2035,6 +2488,7 @@ cdef class _StepCache:
             for group in rounding:
                 group["rounding_step"] = group.get("rounding_step", 0) + 1
         _run(self.plans, spec.kernel)
+        self.served += 1
         if self.foreign:
             _foreign_updated(self.foreign)
         return 1
@@ -2067,6 +2521,26 @@ def forget(opt):
 def cached(opt):
     """Whether the next step of ``opt`` may run from its cache (for tests)."""
     return _cache_of(opt) is not None
+
+
+def cache_info(opt):
+    """What the cache of ``opt`` holds (for tests and benchmarks), or None: the steps run from
+    it, the in-place checks that fell back to method calls, its records, and how many of
+    their tensors it checks by reading torch's objects in place (see fo_tlayout): parameters,
+    state tensors, gradients."""
+    cdef _StepCache c = _cache_of(opt)
+    cdef Py_ssize_t i, k, np_ = 0, ns = 0, ng = 0
+    cdef _trec *r
+    if c is None:
+        return None
+    for i in range(c.n):
+        r = &c.recs[i]
+        np_ += r.psnap >= 0
+        ng += r.graw
+        for k in range(r.nentry):
+            ns += r.esnap[k] >= 0
+    return {"served": c.served, "fallbacks": c.fallbacks, "records": c.n, "raw_params": np_,
+            "raw_state": ns, "raw_grads": ng}
 
 
 cdef int _run(list plans, int kernel) except -1:
@@ -2470,3 +2944,4 @@ def freeze(dict group, tuple numeric, tuple flags, tuple pairs):
             raise ValueError(f"{key} must have {n} entries, got {value!r}")
         frozen[key] = tuple([_as_real(items[i], f"{key}[{i}]") for i in range(n)])
     return frozen
+
