@@ -265,6 +265,15 @@ def _state_requires_grad(opt, p, k):
         v.requires_grad_()
 
 
+def _relaid_shape(p, shape):
+    with torch.no_grad():
+        p.set_(p.untyped_storage(), p.storage_offset(), shape, torch.empty(shape).stride())
+
+
+def _grad_storage_refuses_access(opt, model):
+    torch._C._set_throw_on_mutable_data_ptr(_first(model).grad)
+
+
 def _listed_twice(opt, model):
     opt.param_groups[0]["params"].append(model[2].bias)
 
@@ -289,6 +298,7 @@ CHANGES = {
     "a gradient whose storage is shrunk": _grad_storage_shrunk,
     "a gradient at an offset of a flat buffer": _grad_at_an_offset,
     "a gradient of copy-on-write storage": _grad_lazily_cloned,
+    "a gradient whose storage refuses access to its data": _grad_storage_refuses_access,
     "a parameter listed twice": _listed_twice,
     "a state entry replaced": _with_entry(
         lambda opt, p, k: opt.state[p].__setitem__(k, torch.full_like(p, 0.25))
@@ -332,6 +342,8 @@ def test_a_change_gives_the_full_paths_outcome(maker, what):
         assert got != "stepped"
     if what in ("a gradient whose storage is freed", "a gradient whose storage is shrunk"):
         assert got[0] is RuntimeError and "storage holds" in got[1]
+    if what == "a gradient whose storage refuses access to its data":
+        assert got != "stepped"
     if what in ("a gradient at an offset of a flat buffer", "a gradient of copy-on-write storage",
                 "a state tensor made to require grad"):
         assert got == "stepped"
@@ -576,3 +588,31 @@ def test_the_in_place_reads_can_be_turned_off():
     assert (layout_on is not None) == _GLIBC
     assert info_on["served"] == 3
     assert p_off == p_on
+
+
+@pytest.mark.parametrize("maker", [m for m in MAKERS if m.startswith("fastopt.torch")])
+def test_a_parameter_laid_out_in_another_shape_over_its_memory(maker):
+    # the same memory in another shape (its data pointer and contiguity stay), with a
+    # gradient of that shape: the state keeps the old shape, which the full path refuses
+    def make():
+        torch.manual_seed(5)
+        ps = [torch.nn.Parameter(torch.randn(4, 6)), torch.nn.Parameter(torch.randn(5))]
+        return ps, MAKERS[maker](ps)
+
+    (ps, opt), (qs, twin) = make(), make()
+    for k in range(3):
+        for xs, o in ((ps, opt), (qs, twin)):
+            for x in xs:
+                x.grad = torch.cos(x.detach() * (k + 1))
+            o.step()
+    assert _kernels.cached(opt)
+    for xs in (ps, qs):
+        _relaid_shape(xs[0], (6, 4))
+        xs[0].grad = torch.ones(6, 4)
+        xs[1].grad = torch.ones(5)
+    _kernels.forget(twin)
+    before = state_of(opt)
+    got, want = outcome(opt), outcome(twin)
+    assert got == want
+    assert got[0] is ValueError and "shape" in got[1]
+    assert state_of(opt) == before

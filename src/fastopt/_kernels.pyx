@@ -21,7 +21,7 @@ from cpython.object cimport PyObject
 from cpython.ref cimport Py_DECREF, Py_INCREF
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc, qsort, realloc
-from libc.string cimport memcpy, memset
+from libc.string cimport memcmp, memcpy, memset
 
 import functools as _functools
 import os as _os
@@ -994,6 +994,8 @@ cdef extern from *:
         size_t storage, ndim, sizes, strides, offset, numel, end;  /* TensorImpl */
         size_t sdata, snbytes, sflags, send;                       /* StorageImpl */
         uintptr_t tmask[4];        /* the bits of the tail [numel + 8, end) compared */
+        uintptr_t sthrow;          /* the bits of the storage flags word that make torch
+                                      refuse (or warn at) an access to the data */
         int maxdim;                /* dimensions kept inline (sizes and strides) */
         size_t snap;               /* bytes of one snapshot */
     } fo_tlayout;
@@ -1056,8 +1058,8 @@ cdef extern from *:
     }
     /* The gradient tensor g read in place: 1 and its data pointer in *data when it has the
        sizes and strides of the parameter's snapshot ps (ndim of them), numel elements of
-       itemsize bytes inside its storage, and the dtype, device and dispatch keys of the tail
-       gtail of the gradient the full path accepted; 0 otherwise. */
+       itemsize bytes inside a storage that allows access to them, and the dtype, device and
+       dispatch keys of the tail gtail of the gradient the full path accepted; 0 otherwise. */
     static inline int fo_grad_read(PyObject *g, const unsigned char *ps, int64_t ndim,
                                    const unsigned char *gtail, int64_t numel,
                                    int64_t itemsize, uintptr_t *data)
@@ -1085,7 +1087,7 @@ cdef extern from *:
                 return 0;
         }
         si = fo_word(gi + fo_tl.storage);
-        if (si == 0)
+        if (si == 0 || (fo_word(si + fo_tl.sflags) & fo_tl.sthrow) != 0)
             return 0;
         memcpy(&off, (const void *)(gi + fo_tl.offset), sizeof off);
         memcpy(&nb, (const void *)(si + fo_tl.snbytes), sizeof nb);
@@ -1107,6 +1109,7 @@ cdef extern from *:
         size_t storage, ndim, sizes, strides, offset, numel, end
         size_t sdata, snbytes, sflags, send
         uintptr_t tmask[4]
+        uintptr_t sthrow
         int maxdim
         size_t snap
     fo_tlayout fo_tl
@@ -1178,6 +1181,10 @@ cdef int _find_tensor_attrs(object torch) except -1:
 cdef bint _RAW_ALLOWED = _os.environ.get("FASTOPT_TORCH_LAYOUT", "1") != "0"
 
 
+# the masks of the 8 bytes of a 64-bit word (Python ints)
+_BYTE_MASKS = [0xff << (8 * j) for j in range(8)]
+
+
 cdef list _words(uintptr_t a, Py_ssize_t nbytes):
     return [fo_word(a + 8 * <uintptr_t>k) for k in range(nbytes // 8)]
 
@@ -1241,6 +1248,8 @@ cdef int _probe_tensor_layout(object torch) except -1:
     snbytes = _the_offset(sts, lambda j, w, k: w[k] == probes[j].untyped_storage().nbytes())
     if min(po, storage, ndim, sizes, strides, offset, numel, sdata, snbytes) < 0:
         return 0
+    if po != sizeof(PyObject):
+        return 0  # the TensorImpl pointer must be the object's first field (no flag before it)
     if not (storage < ndim < sizes < strides < offset < numel and strides - sizes >= 40
             and sdata < snbytes):
         return 0
@@ -1274,6 +1283,12 @@ cdef int _probe_tensor_layout(object torch) except -1:
     sflags = changed[0]
     if sflags + 8 > min([fo_usable(x) for x in sis]):
         return 0
+    sthrow = before[sflags // 8] ^ after[sflags // 8]
+    warned = torch.zeros(5)
+    si = <uintptr_t>warned.untyped_storage()._cdata
+    x = fo_word(si + sflags)
+    torch._C._set_warn_deprecated_on_mutable_data_ptr(warned)
+    sthrow |= x ^ fo_word(si + sflags)
     # the tail bits a gradient's check compares: the bytes in which every pair of tensors of
     # two dtypes, and every pair on two devices, differs (the dtype is the first two bytes:
     # they must be among them; bytes that differ in some pairs only are bits no constructor
@@ -1286,7 +1301,7 @@ cdef int _probe_tensor_layout(object torch) except -1:
             for k in range(ntail):
                 x = (fo_word(<uintptr_t>a._cdata + numel + 8 + 8 * k)
                      ^ fo_word(<uintptr_t>b._cdata + numel + 8 + 8 * k))
-                out[k] &= sum([0xff << (8 * j) for j in range(8) if (x >> (8 * j)) & 0xff])
+                out[k] &= sum([_BYTE_MASKS[j] for j in range(8) if (x >> (8 * j)) & 0xff])
         return out
 
     dtypes = differing([(torch.zeros(2), torch.zeros(2, dtype=d)) for d in
@@ -1302,6 +1317,7 @@ cdef int _probe_tensor_layout(object torch) except -1:
     fo_tl.sdata, fo_tl.snbytes, fo_tl.sflags, fo_tl.send = sdata, snbytes, sflags, sflags + 8
     for k in range(4):
         fo_tl.tmask[k] = mask[k] if k < len(mask) else 0
+    fo_tl.sthrow = sthrow
     fo_tl.maxdim = 5
     fo_tl.snap = (16 + (end - storage) + (sflags + 8 - sdata) + 7) & ~7
     # the data pointers and element counts, computed from the fields as the cached step will
@@ -1428,6 +1444,7 @@ ctypedef struct _trec:
     # the gradient the full path accepted
     int32_t psnap
     int32_t esnap[10]
+    int32_t eitem[10]         # the tensor entries' bytes per element
     int32_t snap_lo, snap_hi  # the record's snapshots, in a row
     int32_t graw
     int64_t ndim
@@ -2105,12 +2122,21 @@ cdef class _StepCache:
         r.snap_hi = <int32_t>self.nsnap
         return <int32_t>(self.nsnap - 1)
 
-    cdef int32_t resnap(self, int32_t idx, object obj, uintptr_t data) except -2:
+    cdef int32_t resnap(self, int32_t idx, object obj, int64_t itemsize,
+                        uintptr_t data) except -2:
         """Take snapshot ``idx`` again, of the tensor ``obj`` that the method calls found
-        unchanged (its data pointer ``data``): ``idx``, or -1 when it cannot be read in
-        place any more."""
+        with its memory (``data``, elements of ``itemsize`` bytes) and layout: ``idx``, or
+        -1 when it cannot be read in place any more. Its sizes, strides and element count
+        must be the old snapshot's (the method calls of a parameter look at its memory and
+        layout, not its shape; its gradient's in-place check takes the sizes from here)."""
         cdef unsigned char *sn = self.snaps + idx * fo_tl.snap
-        if not fo_snap_take(<PyObject *>obj, sn) or fo_snap_data(sn, obj.element_size()) != data:
+        cdef unsigned char old[256]
+        cdef size_t lo = 16 + fo_tl.ndim - fo_tl.storage, n = fo_tl.numel + 8 - fo_tl.ndim
+        if n > sizeof(old):
+            return -1
+        memcpy(old, sn + lo, n)
+        if (not fo_snap_take(<PyObject *>obj, sn) or fo_snap_data(sn, itemsize) != data
+                or memcmp(old, sn + lo, n) != 0):
             return -1
         return idx
 
@@ -2213,7 +2239,8 @@ cdef class _StepCache:
             if r.eptr[k] != <uintptr_t>cnp.PyArray_DATA(a):
                 self.ok = False
             elif self.ok:
-                r.esnap[k] = self.snapshot(obj, cnp.PyArray_ITEMSIZE(a), r.eptr[k])
+                r.eitem[k] = <int32_t>cnp.PyArray_ITEMSIZE(a)
+                r.esnap[k] = self.snapshot(obj, r.eitem[k], r.eptr[k])
         r.nentry = k + 1
         return 0
 
@@ -2407,7 +2434,7 @@ cdef class _StepCache:
                     except Exception:
                         return 0
                     if r.psnap >= 0:
-                        r.psnap = self.resnap(r.psnap, obj, r.pdata)
+                        r.psnap = self.resnap(r.psnap, obj, r.itemsize, r.pdata)
                 g = fo_descr_get(_T_GRAD, obj)
                 if g is None:
                     if r.t != NULL:
@@ -2463,13 +2490,17 @@ cdef class _StepCache:
                         if (r.esnap[k] < 0
                                 or not fo_snap_same(item, self.snaps + r.esnap[k] * fo_tl.snap)):
                             self.fallbacks += r.esnap[k] >= 0
-                            if (<uintptr_t>PyObject_CallOneArg(_T_DATA_PTR, <object>item)
-                                    != r.eptr[k]
-                                    or <int64_t>fo_descr_get(_T_VERSION, <object>item)
-                                    != r.ever[k]):
-                                return 0
+                            try:
+                                if (<uintptr_t>PyObject_CallOneArg(_T_DATA_PTR, <object>item)
+                                        != r.eptr[k]
+                                        or <int64_t>fo_descr_get(_T_VERSION, <object>item)
+                                        != r.ever[k]):
+                                    return 0
+                            except Exception:
+                                return 0  # (the full path says what is wrong)
                             if r.esnap[k] >= 0:
-                                r.esnap[k] = self.resnap(r.esnap[k], <object>item, r.eptr[k])
+                                r.esnap[k] = self.resnap(r.esnap[k], <object>item,
+                                                         r.eitem[k], r.eptr[k])
                     elif (<uintptr_t>cnp.PyArray_DATA(<cnp.ndarray>item) != r.eptr[k]
                           or (cnp.PyArray_FLAGS(<cnp.ndarray>item) & _NEED_FLAGS) != _NEED_FLAGS
                           or not cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>item)):
