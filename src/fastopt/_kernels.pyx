@@ -1170,8 +1170,10 @@ cdef int _find_tensor_attrs(object torch) except -1:
     fo_tl.ok = 0
     if _RAW_ALLOWED:
         try:
-            _probe_tensor_layout(torch)
-        except Exception:
+            with torch.inference_mode(False):
+                _probe_tensor_layout(torch)
+        except Exception as e:
+            _refusal[0] = f"{type(e).__name__}: {e}"
             fo_tl.ok = 0
     return 0
 
@@ -1204,6 +1206,15 @@ cdef Py_ssize_t _the_offset(list tables, object want) except -2:
     return -1 if found < 0 else 8 * found
 
 
+# why the last probe left the method calls in place ("" when it did not)
+cdef list _refusal = [""]
+
+
+cdef int _refuse(str why) except -1:
+    _refusal[0] = why
+    return 0
+
+
 cdef int _probe_tensor_layout(object torch) except -1:
     """Find where the loaded torch keeps a CPU tensor's TensorImpl pointer, its storage,
     sizes, strides, storage offset, element count, dtype-to-dispatch-key tail, and its
@@ -1217,15 +1228,19 @@ cdef int _probe_tensor_layout(object torch) except -1:
     cdef Py_ssize_t sdata, snbytes, sflags
     cdef uintptr_t si
     _torch_strided = torch.strided
-    base = torch.zeros(160)
-    probes = [torch.zeros(2, 3, 5, 7, 11), base[7:7 + 143].view(11, 13),
-              torch.zeros(3, 5, dtype=torch.float64).t(), torch.zeros(()),
-              torch.from_numpy(np.zeros(17, np.float32)), torch.zeros(19, 23, 2)[:, 1:, :],
-              torch.zeros(4, 29)[1], torch.nn.Parameter(torch.zeros(3, 2))]
+
+    def z(*shape, dtype=torch.float32, device="cpu"):
+        return torch.zeros(*shape, dtype=dtype, device=device)  # whatever the defaults are
+
+    base = z(160)
+    probes = [z(2, 3, 5, 7, 11), base[7:7 + 143].view(11, 13),
+              z(3, 5, dtype=torch.float64).t(), z(()),
+              torch.from_numpy(np.zeros(17, np.float32)), z(19, 23, 2)[:, 1:, :],
+              z(4, 29)[1], torch.nn.Parameter(z(3, 2))]
     impls = [<uintptr_t>t._cdata for t in probes]
     sis = [<uintptr_t>t.untyped_storage()._cdata for t in probes]
     if any(fo_usable(a) < 64 for a in impls + sis):
-        return 0  # no allocation size to bound the reads (not glibc), or not a heap object
+        return _refuse("no allocation sizes to bound the reads (not glibc)")
     objs = [_words(<uintptr_t>id(t), type(t).__basicsize__) for t in probes]
     po = _the_offset(objs, lambda j, w, k: k >= 2 and w[k] == impls[j])
     tis = [_words(a, min(fo_usable(a), 1024)) for a in impls]
@@ -1247,44 +1262,48 @@ cdef int _probe_tensor_layout(object torch) except -1:
     sdata = _the_offset(sts, lambda j, w, k: w[k] == probes[j].untyped_storage().data_ptr())
     snbytes = _the_offset(sts, lambda j, w, k: w[k] == probes[j].untyped_storage().nbytes())
     if min(po, storage, ndim, sizes, strides, offset, numel, sdata, snbytes) < 0:
-        return 0
-    if po != sizeof(PyObject):
-        return 0  # the TensorImpl pointer must be the object's first field (no flag before it)
+        return _refuse("a field not found at one offset")
+    if po != sizeof(PyObject):  # the TensorImpl pointer first (no flag before it)
+        return _refuse("the TensorImpl pointer is not the tensor object's first field")
     if not (storage < ndim < sizes < strides < offset < numel and strides - sizes >= 40
             and sdata < snbytes):
-        return 0
-    # the dispatch keys: the one word past numel where a negated view differs by one bit;
-    # nothing of the TensorImpl may follow them
-    plain = torch.zeros(6)
-    negated = torch._neg_view(plain)
-    a, b = [_words(<uintptr_t>t._cdata, min(fo_usable(<uintptr_t>t._cdata), 1024))
-            for t in (plain, negated)]
-    bits = [k for k in range(numel // 8 + 1, min(len(a), len(b)))
-            if a[k] != b[k] and bin(a[k] ^ b[k]).count("1") == 1]
-    if len(bits) != 1:
-        return 0
-    keys = 8 * bits[0]
+        return _refuse("the fields are not in torch's order")
+    # the dispatch keys: the one word past numel where every negated view differs from its
+    # tensor by the same one bit (a bit field's unset bits, and the bytes past the object,
+    # may differ by chance in one pair); nothing of the TensorImpl may follow them
+    pairs = [(t, torch._neg_view(t)) for t in
+             [z(n, dtype=torch.float32, device="cpu") for n in (6, 7, 8, 9)]]
+    found = None
+    for plain, negated in pairs:
+        a, b = [_words(<uintptr_t>t._cdata, min(fo_usable(<uintptr_t>t._cdata), 1024))
+                for t in (plain, negated)]
+        bits = {(k, a[k] ^ b[k]) for k in range(numel // 8 + 1, min(len(a), len(b)))
+                if a[k] != b[k] and bin(a[k] ^ b[k]).count("1") == 1}
+        found = bits if found is None else found & bits
+    if len(found) != 1:
+        return _refuse("no one word of dispatch keys")
+    keys = 8 * next(iter(found))[0]
     end = keys + 8
     # (an allocation may be larger than asked for, by less than 16 bytes when malloc made it
     # for the size; the smallest of the probes' tells)
     sizes_ti = [fo_usable(x) for x in impls]
-    sizes_ti += [fo_usable(<uintptr_t>t._cdata) for t in (plain, negated)]
+    sizes_ti += [fo_usable(<uintptr_t>t._cdata) for pair in pairs for t in pair]
     if not end <= min(sizes_ti) < end + 16 or end - numel - 8 > 32:
-        return 0
+        return _refuse("fields after the dispatch keys")
     # the storage's flags: the one word past its byte count that a flag of torch's changes
-    flagged = torch.zeros(5)
+    flagged = z(5)
     si = <uintptr_t>flagged.untyped_storage()._cdata
     before = _words(si, min(fo_usable(si), 512))
     torch._C._set_throw_on_mutable_data_ptr(flagged)
     after = _words(si, min(fo_usable(si), 512))
     changed = [8 * k for k in range(len(before)) if before[k] != after[k]]
     if len(changed) != 1 or changed[0] <= snbytes:
-        return 0
+        return _refuse("no one word of storage flags")
     sflags = changed[0]
     if sflags + 8 > min([fo_usable(x) for x in sis]):
-        return 0
+        return _refuse("storage flags past the storage object")
     sthrow = before[sflags // 8] ^ after[sflags // 8]
-    warned = torch.zeros(5)
+    warned = z(5)
     si = <uintptr_t>warned.untyped_storage()._cdata
     x = fo_word(si + sflags)
     torch._C._set_warn_deprecated_on_mutable_data_ptr(warned)
@@ -1304,11 +1323,11 @@ cdef int _probe_tensor_layout(object torch) except -1:
                 out[k] &= sum([_BYTE_MASKS[j] for j in range(8) if (x >> (8 * j)) & 0xff])
         return out
 
-    dtypes = differing([(torch.zeros(2), torch.zeros(2, dtype=d)) for d in
+    dtypes = differing([(z(2), z(2, dtype=d)) for d in
                         (torch.float64, torch.int32, torch.bfloat16, torch.float16)])
-    devices = differing([(torch.zeros(n), torch.zeros(n, device="meta")) for n in (2, 3, 4, 5)])
+    devices = differing([(z(n), z(n, device="meta")) for n in (2, 3, 4, 5)])
     if dtypes[0] & 0xff == 0:
-        return 0
+        return _refuse("no dtype where expected")
     mask = [dtypes[k] | devices[k] for k in range(ntail)]
     mask[0] |= 0xffff
     mask[(keys - numel - 8) // 8] = 0xffffffffffffffff
@@ -1325,9 +1344,15 @@ cdef int _probe_tensor_layout(object torch) except -1:
         w, sw = tis[j], sts[j]
         if (w[storage // 8] != sis[j] or w[numel // 8] != t.numel()
                 or sw[sdata // 8] + w[offset // 8] * t.element_size() != t.data_ptr()):
-            return 0
+            return _refuse("a computed data pointer is not data_ptr()'s")
     fo_tl.ok = 1
+    _refusal[0] = ""
     return 0
+
+
+def torch_layout_refusal():
+    """Why the layout probe left the method calls in place, or "" (see torch_layout)."""
+    return _refusal[0]
 
 
 def storage_holds(t):
@@ -1354,7 +1379,7 @@ def check_held(t, where):
 def torch_layout():
     """The offsets the in-place reads of torch's tensors use (see fo_tlayout), or None when
     they are off (FASTOPT_TORCH_LAYOUT=0, a torch whose layout the probe did not recognise,
-    or no tensor stepped yet)."""
+    or no tensor stepped yet; torch_layout_refusal() says why)."""
     if not fo_tl.ok:
         return None
     return {"tensor_impl": fo_tl.po, "storage": fo_tl.storage, "ndim": fo_tl.ndim,
