@@ -325,6 +325,92 @@ def test_a_flag_switched_on_gives_the_full_paths_outcome(flag):
         assert got == "stepped"
 
 
+# ---- group values: the same objects are not checked again, values that change in place are -----
+
+def test_a_group_holding_the_same_values_is_not_checked_again():
+    opt, ps = numpy_world("Adam", {"lr": 0.01})
+    rng = np.random.default_rng(1)
+    warm(opt, ps, rng)
+    first = _kernels.cache_info(opt)
+    for k in range(3):
+        feed(ps, rng, k)
+        opt.step()
+    info = _kernels.cache_info(opt)
+    assert info["served"] - first["served"] == 3
+    assert info["groups_same"] - first["groups_same"] == 3
+    # a new lr object (as a scheduler writes): the group is checked and packed again, then
+    # its values are the same objects once more
+    opt.param_groups[0]["lr"] = 0.02
+    for k in range(2):
+        feed(ps, rng, k)
+        opt.step()
+    again = _kernels.cache_info(opt)
+    assert again["served"] - info["served"] == 2
+    assert again["groups_same"] - info["groups_same"] == 1
+
+
+def _mutable_world(name, key, wrap):
+    def make():
+        opt, ps = numpy_world(name, {"lr": 0.01})
+        group = opt.param_groups[0]
+        group[key] = wrap(group[key])
+        return opt, ps
+    return make
+
+
+def _set(i, x):
+    return lambda v: v.__setitem__(i, x)
+
+
+# group values that the user can change in place, without a new object in the group
+MUTABLE_VALUES = {
+    "lr as a 0-d array, refilled": ("Adam", "lr", np.array, lambda v: v.fill(0.5)),
+    "lr as a 1-element array, refilled": ("SGD", "lr", lambda x: np.array([x]),
+                                          lambda v: v.fill(0.5)),
+    "betas as a list, an entry set": ("Adam", "betas", list, _set(0, 0.5)),
+    "betas as a list, beta2 set out of range": ("Adam", "betas", list, _set(1, 1.5)),
+    "betas as a tuple holding a 0-d array": ("Adam", "betas",
+                                             lambda b: (np.array(b[0]), b[1]),
+                                             lambda v: v[0].fill(0.5)),
+    "Lion's betas as a list, an entry set": ("Lion", "betas", list, _set(1, 0.5)),
+}
+
+
+@pytest.mark.parametrize("what", list(MUTABLE_VALUES))
+def test_a_group_value_changed_in_place_gives_the_full_paths_outcome(what):
+    name, key, wrap, mutate = MUTABLE_VALUES[what]
+
+    def change(opt, ps):
+        mutate(opt.param_groups[0][key])
+
+    got = twins(_mutable_world(name, key, wrap), change)
+    if "out of range" in what:
+        assert got[0] is ValueError and "Invalid beta parameter at index 1" in got[1]
+    else:
+        assert got == "stepped"
+
+
+def test_a_custom_step_check_runs_at_every_step():
+    class Strict(fastopt.Adam):
+        refuse = False
+
+        def _check_step(self, frozen):
+            super()._check_step(frozen)
+            if self.refuse:
+                raise ValueError("refused by the subclass")
+
+    opt, ps = Strict([fastopt.Parameter(np.ones(3, np.float32))], lr=0.01), None
+    ps = opt.param_groups[0]["params"]
+    rng = np.random.default_rng(1)
+    warm(opt, ps, rng)
+    feed(ps, rng, 3)
+    before = state_of(opt)
+    opt.refuse = True
+    with pytest.raises(ValueError, match="refused by the subclass"):
+        opt.step()
+    assert state_of(opt) == before
+
+
 # ---- state -----------------------------------------------------------------------------------
 
 def _first_array_key(opt, p):

@@ -51,9 +51,18 @@ def conv_batch():
     return x, torch.randn(5, 2, 4, 4, generator=g)
 
 
+# group values that change in place: tensors, as torch allows for lr and betas
+TENSOR_VALUE_MAKERS = {
+    "tensor lr": lambda ps: fastopt.torch.Adam(ps, lr=torch.tensor(0.01)),
+    "tensor betas": lambda ps: fastopt.torch.Adam(ps, lr=0.01, betas=(torch.tensor(0.9),
+                                                                       torch.tensor(0.999))),
+}
+
+
 def world(maker, conv=False):
     model = conv_model() if conv else torch_mlp()
-    return MAKERS[maker](list(model.parameters())), model
+    make = MAKERS[maker] if maker in MAKERS else TENSOR_VALUE_MAKERS[maker]
+    return make(list(model.parameters())), model
 
 
 def backward(opt, model, scale=1.0):
@@ -329,6 +338,20 @@ CONV_CHANGES.update({
 CHANGES["p laid out transposed over its memory"] = _relaid_transposed
 
 
+@pytest.mark.parametrize("maker, change, steps", [
+    ("tensor lr", lambda opt, m: opt.param_groups[0]["lr"].fill_(0.5), True),
+    ("tensor betas", lambda opt, m: opt.param_groups[0]["betas"][0].fill_(0.5), True),
+    ("tensor betas", lambda opt, m: opt.param_groups[0]["betas"][1].fill_(1.5), False),
+], ids=["lr", "beta1", "beta2 out of range"])
+def test_a_tensor_group_value_changed_in_place_gives_the_full_paths_outcome(maker, change,
+                                                                            steps):
+    got = twins(maker, change)
+    if steps:
+        assert got == "stepped"
+    else:
+        assert got[0] is ValueError and "Invalid beta parameter at index 1" in got[1]
+
+
 @pytest.mark.parametrize("maker", list(MAKERS))
 @pytest.mark.parametrize("what", list(CHANGES))
 def test_a_change_gives_the_full_paths_outcome(maker, what):
@@ -514,8 +537,8 @@ def test_torch_tensors_are_read_in_place_from_the_cache():
     assert layout["max_dims"] == 5 and layout["end"] > layout["numel"] > layout["storage"]
     n = len(list(model.parameters()))
     info = _kernels.cache_info(opt)
-    assert info == {"served": 6, "fallbacks": 0, "records": n, "raw_params": n,
-                    "raw_state": 3 * n, "raw_grads": n}
+    assert info == {"served": 6, "fallbacks": 0, "groups_same": 6, "records": n,
+                    "raw_params": n, "raw_state": 3 * n, "raw_grads": n}
 
 
 @pytest.mark.skipif(not _GLIBC, reason="the in-place reads of torch's tensors need glibc")

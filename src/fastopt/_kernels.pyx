@@ -14,7 +14,7 @@ one GIL-free call to ``fo_step`` advances the step counters, computes the per-te
 (the kernel's ``prepare``) and runs the loops of all groups.
 """
 cimport numpy as cnp
-from cpython.dict cimport PyDict_DelItem, PyDict_GetItem, PyDict_SetItem
+from cpython.dict cimport PyDict_DelItem, PyDict_GetItem, PyDict_Next, PyDict_SetItem, PyDict_Size
 from cpython.long cimport PyLong_FromUnsignedLong, PyLong_FromVoidPtr
 from cpython.pythread cimport PyThread_get_thread_ident
 from cpython.object cimport PyObject
@@ -2004,13 +2004,66 @@ cdef tuple _collect(Py_ssize_t gi, list params, state, Spec spec, tuple keys, in
 # the full path, which raises or makes a new cache; the cached step changes nothing before it
 # has checked everything.
 
+cdef inline bint _immutable_scalar(object v) noexcept:
+    t = type(v)
+    return t is float or t is int or t is bool or v is None or t is str
+
+
+cdef class _GroupSnap:
+    """A parameter group's items as a step checked them (its keys and values, in the dict's
+    order, held) and the kernel's doubles they packed to. The check of a group's values is a
+    pure function of its items, so a later step whose group holds the very same objects
+    under the same keys takes the doubles as they are, with no dict copied, no value
+    converted and no check run again. Only groups whose values (``params`` aside, which the
+    step checks tensor by tensor) are immutable get one: floats, ints, bools, None, strings
+    and tuples of those. A list of betas or a tensor lr could change in place unseen."""
+    cdef tuple keys, values
+    cdef double hyper[MAX_HYPER]
+
+    cdef bint same(self, dict group) noexcept:
+        cdef Py_ssize_t pos = 0, i = 0
+        cdef PyObject *k
+        cdef PyObject *v
+        if PyDict_Size(group) != PyTuple_GET_SIZE(self.keys):
+            return False
+        while PyDict_Next(group, &pos, &k, &v):
+            if (k != PyTuple_GET_ITEM(self.keys, i)
+                    or v != PyTuple_GET_ITEM(self.values, i)):
+                return False
+            i += 1
+        return True
+
+
+cdef _GroupSnap _group_snap(dict group, double *hyper):
+    """A _GroupSnap of ``group`` (checked, packed to ``hyper``), or None when a value other
+    than ``params`` may change in place, or the group is a dict subclass."""
+    cdef _GroupSnap snap
+    cdef list keys = [], values = []
+    if type(group) is not dict:
+        return None
+    for key, value in group.items():
+        if not _immutable_scalar(value) and key != "params":
+            if type(value) is not tuple:
+                return None
+            for item in <tuple>value:
+                if not _immutable_scalar(item):
+                    return None
+        keys.append(key)
+        values.append(value)
+    snap = _GroupSnap.__new__(_GroupSnap)
+    snap.keys = tuple(keys)
+    snap.values = tuple(values)
+    memcpy(snap.hyper, hyper, MAX_HYPER * sizeof(double))
+    return snap
+
+
 cdef class _StepCache:
     """What a step of one optimizer collected, kept to run the next steps (see above)."""
     cdef _trec *recs
     cdef Py_ssize_t n, cap
     cdef public bint ok       # False once a parameter took a path the cached step cannot
     cdef list refs            # references to everything the records point at
-    cdef list groups          # per group: (group, params, len, keys, plans, policy)
+    cdef list groups          # per group: (group, params, len, keys, plans, policy, snap)
     cdef list plans
     cdef list foreign
     cdef object groups_list, state, spec, kinds, owner, tensor_type
@@ -2021,6 +2074,7 @@ cdef class _StepCache:
     cdef Py_ssize_t nsnap, capsnap
     cdef readonly Py_ssize_t served  # steps run from the cache
     cdef readonly Py_ssize_t fallbacks  # tensors whose in-place check fell back to calls
+    cdef readonly Py_ssize_t groups_same  # groups whose items were those checked before
 
     def __cinit__(self):
         self.recs = NULL
@@ -2037,6 +2091,7 @@ cdef class _StepCache:
         self.capsnap = 0
         self.served = 0
         self.fallbacks = 0
+        self.groups_same = 0
 
     def __dealloc__(self):
         free(self.snaps)
@@ -2357,6 +2412,17 @@ cdef class _StepCache:
             group = groups[gi]
             if group is not ge[0]:
                 return 0
+            snap = ge[6]
+            if snap is not None and (<_GroupSnap>snap).same(group):
+                # the very items checked before (params included): the same doubles
+                if PyList_GET_SIZE(ge[1]) != ge[2]:
+                    return 0
+                for plan in ge[4]:
+                    memcpy((<Plan>plan).hyper, (<_GroupSnap>snap).hyper,
+                           MAX_HYPER * sizeof(double))
+                    (<Plan>plan).round_key = 0
+                self.groups_same += 1
+                continue
             try:
                 frozen = freeze(group, kinds[0], kinds[1], kinds[2])
                 if spec.custom_check:
@@ -2383,6 +2449,10 @@ cdef class _StepCache:
             for plan in ge[4]:
                 memcpy((<Plan>plan).hyper, hyper, MAX_HYPER * sizeof(double))
                 (<Plan>plan).round_key = <uint64_t>policy[4]
+            # stochastic rounding counts its steps in the group: no snapshot then
+            self.groups[gi] = ge[:6] + ((_group_snap(group, hyper)
+                                         if not policy[2] and not spec.custom_check
+                                         else None),)
         gkeep = <PyObject **>malloc((self.n + 1) * sizeof(PyObject *))
         if gkeep == NULL:
             raise MemoryError()
@@ -2581,9 +2651,10 @@ def cached(opt):
 
 def cache_info(opt):
     """What the cache of ``opt`` holds (for tests and benchmarks), or None: the steps run from
-    it, the in-place checks that fell back to method calls, its records, and how many of
-    their tensors it checks by reading torch's objects in place (see fo_tlayout): parameters,
-    state tensors, gradients."""
+    it, the in-place checks that fell back to method calls, the groups whose items were
+    those of the step before (see _GroupSnap), its records, and how many of their tensors it
+    checks by reading torch's objects in place (see fo_tlayout): parameters, state tensors,
+    gradients."""
     cdef _StepCache c = _cache_of(opt)
     cdef Py_ssize_t i, k, np_ = 0, ns = 0, ng = 0
     cdef _trec *r
@@ -2595,7 +2666,8 @@ def cache_info(opt):
         ng += r.graw
         for k in range(r.nentry):
             ns += r.esnap[k] >= 0
-    return {"served": c.served, "fallbacks": c.fallbacks, "records": c.n, "raw_params": np_,
+    return {"served": c.served, "fallbacks": c.fallbacks, "groups_same": c.groups_same,
+            "records": c.n, "raw_params": np_,
             "raw_state": ns, "raw_grads": ng}
 
 
@@ -2683,7 +2755,9 @@ def update(opt, tuple kinds, Spec spec):
             plans.append(plan)
         work.append((frozen, keys, mode))
         if rec is not None:
-            rec.groups.append((group, params, len(params), keys, gplans, policy[:4]))
+            rec.groups.append((group, params, len(params), keys, gplans, policy[:4],
+                               _group_snap(group, hyper)
+                               if not policy[2] and not spec.custom_check else None))
         gi += 1
     _check_spans(sp)
     commit = None
@@ -2860,6 +2934,45 @@ def guarded_step(func, tuple args, dict kwargs, run, conflict, global_pre,
         # only the step that took the slot frees it (not a super().step() inside it)
         if PyDict_GetItem(_running_steps, key) == <PyObject *>token:
             PyDict_DelItem(_running_steps, key)
+
+
+def claimed_update(opt, closure, grad_on, capturable_error, str sparse_generic,
+                   sparse_error):
+    """The body of fastopt.torch's kernel step, compiled to keep a step's fixed cost low:
+    claim ``opt``'s step (``opt.__dict__["_fastopt_step"]``; RuntimeError when a step of
+    ``opt`` already runs, from another thread or from its closure or a hook), run
+    ``closure()`` inside ``grad_on()`` when given, refuse a group whose ``capturable`` is
+    true (AssertionError with ``capturable_error(opt, gi)``), then ``update`` every group;
+    a kernel error that ends with ``sparse_generic`` ends with ``sparse_error(opt)``
+    instead. The claim is freed however the step ends. Returns the closure's value."""
+    cdef dict d = opt.__dict__
+    cdef Py_ssize_t gi = 0
+    token = []  # a new object: nothing else can have put it there
+    if <object>PyDict_SetDefault(d, "_fastopt_step", token) is not token:
+        raise RuntimeError(f"{type(opt).__name__}.step() was called while another step of "
+                           f"this optimizer is running (from another thread, or from its "
+                           f"closure or a hook)")
+    try:
+        loss = None
+        if closure is not None:
+            with grad_on():
+                loss = closure()
+        for group in opt.param_groups:
+            if group.get("capturable"):
+                raise AssertionError(capturable_error(opt, gi))
+            gi += 1
+        kinds = d.get("_kinds") or opt._hyper_kinds()
+        try:
+            update(opt, kinds, opt._spec)
+        except RuntimeError as e:
+            text = str(e)
+            if not text.endswith(sparse_generic):
+                raise
+            raise RuntimeError(text[:len(text) - len(sparse_generic)]
+                               + sparse_error(opt)) from None
+    finally:
+        d.pop("_fastopt_step", None)
+    return loss
 
 
 # ---- configuration -------------------------------------------------------------------------

@@ -246,27 +246,8 @@ class _KernelStep:
 
         Every group's values and every tensor are checked before the first element changes:
         bad input raises (naming the group or parameter) with nothing changed."""
-        _claim_step(self)
-        try:
-            loss = None
-            if closure is not None:
-                with torch.enable_grad():
-                    loss = closure()
-            for gi, group in enumerate(self.param_groups):
-                if group.get("capturable"):
-                    raise AssertionError(_capturable_message(self, gi))
-            try:
-                _kernels.update(self, self.__dict__.get("_kinds") or self._hyper_kinds(),
-                                self._spec)
-            except RuntimeError as e:
-                text = str(e)
-                if not text.endswith(_SPARSE_GENERIC):
-                    raise
-                raise RuntimeError(text[:-len(_SPARSE_GENERIC)]
-                                   + _sparse_message(self)) from None
-        finally:
-            del self.__dict__["_fastopt_step"]
-        return loss
+        return _kernels.claimed_update(self, closure, torch.enable_grad, _capturable_message,
+                                       _SPARSE_GENERIC, _sparse_message)
 
     step = _with_step_hooks(step)
 
