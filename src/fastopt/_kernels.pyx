@@ -930,6 +930,25 @@ cdef extern from *:
        no call of the key's __hash__ (a Python function for a tensor). The lookup with a
        known hash is private to CPython, so it is used before 3.13 only; from 3.13 on the
        key's hash is computed. */
+    /* the version tag of the dict d (PEP 509): CPython gives a dict a new one, unique in
+       the process, whenever an item is added, removed or replaced by another object. 0 (no
+       tag: the items must be looked up) from 3.14 on, where the field is gone. */
+    static inline uint64_t fo_dict_version(PyObject *d)
+    {
+    #if PY_VERSION_HEX < 0x030E0000
+    #if defined(__GNUC__) || defined(__clang__)
+    #pragma GCC diagnostic push
+    #pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+    #endif
+        return ((PyDictObject *)d)->ma_version_tag;
+    #if defined(__GNUC__) || defined(__clang__)
+    #pragma GCC diagnostic pop
+    #endif
+    #else
+        (void)d;
+        return 0;
+    #endif
+    }
     static inline PyObject *fo_dict_get_hashed(PyObject *d, PyObject *key, Py_hash_t h)
     {
     #if PY_VERSION_HEX < 0x030D0000
@@ -1124,6 +1143,7 @@ cdef extern from *:
                       const unsigned char *gtail, int64_t numel, int64_t itemsize,
                       uintptr_t *data) noexcept
     PyObject *fo_dict_get_hashed(object d, object key, Py_hash_t h)
+    uint64_t fo_dict_version(PyObject *d) noexcept
     object fo_descr_get(object d, object obj)
     object PyObject_CallOneArg(object f, object arg)
 
@@ -1462,6 +1482,7 @@ ctypedef struct _trec:
     # ahead, so that the reads of many records wait for memory at once, not one by one
     uintptr_t pf[_MAX_PF]
     int32_t npf
+    uint64_t stver            # the version tag of st when its entries were found the same
     PyObject *strides         # a tensor dense in another axis order: its strides (a tuple)
     # the in-place reads of torch's tensors (fo_tlayout): the snapshots of the parameter and
     # of each tensor entry (indices in the cache's snapshots, -1: checked by method calls),
@@ -2075,6 +2096,8 @@ cdef class _StepCache:
     cdef readonly Py_ssize_t served  # steps run from the cache
     cdef readonly Py_ssize_t fallbacks  # tensors whose in-place check fell back to calls
     cdef readonly Py_ssize_t groups_same  # groups whose items were those checked before
+    cdef uint64_t state_ver   # the version tag of the state dict when its items were found
+                              # the same (0: never)
 
     def __cinit__(self):
         self.recs = NULL
@@ -2092,6 +2115,7 @@ cdef class _StepCache:
         self.served = 0
         self.fallbacks = 0
         self.groups_same = 0
+        self.state_ver = 0
 
     def __dealloc__(self):
         free(self.snaps)
@@ -2476,6 +2500,8 @@ cdef class _StepCache:
         cdef cnp.ndarray ga
         cdef uintptr_t gp, ghi
         cdef list params
+        cdef uint64_t ver, sver = fo_dict_version(<PyObject *>state)
+        cdef bint same
         tensor_type = self.tensor_type
         for i in range(self.n):
             r = &self.recs[i]
@@ -2572,15 +2598,23 @@ cdef class _StepCache:
                 r.glo = gp
                 r.ghi = ghi
             if r.st != NULL:
-                item = fo_dict_get_hashed(state, obj, r.hash)
-                if item != r.st:
-                    if item == NULL:
-                        PyErr_Clear()
-                    return 0
-                for k in range(r.nentry):
-                    item = PyDict_GetItem(<object>r.st, <object>r.ekey[k])
-                    if item != r.entry[k]:
+                # a dict's version tag is new whenever one of its items changes: a state dict
+                # and a parameter's state of the tag found before hold the same objects
+                if sver == 0 or sver != self.state_ver:
+                    item = fo_dict_get_hashed(state, obj, r.hash)
+                    if item != r.st:
+                        if item == NULL:
+                            PyErr_Clear()
                         return 0
+                ver = fo_dict_version(r.st)
+                same = ver != 0 and ver == r.stver
+                for k in range(r.nentry):
+                    if same:
+                        item = r.entry[k]
+                    else:
+                        item = PyDict_GetItem(<object>r.st, <object>r.ekey[k])
+                        if item != r.entry[k]:
+                            return 0
                     if r.tensors & (1 << k):
                         if (r.esnap[k] < 0
                                 or not fo_snap_same(item, self.snaps + r.esnap[k] * fo_tl.snap)):
@@ -2608,8 +2642,11 @@ cdef class _StepCache:
                     elif (cnp.PyArray_SIZE(<cnp.ndarray>item) != r.esize[k]
                           or (r.ekind[k] == 1 and cnp.PyArray_NDIM(<cnp.ndarray>item) != 1)):
                         return 0
+            if r.st != NULL:
+                r.stver = fo_dict_version(r.st)
             r.t.grad = <void *>gp
             r.t.flags = 0
+        self.state_ver = sver
         if rounding is not None:
             for group in rounding:
                 group["rounding_step"] = group.get("rounding_step", 0) + 1
