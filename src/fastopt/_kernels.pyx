@@ -1393,7 +1393,7 @@ def check_held(t, where):
                            f"{t.untyped_storage().nbytes()} bytes, fewer than its "
                            f"{t.numel()} elements of {t.element_size()} bytes need (its memory "
                            f"was freed or shrunk with untyped_storage().resize_()); give it "
-                           f"its memory back before the step")
+                           f"its memory back first")
 
 
 def torch_layout():

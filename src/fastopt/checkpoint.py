@@ -85,11 +85,13 @@ import math
 import os
 import secrets
 import stat
+import sys
 from collections import Counter, OrderedDict
 from typing import TYPE_CHECKING, Any, Dict, Mapping, Sequence, Union
 
 import numpy as np
 
+from fastopt._kernels import check_held
 from fastopt.parameter import _is_bfloat16
 
 if TYPE_CHECKING:
@@ -203,6 +205,8 @@ class _Encoder:
             value = float(value)
             return value if math.isfinite(value) else {"float": repr(value)}
         if _is_torch_tensor(value):
+            if value.layout is sys.modules["torch"].strided and value.device.type == "cpu":
+                check_held(value, where)  # freed or shrunk: .numpy() would read past it
             try:
                 t = value.detach().cpu()
                 if str(t.dtype) == "torch.bfloat16":

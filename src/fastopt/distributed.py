@@ -65,6 +65,7 @@ from typing import Any, Iterator, List, Union
 
 import numpy as np
 
+from fastopt._kernels import storage_holds
 from fastopt.checkpoint import (CheckpointError, CheckpointMismatchError, CorruptCheckpointError,
                                 NotACheckpointError, TruncatedCheckpointError)
 
@@ -120,11 +121,15 @@ def _torch_tensor(x):
 def _tensor_view(t):
     """The NumPy view of the memory of the torch tensor ``t``, or a str saying why there is
     none (the view is written in place, so it must be the tensor's own memory)."""
+    torch = sys.modules["torch"]
+    if t.layout is torch.strided and t.device.type == "cpu" and not storage_holds(t):
+        return (f"has a storage of {t.untyped_storage().nbytes()} bytes, fewer than its "
+                f"{t.numel()} elements of {t.element_size()} bytes need (freed or shrunk with "
+                f"untyped_storage().resize_()); give it its memory back first")
     try:
         return t.numpy()        # a dense CPU tensor that needs no grad: the usual gradient
     except (RuntimeError, TypeError):
         pass
-    torch = sys.modules["torch"]
     if t.layout is not torch.strided:
         return f"is a tensor with layout {t.layout}; fastopt.distributed takes dense tensors"
     if t.device.type != "cpu":

@@ -26,6 +26,7 @@ not fit) raises naming the argument and index (``exp_avgs[2]``, ``out['w']``), a
 has changed.
 """
 import re
+import sys
 
 import numpy as np
 
@@ -35,6 +36,7 @@ except ImportError:  # NumPy < 2
     _byte_bounds = np.byte_bounds  # type: ignore[attr-defined]
 
 from fastopt import _pytree
+from fastopt._kernels import check_held
 from fastopt.adadelta import Adadelta
 from fastopt.adagrad import Adagrad
 from fastopt.adam import Adam, AdamW
@@ -68,6 +70,8 @@ def _as_array(x, where):
     if isinstance(x, np.ndarray):
         return x
     if type(x).__module__.startswith("torch") and hasattr(x, "detach"):
+        if x.device.type == "cpu" and x.layout is sys.modules["torch"].strided:
+            check_held(x, where)  # freed or shrunk: .numpy() would read past it
         try:
             t = x.detach()
             if str(t.dtype) == "torch.bfloat16":

@@ -134,8 +134,12 @@ def _ml_bfloat16():
     return ml_dtypes.bfloat16
 
 
-def _tensor_to_array(t, torch):
+def _tensor_to_array(t, torch, where):
     t = t.detach()
+    if t.device.type == "cpu" and t.layout is torch.strided:
+        from fastopt._kernels import check_held
+
+        check_held(t, where)  # a freed or shrunk storage: t.numpy() would read past it
     if t.device.type != "cpu":
         t = t.cpu()
     if t.is_sparse or t.layout is not torch.strided:
@@ -149,15 +153,16 @@ def _tensor_to_array(t, torch):
     return np.array(t.numpy(), copy=True)
 
 
-def _from_tensor(value, torch):
+def _from_tensor(value, torch, where):
     if torch is not None and isinstance(value, torch.Tensor):
-        return _tensor_to_array(value, torch)
+        return _tensor_to_array(value, torch, where)
     if isinstance(value, np.ndarray):
         return value.copy()
     if isinstance(value, dict):
-        return type(value)((k, _from_tensor(v, torch)) for k, v in value.items())
+        return type(value)((k, _from_tensor(v, torch, f"{where}[{k!r}]"))
+                           for k, v in value.items())
     if isinstance(value, (list, tuple)):
-        return type(value)(_from_tensor(v, torch) for v in value)
+        return type(value)(_from_tensor(v, torch, f"{where}[{i}]") for i, v in enumerate(value))
     return copy.deepcopy(value)
 
 
@@ -224,10 +229,11 @@ def state_dict_from_torch(state_dict: Dict[str, Any]) -> Dict[str, Any]:
     _check_layout(state_dict, "state_dict")
     torch = _import_torch_if_loaded()
     out = {k: v for k, v in state_dict.items() if k not in ("state", "param_groups")}
-    out["state"] = {k: _from_tensor(v, torch) for k, v in state_dict["state"].items()}
+    out["state"] = {k: _from_tensor(v, torch, f"state_dict['state'][{k!r}]")
+                    for k, v in state_dict["state"].items()}
     groups = []
-    for src in state_dict["param_groups"]:
-        g = _from_tensor(dict(src), torch)
+    for gi, src in enumerate(state_dict["param_groups"]):
+        g = _from_tensor(dict(src), torch, f"state_dict['param_groups'][{gi}]")
         g["params"] = list(src["params"])
         groups.append(g)
     out["param_groups"] = groups
@@ -471,4 +477,4 @@ def scheduler_state_from_torch(state_dict: Dict[str, Any]) -> Dict[str, Any]:
     fastopt's schedulers accept torch's dicts as they are; this copies the dict and turns
     tensors (tensor learning rates) into NumPy arrays so the result does not need torch.
     """
-    return _from_tensor(dict(state_dict), _import_torch_if_loaded())
+    return _from_tensor(dict(state_dict), _import_torch_if_loaded(), "state_dict")

@@ -32,6 +32,7 @@ import numpy as np
 
 from fastopt import _kernels
 from fastopt._adapters import TORCH_ADAPTER
+from fastopt._kernels import check_held, storage_holds
 from fastopt.lr_scheduler import _WARN_GET_LR, LRScheduler, _check_optimizer, _per_group
 
 if TYPE_CHECKING:
@@ -123,7 +124,8 @@ def _tensor_view(t, torch, dst):
     by the kernel when ``dst``), or None."""
     if (not isinstance(t, torch.Tensor) or t.layout is not torch.strided
             or t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64)
-            or t.is_conj() or t.is_neg() or (dst and not t.is_contiguous())):
+            or t.is_conj() or t.is_neg() or (dst and not t.is_contiguous())
+            or not storage_holds(t)):  # a freed storage: torch's own op takes it
         return None
     view = t.detach().numpy()
     return view if not dst or _kernel_ok(view) else None
@@ -424,7 +426,8 @@ class AveragedModel(metaclass=abc.ABCMeta):
         list of numbers) per average, of its shape and of a dtype that casts to the
         average's (``same_kind``: float64 into float32, not floats into an integer buffer);
         ``n_averaged`` an int >= 0. Anything else raises TypeError or ValueError naming the
-        entry, and the average is left as it was.
+        entry (RuntimeError for a tensor whose storage was freed or shrunk), and the average
+        is left as it was.
         """
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
@@ -455,7 +458,10 @@ class AveragedModel(metaclass=abc.ABCMeta):
 def _loaded_array(avg, value, path):
     """``value`` as an array that can be copied into ``avg`` (checked, not copied yet)."""
     if type(value).__module__.startswith("torch") and hasattr(value, "detach"):
-        value = value.detach().cpu().numpy()
+        value = value.detach().cpu()
+        if value.layout is sys.modules["torch"].strided:
+            check_held(value, path)  # freed or shrunk: .numpy() would read past it
+        value = value.numpy()
     if isinstance(value, (str, bytes, dict)) or value is None:
         raise TypeError(f"{path} must be an array, got {type(value).__name__}")
     try:
