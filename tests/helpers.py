@@ -10,6 +10,21 @@ import fastopt
 #: torch.testing's float32 tolerance
 F32 = {"rtol": 1.3e-6, "atol": 1e-5}
 
+#: the float32 tolerance of a model trained in lockstep with torch.optim for many steps: torch's
+#: CPU square roots and reductions (MKL's) round differently from one CPU to another (on AMD
+#: EPYC its sqrt is not IEEE's), and training amplifies those last-bit differences step after
+#: step (up to 2.5e-5 measured over 20 steps); a wrong update is orders of magnitude larger
+F32_TRAINED = {"rtol": 1e-5, "atol": 5e-5}
+
+
+def torch_sqrt_is_ieee(torch):
+    """Whether torch's float32 and float64 CPU sqrt on this machine is the correctly rounded
+    one (then the kernels that take a square root match torch bit for bit)."""
+    x = np.random.default_rng(0).uniform(1e-6, 1e3, 4099)
+    return all(torch.equal(torch.from_numpy(x.astype(d)).sqrt(),
+                           torch.from_numpy(np.sqrt(x.astype(d))))
+               for d in (np.float32, np.float64))
+
 
 def P(*shape, dtype=np.float32, seed=0):
     """A parameter of random values."""

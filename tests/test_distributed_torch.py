@@ -16,6 +16,10 @@ import time
 import pytest
 
 torch = pytest.importorskip("torch", reason="torch.distributed runs need torch")
+
+from helpers import torch_sqrt_is_ieee  # noqa: E402
+
+SQRT_IEEE = torch_sqrt_is_ieee(torch)
 if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
     pytest.skip("this torch build has no gloo backend", allow_module_level=True)
 
@@ -99,9 +103,12 @@ def test_data_parallel_runs_match_torch_optim_on_every_rank(tmp_path, mode, npro
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(nproc)]
     for r, rep in enumerate(reports):
         assert rep["rank"] == r and rep["world"] == nproc and rep["ranks_equal"]
-        # fastopt's Adam is torch's op for op: the same bits (the tolerance in the worker is
-        # torch's float32 one)
-        assert rep["max_abs_diff"] == 0.0
+        # fastopt's Adam is torch's op for op: the same bits where torch's sqrt is IEEE's,
+        # else last-bit differences (the tolerance in the worker is torch's float32 one)
+        if SQRT_IEEE:
+            assert rep["max_abs_diff"] == 0.0
+        else:
+            assert rep["max_abs_diff"] <= 1e-6
     if mode == "zero":
         # the state is sharded: every parameter's state lives on exactly one rank
         assert all(rep["local_type"] == "Adam" for rep in reports)

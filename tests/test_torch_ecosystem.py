@@ -18,6 +18,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="fastopt.torch needs torch")
 import fastopt.torch as ft  # noqa: E402
+from helpers import F32_TRAINED  # noqa: E402
 
 F32 = {"rtol": 1.3e-6, "atol": 1e-5}  # torch.testing's float32 defaults
 lr_scheduler = torch.optim.lr_scheduler
@@ -114,7 +115,7 @@ def test_one_cycle_lr_cycles_the_momentum_the_step_uses(name, kwargs, key, three
     sd = opt.state_dict()
     for i, st in topt.state_dict()["state"].items():
         for k, v in st.items():
-            torch.testing.assert_close(sd["state"][i][k], v, **F32)
+            torch.testing.assert_close(sd["state"][i][k], v, **F32_TRAINED)
 
 
 def _sequential(o):

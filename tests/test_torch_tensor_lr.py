@@ -214,7 +214,10 @@ def test_tensor_betas_step_as_torch(name, kwargs, double, betas_dtype, lr):
         ours, opt = _betas_run(torch, getattr(ft, name), dtype, bdtype, lr, beta2, **kwargs)
         theirs, topt = _betas_run(torch, getattr(torch.optim, name), dtype, bdtype, lr, beta2,
                                   **kwargs)
-        tol = dict(rtol=1e-13, atol=1e-15) if double else F32
+        # float64 parameters with float32 betas: the step's scalars are float32 quantities,
+        # whose last bits torch's CPU math (MKL's, CPU-dependent) may round otherwise
+        tol = (dict(rtol=1e-6, atol=1e-9) if double and betas_dtype == "float32"
+               else dict(rtol=1e-13, atol=1e-15) if double else F32)
         for step, (a, b) in enumerate(zip(ours, theirs)):
             for x, y in zip(a, b):
                 if beta2 == 0.0:
