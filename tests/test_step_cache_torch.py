@@ -487,6 +487,46 @@ def test_each_cached_step_bumps_the_version_counter_once():
         loss.backward()
 
 
+def test_cached_steps_move_every_version_counter_as_torch_optim_does():
+    # in place where the parameter is read in place, through torch's call for a parameter
+    # of 6 dimensions (checked by method calls); two views of one tensor share a counter
+    # (two bumps a step), a parameter without a gradient keeps its version
+    def make():
+        torch.manual_seed(5)
+        base = torch.randn(8)
+        a, b = base[:4].requires_grad_(), base[4:].requires_grad_()
+        return [torch.nn.Parameter(torch.randn(2, 1, 3, 1, 2, 2)), a, b,
+                torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(5))]
+
+    ps, qs = make(), make()
+    opt, twin = fastopt.torch.Adam(ps, lr=0.1), torch.optim.Adam(qs, lr=0.1)
+    for k in range(6):
+        for o, xs in ((opt, ps), (twin, qs)):
+            for x in xs[:-1]:
+                x.grad = torch.sin(x.detach() * (k + 2))
+            o.step()
+        assert [p._version for p in ps] == [q._version for q in qs], k
+        for p, q in zip(ps, qs):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert ps[1]._version == ps[2]._version and ps[-1]._version == qs[-1]._version
+    info = _kernels.cache_info(opt)
+    assert info["served"] == 4
+    layout = _kernels.torch_layout()
+    if _GLIBC:
+        assert layout is not None, _kernels.torch_layout_refusal()
+        assert layout["version_counter"] is not None
+        assert layout["storage"] <= layout["version_counter"] < layout["end"]
+        assert info["raw_params"] == 3  # not the 6-d one, nor the one without a gradient
+    # a bump in place is seen by autograd: a graph saved before the step refuses to run
+    x = ps[3] * 2.0
+    loss = (x * ps[3]).sum()
+    for p in ps[:-1]:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_the_cache_keeps_no_gradient_alive():
     model = torch_mlp()
     opt = fastopt.torch.Adam(model.parameters())

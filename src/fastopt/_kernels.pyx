@@ -1017,10 +1017,20 @@ cdef extern from *:
                                       refuse (or warn at) an access to the data */
         int maxdim;                /* dimensions kept inline (sizes and strides) */
         size_t snap;               /* bytes of one snapshot */
+        size_t vc, vv;             /* the TensorImpl's version counter pointer (inside
+                                      [storage, end), so a snapshot holds it), and the
+                                      counter's 32-bit version in the block it points at;
+                                      vc 0: bumped by torch's call */
     } fo_tlayout;
     static fo_tlayout fo_tl;
 
     static inline uintptr_t fo_word(uintptr_t a) { return *(const uintptr_t *)a; }
+    static inline uint32_t fo_u32(uintptr_t a)
+    {
+        uint32_t v;
+        memcpy(&v, (const void *)a, sizeof v);
+        return v;
+    }
     static inline size_t fo_usable(uintptr_t a) { return FO_USABLE(a); }
     static inline size_t fo_tl_tail(void) { return fo_tl.end - fo_tl.numel - 8; }
 
@@ -1049,6 +1059,27 @@ cdef extern from *:
         memcpy(&si, s + 8, sizeof si);  /* the storage_ field, unchanged with the bytes */
         return memcmp((const void *)(si + fo_tl.sdata), s + 16 + wt,
                       fo_tl.send - fo_tl.sdata) == 0;
+    }
+    /* The version counter block of the tensor of snapshot s (0: it has none, an inference
+       tensor's), and the bump of its version as torch's in-place ops make it (an atomic
+       increment of a 32-bit counter). */
+    static inline uintptr_t fo_snap_counter(const unsigned char *s)
+    {
+        uintptr_t c;
+        memcpy(&c, s + 16 + (fo_tl.vc - fo_tl.storage), sizeof c);
+        return c;
+    }
+    static inline void fo_counter_bump(uintptr_t c)
+    {
+        __atomic_add_fetch((uint32_t *)(c + fo_tl.vv), 1u, __ATOMIC_SEQ_CST);
+    }
+    static inline void fo_prefetch_write(uintptr_t a)
+    {
+    #if defined(__GNUC__) || defined(__clang__)
+        __builtin_prefetch((const void *)a, 1);
+    #else
+        (void)a;
+    #endif
     }
     /* the data pointer of the tensor of snapshot s, as torch's data_ptr() computes it */
     static inline uintptr_t fo_snap_data(const unsigned char *s, int64_t itemsize)
@@ -1131,8 +1162,13 @@ cdef extern from *:
         uintptr_t sthrow
         int maxdim
         size_t snap
+        size_t vc, vv
     fo_tlayout fo_tl
+    uintptr_t fo_snap_counter(const unsigned char *s) noexcept nogil
+    void fo_counter_bump(uintptr_t c) noexcept nogil
+    void fo_prefetch_write(uintptr_t a) noexcept nogil
     uintptr_t fo_word(uintptr_t a) noexcept nogil
+    uint32_t fo_u32(uintptr_t a) noexcept nogil
     size_t fo_usable(uintptr_t a) noexcept nogil
     size_t fo_tl_tail() noexcept nogil
     bint fo_snap_take(PyObject *obj, unsigned char *s) noexcept
@@ -1195,6 +1231,65 @@ cdef int _find_tensor_attrs(object torch) except -1:
         except Exception as e:
             _refusal[0] = f"{type(e).__name__}: {e}"
             fo_tl.ok = 0
+        fo_tl.vc = fo_tl.vv = 0
+        if fo_tl.ok:
+            try:
+                with torch.inference_mode(False), torch.no_grad():
+                    _probe_version_counter(torch)
+            except Exception:
+                fo_tl.vc = fo_tl.vv = 0
+    return 0
+
+
+cdef int _probe_version_counter(object torch) except -1:
+    """Find where a TensorImpl keeps its version counter and where the counter keeps its
+    32-bit version, so that the cached step bumps versions in place (fo_counter_bump)
+    instead of through torch's call: the one pointer inside [storage, end) that a view
+    shares with its tensor and another tensor does not (the storage pointer aside), in an
+    allocation where one 32-bit word reads every probe's ``_version``; a bump in place must
+    then move ``_version`` by one, of the tensor and of its view, and of nothing else. Any
+    doubt leaves fo_tl.vc 0."""
+    cdef Py_ssize_t j, k, o, vc = -1, vv = -1
+    cdef uintptr_t c
+    ts = [torch.zeros(3), torch.zeros(2, 2), torch.nn.Parameter(torch.zeros(4))]
+    views = [ts[0][1:], ts[1].t(), ts[2].view(2, 2)]
+    others = [torch.zeros(3), torch.zeros(2, 2), torch.nn.Parameter(torch.zeros(4))]
+    for j in range(3):  # distinct versions: 3, 4; 5, 6; 7, 8
+        for k in range(2 * j + 3):
+            ts[j].add_(0)
+        for k in range(2 * j + 4):
+            others[j].add_(0)
+    if [t._version for t in ts + others] != [3, 5, 7, 4, 6, 8]:
+        return 0
+    lo, hi = fo_tl.storage // 8, fo_tl.end // 8
+    words = [[_words(<uintptr_t>t._cdata, fo_tl.end) for t in trio]
+             for trio in zip(ts, views, others)]
+    found = [k for k in range(lo, hi) if 8 * k != fo_tl.storage
+             and all(w[0][k] == w[1][k] != w[2][k] and w[0][k] != 0 and w[2][k] != 0
+                     and w[0][k] % 16 == 0 and w[2][k] % 16 == 0 for w in words)]
+    if len(found) != 1:
+        return 0
+    vc = 8 * found[0]
+    blocks = [(words[j][0][found[0]], ts[j]._version) for j in range(3)]
+    blocks += [(words[j][2][found[0]], others[j]._version) for j in range(3)]
+    size = min([fo_usable(<uintptr_t>b) for b, _ in blocks])
+    if size < 8:
+        return 0
+    hits = [o for o in range(0, min(size, 64) - 3, 4)
+            if all(fo_u32(<uintptr_t>b + o) == v for b, v in blocks)]
+    if len(hits) != 1:
+        return 0
+    vv = hits[0]
+    fo_tl.vc, fo_tl.vv = vc, vv
+    for j in range(3):
+        before = [t._version for t in ts + views + others]
+        fo_counter_bump(<uintptr_t>words[j][0][found[0]])
+        want = list(before)
+        want[j] += 1
+        want[3 + j] += 1
+        if [t._version for t in ts + views + others] != want:
+            fo_tl.vc = fo_tl.vv = 0
+            return 0
     return 0
 
 
@@ -1406,7 +1501,8 @@ def torch_layout():
             "sizes": fo_tl.sizes, "strides": fo_tl.strides, "storage_offset": fo_tl.offset,
             "numel": fo_tl.numel, "end": fo_tl.end, "storage_data": fo_tl.sdata,
             "storage_nbytes": fo_tl.snbytes, "storage_flags": fo_tl.sflags,
-            "max_dims": fo_tl.maxdim, "snapshot_bytes": fo_tl.snap}
+            "max_dims": fo_tl.maxdim, "snapshot_bytes": fo_tl.snap,
+            "version_counter": fo_tl.vc or None, "version": fo_tl.vv if fo_tl.vc else None}
 
 
 cdef inline bint _same_size(object a, object b) except -1:
@@ -2098,6 +2194,10 @@ cdef class _StepCache:
     cdef readonly Py_ssize_t groups_same  # groups whose items were those checked before
     cdef uint64_t state_ver   # the version tag of the state dict when its items were found
                               # the same (0: never)
+    cdef PyObject **gbuf      # room for the gradients a step reads (gcap of them), kept from
+    cdef Py_ssize_t gcap      # step to step (NULL while a step uses it)
+    cdef bint bump_raw        # the foreign parameters are the records' tensors with a
+                              # gradient, in order: their versions are bumped in place
 
     def __cinit__(self):
         self.recs = NULL
@@ -2116,8 +2216,12 @@ cdef class _StepCache:
         self.fallbacks = 0
         self.groups_same = 0
         self.state_ver = 0
+        self.gbuf = NULL
+        self.gcap = 0
+        self.bump_raw = False
 
     def __dealloc__(self):
+        free(self.gbuf)
         free(self.snaps)
         free(self.recs)
         free(self.wlo)
@@ -2250,24 +2354,41 @@ cdef class _StepCache:
             r.pf[r.npf] = (lo & ~(<uintptr_t>3)) | <uintptr_t>(lines - 1)
             r.npf += 1
 
+    cdef void prefetched_bytes(self, _trec *r, uintptr_t lo, uintptr_t hi) noexcept:
+        """Add the lines holding the bytes [lo, hi) (at most 4 lines) to those of ``r``."""
+        cdef uintptr_t a = lo & ~(<uintptr_t>63)
+        cdef int lines = <int>(((hi - 1) >> 6) - (lo >> 6) + 1)
+        self.prefetched(r, a, 4 if lines > 4 else lines)
+
     cdef int prefetched_object(self, _trec *r, object obj) except -1:
         """Add the memory the cached step reads of the ndarray or tensor ``obj``: the object
         (an array's shape too), and a tensor's TensorImpl and StorageImpl, whose addresses
-        torch gives as ``_cdata``."""
-        self.prefetched(r, <uintptr_t><void *>obj, 2)
+        torch gives as ``_cdata``: where the checks read them in place (fo_tl), the lines of
+        the fields they read, else the objects' first lines."""
+        cdef uintptr_t o = <uintptr_t><void *>obj
         if cnp.PyArray_Check(obj):
+            self.prefetched(r, o, 2)
             self.prefetched(r, <uintptr_t>cnp.PyArray_DIMS(<cnp.ndarray>obj), 1)
             return 0
         cdef uintptr_t impl, storage
         if not self.ok or not _plain_tensor_type(type(obj)):
+            self.prefetched(r, o, 2)
             return 0  # the cache will not be used, or the object is not a plain tensor
         try:
             impl = <uintptr_t>obj._cdata
             storage = <uintptr_t>obj.untyped_storage()._cdata
         except Exception:
             return 0  # not a tensor with these: no prefetch (the checks need none)
-        self.prefetched(r, impl, 4)
-        self.prefetched(r, storage, 2)
+        if fo_tl.ok:
+            # its type and TensorImpl pointer; the TensorImpl and StorageImpl bytes a
+            # snapshot holds
+            self.prefetched_bytes(r, o + 8, o + fo_tl.po + 8)
+            self.prefetched_bytes(r, impl + fo_tl.storage, impl + fo_tl.end)
+            self.prefetched_bytes(r, storage + fo_tl.sdata, storage + fo_tl.send)
+        else:
+            self.prefetched(r, o, 2)
+            self.prefetched(r, impl, 4)
+            self.prefetched(r, storage, 2)
         return 0
 
     cdef int grad(self, cnp.ndarray g, object gt) except -1:
@@ -2307,8 +2428,8 @@ cdef class _StepCache:
         cdef _trec *r = &self.recs[self.n - 1]
         r.st = <PyObject *>st
         self.refs.append(st)
-        self.prefetched(r, <uintptr_t><void *>st, 1)
-        self.prefetched(r, <uintptr_t>(<PyDictObject *>r.st).ma_keys, 4)
+        # its version tag (its items are read only when that changed)
+        self.prefetched_bytes(r, <uintptr_t><void *>st, <uintptr_t><void *>st + 32)
         r.hash = PyObject_Hash(<object>r.param)
         return 0
 
@@ -2360,6 +2481,7 @@ cdef class _StepCache:
                 r.t = &(<Plan>r.plan).ts[r.slot]
         self.plans = plans
         self.foreign = foreign
+        self.bump_raw = fo_tl.ok and fo_tl.vc != 0 and self.bumps_all(foreign)
         self.written(sp)
         self.groups_list = opt.param_groups
         self.state = opt.state
@@ -2368,6 +2490,52 @@ cdef class _StepCache:
         key = PyLong_FromVoidPtr(<void *>opt)
         self.owner = _weakref.ref(opt, _functools.partial(_forget_key, key))
         _step_caches[key] = self
+        return 0
+
+    cdef bint bumps_all(self, list foreign) except -1:
+        """Whether ``foreign``, the parameters the step bumps, are the tensors of the records
+        with a gradient, in order (then ``bump`` bumps them)."""
+        cdef Py_ssize_t i, j = 0
+        cdef _trec *r
+        for i in range(self.n):
+            r = &self.recs[i]
+            if r.t == NULL:
+                continue
+            if (r.kind != _KIND_TENSOR or j >= PyList_GET_SIZE(foreign)
+                    or PyList_GET_ITEM(foreign, j) != r.param):
+                return False
+            j += 1
+        return j == PyList_GET_SIZE(foreign)
+
+    cdef int bump(self) except -1:
+        """Bump the version counters of the parameters the step updated, as torch's in-place
+        ops do: in place where the parameter's snapshot (checked by this step) holds its
+        counter, through torch's call for the others (an inference tensor has none: torch
+        says what is wrong)."""
+        cdef Py_ssize_t i
+        cdef _trec *r
+        cdef _trec *rn
+        cdef uintptr_t c
+        cdef list rest = None
+        for i in range(self.n):
+            if i + 8 < self.n:
+                rn = &self.recs[i + 8]
+                if rn.t != NULL and rn.psnap >= 0:
+                    c = fo_snap_counter(self.snaps + rn.psnap * fo_tl.snap)
+                    if c != 0:
+                        fo_prefetch_write(c + fo_tl.vv)
+            r = &self.recs[i]
+            if r.t == NULL:
+                continue
+            c = fo_snap_counter(self.snaps + r.psnap * fo_tl.snap) if r.psnap >= 0 else 0
+            if c != 0:
+                fo_counter_bump(c)
+            else:
+                if rest is None:
+                    rest = []
+                rest.append(<object>r.param)
+        if rest is not None:
+            _foreign_updated(rest)
         return 0
 
     cdef int written(self, _Spans sp) except -1:
@@ -2425,7 +2593,7 @@ cdef class _StepCache:
         cdef tuple ge
         cdef list rounding = None
         cdef PyObject **gkeep  # the gradients read, kept alive while the kernels run
-        cdef Py_ssize_t nkeep = 0
+        cdef Py_ssize_t nkeep = 0, gcap
         groups = opt.param_groups
         if (groups is not self.groups_list or len(groups) != ng
                 or opt.state is not self.state):
@@ -2477,15 +2645,27 @@ cdef class _StepCache:
             self.groups[gi] = ge[:6] + ((_group_snap(group, hyper)
                                          if not policy[2] and not spec.custom_check
                                          else None),)
-        gkeep = <PyObject **>malloc((self.n + 1) * sizeof(PyObject *))
-        if gkeep == NULL:
-            raise MemoryError()
+        # the cache's room for the gradients, taken while this step uses it (a step of
+        # the same cache inside this one, from a Python hook of torch's, makes its own)
+        gkeep = self.gbuf
+        gcap = self.gcap
+        self.gbuf = NULL
+        if gkeep == NULL or gcap < self.n + 1:
+            free(gkeep)
+            gcap = self.n + 1
+            gkeep = <PyObject **>malloc(gcap * sizeof(PyObject *))
+            if gkeep == NULL:
+                raise MemoryError()
         try:
             return self._step(state, gkeep, &nkeep, spec, rounding)
         finally:
             for i in range(nkeep):
                 Py_DECREF(<object>gkeep[i])
-            free(gkeep)
+            if self.gbuf == NULL:
+                self.gbuf = gkeep
+                self.gcap = gcap
+            else:
+                free(gkeep)
 
     cdef int _step(self, object state, PyObject **gkeep, Py_ssize_t *nkeep,
                    Spec spec, list rounding) except -1:
@@ -2653,7 +2833,10 @@ cdef class _StepCache:
         _run(self.plans, spec.kernel)
         self.served += 1
         if self.foreign:
-            _foreign_updated(self.foreign)
+            if self.bump_raw:
+                self.bump()
+            else:
+                _foreign_updated(self.foreign)
         return 1
 
 
