@@ -516,6 +516,9 @@ def test_cached_steps_move_every_version_counter_as_torch_optim_does():
         assert layout is not None, _kernels.torch_layout_refusal()
         assert layout["version_counter"] is not None
         assert layout["storage"] <= layout["version_counter"] < layout["end"]
+        assert layout["autograd_meta"] is None or (
+            layout["storage"] <= layout["autograd_meta"] < layout["end"]
+            and layout["autograd_meta"] != layout["version_counter"])
         assert info["raw_params"] == 3  # not the 6-d one, nor the one without a gradient
     # a bump in place is seen by autograd: a graph saved before the step refuses to run
     x = ps[3] * 2.0

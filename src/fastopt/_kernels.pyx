@@ -1021,6 +1021,8 @@ cdef extern from *:
                                       [storage, end), so a snapshot holds it), and the
                                       counter's 32-bit version in the block it points at;
                                       vc 0: bumped by torch's call */
+        size_t am;                 /* the TensorImpl's autograd metadata pointer, inside
+                                      [storage, end) (0: not found): only ever prefetched */
     } fo_tlayout;
     static fo_tlayout fo_tl;
 
@@ -1163,6 +1165,7 @@ cdef extern from *:
         int maxdim
         size_t snap
         size_t vc, vv
+        size_t am
     fo_tlayout fo_tl
     uintptr_t fo_snap_counter(const unsigned char *s) noexcept nogil
     void fo_counter_bump(uintptr_t c) noexcept nogil
@@ -1231,13 +1234,30 @@ cdef int _find_tensor_attrs(object torch) except -1:
         except Exception as e:
             _refusal[0] = f"{type(e).__name__}: {e}"
             fo_tl.ok = 0
-        fo_tl.vc = fo_tl.vv = 0
+        fo_tl.vc = fo_tl.vv = fo_tl.am = 0
         if fo_tl.ok:
             try:
                 with torch.inference_mode(False), torch.no_grad():
                     _probe_version_counter(torch)
+                    _probe_autograd_meta(torch)
             except Exception:
-                fo_tl.vc = fo_tl.vv = 0
+                fo_tl.vc = fo_tl.vv = fo_tl.am = 0
+    return 0
+
+
+cdef int _probe_autograd_meta(object torch) except -1:
+    """Find where a TensorImpl keeps its autograd metadata (which holds the gradient), for
+    the cached step to prefetch it: the one word inside [storage, end) that is 0 in tensors
+    that never required a gradient and not in tensors that do. Only a hint for the memory
+    (a prefetch never faults): fo_tl.am stays 0 when no one word fits."""
+    plain = [torch.zeros(3), torch.zeros(2, 2)]
+    grad = [torch.zeros(3).requires_grad_(), torch.nn.Parameter(torch.zeros(2, 2))]
+    lo, hi = fo_tl.storage // 8, fo_tl.end // 8
+    words = [_words(<uintptr_t>t._cdata, fo_tl.end) for t in plain + grad]
+    found = [k for k in range(lo, hi)
+             if all(w[k] == 0 for w in words[:2]) and all(w[k] != 0 for w in words[2:])]
+    if len(found) == 1:
+        fo_tl.am = 8 * found[0]
     return 0
 
 
@@ -1502,7 +1522,8 @@ def torch_layout():
             "numel": fo_tl.numel, "end": fo_tl.end, "storage_data": fo_tl.sdata,
             "storage_nbytes": fo_tl.snbytes, "storage_flags": fo_tl.sflags,
             "max_dims": fo_tl.maxdim, "snapshot_bytes": fo_tl.snap,
-            "version_counter": fo_tl.vc or None, "version": fo_tl.vv if fo_tl.vc else None}
+            "version_counter": fo_tl.vc or None, "version": fo_tl.vv if fo_tl.vc else None,
+            "autograd_meta": fo_tl.am or None}
 
 
 cdef inline bint _same_size(object a, object b) except -1:
@@ -2681,19 +2702,68 @@ cdef class _StepCache:
         cdef uintptr_t gp, ghi
         cdef list params
         cdef uint64_t ver, sver = fo_dict_version(<PyObject *>state)
-        cdef bint same
+        cdef bint same, ok, have_cur = False, have_nxt = False, have_nxt2 = False
+        cdef uintptr_t a
+        cdef object cur = None, nxt = None, nxt2 = None  # the gradients of this record and
+                                                         # the next two, fetched two ahead
         tensor_type = self.tensor_type
         for i in range(self.n):
             r = &self.recs[i]
-            if i + _REC_AHEAD < self.n:  # the record itself, further ahead
-                fo_prefetch_span(&self.recs[i + _REC_AHEAD], sizeof(_trec))
+            if i + _REC_AHEAD < self.n:  # the record itself and its snapshots, further ahead
+                rn = &self.recs[i + _REC_AHEAD]
+                fo_prefetch_span(rn, sizeof(_trec))
+                if rn.snap_lo >= 0:
+                    fo_prefetch_span(self.snaps + rn.snap_lo * fo_tl.snap,
+                                     (rn.snap_hi - rn.snap_lo) * fo_tl.snap)
             if i + _PF_AHEAD < self.n:
                 rn = &self.recs[i + _PF_AHEAD]
                 for k in range(rn.npf):
                     fo_prefetch_lines(rn.pf[k])
-                if rn.snap_lo >= 0:
-                    fo_prefetch_span(self.snaps + rn.snap_lo * fo_tl.snap,
-                                     (rn.snap_hi - rn.snap_lo) * fo_tl.snap)
+                if fo_tl.am != 0 and rn.psnap >= 0:  # its autograd metadata: its gradient
+                    a = fo_word(<uintptr_t>(self.snaps + rn.psnap * fo_tl.snap + 16
+                                            + fo_tl.am - fo_tl.storage))
+                    if a != 0:
+                        fo_prefetch_span(<void *>a, 64)
+            # the gradient two records ahead, read now so that the lines of its TensorImpl
+            # come while this record is checked, and those of its storage while the next is
+            # (an error reading it: read again at its turn)
+            have_cur = have_nxt
+            cur = nxt
+            have_nxt = have_nxt2
+            nxt = nxt2
+            have_nxt2 = False
+            nxt2 = None
+            if have_nxt and type(nxt) is tensor_type:
+                a = fo_word(<uintptr_t><PyObject *>nxt + fo_tl.po)
+                if a != 0:
+                    a = fo_word(a + fo_tl.storage)
+                    if a != 0:
+                        fo_prefetch_span(<void *>(a + fo_tl.sdata), fo_tl.send - fo_tl.sdata)
+            if i + 2 < self.n or (i == 0 and self.n > 1):
+                # (the first step reads the first two records' gradients at once)
+                for k in range(1 if i == 0 else 2, 3):
+                    if i + k >= self.n:
+                        break
+                    rn = &self.recs[i + k]
+                    x = None
+                    ok = False
+                    if rn.kind == _KIND_TENSOR and rn.graw:
+                        try:
+                            x = fo_descr_get(_T_GRAD, <object>rn.param)
+                            ok = True
+                        except Exception:
+                            x = None
+                        if ok and type(x) is tensor_type:
+                            a = fo_word(<uintptr_t><PyObject *>x + fo_tl.po)
+                            if a != 0:
+                                fo_prefetch_span(<void *>(a + fo_tl.storage),
+                                                 fo_tl.end - fo_tl.storage)
+                    if k == 1:
+                        have_nxt = ok
+                        nxt = x
+                    else:
+                        have_nxt2 = ok
+                        nxt2 = x
             ge = <tuple>self.groups[r.gi]
             params = <list>ge[1]
             if PyList_GET_ITEM(params, r.pi) != r.param:
@@ -2736,7 +2806,7 @@ cdef class _StepCache:
                         return 0
                     if r.psnap >= 0:
                         r.psnap = self.resnap(r.psnap, obj, r.itemsize, r.pdata)
-                g = fo_descr_get(_T_GRAD, obj)
+                g = cur if have_cur else fo_descr_get(_T_GRAD, obj)
                 if g is None:
                     if r.t != NULL:
                         return 0
