@@ -377,7 +377,21 @@ def check_torch():
     else:
         message = None
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
-    return {"torch_missing": message}
+    # a gradient whose memory was freed on one rank (as FSDP frees it between uses): the
+    # same error everywhere, nothing changed
+    grads_of_rank(model, rank)
+    if rank == size - 1:
+        first = list(model.parameters())[0]
+        first.grad = torch.zeros_like(first)     # (a gradient read by .numpy() cannot resize)
+        first.grad.untyped_storage().resize_(0)
+    try:
+        zero.step()
+    except distributed.GradientMismatchError as e:
+        freed = str(e)
+    else:
+        freed = None
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    return {"torch_missing": message, "torch_freed": freed}
 
 
 # ---- sharded checkpoints ---------------------------------------------------------------

@@ -241,7 +241,11 @@ def test_torch_tensors_under_mpiexec(tmp_path):
     for r in results:
         assert r["errors"] == {
             "torch_missing": "rank 2 of 3: param_groups[0]['params'][1]: .grad is None "
-                             "(missing), on rank 0 .grad has shape (16,) float32"}
+                             "(missing), on rank 0 .grad has shape (16,) float32",
+            "torch_freed": "rank 2 of 3: param_groups[0]['params'][0]: .grad is a tensor "
+                           "whose storage holds 0 bytes, fewer than its 128 elements of 4 "
+                           "bytes need (its memory was freed or shrunk with "
+                           "untyped_storage().resize_()); give it its memory back first"}
 
 
 def expected_checkpoint_errors(scratch):

@@ -1269,8 +1269,7 @@ cdef int _probe_version_counter(object torch) except -1:
     allocation where one 32-bit word reads every probe's ``_version``; a bump in place must
     then move ``_version`` by one, of the tensor and of its view, and of nothing else. Any
     doubt leaves fo_tl.vc 0."""
-    cdef Py_ssize_t j, k, o, vc = -1, vv = -1
-    cdef uintptr_t c
+    cdef Py_ssize_t j, k, vc, vv
     ts = [torch.zeros(3), torch.zeros(2, 2), torch.nn.Parameter(torch.zeros(4))]
     views = [ts[0][1:], ts[1].t(), ts[2].view(2, 2)]
     others = [torch.zeros(3), torch.zeros(2, 2), torch.nn.Parameter(torch.zeros(4))]
@@ -1500,15 +1499,23 @@ def storage_holds(t):
     return (t.storage_offset() + extent) * t.element_size() <= t.untyped_storage().nbytes()
 
 
+def storage_shortfall(t):
+    """None when the storage of the torch tensor ``t`` holds its elements (see
+    storage_holds), else what is wrong: "storage holds N bytes, fewer than ...", to follow
+    the name of the tensor."""
+    if storage_holds(t):
+        return None
+    return (f"storage holds {t.untyped_storage().nbytes()} bytes, fewer than its "
+            f"{t.numel()} elements of {t.element_size()} bytes need (its memory was freed or "
+            f"shrunk with untyped_storage().resize_()); give it its memory back first")
+
+
 def check_held(t, where):
     """Raise RuntimeError naming ``where`` unless the storage of ``t`` holds its elements
     (see storage_holds)."""
-    if not storage_holds(t):
-        raise RuntimeError(f"{where}: the tensor's storage holds "
-                           f"{t.untyped_storage().nbytes()} bytes, fewer than its "
-                           f"{t.numel()} elements of {t.element_size()} bytes need (its memory "
-                           f"was freed or shrunk with untyped_storage().resize_()); give it "
-                           f"its memory back first")
+    short = storage_shortfall(t)
+    if short is not None:
+        raise RuntimeError(f"{where}: the tensor's {short}")
 
 
 def torch_layout():
@@ -2702,10 +2709,14 @@ cdef class _StepCache:
         cdef uintptr_t gp, ghi
         cdef list params
         cdef uint64_t ver, sver = fo_dict_version(<PyObject *>state)
-        cdef bint same, ok, have_cur = False, have_nxt = False, have_nxt2 = False
+        cdef bint same, ok, have_cur
         cdef uintptr_t a
-        cdef object cur = None, nxt = None, nxt2 = None  # the gradients of this record and
-                                                         # the next two, fetched two ahead
+        # the gradients of this record and the next two, read ahead (record j's in slot
+        # j % 3; got: read without an error), and the next record to read
+        cdef list ahead = [None, None, None]
+        cdef bint got[3]
+        cdef Py_ssize_t fetched = 1
+        got[0] = got[1] = got[2] = False
         tensor_type = self.tensor_type
         for i in range(self.n):
             r = &self.recs[i]
@@ -2724,46 +2735,40 @@ cdef class _StepCache:
                                             + fo_tl.am - fo_tl.storage))
                     if a != 0:
                         fo_prefetch_span(<void *>a, 64)
-            # the gradient two records ahead, read now so that the lines of its TensorImpl
-            # come while this record is checked, and those of its storage while the next is
-            # (an error reading it: read again at its turn)
-            have_cur = have_nxt
-            cur = nxt
-            have_nxt = have_nxt2
-            nxt = nxt2
-            have_nxt2 = False
-            nxt2 = None
-            if have_nxt and type(nxt) is tensor_type:
-                a = fo_word(<uintptr_t><PyObject *>nxt + fo_tl.po)
-                if a != 0:
-                    a = fo_word(a + fo_tl.storage)
+            # the gradients up to two records ahead, read now so that the lines of a
+            # gradient's TensorImpl come while this record is checked, and those of its
+            # storage while the next one is (an error reading it: read again at its turn)
+            while fetched <= i + 2 and fetched < self.n:
+                rn = &self.recs[fetched]
+                x = None
+                ok = False
+                if rn.kind == _KIND_TENSOR and rn.graw:
+                    try:
+                        x = fo_descr_get(_T_GRAD, <object>rn.param)
+                        ok = True
+                    except Exception:
+                        x = None
+                    if ok and type(x) is tensor_type:
+                        a = fo_word(<uintptr_t><PyObject *>x + fo_tl.po)
+                        if a != 0:
+                            fo_prefetch_span(<void *>(a + fo_tl.storage),
+                                             fo_tl.end - fo_tl.storage)
+                ahead[fetched % 3] = x
+                got[fetched % 3] = ok
+                fetched += 1
+            have_cur = got[i % 3]
+            cur = ahead[i % 3]
+            got[i % 3] = False
+            ahead[i % 3] = None
+            if i + 1 < self.n and got[(i + 1) % 3]:
+                x = ahead[(i + 1) % 3]
+                if type(x) is tensor_type:
+                    a = fo_word(<uintptr_t><PyObject *>x + fo_tl.po)
                     if a != 0:
-                        fo_prefetch_span(<void *>(a + fo_tl.sdata), fo_tl.send - fo_tl.sdata)
-            if i + 2 < self.n or (i == 0 and self.n > 1):
-                # (the first step reads the first two records' gradients at once)
-                for k in range(1 if i == 0 else 2, 3):
-                    if i + k >= self.n:
-                        break
-                    rn = &self.recs[i + k]
-                    x = None
-                    ok = False
-                    if rn.kind == _KIND_TENSOR and rn.graw:
-                        try:
-                            x = fo_descr_get(_T_GRAD, <object>rn.param)
-                            ok = True
-                        except Exception:
-                            x = None
-                        if ok and type(x) is tensor_type:
-                            a = fo_word(<uintptr_t><PyObject *>x + fo_tl.po)
-                            if a != 0:
-                                fo_prefetch_span(<void *>(a + fo_tl.storage),
-                                                 fo_tl.end - fo_tl.storage)
-                    if k == 1:
-                        have_nxt = ok
-                        nxt = x
-                    else:
-                        have_nxt2 = ok
-                        nxt2 = x
+                        a = fo_word(a + fo_tl.storage)
+                        if a != 0:
+                            fo_prefetch_span(<void *>(a + fo_tl.sdata),
+                                             fo_tl.send - fo_tl.sdata)
             ge = <tuple>self.groups[r.gi]
             params = <list>ge[1]
             if PyList_GET_ITEM(params, r.pi) != r.param:
@@ -3226,6 +3231,22 @@ def guarded_step(func, tuple args, dict kwargs, run, conflict, global_pre,
             PyDict_DelItem(_running_steps, key)
 
 
+cdef int _claim_step(dict d, object opt) except -1:
+    token = []  # a new object: nothing else can have put it there
+    if <object>PyDict_SetDefault(d, "_fastopt_step", token) is not token:
+        raise RuntimeError(f"{type(opt).__name__}.step() was called while another step of "
+                           f"this optimizer is running (from another thread, or from its "
+                           f"closure or a hook)")
+    return 0
+
+
+def claim_step(opt):
+    """Mark ``opt`` as stepping (``opt.__dict__["_fastopt_step"]``), or raise RuntimeError
+    when a step of it already runs (from another thread, or from its closure or a hook). The
+    step deletes the key when it ends, however it ends."""
+    _claim_step(opt.__dict__, opt)
+
+
 def claimed_update(opt, closure, grad_on, capturable_error, str sparse_generic,
                    sparse_error):
     """The body of fastopt.torch's kernel step, compiled to keep a step's fixed cost low:
@@ -3237,11 +3258,7 @@ def claimed_update(opt, closure, grad_on, capturable_error, str sparse_generic,
     instead. The claim is freed however the step ends. Returns the closure's value."""
     cdef dict d = opt.__dict__
     cdef Py_ssize_t gi = 0
-    token = []  # a new object: nothing else can have put it there
-    if <object>PyDict_SetDefault(d, "_fastopt_step", token) is not token:
-        raise RuntimeError(f"{type(opt).__name__}.step() was called while another step of "
-                           f"this optimizer is running (from another thread, or from its "
-                           f"closure or a hook)")
+    _claim_step(d, opt)
     try:
         loss = None
         if closure is not None:

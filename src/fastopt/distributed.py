@@ -65,7 +65,7 @@ from typing import Any, Iterator, List, Union
 
 import numpy as np
 
-from fastopt._kernels import storage_holds
+from fastopt._kernels import storage_shortfall
 from fastopt.checkpoint import (CheckpointError, CheckpointMismatchError, CorruptCheckpointError,
                                 NotACheckpointError, TruncatedCheckpointError)
 
@@ -122,10 +122,9 @@ def _tensor_view(t):
     """The NumPy view of the memory of the torch tensor ``t``, or a str saying why there is
     none (the view is written in place, so it must be the tensor's own memory)."""
     torch = sys.modules["torch"]
-    if t.layout is torch.strided and t.device.type == "cpu" and not storage_holds(t):
-        return (f"has a storage of {t.untyped_storage().nbytes()} bytes, fewer than its "
-                f"{t.numel()} elements of {t.element_size()} bytes need (freed or shrunk with "
-                f"untyped_storage().resize_()); give it its memory back first")
+    short = storage_shortfall(t) if t.layout is torch.strided and t.device.type == "cpu" else None
+    if short is not None:
+        return f"is a tensor whose {short}"
     try:
         return t.numpy()        # a dense CPU tensor that needs no grad: the usual gradient
     except (RuntimeError, TypeError):

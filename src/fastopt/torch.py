@@ -142,17 +142,6 @@ def _with_step_hooks(func):
     return step
 
 
-def _claim_step(opt):
-    """Mark ``opt`` as stepping, or raise RuntimeError when a step of it already runs (from
-    another thread, or from its closure or a hook). The step deletes
-    ``opt.__dict__["_fastopt_step"]`` when it ends, however it ends."""
-    token = object()
-    if opt.__dict__.setdefault("_fastopt_step", token) is not token:
-        raise RuntimeError(f"{type(opt).__name__}.step() was called while another step of "
-                           f"this optimizer is running (from another thread, or from its "
-                           f"closure or a hook)")
-
-
 def _to_tensor(value):
     """A state value made by fastopt's NumPy code, as a tensor sharing its memory."""
     if isinstance(value, np.ndarray):
@@ -603,7 +592,7 @@ class _NumpyStep:
     def step(self, closure=None):
         """One optimization step; returns ``closure()``'s value when given. A step that
         raises leaves the parameters, the state and the version counters as they were."""
-        _claim_step(self)
+        _kernels.claim_step(self)
         try:
             return self._numpy_step(closure)
         finally:
@@ -1072,7 +1061,7 @@ class SparseAdam(torch.optim.SparseAdam):
     @torch.no_grad()
     def step(self, closure=None):
         """One SparseAdam step of all groups; returns ``closure()``'s value when given."""
-        _claim_step(self)
+        _kernels.claim_step(self)
         try:
             return self._sparse_adam_step(closure)
         finally:
