@@ -70,3 +70,24 @@ def test_the_script_runs_chosen_cases_by_cpu_time(tmp_path, capsys):
 def test_the_script_refuses_an_unknown_case():
     with pytest.raises(SystemExit):
         tensor_count.main(["--impls", "fastopt,nonesuch"])
+
+
+def test_backward_gradients_are_made_by_autograd_and_step_as_assigned_ones():
+    torch = pytest.importorskip("torch", reason="the torch cases need torch")
+    made = tensor_count.Case("fastopt.torch", "Adam", 3, 4, torch, backward=True)
+    assigned = tensor_count.Case("fastopt.torch", "Adam", 3, 4, torch)
+    for _ in range(2):
+        made.feed()
+        assigned.feed()
+        for p, q, g in zip(made.params, assigned.params, made.grads[(made.k - 1) % 3]):
+            assert p.grad is not g and p.grad.grad_fn is None
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+            torch.testing.assert_close(p.grad, g, rtol=0, atol=0)
+        made.opt.step()
+        assigned.opt.step()
+        for p, q in zip(made.params, assigned.params):
+            torch.testing.assert_close(p, q, rtol=0, atol=0)
+    lines = []
+    tensor_count.run([1, 2], [1], 1, "Adam", impls=("fastopt", "fastopt.torch"),
+                     out=lines.append, backward=True)
+    assert "torch gradients made by backward" in lines[0]

@@ -7,6 +7,7 @@ single-tensor loop) and DeepSpeed's CPU Adam when it is installed and builds.
     python benchmarks/bench_tensor_count.py [--counts 1,10,100,1000,10000] [--elements 1,1000]
                                             [--rounds 5] [--optimizer Adam] [--json FILE]
                                             [--impls fastopt,fastopt.torch] [--cpu-time]
+                                            [--grads backward]
 
 Every step gets new gradient arrays (as a backward with ``zero_grad(set_to_none=True)``
 makes them), assigned outside the timed region; each step is timed alone. The cases run
@@ -21,6 +22,13 @@ included), so that growth with N shows.
 clock: every case steps on that one thread, and on a machine shared with other processes a
 step of many tensors (milliseconds) is otherwise timed with the time slices it waited for a
 core. ``--impls`` runs some of the cases only.
+
+``--grads backward`` makes the torch cases' gradients as a backward pass does (in C++, with
+no Python object until ``.grad`` is first read) instead of assigning them from Python: then
+every implementation's first read of a ``.grad`` in the step creates torch's Python object
+for that tensor, which the default (assigned) gradients have already. That is the cost a
+training loop with ``zero_grad(set_to_none=True)`` pays, torch.optim's own steps included.
+The NumPy case is the same in both.
 """
 import argparse
 import json
@@ -62,7 +70,7 @@ class Case:
     """One optimizer over ``n`` tensors of ``e`` elements, with ``k`` sets of gradients that
     it cycles through (a new set before every step)."""
 
-    def __init__(self, impl, name, n, e, torch=None, ds_cls=None, k=3):
+    def __init__(self, impl, name, n, e, torch=None, ds_cls=None, k=3, backward=False):
         rng = np.random.default_rng(0)
         data = [rng.standard_normal(e).astype(np.float32) * 0.1 for _ in range(n)]
         self.grads = [[rng.standard_normal(e).astype(np.float32) * 0.01 for _ in range(n)]
@@ -87,6 +95,8 @@ class Case:
                 self.opt = ds_cls(self.params, **kw)
         self.k = 0
         self.clone = impl != "fastopt"
+        self.backward = backward and self.clone
+        self.torch = torch
         for _ in range(3):  # past the steps that create state
             self.feed()
             self.opt.step()
@@ -94,7 +104,11 @@ class Case:
     def feed(self):
         gs = self.grads[self.k % len(self.grads)]
         self.k += 1
-        if self.clone:  # a new tensor per step, as autograd makes
+        if self.backward:  # made in C++ by the backward pass: no Python object yet
+            for p in self.params:
+                p.grad = None
+            self.torch.autograd.backward(self.params, gs)
+        elif self.clone:  # a new tensor per step, as autograd makes
             for p, g in zip(self.params, gs):
                 p.grad = g.clone()
         else:
@@ -129,7 +143,8 @@ def fit(points):
     return a, b, c
 
 
-def run(counts, elements, rounds, name="Adam", impls=IMPLS, out=print, cpu_time=False):
+def run(counts, elements, rounds, name="Adam", impls=IMPLS, out=print, cpu_time=False,
+        backward=False):
     torch = _maybe_torch()
     ds_cls = _deepspeed_adam() if "DeepSpeed CPU Adam" in impls and name == "Adam" else None
     impls = [i for i in impls if i == "fastopt" or (torch is not None and (
@@ -140,20 +155,20 @@ def run(counts, elements, rounds, name="Adam", impls=IMPLS, out=print, cpu_time=
         torch.set_num_threads(1)
     try:
         results = _measure(counts, elements, rounds, name, impls, torch, ds_cls,
-                           time.thread_time if cpu_time else time.perf_counter)
+                           time.thread_time if cpu_time else time.perf_counter, backward)
     finally:
         fastopt.set_num_threads(before[0])
         if torch is not None:
             torch.set_num_threads(before[1])
-    _report(results, counts, elements, rounds, name, impls, out, cpu_time)
+    _report(results, counts, elements, rounds, name, impls, out, cpu_time, backward)
     return {f"{i}|{e}|{n}": v for (i, e, n), v in results.items()}
 
 
-def _measure(counts, elements, rounds, name, impls, torch, ds_cls, clock):
+def _measure(counts, elements, rounds, name, impls, torch, ds_cls, clock, backward=False):
     results = {}
     for e in elements:
         for n in counts:
-            cases = {i: Case(i, name, n, e, torch, ds_cls) for i in impls}
+            cases = {i: Case(i, name, n, e, torch, ds_cls, backward=backward) for i in impls}
             steps = _steps_for(n, e)
             per = {i: [] for i in impls}
             for _ in range(rounds):
@@ -165,10 +180,12 @@ def _measure(counts, elements, rounds, name, impls, torch, ds_cls, clock):
     return results
 
 
-def _report(results, counts, elements, rounds, name, impls, out, cpu_time=False):
+def _report(results, counts, elements, rounds, name, impls, out, cpu_time=False,
+            backward=False):
     what = "CPU time of the thread, " if cpu_time else ""
+    grads = "; torch gradients made by backward" if backward else ""
     out(f"{name}, float32, 1 thread; step time in us ({what}median over {rounds} rounds) for N "
-        f"tensors of E elements, fitted as a + b N + c N E")
+        f"tensors of E elements, fitted as a + b N + c N E{grads}")
     out("")
     out(f"{'':20s} {'a (us)':>8s} {'b (us)':>8s} {'c (ns)':>8s}")
     for i in impls:
@@ -197,12 +214,15 @@ def main(argv=None):
                     default=IMPLS, help=f"a comma-separated choice of {', '.join(IMPLS)}")
     ap.add_argument("--cpu-time", action="store_true",
                     help="time steps by the thread's CPU time (a shared machine)")
+    ap.add_argument("--grads", choices=("assign", "backward"), default="assign",
+                    help="torch gradients assigned from Python (default) or made by a "
+                         "backward pass")
     args = ap.parse_args(argv)
     unknown = set(args.impls) - set(IMPLS)
     if unknown:
         ap.error(f"unknown --impls {', '.join(sorted(unknown))}; choose from {', '.join(IMPLS)}")
     res = run(args.counts, args.elements, args.rounds, args.optimizer, impls=args.impls,
-              cpu_time=args.cpu_time)
+              cpu_time=args.cpu_time, backward=args.grads == "backward")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
