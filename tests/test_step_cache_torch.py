@@ -580,8 +580,11 @@ def test_torch_tensors_are_read_in_place_from_the_cache():
     assert layout["max_dims"] == 5 and layout["end"] > layout["numel"] > layout["storage"]
     n = len(list(model.parameters()))
     info = _kernels.cache_info(opt)
+    # the gradients made by backward were read without making their tensor objects
     assert info == {"served": 6, "fallbacks": 0, "groups_same": 6, "records": n,
-                    "raw_params": n, "raw_state": 3 * n, "raw_grads": n}
+                    "raw_params": n, "raw_state": 3 * n, "raw_grads": n, "bare_reads": 6 * n}
+    assert layout["grad"] is not None and layout["tensor_object"] is not None
+    assert layout["storage"] <= layout["tensor_object"] < layout["end"]
 
 
 @pytest.mark.skipif(not _GLIBC, reason="the in-place reads of torch's tensors need glibc")
@@ -684,3 +687,111 @@ def test_a_parameter_laid_out_in_another_shape_over_its_memory(maker):
     assert got == want
     assert got[0] is ValueError and "shape" in got[1]
     assert state_of(opt) == before
+
+
+def _grads_seen(model):
+    """Read every .grad from Python: each gradient gets its tensor object."""
+    return [p.grad for p in model.parameters()]
+
+
+@pytest.mark.skipif(not _GLIBC, reason="the in-place reads of torch's tensors need glibc")
+@pytest.mark.parametrize("gc_on", [True, False], ids=["gc on", "gc off"])
+def test_gradients_made_by_backward_are_read_without_making_tensor_objects(gc_on):
+    # the same steps, bit for bit, whether a gradient has its tensor object (read through
+    # torch's getter) or not yet (read in place, none made); the collector's setting kept
+    model, twin = torch_mlp(), torch_mlp()
+    opt, topt = fastopt.torch.Adam(model.parameters(), lr=0.01), \
+        fastopt.torch.Adam(twin.parameters(), lr=0.01)
+    n = len(list(model.parameters()))
+    was = gc.isenabled()
+    (gc.enable if gc_on else gc.disable)()
+    try:
+        for k in range(6):
+            backward(opt, model, 1.0 + k % 3)
+            opt.step()
+            backward(topt, twin, 1.0 + k % 3)
+            _grads_seen(twin)
+            topt.step()
+            assert gc.isenabled() == gc_on
+    finally:
+        (gc.enable if was else gc.disable)()
+    assert _kernels.cache_info(opt)["bare_reads"] == 4 * n
+    assert _kernels.cache_info(topt)["bare_reads"] == 0
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt.state[p][key], topt.state[q][key])
+        assert p._version == q._version
+
+
+_GRAD_DESCRIPTOR = torch._C.TensorBase.__dict__["grad"]
+
+
+@pytest.mark.skipif(not _GLIBC, reason="the in-place reads of torch's tensors need glibc")
+def test_a_torch_function_mode_sees_every_gradient_read():
+    from torch.overrides import TorchFunctionMode
+
+    class Seen(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.grads = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.grads += getattr(func, "__self__", None) is _GRAD_DESCRIPTOR
+            return func(*args, **(kwargs or {}))
+
+    model = torch_mlp()
+    opt = fastopt.torch.Adam(model.parameters(), lr=0.01)
+    for k in range(3):
+        backward(opt, model)
+        opt.step()
+    before = _kernels.cache_info(opt)
+    backward(opt, model)
+    with Seen() as mode:
+        opt.step()
+    after = _kernels.cache_info(opt)
+    n = len(list(model.parameters()))
+    assert after["served"] == before["served"] + 1
+    assert after["bare_reads"] == before["bare_reads"]
+    assert mode.grads >= n
+
+
+@pytest.mark.skipif(not _GLIBC, reason="the in-place reads of torch's tensors need glibc")
+def test_a_large_step_reads_its_gradients_through_torch():
+    # a step over more than 4 MiB of parameters runs its kernels with the GIL released: its
+    # gradients are read by torch's getter, which keeps them alive
+    ps = [torch.nn.Parameter(torch.zeros(1 << 20)), torch.nn.Parameter(torch.zeros(3))]
+    opt = fastopt.torch.SGD(ps, lr=0.5)
+    for k in range(4):
+        opt.zero_grad()
+        sum((p * (k + 1.0)).sum() for p in ps).backward()
+        opt.step()
+    info = _kernels.cache_info(opt)
+    assert info["served"] == 2 and info["bare_reads"] == 0
+    assert torch.equal(ps[1], torch.full((3,), -0.5 * (1 + 2 + 3 + 4)))
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop"])
+def test_a_sparse_gradient_made_by_backward_is_refused_as_torch_optim_refuses_it(name):
+    def run(module):
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(6, 2))
+        opt = getattr(module, name)([w], lr=0.1)
+        for k in range(3):
+            opt.zero_grad()
+            (w * (1.0 + k)).pow(2).sum().backward()
+            opt.step()
+        if module is fastopt.torch and _GLIBC:  # the dense gradients were read in place
+            assert _kernels.cache_info(opt)["bare_reads"] >= 1
+        opt.zero_grad()
+        torch.nn.functional.embedding(torch.tensor([1, 4]), w, sparse=True).sum().backward()
+        before = w.detach().clone(), {k: v.clone() for k, v in opt.state[w].items()}
+        with pytest.raises(RuntimeError) as e:
+            opt.step()
+        assert torch.equal(w, before[0])
+        assert all(torch.equal(v, before[1][k]) for k, v in opt.state[w].items())
+        return str(e.value), opt
+
+    got, opt = run(fastopt.torch)
+    want, _ = run(torch.optim)
+    assert got == f"param_groups[0]['params'][0]: {want}"  # torch's text, the tensor named

@@ -1022,7 +1022,13 @@ cdef extern from *:
                                       counter's 32-bit version in the block it points at;
                                       vc 0: bumped by torch's call */
         size_t am;                 /* the TensorImpl's autograd metadata pointer, inside
-                                      [storage, end) (0: not found): only ever prefetched */
+                                      [storage, end) (0: not found) */
+        size_t ag;                 /* the autograd metadata's gradient (a TensorImpl
+                                      pointer, gundef when there is none), and the
+                                      TensorImpl's tensor object (NULL until Python first
+                                      sees it); ag 0: gradients are read by torch's getter */
+        uintptr_t gundef;
+        size_t pyo;
     } fo_tlayout;
     static fo_tlayout fo_tl;
 
@@ -1108,16 +1114,32 @@ cdef extern from *:
         return fo_word(si + fo_tl.sdata) != 0 && off >= 0 && nb >= 0
                && numel <= nb / itemsize && off <= nb / itemsize - numel;
     }
-    /* The gradient tensor g read in place: 1 and its data pointer in *data when it has the
-       sizes and strides of the parameter's snapshot ps (ndim of them), numel elements of
-       itemsize bytes inside a storage that allows access to them, and the dtype, device and
-       dispatch keys of the tail gtail of the gradient the full path accepted; 0 otherwise. */
-    static inline int fo_grad_read(PyObject *g, const unsigned char *ps, int64_t ndim,
-                                   const unsigned char *gtail, int64_t numel,
-                                   int64_t itemsize, uintptr_t *data)
+    /* The gradient of the tensor whose TensorImpl is impl, read in place (fo_tl.ag): its
+       TensorImpl, 0 when it has none (.grad is None), and in *obj its tensor object, NULL
+       when Python has not seen it yet (a gradient made by backward). */
+    static inline uintptr_t fo_grad_of(uintptr_t impl, PyObject **obj)
+    {
+        uintptr_t m = fo_word(impl + fo_tl.am), g;
+        *obj = NULL;
+        if (m == 0)
+            return 0;
+        g = fo_word(m + fo_tl.ag);
+        if (g == fo_tl.gundef || g == 0)
+            return 0;
+        *obj = (PyObject *)fo_word(g + fo_tl.pyo);
+        return g;
+    }
+    /* The gradient whose TensorImpl is gi read in place: 1 and its data pointer in *data
+       when it has the sizes and strides of the parameter's snapshot ps (ndim of them), numel
+       elements of itemsize bytes inside a storage that allows access to them, and the dtype,
+       device and dispatch keys of the tail gtail of the gradient the full path accepted; 0
+       otherwise. fo_grad_read: the same of the gradient tensor object g. */
+    static inline int fo_grad_read_impl(uintptr_t gi, const unsigned char *ps, int64_t ndim,
+                                        const unsigned char *gtail, int64_t numel,
+                                        int64_t itemsize, uintptr_t *data)
     {
         const unsigned char *pt = ps + 16 - fo_tl.storage;
-        uintptr_t gi = fo_word((uintptr_t)g + fo_tl.po), si, d, a, b;
+        uintptr_t si, d, a, b;
         int64_t v, off, nb;
         size_t k;
         if (gi == 0)
@@ -1154,6 +1176,13 @@ cdef extern from *:
         *data = d + (uintptr_t)off * (uintptr_t)itemsize;
         return 1;
     }
+    static inline int fo_grad_read(PyObject *g, const unsigned char *ps, int64_t ndim,
+                                   const unsigned char *gtail, int64_t numel,
+                                   int64_t itemsize, uintptr_t *data)
+    {
+        return fo_grad_read_impl(fo_word((uintptr_t)g + fo_tl.po), ps, ndim, gtail, numel,
+                                 itemsize, data);
+    }
     """
     ctypedef struct fo_tlayout:
         int ok
@@ -1166,7 +1195,14 @@ cdef extern from *:
         size_t snap
         size_t vc, vv
         size_t am
+        size_t ag
+        uintptr_t gundef
+        size_t pyo
     fo_tlayout fo_tl
+    uintptr_t fo_grad_of(uintptr_t impl, PyObject **obj) noexcept nogil
+    bint fo_grad_read_impl(uintptr_t gi, const unsigned char *ps, int64_t ndim,
+                           const unsigned char *gtail, int64_t numel, int64_t itemsize,
+                           uintptr_t *data) noexcept
     uintptr_t fo_snap_counter(const unsigned char *s) noexcept nogil
     void fo_counter_bump(uintptr_t c) noexcept nogil
     void fo_prefetch_write(uintptr_t a) noexcept nogil
@@ -1195,11 +1231,36 @@ cdef tuple _tensor_attrs = None
 cdef object _torch_strided = None  # torch.strided
 cdef object _T_GRAD, _T_DTYPE, _T_SHAPE, _T_DATA_PTR, _T_IS_CONTIGUOUS, _T_IS_NEG, _T_STRIDE
 cdef object _T_VERSION
+cdef object _tf_mode_on = None  # torch._C._is_torch_function_mode_enabled
+
+
+cdef extern from *:
+    """
+    /* the garbage collector off: 1 when it was on, 0 when it was off already, -1 when this
+       Python cannot say (before 3.10); and on again */
+    static inline int fo_gc_off(void)
+    {
+    #if PY_VERSION_HEX >= 0x030A0000
+        return PyGC_Disable();
+    #else
+        return -1;
+    #endif
+    }
+    static inline void fo_gc_on(void)
+    {
+    #if PY_VERSION_HEX >= 0x030A0000
+        PyGC_Enable();
+    #endif
+    }
+    """
+    int fo_gc_off() noexcept
+    void fo_gc_on() noexcept
 
 
 cdef int _find_tensor_attrs(object torch) except -1:
     global _tensor_attrs, _T_GRAD, _T_DTYPE, _T_SHAPE, _T_DATA_PTR, _T_IS_CONTIGUOUS, _T_IS_NEG
-    global _T_STRIDE, _T_VERSION
+    global _T_STRIDE, _T_VERSION, _tf_mode_on
+    _tf_mode_on = getattr(getattr(torch, "_C", None), "_is_torch_function_mode_enabled", None)
     names = _TENSOR_ATTR_NAMES
     base = getattr(getattr(torch, "_C", None), "TensorBase", None)
     found = tuple([None if base is None else base.__dict__.get(n) for n in names])
@@ -1234,14 +1295,15 @@ cdef int _find_tensor_attrs(object torch) except -1:
         except Exception as e:
             _refusal[0] = f"{type(e).__name__}: {e}"
             fo_tl.ok = 0
-        fo_tl.vc = fo_tl.vv = fo_tl.am = 0
+        fo_tl.vc = fo_tl.vv = fo_tl.am = fo_tl.ag = fo_tl.pyo = fo_tl.gundef = 0
         if fo_tl.ok:
             try:
                 with torch.inference_mode(False), torch.no_grad():
                     _probe_version_counter(torch)
                     _probe_autograd_meta(torch)
+                    _probe_grad_slot(torch)
             except Exception:
-                fo_tl.vc = fo_tl.vv = fo_tl.am = 0
+                fo_tl.vc = fo_tl.vv = fo_tl.am = fo_tl.ag = fo_tl.pyo = fo_tl.gundef = 0
     return 0
 
 
@@ -1258,6 +1320,67 @@ cdef int _probe_autograd_meta(object torch) except -1:
              if all(w[k] == 0 for w in words[:2]) and all(w[k] != 0 for w in words[2:])]
     if len(found) == 1:
         fo_tl.am = 8 * found[0]
+    return 0
+
+
+cdef int _probe_grad_slot(object torch) except -1:
+    """Find where the autograd metadata keeps a tensor's gradient, what it holds when there
+    is none, and where a TensorImpl keeps its tensor object, so that the cached step reads a
+    gradient made by backward without making its tensor object (torch's getter makes one,
+    0.2 to 1 us): the one word of the metadata that is every probe's gradient TensorImpl,
+    the same value in all of them once their gradients are None (and in a fresh one), and
+    the one word of a TensorImpl that is its tensor object's address. Backward must then make
+    a gradient whose word is NULL until .grad is read and that tensor object's address after.
+    Any doubt leaves fo_tl.ag 0 (torch's getter)."""
+    cdef Py_ssize_t k
+    cdef uintptr_t u, gi
+    if fo_tl.am == 0:
+        return 0
+    ps = [torch.nn.Parameter(torch.zeros(3)), torch.zeros(2, 2).requires_grad_(),
+          torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))]
+    gs = [torch.ones(3), torch.ones(2, 2), torch.ones(4, dtype=torch.float64)]
+    for p, g in zip(ps, gs):
+        p.grad = g
+    metas = [fo_word(<uintptr_t>p._cdata + fo_tl.am) for p in ps]
+    if 0 in metas:
+        return 0
+    size = min([fo_usable(<uintptr_t>m) for m in metas])
+    if size < 16:
+        return 0
+    words = [_words(<uintptr_t>m, min(size, 512)) for m in metas]
+    found = [k for k in range(len(words[0]))
+             if all(w[k] == <uintptr_t>g._cdata for w, g in zip(words, gs))]
+    if len(found) != 1:
+        return 0
+    ag = 8 * found[0]
+    for p in ps:
+        p.grad = None
+    fresh = torch.zeros(5).requires_grad_()
+    fm = fo_word(<uintptr_t>fresh._cdata + fo_tl.am)
+    if fm == 0:
+        return 0
+    undefs = {fo_word(<uintptr_t>m + ag) for m in metas + [fm]}
+    if len(undefs) != 1:
+        return 0
+    u = undefs.pop()
+    ts = ps + gs + [fresh]
+    pyo = _the_offset([_words(<uintptr_t>t._cdata, fo_tl.end) for t in ts],
+                      lambda j, w, k: w[k] == id(ts[j]))
+    if pyo < 0 or pyo in (fo_tl.storage, fo_tl.am, fo_tl.vc):
+        return 0
+    p = torch.nn.Parameter(torch.zeros(3))
+    with torch.enable_grad():
+        (p * 2.0).sum().backward()
+    gi = fo_word(fo_word(<uintptr_t>p._cdata + fo_tl.am) + ag)
+    if gi == u or gi == 0 or fo_word(gi + pyo) != 0:
+        return 0
+    g = p.grad
+    if <uintptr_t>g._cdata != gi or fo_word(gi + pyo) != <uintptr_t>id(g):
+        return 0
+    p.grad = None
+    if fo_word(fo_word(<uintptr_t>p._cdata + fo_tl.am) + ag) != u:
+        return 0
+    fo_tl.ag, fo_tl.gundef, fo_tl.pyo = ag, u, pyo
     return 0
 
 
@@ -1530,7 +1653,8 @@ def torch_layout():
             "storage_nbytes": fo_tl.snbytes, "storage_flags": fo_tl.sflags,
             "max_dims": fo_tl.maxdim, "snapshot_bytes": fo_tl.snap,
             "version_counter": fo_tl.vc or None, "version": fo_tl.vv if fo_tl.vc else None,
-            "autograd_meta": fo_tl.am or None}
+            "autograd_meta": fo_tl.am or None, "grad": fo_tl.ag or None,
+            "tensor_object": fo_tl.pyo if fo_tl.ag else None}
 
 
 cdef inline bint _same_size(object a, object b) except -1:
@@ -1569,6 +1693,7 @@ cdef enum:
     _MAX_PF = 24      # prefetched spans per record: 3 per tensor, 2 for its state dict
     _PF_AHEAD = 2     # records whose objects are prefetched ahead of the one checked
     _REC_AHEAD = 5    # records prefetched ahead (their spans are read _PF_AHEAD ahead)
+    _BARE_BYTES = 4 << 20  # parameters of a step whose gradients may be read bare
     _NEED_FLAGS = (cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_ALIGNED | cnp.NPY_ARRAY_WRITEABLE)
 
 ctypedef struct _trec:
@@ -2226,6 +2351,8 @@ cdef class _StepCache:
     cdef Py_ssize_t gcap      # step to step (NULL while a step uses it)
     cdef bint bump_raw        # the foreign parameters are the records' tensors with a
                               # gradient, in order: their versions are bumped in place
+    cdef bint small           # the parameters hold at most _BARE_BYTES (see step)
+    cdef readonly Py_ssize_t bare_reads  # gradients read without making a tensor object
 
     def __cinit__(self):
         self.recs = NULL
@@ -2247,6 +2374,8 @@ cdef class _StepCache:
         self.gbuf = NULL
         self.gcap = 0
         self.bump_raw = False
+        self.small = False
+        self.bare_reads = 0
 
     def __dealloc__(self):
         free(self.gbuf)
@@ -2503,10 +2632,13 @@ cdef class _StepCache:
         ``groups``)."""
         cdef Py_ssize_t i
         cdef _trec *r
+        cdef int64_t nbytes = 0
         for i in range(self.n):
             r = &self.recs[i]
             if r.plan != NULL:  # the plans no longer grow: their slots stay put
                 r.t = &(<Plan>r.plan).ts[r.slot]
+                nbytes += r.numel * r.itemsize
+        self.small = nbytes <= _BARE_BYTES
         self.plans = plans
         self.foreign = foreign
         self.bump_raw = fo_tl.ok and fo_tl.vc != 0 and self.bumps_all(foreign)
@@ -2622,6 +2754,8 @@ cdef class _StepCache:
         cdef list rounding = None
         cdef PyObject **gkeep  # the gradients read, kept alive while the kernels run
         cdef Py_ssize_t nkeep = 0, gcap
+        cdef int gc_was
+        cdef bint bare
         groups = opt.param_groups
         if (groups is not self.groups_list or len(groups) != ng
                 or opt.state is not self.state):
@@ -2684,9 +2818,18 @@ cdef class _StepCache:
             gkeep = <PyObject **>malloc(gcap * sizeof(PyObject *))
             if gkeep == NULL:
                 raise MemoryError()
+        # gradients read without tensor objects: a step small enough that holding the GIL
+        # through its kernels costs other threads little, no torch function mode (it would
+        # see torch's getter), and the garbage collector off for the step
+        bare = (fo_tl.ag != 0 and self.small and _tf_mode_on is not None
+                and not _tf_mode_on())
+        gc_was = fo_gc_off() if bare else -1
+        bare = gc_was >= 0
         try:
-            return self._step(state, gkeep, &nkeep, spec, rounding)
+            return self._step(state, gkeep, &nkeep, spec, rounding, bare)
         finally:
+            if gc_was == 1:
+                fo_gc_on()
             for i in range(nkeep):
                 Py_DECREF(<object>gkeep[i])
             if self.gbuf == NULL:
@@ -2696,10 +2839,14 @@ cdef class _StepCache:
                 free(gkeep)
 
     cdef int _step(self, object state, PyObject **gkeep, Py_ssize_t *nkeep,
-                   Spec spec, list rounding) except -1:
+                   Spec spec, list rounding, bint bare) except -1:
         """The per-tensor part of ``step``, once the groups are checked: the gradients read
         go to ``gkeep`` (new references, ``nkeep`` of them, released by the caller);
-        the groups of ``rounding`` count the step (their ``rounding_step``) before it runs."""
+        the groups of ``rounding`` count the step (their ``rounding_step``) before it runs.
+        ``bare``: a gradient that has no tensor object yet (made by backward) is read in
+        place without making one (fo_grad_of); it has no reference to keep it alive then,
+        so the caller has the garbage collector off (no finalizer can run) and the kernels
+        run with the GIL held (no other thread can drop it)."""
         cdef Py_ssize_t i, k
         cdef tuple ge
         cdef _trec *r
@@ -2716,7 +2863,12 @@ cdef class _StepCache:
         cdef list ahead = [None, None, None]
         cdef bint got[3]
         cdef Py_ssize_t fetched = 1
+        cdef uintptr_t gahead[3]  # bare: the gradients' TensorImpls read ahead (0: none)
+        cdef uintptr_t gimpl
+        cdef PyObject *gobj
+        cdef bint nobj, held = False
         got[0] = got[1] = got[2] = False
+        gahead[0] = gahead[1] = gahead[2] = 0
         tensor_type = self.tensor_type
         for i in range(self.n):
             r = &self.recs[i]
@@ -2738,6 +2890,21 @@ cdef class _StepCache:
             # the gradients up to two records ahead, read now so that the lines of a
             # gradient's TensorImpl come while this record is checked, and those of its
             # storage while the next one is (an error reading it: read again at its turn)
+            while bare and fetched <= i + 2 and fetched < self.n:
+                # (the live objects: the parameter's TensorImpl, its autograd metadata)
+                rn = &self.recs[fetched]
+                gimpl = 0
+                if rn.kind == _KIND_TENSOR and rn.graw and rn.psnap >= 0:
+                    gimpl = fo_grad_of(fo_word(<uintptr_t>rn.param + fo_tl.po), &gobj)
+                    if gimpl != 0:
+                        fo_prefetch_span(<void *>(gimpl + fo_tl.storage),
+                                         fo_tl.end - fo_tl.storage)
+                gahead[fetched % 3] = gimpl
+                fetched += 1
+            if bare and i + 1 < self.n and gahead[(i + 1) % 3] != 0:
+                a = fo_word(gahead[(i + 1) % 3] + fo_tl.storage)
+                if a != 0:
+                    fo_prefetch_span(<void *>(a + fo_tl.sdata), fo_tl.send - fo_tl.sdata)
             while fetched <= i + 2 and fetched < self.n:
                 rn = &self.recs[fetched]
                 x = None
@@ -2811,21 +2978,40 @@ cdef class _StepCache:
                         return 0
                     if r.psnap >= 0:
                         r.psnap = self.resnap(r.psnap, obj, r.itemsize, r.pdata)
-                g = cur if have_cur else fo_descr_get(_T_GRAD, obj)
-                if g is None:
+                nobj = False
+                if bare and r.graw and r.psnap >= 0:
+                    gimpl = fo_grad_of(fo_word(<uintptr_t>r.param + fo_tl.po), &gobj)
+                    if gimpl == 0:
+                        g = None
+                    elif (gobj == NULL and r.t != NULL
+                          and fo_grad_read_impl(gimpl, self.snaps + r.psnap * fo_tl.snap,
+                                                r.ndim, r.gtail, r.numel, r.gitemsize, &gp)):
+                        nobj = True  # no tensor object, none made
+                    elif gobj != NULL:
+                        g = <object>gobj  # what torch's getter gives
+                    else:
+                        g = fo_descr_get(_T_GRAD, obj)
+                else:
+                    g = cur if have_cur else fo_descr_get(_T_GRAD, obj)
+                if nobj:
+                    g = None
+                elif g is None:
                     if r.t != NULL:
                         return 0
                     continue
-                if r.t == NULL or type(g) is not tensor_type:
+                elif r.t == NULL or type(g) is not tensor_type:
                     return 0
                 # what .numpy() checks on the full path, without making an array: a dense
                 # tensor (a sparse, CSR or MKL-DNN one raises or is not contiguous) of the
                 # parameter's dtype, shape and layout, not a lazily negated view; read in
                 # place, the same fields and dispatch keys as the gradient the full path
                 # accepted
-                if not (r.graw and r.psnap >= 0
-                        and fo_grad_read(<PyObject *>g, self.snaps + r.psnap * fo_tl.snap,
-                                         r.ndim, r.gtail, r.numel, r.gitemsize, &gp)):
+                if nobj:
+                    held = True
+                    self.bare_reads += 1
+                elif not (r.graw and r.psnap >= 0
+                          and fo_grad_read(<PyObject *>g, self.snaps + r.psnap * fo_tl.snap,
+                                           r.ndim, r.gtail, r.numel, r.gitemsize, &gp)):
                     self.fallbacks += r.graw
                     try:
                         if (not self.laid_out(r, g)
@@ -2841,9 +3027,10 @@ cdef class _StepCache:
                             return 0
                     except Exception:
                         return 0
-            Py_INCREF(g)
-            gkeep[nkeep[0]] = <PyObject *>g
-            nkeep[0] += 1
+            if g is not None:
+                Py_INCREF(g)
+                gkeep[nkeep[0]] = <PyObject *>g
+                nkeep[0] += 1
             ghi = gp + <uintptr_t>(r.numel * r.gitemsize)
             if gp != r.glo or ghi != r.ghi:
                 # the parameter itself is fine, as in the full path; any other array the
@@ -2905,7 +3092,7 @@ cdef class _StepCache:
         if rounding is not None:
             for group in rounding:
                 group["rounding_step"] = group.get("rounding_step", 0) + 1
-        _run(self.plans, spec.kernel)
+        _run(self.plans, spec.kernel, held)
         self.served += 1
         if self.foreign:
             if self.bump_raw:
@@ -2963,11 +3150,12 @@ def cache_info(opt):
             ns += r.esnap[k] >= 0
     return {"served": c.served, "fallbacks": c.fallbacks, "groups_same": c.groups_same,
             "records": c.n, "raw_params": np_,
-            "raw_state": ns, "raw_grads": ng}
+            "raw_state": ns, "raw_grads": ng, "bare_reads": c.bare_reads}
 
 
-cdef int _run(list plans, int kernel) except -1:
-    """One fo_step call over the non-empty plans, in list order, the GIL released."""
+cdef int _run(list plans, int kernel, bint hold_gil=False) except -1:
+    """One fo_step call over the non-empty plans, in list order, the GIL released (held with
+    ``hold_gil``: the kernels read memory that only the GIL keeps alive)."""
     cdef Py_ssize_t ng = 0
     cdef Plan plan
     cdef fo_group *gs = <fo_group *>malloc((len(plans) + 1) * sizeof(fo_group))
@@ -2985,8 +3173,11 @@ cdef int _run(list plans, int kernel) except -1:
         gs[ng].nt = plan.n
         gs[ng].round_key = plan.round_key
         ng += 1
-    with nogil:
+    if hold_gil:
         fo_step(gs, ng)
+    else:
+        with nogil:
+            fo_step(gs, ng)
     free(gs)
     return 0
 
