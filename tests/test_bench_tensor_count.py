@@ -87,6 +87,13 @@ def test_backward_gradients_are_made_by_autograd_and_step_as_assigned_ones():
         assigned.opt.step()
         for p, q in zip(made.params, assigned.params):
             torch.testing.assert_close(p, q, rtol=0, atol=0)
+    for _ in range(2):  # stepped without reading .grad from Python: the same parameters
+        made.feed()
+        assigned.feed()
+        made.opt.step()
+        assigned.opt.step()
+    for p, q in zip(made.params, assigned.params):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
     lines = []
     tensor_count.run([1, 2], [1], 1, "Adam", impls=("fastopt", "fastopt.torch"),
                      out=lines.append, backward=True)

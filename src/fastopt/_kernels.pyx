@@ -23,6 +23,7 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t, uintptr_
 from libc.stdlib cimport free, malloc, qsort, realloc
 from libc.string cimport memcmp, memcpy, memset
 
+import contextlib as _contextlib
 import functools as _functools
 import os as _os
 import sys
@@ -1115,8 +1116,10 @@ cdef extern from *:
                && numel <= nb / itemsize && off <= nb / itemsize - numel;
     }
     /* The gradient of the tensor whose TensorImpl is impl, read in place (fo_tl.ag): its
-       TensorImpl, 0 when it has none (.grad is None), and in *obj its tensor object, NULL
-       when Python has not seen it yet (a gradient made by backward). */
+       TensorImpl, 0 when it has none (.grad is None), and in *obj the word where it keeps
+       its tensor object: NULL when Python has not seen it yet (a gradient made by
+       backward), else the object's address (a word not aligned as an object is, which a
+       torch might keep there, is no address: the caller reads it by torch's getter). */
     static inline uintptr_t fo_grad_of(uintptr_t impl, PyObject **obj)
     {
         uintptr_t m = fo_word(impl + fo_tl.am), g;
@@ -1301,9 +1304,18 @@ cdef int _find_tensor_attrs(object torch) except -1:
                 with torch.inference_mode(False), torch.no_grad():
                     _probe_version_counter(torch)
                     _probe_autograd_meta(torch)
+            except Exception:
+                fo_tl.vc = fo_tl.vv = fo_tl.am = 0
+        if fo_tl.ok and fo_tl.am:
+            try:
+                # (its backward unseen by the caller's torch function and dispatch modes)
+                no_modes = getattr(getattr(getattr(torch, "utils", None), "_python_dispatch",
+                                           None), "_disable_current_modes", None)
+                with torch.inference_mode(False), torch._C.DisableTorchFunction(), \
+                        (no_modes() if no_modes is not None else _contextlib.nullcontext()):
                     _probe_grad_slot(torch)
             except Exception:
-                fo_tl.vc = fo_tl.vv = fo_tl.am = fo_tl.ag = fo_tl.pyo = fo_tl.gundef = 0
+                fo_tl.ag = fo_tl.pyo = fo_tl.gundef = 0
     return 0
 
 
@@ -1375,7 +1387,13 @@ cdef int _probe_grad_slot(object torch) except -1:
     if gi == u or gi == 0 or fo_word(gi + pyo) != 0:
         return 0
     g = p.grad
-    if <uintptr_t>g._cdata != gi or fo_word(gi + pyo) != <uintptr_t>id(g):
+    gid = id(g)
+    if <uintptr_t>g._cdata != gi or fo_word(gi + pyo) != <uintptr_t>gid:
+        return 0
+    # the object let go of by Python while the parameter keeps the gradient: kept, its
+    # address untagged (a torch that tags the word there is read through its getter)
+    del g
+    if fo_word(gi + pyo) != <uintptr_t>gid or id(p.grad) != gid:
         return 0
     p.grad = None
     if fo_word(fo_word(<uintptr_t>p._cdata + fo_tl.am) + ag) != u:
@@ -2819,14 +2837,14 @@ cdef class _StepCache:
             if gkeep == NULL:
                 raise MemoryError()
         # gradients read without tensor objects: a step small enough that holding the GIL
-        # through its kernels costs other threads little, no torch function mode (it would
-        # see torch's getter), and the garbage collector off for the step
+        # through its kernels costs other threads little (about a millisecond at most), no
+        # torch function mode (it would see torch's getter), and the garbage collector off
+        # while the records are read (see _step)
         bare = (fo_tl.ag != 0 and self.small and _tf_mode_on is not None
                 and not _tf_mode_on())
         gc_was = fo_gc_off() if bare else -1
-        bare = gc_was >= 0
         try:
-            return self._step(state, gkeep, &nkeep, spec, rounding, bare)
+            return self._step(state, gkeep, &nkeep, spec, rounding, &gc_was)
         finally:
             if gc_was == 1:
                 fo_gc_on()
@@ -2839,14 +2857,19 @@ cdef class _StepCache:
                 free(gkeep)
 
     cdef int _step(self, object state, PyObject **gkeep, Py_ssize_t *nkeep,
-                   Spec spec, list rounding, bint bare) except -1:
+                   Spec spec, list rounding, int *gc_was) except -1:
         """The per-tensor part of ``step``, once the groups are checked: the gradients read
         go to ``gkeep`` (new references, ``nkeep`` of them, released by the caller);
         the groups of ``rounding`` count the step (their ``rounding_step``) before it runs.
-        ``bare``: a gradient that has no tensor object yet (made by backward) is read in
-        place without making one (fo_grad_of); it has no reference to keep it alive then,
-        so the caller has the garbage collector off (no finalizer can run) and the kernels
-        run with the GIL held (no other thread can drop it)."""
+        ``gc_was``: what fo_gc_off() returned (-1: it was not called). With the collector
+        off, a gradient that has no tensor object yet (made by backward) is read in place
+        without making one (fo_grad_of). Nothing holds a reference to it then: no
+        collection runs while the step reads the records (nothing else in it drops the last
+        reference to an object), and its kernels run with the GIL held, so that no other
+        Python thread can drop it (a backward that another thread runs on the same
+        parameters at the same time could: a race that torch.optim's steps do not survive
+        either, reading half-accumulated gradients). Without such a read the collector is
+        back on (and ``gc_was`` -1) before the kernels run with the GIL released."""
         cdef Py_ssize_t i, k
         cdef tuple ge
         cdef _trec *r
@@ -2866,7 +2889,8 @@ cdef class _StepCache:
         cdef uintptr_t gahead[3]  # bare: the gradients' TensorImpls read ahead (0: none)
         cdef uintptr_t gimpl
         cdef PyObject *gobj
-        cdef bint nobj, held = False
+        cdef bint nobj, held = False, bare = gc_was[0] >= 0
+        cdef Py_ssize_t nbare = 0
         got[0] = got[1] = got[2] = False
         gahead[0] = gahead[1] = gahead[2] = 0
         tensor_type = self.tensor_type
@@ -2987,7 +3011,7 @@ cdef class _StepCache:
                           and fo_grad_read_impl(gimpl, self.snaps + r.psnap * fo_tl.snap,
                                                 r.ndim, r.gtail, r.numel, r.gitemsize, &gp)):
                         nobj = True  # no tensor object, none made
-                    elif gobj != NULL:
+                    elif gobj != NULL and (<uintptr_t>gobj & 7) == 0:
                         g = <object>gobj  # what torch's getter gives
                     else:
                         g = fo_descr_get(_T_GRAD, obj)
@@ -3008,7 +3032,7 @@ cdef class _StepCache:
                 # accepted
                 if nobj:
                     held = True
-                    self.bare_reads += 1
+                    nbare += 1
                 elif not (r.graw and r.psnap >= 0
                           and fo_grad_read(<PyObject *>g, self.snaps + r.psnap * fo_tl.snap,
                                            r.ndim, r.gtail, r.numel, r.gitemsize, &gp)):
@@ -3092,7 +3116,11 @@ cdef class _StepCache:
         if rounding is not None:
             for group in rounding:
                 group["rounding_step"] = group.get("rounding_step", 0) + 1
+        if not held and gc_was[0] == 1:
+            fo_gc_on()
+            gc_was[0] = -1
         _run(self.plans, spec.kernel, held)
+        self.bare_reads += nbare
         self.served += 1
         if self.foreign:
             if self.bump_raw:

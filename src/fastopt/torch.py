@@ -17,7 +17,7 @@ Only ``step`` is fastopt's, updating the parameters in place through their memor
   torch lacks and which subclasses ``torch.optim.Optimizer``) step with fastopt's C kernels:
   one call into C for all groups, the GIL released (held through a step of at most 4 MiB
   of parameters whose gradients backward made: those are read without making their Python
-  objects, and the GIL keeps them alive, for a millisecond or less);
+  objects, and the GIL keeps them alive, about a millisecond at most);
 * ``SparseAdam`` steps with fastopt's row-sparse C kernel, one call for all groups;
 * ``LBFGS``, ``Adafactor`` and ``Muon``, which are not per-element, step with the NumPy code
   of :class:`fastopt.LBFGS`, :class:`fastopt.Adafactor` and :class:`fastopt.Muon` on NumPy
