@@ -365,33 +365,30 @@ def check_torch():
         ref_opt.step()
         for i, (p, q) in enumerate(zip(model.parameters(), ref)):
             assert np.array_equal(p.detach().numpy(), q), i
-    # a tensor's gradient missing on one rank: the same error everywhere, nothing changed
-    grads_of_rank(model, rank)
-    if rank == size - 1:
-        list(model.parameters())[1].grad = None
-    before = [p.detach().clone() for p in model.parameters()]
-    try:
-        zero.step()
-    except distributed.GradientMismatchError as e:
-        message = str(e)
-    else:
-        message = None
-    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
-    # a gradient whose memory was freed on one rank (as FSDP frees it between uses): the
-    # same error everywhere, nothing changed
-    grads_of_rank(model, rank)
-    if rank == size - 1:
-        first = list(model.parameters())[0]
-        first.grad = torch.zeros_like(first)     # (a gradient read by .numpy() cannot resize)
-        first.grad.untyped_storage().resize_(0)
-    try:
-        zero.step()
-    except distributed.GradientMismatchError as e:
-        freed = str(e)
-    else:
-        freed = None
-    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
-    return {"torch_missing": message, "torch_freed": freed}
+    def refused(spoil):
+        """The error of a ZeroOptimizer step after ``spoil`` on the last rank (None: none);
+        the same on every rank, nothing changed."""
+        grads_of_rank(model, rank)
+        if rank == size - 1:
+            spoil(list(model.parameters()))
+        before = [p.detach().clone() for p in model.parameters()]
+        try:
+            zero.step()
+        except distributed.GradientMismatchError as e:
+            message = str(e)
+        else:
+            message = None
+        assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+        return message
+
+    def missing(ps):
+        ps[1].grad = None
+
+    def freed(ps):  # its memory freed (as FSDP frees it between uses)
+        ps[0].grad = torch.zeros_like(ps[0])  # (a gradient read by .numpy() cannot resize)
+        ps[0].grad.untyped_storage().resize_(0)
+
+    return {"torch_missing": refused(missing), "torch_freed": refused(freed)}
 
 
 # ---- sharded checkpoints ---------------------------------------------------------------
